@@ -295,6 +295,9 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.depth = depth
+        self.class_dropout_prob = class_dropout_prob
         self.num_classes = num_classes
         self.block_type = block_type
 

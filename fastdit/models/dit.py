@@ -1,0 +1,229 @@
+"""The fast DiT: the reference model's parameters, state dict and math, with the block's memory-bound
+work in fused Triton kernels and attention in FlashAttention-class kernels.
+
+Same registry keys, constructor arguments, methods and state-dict layout as
+`fastdit.models.reference` (each loads the other's state dict strictly). Extra keyword arguments:
+
+  kernels       "auto" (default: Triton on CUDA, PyTorch elsewhere) | "triton" | "torch"
+  attention     "auto" | "sdpa" | "flash_attn" | "xformers" | "math"   (see fastdit.attention)
+  checkpointing per-block activation checkpointing (recompute each block in backward)
+  nvtx          emit nvtx ranges around the block's parts (off by default; free when off)
+
+Data flow of the adaLN-Zero stack (D = hidden size); each arrow is one fused kernel:
+
+  x = patch_embed(img) + pos_embed                                   [patch-gather GEMM, bias+pos epilogue]
+  h = LN(x)(1+scale_msa_0)+shift_msa_0                               [modulate_layernorm]
+  for block i:
+      a = proj(attention(qkv(h)))
+      x, h = x + gate_msa*a,  LN(x)(1+scale_mlp)+shift_mlp           [gated_residual_modulate_layernorm]
+      m = fc2(gelu(fc1(h)))
+      x, h = x + gate_mlp*m,  LN(x)(1+scale_msa_{i+1})+shift_msa_{i+1}   (or the final layer's shift/scale)
+  out = final_linear(h)
+
+so every residual add is fused with the LayerNorm + modulation that consumes its result, across block
+boundaries too. The other conditioning blocks (in-context, cross-attention, adaLN) run the reference
+block code (the paper found adaLN-Zero best, and it is the one official checkpoints use).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .. import attention as attn_backends
+from . import reference as ref
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+# ----------------------------------------------------------------------------------------------
+# Op tables: the Triton kernels and their pure-PyTorch references share one signature each.
+# ----------------------------------------------------------------------------------------------
+def _torch_ops():
+    from fastdit.kernels import (gated_residual_modulate_layernorm_ref, gated_residual_ref,
+                                 modulate_layernorm_ref, patch_embed_ref)
+    return dict(modulate_layernorm=modulate_layernorm_ref, gated_residual=gated_residual_ref,
+                gated_residual_modulate_layernorm=gated_residual_modulate_layernorm_ref,
+                patch_embed=patch_embed_ref)
+
+
+def _triton_ops():
+    from fastdit.kernels import (gated_residual, gated_residual_modulate_layernorm,
+                                 modulate_layernorm, patch_embed)
+    return dict(modulate_layernorm=modulate_layernorm, gated_residual=gated_residual,
+                gated_residual_modulate_layernorm=gated_residual_modulate_layernorm,
+                patch_embed=patch_embed)
+
+
+def triton_usable(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can run on `device` here (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - triton is a dependency
+        return False, f"triton is not importable ({e})"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, (f"Triton kernels need a CUDA device (got {device.type}); set TRITON_INTERPRET=1 to run "
+                   "them through the (slow) interpreter, or use kernels='torch'")
+
+
+def _nvtx_range(name: str, enabled: bool):
+    if not enabled or torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return torch.cuda.nvtx.range(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules (parameter names identical to the reference)
+# ----------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """qkv projection -> attention backend -> output projection (keys attn.qkv.*, attn.proj.*)."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, hd)
+        return self.proj(attn_backends.attention(qkv, self.backend))  # (N, T, D)
+
+
+class FastDiTBlock(nn.Module):
+    """adaLN-Zero DiT block whose forward takes and returns the (residual, modulated-LN) pair."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attention: str):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads, attention)
+        self.mlp = ref.Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale,
+                ops, nvtx: bool = False):
+        """x: residual stream (N, T, D); h = modulate(LN(x)) with this block's msa shift/scale.
+
+        Returns (x_out, h_next) with h_next = modulate(LN(x_out), next_shift, next_scale).
+        """
+        with _nvtx_range("attention", nvtx):
+            a = self.attn(h)
+        with _nvtx_range("residual+ln", nvtx):
+            x, h = ops["gated_residual_modulate_layernorm"](x, a, gate_msa, shift_mlp, scale_mlp)
+        with _nvtx_range("mlp", nvtx):
+            m = self.mlp(h)
+        with _nvtx_range("residual+ln", nvtx):
+            x, h = ops["gated_residual_modulate_layernorm"](x, m, gate_mlp, next_shift, next_scale)
+        return x, h
+
+
+class DiT(ref.DiT):
+    """Fast DiT; see the module docstring. State dict identical to fastdit.models.reference.DiT."""
+
+    def __init__(self, *args, kernels: str = "auto", attention: str = "auto",
+                 checkpointing: bool = False, nvtx: bool = False, **kwargs):
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"unknown kernels={kernels!r}; choose one of {KERNEL_CHOICES}")
+        if attention not in attn_backends.BACKENDS:
+            raise ValueError(f"unknown attention={attention!r}; choose one of {attn_backends.BACKENDS}")
+        if attention != "auto":
+            attn_backends.resolve_backend(attention)  # fail now if the backend is not installed
+        self._attention_choice = attention
+        super().__init__(*args, **kwargs)
+        self.kernels = kernels
+        self.checkpointing = checkpointing
+        self.nvtx = nvtx
+        self._warned_fallback = False
+
+    # The reference constructor builds self.blocks with reference blocks; swap in fast ones before init.
+    def initialize_weights(self):
+        if self.block_type == "adaln_zero" and not isinstance(self.blocks[0], FastDiTBlock):
+            self.blocks = nn.ModuleList(
+                [FastDiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self._attention_choice)
+                 for _ in range(self.depth)])
+        elif self.block_type != "adaln_zero":
+            for blk in self.blocks:  # reference blocks, but with the chosen attention backend
+                fast_attn = Attention(self.hidden_size, self.num_heads, self._attention_choice)
+                blk.attn = fast_attn
+        super().initialize_weights()
+
+    # ------------------------------------------------------------------ kernel selection
+    def _ops_for(self, x: torch.Tensor):
+        if self.kernels == "torch":
+            return _torch_ops()
+        ok, why = triton_usable(x.device)
+        if ok:
+            from fastdit.kernels import kernels_supported
+            ok, why = kernels_supported(x.new_empty((1, 1, self.hidden_size)))
+        if ok:
+            return _triton_ops()
+        if self.kernels == "triton":
+            raise ValueError(f"kernels='triton' cannot run this input: {why}")
+        if not self._warned_fallback and x.device.type == "cuda":
+            warnings.warn(f"fastdit: falling back to the PyTorch path ({why})")
+            self._warned_fallback = True
+        return _torch_ops()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.block_type != "adaln_zero":
+            return super().forward(x, t, y)
+        ops = self._ops_for(x)
+        with _nvtx_range("patch_embed", self.nvtx):
+            pe = self.x_embedder.proj
+            x = ops["patch_embed"](x, pe.weight, pe.bias, self.pos_embed, self.patch_size)  # (N, T, D)
+        with _nvtx_range("conditioning", self.nvtx):
+            c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+            c_act = F.silu(c)
+            mods = [F.linear(c_act, b.adaLN_modulation[1].weight, b.adaLN_modulation[1].bias).chunk(6, 1)
+                    for b in self.blocks]  # per block: shift_msa, scale_msa, gate_msa, shift_mlp, ...
+            fl = self.final_layer.adaLN_modulation[1]
+            final_shift, final_scale = F.linear(c_act, fl.weight, fl.bias).chunk(2, 1)
+        with _nvtx_range("modulate_ln", self.nvtx):
+            h = ops["modulate_layernorm"](x, mods[0][0], mods[0][1])
+        for i, block in enumerate(self.blocks):
+            _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
+            if i + 1 < len(self.blocks):
+                next_shift, next_scale = mods[i + 1][0], mods[i + 1][1]
+            else:
+                next_shift, next_scale = final_shift, final_scale
+            args = (x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale)
+            with _nvtx_range(f"block{i}", self.nvtx):
+                if self.checkpointing and self.training and torch.is_grad_enabled():
+                    x, h = _checkpoint(block, *args, ops, self.nvtx, use_reentrant=False)
+                else:
+                    x, h = block(*args, ops, self.nvtx)
+        with _nvtx_range("final_layer", self.nvtx):
+            out = self.final_layer.linear(h)  # (N, T, p*p*C_out)
+        return self.unpatchify(out)
+
+
+DiT_models = ref.make_registry(DiT)
+
+
+def constructor_kwargs(model: ref.DiT) -> dict:
+    """The official constructor arguments (plus block_type) that rebuild `model`'s architecture."""
+    return dict(input_size=model.input_size, patch_size=model.patch_size, in_channels=model.in_channels,
+                hidden_size=model.hidden_size, depth=model.depth, num_heads=model.num_heads,
+                mlp_ratio=model.mlp_ratio, class_dropout_prob=model.class_dropout_prob,
+                num_classes=model.num_classes, learn_sigma=model.learn_sigma,
+                block_type=model.block_type)
+
+
+def from_reference(model: ref.DiT, **fast_kwargs) -> DiT:
+    """A fast DiT with the same configuration and weights as a reference model."""
+    fast = DiT(**constructor_kwargs(model), **fast_kwargs)
+    fast.load_state_dict(model.state_dict())
+    return fast.to(next(model.parameters()).device)

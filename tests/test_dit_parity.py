@@ -1,0 +1,206 @@
+"""The fast DiT is the reference DiT: same state dict, same forward, same gradients.
+
+The Triton path runs through the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1).
+Weights are random and non-zero everywhere (adaLN-Zero's zero init would hide gradient bugs).
+"""
+import pytest
+import torch
+
+from fastdit import attention as attn_backends
+from fastdit.models import DiT, DiT_models, ReferenceDiT, ReferenceDiT_models, from_reference
+from fastdit.models.reference import BLOCK_TYPES
+
+# (hidden, heads, depth, input_size, patch): S- and B-width models at small inputs, patch 2 and 4
+CONFIGS = {
+    "S-width/p2": dict(hidden_size=384, num_heads=6, depth=2, input_size=8, patch_size=2),
+    "B-width/p4": dict(hidden_size=768, num_heads=12, depth=1, input_size=16, patch_size=4),
+    "odd/p2": dict(hidden_size=72, num_heads=2, depth=2, input_size=6, patch_size=2),
+}
+
+
+def make_pair(cfg, seed=0, **fast_kw):
+    torch.manual_seed(seed)
+    ref = ReferenceDiT(in_channels=4, num_classes=10, **cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name == "pos_embed":
+                continue
+            # unit-gain random weights (std 1/sqrt(fan_in)) so errors are not amplified layer by layer
+            std = 1.0 / (p[0].numel() ** 0.5) if p.dim() > 1 and "embedding" not in name else 0.1
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    fast = from_reference(ref, **fast_kw)
+    return ref.train(), fast.train()
+
+
+def inputs(cfg, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = cfg["input_size"]
+    x = torch.randn(n, 4, s, s, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, t, y
+
+
+def run(model, x, t, y, seed=0):
+    """Forward + backward of a fixed random projection of the output; returns (out, grads by name)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # label dropout draws the same ids in both models
+    out = model(x, t, y)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(123)).to(out.dtype)
+    (out * w).sum().backward()
+    grads = {k: p.grad.detach().float().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return out.detach().float(), grads
+
+
+def assert_close_rel(a, b, rtol, what):
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item() + 1e-12
+    assert err <= rtol * scale, f"{what}: max err {err:.3e} vs scale {scale:.3e}"
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+def test_fp32_forward_and_every_gradient(cfg_name, kernels):
+    cfg = CONFIGS[cfg_name]
+    ref, fast = make_pair(cfg, kernels=kernels, attention="sdpa")
+    x, t, y = inputs(cfg)
+    out_r, g_r = run(ref, x, t, y)
+    out_f, g_f = run(fast, x, t, y)
+    assert_close_rel(out_f, out_r, 2e-5, "output")
+    assert set(g_f) == set(g_r)
+    for k in g_r:
+        assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
+
+
+@pytest.mark.parametrize("cfg_name", ["S-width/p2", "B-width/p4"])
+def test_bf16_by_the_flash_attention_rule(cfg_name):
+    """|fast_bf16 - ref_fp32| <= 2 |ref_bf16 - ref_fp32| + atol, for the output and every gradient."""
+    cfg = CONFIGS[cfg_name]
+    ref, fast = make_pair(cfg, kernels="triton", attention="sdpa")
+    x, t, y = inputs(cfg)
+    out_32, g_32 = run(ref, x, t, y)
+    out_rb, g_rb = run(ref.to(torch.bfloat16), x.bfloat16(), t, y)
+    out_fb, g_fb = run(fast.to(torch.bfloat16), x.bfloat16(), t, y)
+
+    def check(fb, rb, r32, what):
+        err_fast = (fb - r32).abs().max().item()
+        err_torch = (rb - r32).abs().max().item()
+        atol = 1e-2 * r32.abs().max().item() + 1e-6
+        assert err_fast <= 2 * err_torch + atol, f"{what}: fast {err_fast:.3e} vs torch bf16 {err_torch:.3e}"
+
+    check(out_fb, out_rb, out_32, "output")
+    for k in g_32:
+        check(g_fb[k], g_rb[k], g_32[k], f"grad {k}")
+
+
+def test_state_dicts_load_both_ways_strictly():
+    cfg = CONFIGS["odd/p2"]
+    ref, fast = make_pair(cfg, kernels="torch")
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    ref2 = ReferenceDiT(in_channels=4, num_classes=10, **cfg)
+    ref2.load_state_dict(fast.state_dict())  # strict
+    x, t, y = inputs(cfg)
+    ref.eval(), ref2.eval()
+    torch.testing.assert_close(ref2(x, t, y), ref(x, t, y))
+    bad = fast.state_dict()
+    bad.pop("blocks.0.attn.qkv.weight")
+    with pytest.raises(KeyError, match="blocks.0.attn.qkv.weight"):
+        fast.load_state_dict(bad)
+
+
+def test_xl2_loads_an_official_layout_state_dict_strictly():
+    with torch.device("meta"):
+        official = ReferenceDiT_models["DiT-XL/2"]()
+        fast = DiT_models["DiT-XL/2"]()
+    assert list(official.state_dict()) == list(fast.state_dict())
+    fast.load_state_dict(official.state_dict(), assign=True)
+    assert sum(p.numel() for p in fast.parameters()) == 675_129_632
+
+
+def test_cfg_matches_reference():
+    cfg = CONFIGS["odd/p2"]
+    ref, fast = make_pair(cfg, kernels="triton")
+    ref.eval(), fast.eval()
+    x, t, _ = inputs(cfg)
+    xx, tt = torch.cat([x, x]), torch.cat([t, t])
+    yy = torch.tensor([1, 2, 10, 10])
+    for all_ch in (False, True):
+        torch.testing.assert_close(fast.forward_with_cfg(xx, tt, yy, 1.5, guide_all_channels=all_ch),
+                                   ref.forward_with_cfg(xx, tt, yy, 1.5, guide_all_channels=all_ch),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_activation_checkpointing_same_gradients():
+    cfg = CONFIGS["odd/p2"]
+    _, fast = make_pair(cfg, kernels="torch")
+    x, t, y = inputs(cfg)
+    out_a, g_a = run(fast, x, t, y)
+    fast.checkpointing = True
+    out_b, g_b = run(fast, x, t, y)
+    torch.testing.assert_close(out_a, out_b)
+    for k in g_a:
+        torch.testing.assert_close(g_a[k], g_b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_type", [b for b in BLOCK_TYPES if b != "adaln_zero"])
+def test_other_conditioning_blocks_match_reference(block_type):
+    cfg = dict(CONFIGS["odd/p2"], block_type=block_type)
+    ref, fast = make_pair(cfg, kernels="torch", attention="sdpa")
+    x, t, y = inputs(cfg)
+    out_r, g_r = run(ref, x, t, y)
+    out_f, g_f = run(fast, x, t, y)
+    assert_close_rel(out_f, out_r, 2e-5, "output")
+    for k in g_r:
+        assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    cfg = CONFIGS["odd/p2"]
+    _, fast = make_pair(cfg, kernels="triton", attention="sdpa")
+    x, t, y = inputs(cfg)
+    out_e, g_e = run(fast, x, t, y)
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    out_c, g_c = run(compiled, x, t, y)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    for k in g_e:
+        torch.testing.assert_close(g_c[k.replace("_orig_mod.", "")], g_e[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash_attn", "xformers"])
+def test_attention_backends_match_math(backend):
+    if not attn_backends.available_backends()[backend]:
+        pytest.skip(f"{backend} not installed")
+    if backend in ("flash_attn", "xformers") and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    for t, hd in ((16, 72), (7, 64), (256, 72)):
+        qkv = torch.randn(2, t, 3, 3, hd, device=dev, dtype=torch.float32)
+        ref = attn_backends.attention(qkv.double(), "math").float()
+        got = attn_backends.attention(qkv.to(dtype), backend).float()
+        same = attn_backends.attention(qkv.to(dtype), "math").float()
+        err, base = (got - ref).abs().max().item(), (same - ref).abs().max().item()
+        assert err <= 2 * base + 1e-5, (t, hd, err, base)
+
+
+def test_bad_switches():
+    with pytest.raises(ValueError, match="kernels"):
+        DiT(**CONFIGS["odd/p2"], kernels="cuda")
+    with pytest.raises(ValueError, match="attention"):
+        DiT(**CONFIGS["odd/p2"], attention="flash")
+    if not attn_backends.available_backends()["flash_attn"]:
+        with pytest.raises(ImportError, match="pip install"):
+            DiT(**CONFIGS["odd/p2"], attention="flash_attn")
+    with pytest.raises(ValueError, match="qkv"):
+        attn_backends.attention(torch.randn(2, 4, 8), "sdpa")
+
+
+def test_triton_without_device_or_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = CONFIGS["odd/p2"]
+    _, fast = make_pair(cfg, kernels="triton")
+    with pytest.raises(ValueError, match="kernels='torch'"):
+        fast(*inputs(cfg))
+    fast.kernels = "auto"  # documented fallback: the PyTorch path
+    assert torch.isfinite(fast(*inputs(cfg))).all()
