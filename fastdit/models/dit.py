@@ -27,6 +27,7 @@ block code (the paper found adaLN-Zero best, and it is the one official checkpoi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from typing import Optional
@@ -147,17 +148,13 @@ class DiT(ref.DiT):
         self.nvtx = nvtx
         self._warned_fallback = False
 
-    # The reference constructor builds self.blocks with reference blocks; swap in fast ones before init.
-    def initialize_weights(self):
-        if self.block_type == "adaln_zero" and not isinstance(self.blocks[0], FastDiTBlock):
-            self.blocks = nn.ModuleList(
-                [FastDiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self._attention_choice)
-                 for _ in range(self.depth)])
-        elif self.block_type != "adaln_zero":
-            for blk in self.blocks:  # reference blocks, but with the chosen attention backend
-                fast_attn = Attention(self.hidden_size, self.num_heads, self._attention_choice)
-                blk.attn = fast_attn
-        super().initialize_weights()
+    def make_block(self) -> nn.Module:
+        attention_cls = functools.partial(Attention, backend=self._attention_choice)
+        if self.block_type == "adaln_zero":
+            return FastDiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self._attention_choice)
+        # other conditioning blocks: the reference block code with the chosen attention backend
+        return ref.DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.block_type,
+                            attention_cls=attention_cls)
 
     # ------------------------------------------------------------------ kernel selection
     def _ops_for(self, x: torch.Tensor):

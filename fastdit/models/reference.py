@@ -142,14 +142,14 @@ class LabelEmbedder(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (keys attn.qkv.*, attn.proj.*)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,11 +211,11 @@ class DiTBlock(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
-                 block_type: str = "adaln_zero"):
+                 block_type: str = "adaln_zero", attention_cls=None):
         super().__init__()
         self.block_type = block_type
         self.norm1 = _layer_norm(hidden_size)
-        self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
+        self.attn = (attention_cls or Attention)(hidden_size, num_heads)
         self.norm2 = _layer_norm(hidden_size)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         if block_type == "adaln_zero":
@@ -307,12 +307,14 @@ class DiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos table; a Parameter (not a buffer) so the state dict matches the official one.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio, block_type) for _ in range(depth)]
-        )
+        self.blocks = nn.ModuleList([self.make_block() for _ in range(depth)])
         adaptive_final = block_type in ("adaln_zero", "adaln")
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive_final)
         self.initialize_weights()
+
+    def make_block(self) -> nn.Module:
+        """One transformer block (the fast model overrides this; parameter names stay the same)."""
+        return DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.block_type)
 
     def initialize_weights(self):
         def _basic_init(module):
