@@ -1,0 +1,230 @@
+"""Shared helpers of the fastdit kernels: input checks, output allocation, launch heuristics.
+
+Nothing here launches a kernel. The op files (modulate_layernorm.py, gated_residual.py,
+patch_embed.py) import these so that every launcher checks its inputs the same way and raises the
+same kind of error for the same kind of bad input:
+
+* TypeError  - an argument that is not a tensor, or a dtype the kernels do not take
+               (anything but float32 / bfloat16 / float16: integers, bool, float64, complex, fp8).
+* ValueError - wrong number of dimensions, mismatched shapes, tensors on different devices,
+               a device Triton cannot run on (CPU tensors without TRITON_INTERPRET=1),
+               a hidden size D above KERNEL_MAX_D, or a patch size that does not divide the image.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Iterable, Optional, Tuple
+
+import torch
+import triton
+
+# Largest hidden size D one program of the row kernels holds in registers (BLOCK_D = next power of
+# two of D). DiT uses D <= 1152; 8192 leaves room for wider models without spilling on Hopper.
+KERNEL_MAX_D = 8192
+
+# Floating dtypes the kernels load; everything is computed in fp32 inside a kernel.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Set FASTDIT_KERNEL_POISON=1 to fill every kernel output with NaN before launch, so an element a
+# kernel forgets to write shows up as NaN instead of as stale memory. The tests set it.
+POISON_ENV = "FASTDIT_KERNEL_POISON"
+
+
+@triton.jit
+def _probe_kernel(ptr):
+    # ptr: unused; this kernel is never launched, it only tells which runtime triton.jit built.
+    pass
+
+
+# True when triton.jit builds interpreted kernels (TRITON_INTERPRET=1 was set before triton was
+# imported): kernels then run on CPU tensors through numpy, one program at a time.
+INTERPRETED = type(_probe_kernel).__name__ == "InterpretedFunction"
+
+
+def poison_enabled() -> bool:
+    """Whether launchers fill their outputs with NaN before launch (FASTDIT_KERNEL_POISON=1)."""
+    return os.environ.get(POISON_ENV, "0") not in ("", "0")
+
+
+def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer: torch.empty, or NaN-filled when poisoning is on."""
+    if poison_enabled():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------
+def device_reason(device: torch.device) -> Optional[str]:
+    """Why Triton cannot run on `device` in this process, or None when it can."""
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if INTERPRETED:
+            return None
+        return ("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is "
+                "imported); use the PyTorch path instead")
+    return f"device type {device.type!r} is not supported by the Triton kernels (cuda only)"
+
+
+def check_tensor(name: str, t, ndim: int) -> None:
+    """Raise TypeError/ValueError unless `t` is a floating tensor of a supported dtype and rank."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; the fastdit kernels take float32, bfloat16 "
+                        f"or float16")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_same_device(named: Iterable[Tuple[str, torch.Tensor]]) -> torch.device:
+    """Raise ValueError unless all tensors share one device that Triton can run on."""
+    named = [(n, t) for n, t in named if t is not None]
+    device = named[0][1].device
+    for n, t in named[1:]:
+        if t.device != device:
+            raise ValueError(f"{n} is on {t.device} but {named[0][0]} is on {device}; all inputs "
+                             f"of a fastdit kernel must be on the same device")
+    reason = device_reason(device)
+    if reason is not None:
+        raise ValueError(reason)
+    return device
+
+
+def check_hidden(name: str, d: int) -> None:
+    """Raise ValueError unless 1 <= d <= KERNEL_MAX_D."""
+    if d < 1:
+        raise ValueError(f"{name} has an empty hidden dimension")
+    if d > KERNEL_MAX_D:
+        raise ValueError(f"hidden size D={d} of {name} is above KERNEL_MAX_D={KERNEL_MAX_D}, the "
+                         f"largest row the fastdit kernels hold in one program")
+
+
+def check_rows(x_name: str, x: torch.Tensor, others) -> None:
+    """Check a (N, T, D) activation and its (N, D) modulation / (N, T, D) companions.
+
+    `others` is a list of (name, tensor, kind) with kind "ND" (per-sample vector) or "NTD".
+    """
+    check_tensor(x_name, x, 3)
+    n, _, d = x.shape
+    for name, t, kind in others:
+        if kind == "ND":
+            check_tensor(name, t, 2)
+            if tuple(t.shape) != (n, d):
+                raise ValueError(f"{name} must have shape (N, D) = {(n, d)} to match {x_name} "
+                                 f"{tuple(x.shape)}, got {tuple(t.shape)}")
+        else:
+            check_tensor(name, t, 3)
+            if t.shape != x.shape:
+                raise ValueError(f"{name} must have the shape of {x_name} {tuple(x.shape)}, got "
+                                 f"{tuple(t.shape)}")
+    check_hidden(x_name, d)
+    check_same_device([(x_name, x)] + [(name, t) for name, t, _ in others])
+
+
+def promote(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype PyTorch's type promotion gives for an elementwise op over these dtypes."""
+    out = dtypes[0]
+    for dt in dtypes[1:]:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def kernels_supported(x, *others) -> Tuple[bool, str]:
+    """Whether the fused row kernels take activation `x` (N, T, D) (and tensors `others`).
+
+    Returns (True, "") or (False, reason). Checks: tensor type, supported float dtype, 3-D shape,
+    D <= KERNEL_MAX_D, every tensor on x's device, and a device Triton can run on here (CUDA, or
+    CPU under TRITON_INTERPRET=1). Shape agreement between x and the others is checked by each op.
+    """
+    try:
+        check_tensor("x", x, 3)
+        check_hidden("x", x.shape[-1])
+        for i, t in enumerate(others):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"input {i + 1} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"input {i + 1} has dtype {t.dtype}; the fastdit kernels take "
+                                f"float32, bfloat16 or float16")
+        check_same_device([("x", x)] + [(f"input {i + 1}", t) for i, t in enumerate(others)])
+    except (TypeError, ValueError) as e:
+        return False, str(e)
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch heuristics (written for Hopper; the interpreter ignores num_warps)
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 2 under the interpreter (keeps grids small)."""
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 2
+
+
+def row_tile(d: int) -> Tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) for the row kernels: a tile of BLOCK_T tokens x BLOCK_D.
+
+    BLOCK_D covers the whole row (next power of two of D) so the LayerNorm statistics come from
+    one register tile; BLOCK_T rows share one load of the (N, D) modulation vectors and bring the
+    tile to ~4096 elements (16 values per thread at 8 warps; 16 warps for 8192-wide rows).
+    Compiled for sm_90 with the JIT's specialisation (unit stride along D), these tiles give
+    128-bit loads and no register spills up to D = 8192 (checked by _sm90_check.py).
+    """
+    block_d = triton.next_power_of_2(d)
+    block_t = max(1, min(16, 4096 // block_d))
+    elems = block_t * block_d
+    num_warps = 4 if elems <= 1024 else (8 if elems <= 4096 else 16)
+    return block_t, block_d, num_warps
+
+
+def token_tiles(n: int, t: int, block_t: int, device: torch.device,
+                tokens_per_tile: Optional[int] = None) -> Tuple[int, int, int]:
+    """Split each sample's T tokens into tiles for a backward kernel with per-tile partial sums.
+
+    Returns (tokens_per_tile, n_iters, n_tiles): each program loops n_iters times over BLOCK_T rows
+    of one sample, so tokens_per_tile = n_iters * block_t. By default aims at ~4 programs per SM.
+    """
+    if tokens_per_tile is None:
+        want_tiles = max(1, triton.cdiv(4 * num_sms(device), max(n, 1)))
+        want_tiles = min(want_tiles, triton.cdiv(t, block_t))
+        n_iters = triton.cdiv(triton.cdiv(t, want_tiles), block_t)
+    else:
+        n_iters = max(1, triton.cdiv(tokens_per_tile, block_t))
+    tok = n_iters * block_t
+    return tok, n_iters, triton.cdiv(t, tok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Interpreter workarounds
+# ----------------------------------------------------------------------------------------------
+# Triton 3.9's interpreter rounds fp32 -> bf16 casts wrongly (truncation, or a round-half-up that
+# drops the mantissa carry) and multiplies bf16 operands of tl.dot wrongly. Under the interpreter
+# the kernels therefore write bf16 outputs into an fp32 buffer that the launcher rounds with torch
+# (round-to-nearest-even, as the GPU's cvt.rn does), and tl.dot operands are upcast to fp32 first
+# (exact for bf16/fp16 inputs). On a GPU none of this applies.
+def buffer_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes an output of `dtype` into (fp32 for bf16 under the interpreter)."""
+    if INTERPRETED and dtype == torch.bfloat16:
+        return torch.float32
+    return dtype
+
+
+def alloc_out(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer for a result of `dtype` (see buffer_dtype); finish it with `finish`."""
+    return alloc(shape, buffer_dtype(dtype), device)
+
+
+def finish(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The output of `dtype` from a buffer made by alloc_out (a no-op on GPU)."""
+    return buf if buf.dtype == dtype else buf.to(dtype)

@@ -1,0 +1,282 @@
+"""Gated residual: out = x + gate * y, and its fusion with the next adaLN modulate + LayerNorm.
+
+x, y are (N, T, D); gate is (N, D), one vector per sample broadcast over the T tokens (DiT's
+adaLN-Zero gates gate_msa / gate_mlp). Two public ops:
+
+* `gated_residual(x, y, gate) -> x + gate[:, None] * y`; backward dx, dy, dgate.
+* `gated_residual_modulate_layernorm(x, y, gate, shift, scale, eps) -> (x', h)` with
+  x' = x + gate * y and h = LayerNorm(x') * (1 + scale) + shift computed in one pass (the step
+  between a block's attention and MLP halves, and before the final layer); backward takes the
+  gradients of both outputs. Its kernels are those of modulate_layernorm.py with HAS_RESIDUAL set.
+
+Layers: `@triton.jit` kernels, launchers on plain tensors, torch.library ops
+"fastdit::gated_residual_fwd/_bwd" and "fastdit::gated_residual_modulate_layernorm_fwd/_bwd" with
+fake functions and autograd, and the plain PyTorch `*_ref` definitions the tests check against.
+
+Numerics: loads upcast to fp32; dgate is an fp32 partial sum per tile of tokens, reduced once.
+Dtypes: each input may be float32, bfloat16 or float16; outputs take PyTorch's promoted dtype
+(x' of (x, y, gate); h of (x', shift, scale)); each gradient has its input's dtype.
+Any strides are taken. Raises TypeError/ValueError for the inputs listed in kernels/_common.py.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import alloc, alloc_out, check_rows, finish, promote, row_tile, token_tiles
+from .modulate_layernorm import (check_residual_modulate_layernorm, modulate_layernorm_ref,
+                                 residual_modulate_layernorm_bwd, residual_modulate_layernorm_fwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _gated_residual_fwd_kernel(
+    X,                                  # (N, T, D) residual stream
+    stride_xn, stride_xt, stride_xd,    # strides of X, in elements
+    Y,                                  # (N, T, D) branch output
+    stride_yn, stride_yt, stride_yd,    # strides of Y
+    GATE,                               # (N, D) per-sample gate
+    stride_gn, stride_gd,               # strides of GATE
+    OUT,                                # (N, T, D) contiguous output X + GATE * Y
+    T,                                  # tokens per sample
+    D,                                  # hidden size
+    BLOCK_T: tl.constexpr,              # tokens per program
+    BLOCK_D: tl.constexpr,              # next power of two >= D
+):
+    pid_t = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)                      # (BLOCK_T,)
+    d = tl.arange(0, BLOCK_D)                                        # (BLOCK_D,)
+    d_ok = d < D
+    mask = (t < T)[:, None] & d_ok[None, :]
+    x = tl.load(X + n * stride_xn + t[:, None] * stride_xt + d[None, :] * stride_xd,
+                mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + n * stride_yn + t[:, None] * stride_yt + d[None, :] * stride_yd,
+                mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + n * stride_gn + d * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
+    out = x + gate[None, :] * y
+    tl.store(OUT + (n * T + t[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(
+    DOUT,                               # (N, T, D) gradient of the output
+    stride_on, stride_ot, stride_od,    # strides of DOUT
+    Y,                                  # (N, T, D) branch output saved by the forward
+    stride_yn, stride_yt, stride_yd,    # strides of Y
+    GATE,                               # (N, D) per-sample gate
+    stride_gn, stride_gd,               # strides of GATE
+    DY,                                 # (N, T, D) contiguous output: DOUT * GATE
+    DGATE_PART,                         # (N, n_tiles, D) fp32 output: per-tile sums of DOUT * Y
+    T,                                  # tokens per sample
+    D,                                  # hidden size
+    n_tiles,                            # token tiles per sample (grid axis 0)
+    tokens_per_tile,                    # = n_iters * BLOCK_T
+    n_iters,                            # BLOCK_T-row steps per program
+    BLOCK_T: tl.constexpr,              # tokens per step
+    BLOCK_D: tl.constexpr,              # next power of two >= D
+):
+    tile = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    gate = tl.load(GATE + n * stride_gn + d * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for it in range(0, n_iters):
+        t = tile * tokens_per_tile + it * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask = (t < T)[:, None] & d_ok[None, :]
+        dout = tl.load(DOUT + n * stride_on + t[:, None] * stride_ot + d[None, :] * stride_od,
+                       mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + n * stride_yn + t[:, None] * stride_yt + d[None, :] * stride_yd,
+                    mask=mask, other=0.0).to(tl.float32)
+        tl.store(DY + (n * T + t[:, None]) * D + d[None, :],
+                 (dout * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+        acc += tl.sum(dout * y, axis=0)
+    tl.store(DGATE_PART + (n * n_tiles + tile) * D + d, acc, mask=d_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def check_gated_residual(x, y, gate) -> None:
+    """Raise TypeError/ValueError unless the gated residual kernels take these inputs."""
+    check_rows("x", x, [("y", y, "NTD"), ("gate", gate, "ND")])
+
+
+def gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
+                       block_t: Optional[int] = None) -> torch.Tensor:
+    """Launch the forward kernel: x + gate[:, None] * y in the promoted dtype of the three."""
+    check_gated_residual(x, y, gate)
+    n, t, d = x.shape
+    out_dtype = promote(x.dtype, y.dtype, gate.dtype)
+    out = alloc_out((n, t, d), out_dtype, x.device)
+    if n * t > 0:
+        bt, block_d, num_warps = row_tile(d)
+        bt = block_t or bt
+        _gated_residual_fwd_kernel[(triton.cdiv(t, bt), n)](
+            x, *x.stride(), y, *y.stride(), gate, *gate.stride(), out, t, d,
+            BLOCK_T=bt, BLOCK_D=block_d, num_warps=num_warps)
+    return finish(out, out_dtype)
+
+
+def gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
+                       tokens_per_tile: Optional[int] = None, block_t: Optional[int] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: (dy = dout * gate in y.dtype, dgate = sum_t dout * y in gate.dtype).
+
+    (dx is dout itself.) dgate is reduced from fp32 per-tile partial sums.
+    """
+    check_rows("y", y, [("dout", dout, "NTD"), ("gate", gate, "ND")])
+    n, t, d = y.shape
+    bt, block_d, num_warps = row_tile(d)
+    bt = block_t or bt
+    tok, n_iters, n_tiles = token_tiles(n, t, bt, y.device, tokens_per_tile)
+    dy = alloc_out((n, t, d), y.dtype, y.device)
+    part = alloc((n, max(n_tiles, 1), d), torch.float32, y.device)
+    if n * t == 0:
+        return finish(dy, y.dtype), torch.zeros(n, d, dtype=gate.dtype, device=y.device)
+    _gated_residual_bwd_kernel[(n_tiles, n)](
+        dout, *dout.stride(), y, *y.stride(), gate, *gate.stride(), dy, part,
+        t, d, n_tiles, tok, n_iters, BLOCK_T=bt, BLOCK_D=block_d, num_warps=num_warps)
+    return finish(dy, y.dtype), part.sum(1).to(gate.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops + autograd: gated residual
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdit::gated_residual_fwd", mutates_args=())
+def _gr_fwd_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return gated_residual_fwd(x, y, gate)
+
+
+@_gr_fwd_op.register_fake
+def _(x, y, gate):
+    check_gated_residual(x, y, gate)
+    return x.new_empty(x.shape, dtype=promote(x.dtype, y.dtype, gate.dtype))
+
+
+@torch.library.custom_op("fastdit::gated_residual_bwd", mutates_args=())
+def _gr_bwd_op(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_bwd(dout, y, gate)
+
+
+@_gr_bwd_op.register_fake
+def _(dout, y, gate):
+    return (torch.empty_like(y, memory_format=torch.contiguous_format),
+            gate.new_empty(gate.shape, dtype=gate.dtype))
+
+
+def _gr_setup_context(ctx, inputs, output):
+    x, y, gate = inputs
+    ctx.save_for_backward(y, gate)
+    ctx.x_dtype = x.dtype
+
+
+def _gr_backward(ctx, dout):
+    y, gate = ctx.saved_tensors
+    dy, dgate = _gr_bwd_op(dout, y, gate)
+    return dout.to(ctx.x_dtype), dy, dgate
+
+
+_gr_fwd_op.register_autograd(_gr_backward, setup_context=_gr_setup_context)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """out = x + gate[:, None] * y, fused. x, y (N, T, D); gate (N, D); any strides.
+
+    Differentiable in x, y and gate. Raises TypeError/ValueError for inputs the kernel does not
+    take (see kernels/_common.py).
+    """
+    check_gated_residual(x, y, gate)
+    return _gr_fwd_op(x, y, gate)
+
+
+def gated_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: x + gate[:, None] * y."""
+    return x + gate.unsqueeze(1) * y
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops + autograd: gated residual + modulate + LayerNorm
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdit::gated_residual_modulate_layernorm_fwd", mutates_args=())
+def _grml_fwd_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                 scale: torch.Tensor, eps: float
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return residual_modulate_layernorm_fwd(x, y, gate, shift, scale, eps)
+
+
+@_grml_fwd_op.register_fake
+def _(x, y, gate, shift, scale, eps):
+    check_residual_modulate_layernorm(x, y, gate, shift, scale)
+    n, t, _ = x.shape
+    res_dtype = promote(x.dtype, y.dtype, gate.dtype)
+    return (x.new_empty(x.shape, dtype=res_dtype),
+            x.new_empty(x.shape, dtype=promote(res_dtype, shift.dtype, scale.dtype)),
+            x.new_empty((n, t), dtype=torch.float32), x.new_empty((n, t), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastdit::gated_residual_modulate_layernorm_bwd", mutates_args=())
+def _grml_bwd_op(dh: torch.Tensor, dxnew: Optional[torch.Tensor], xnew: torch.Tensor,
+                 y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                 rstd: torch.Tensor, x_dtype: torch.dtype, shift_dtype: torch.dtype
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
+                                           x_dtype, shift_dtype)
+
+
+@_grml_bwd_op.register_fake
+def _(dh, dxnew, xnew, y, gate, scale, mean, rstd, x_dtype, shift_dtype):
+    n, _, d = xnew.shape
+    return (xnew.new_empty(xnew.shape, dtype=x_dtype),
+            xnew.new_empty(xnew.shape, dtype=y.dtype),
+            xnew.new_empty((n, d), dtype=gate.dtype),
+            xnew.new_empty((n, d), dtype=shift_dtype),
+            xnew.new_empty((n, d), dtype=scale.dtype))
+
+
+def _grml_setup_context(ctx, inputs, output):
+    x, y, gate, shift, scale, eps = inputs
+    xnew, _, mean, rstd = output
+    ctx.save_for_backward(xnew, y, gate, scale, mean, rstd)
+    ctx.x_dtype = x.dtype
+    ctx.shift_dtype = shift.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _grml_backward(ctx, dxnew, dh, dmean, drstd):
+    xnew, y, gate, scale, mean, rstd = ctx.saved_tensors
+    dx, dy, dgate, dshift, dscale = _grml_bwd_op(dh, dxnew, xnew, y, gate, scale, mean, rstd,
+                                                 ctx.x_dtype, ctx.shift_dtype)
+    return dx, dy, dgate, dshift, dscale, None
+
+
+_grml_fwd_op.register_autograd(_grml_backward, setup_context=_grml_setup_context)
+
+
+def gated_residual_modulate_layernorm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                                      shift: torch.Tensor, scale: torch.Tensor,
+                                      eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x', h) with x' = x + gate[:, None] * y and h = LN(x') * (1 + scale) + shift, in one pass.
+
+    x, y (N, T, D); gate, shift, scale (N, D); any strides. Differentiable in all five tensor
+    inputs; the backward takes the gradients of both x' and h. Raises TypeError/ValueError for
+    inputs the kernels do not take (see kernels/_common.py).
+    """
+    check_residual_modulate_layernorm(x, y, gate, shift, scale)
+    xnew, h, _, _ = _grml_fwd_op(x, y, gate, shift, scale, float(eps))
+    return xnew, h
+
+
+def gated_residual_modulate_layernorm_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                                          shift: torch.Tensor, scale: torch.Tensor,
+                                          eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: x' = x + gate[:, None] * y; h = LN(x') * (1 + scale) + shift."""
+    xnew = gated_residual_ref(x, y, gate)
+    return xnew, modulate_layernorm_ref(xnew, shift, scale, eps)

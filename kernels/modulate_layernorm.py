@@ -1,0 +1,381 @@
+"""adaLN modulate + LayerNorm in one pass: y = LayerNorm(x) * (1 + scale) + shift.
+
+x is (N, T, D); shift and scale are (N, D), one vector per sample broadcast over the T tokens; the
+LayerNorm has no affine parameters and eps 1e-6, as in DiT's adaLN blocks and final layer.
+
+Three layers, as in every fastdit kernel file:
+1. `@triton.jit` kernels. The forward and backward kernels here also serve the fused
+   "gated residual + modulate + LayerNorm" op of gated_residual.py through the HAS_RESIDUAL flag:
+   x' = x + gate * y is formed and stored in the same pass, then normalised.
+2. Launchers (`modulate_layernorm_fwd`, `modulate_layernorm_bwd`, `residual_modulate_layernorm_fwd`,
+   `residual_modulate_layernorm_bwd`) taking and returning plain tensors, checking their inputs.
+3. torch.library ops "fastdit::modulate_layernorm_fwd/_bwd" with fake (meta) functions and the
+   autograd formula, so torch.compile(fullgraph=True) traces them; `modulate_layernorm` is the
+   public function. `modulate_layernorm_ref` is the plain PyTorch definition the tests check against.
+
+Numerics: every load is upcast to fp32, the variance is the centred two-pass one (mean first, then
+the mean of squared deviations, from the same register tile), and the (N, D) gradients dshift and
+dscale are fp32 partial sums per tile of tokens, reduced once over the tiles.
+
+Dtypes: x, shift and scale may each be float32, bfloat16 or float16 (mixed is allowed, as under
+autocast); y has PyTorch's promoted dtype of the three, each gradient has its input's dtype.
+Any strides are taken (e.g. shift/scale as chunks of the (N, 6D) adaLN output, or x transposed).
+Raises TypeError/ValueError for the inputs listed in kernels/_common.py.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (alloc, alloc_out, check_rows, finish, promote, row_tile, token_tiles)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _modln_fwd_kernel(
+    X,                                  # (N, T, D) input rows; the residual stream when HAS_RESIDUAL
+    stride_xn, stride_xt, stride_xd,    # strides of X, in elements
+    Y,                                  # (N, T, D) branch output, added as X + GATE * Y (HAS_RESIDUAL)
+    stride_yn, stride_yt, stride_yd,    # strides of Y (0 when unused)
+    GATE,                               # (N, D) residual gate (HAS_RESIDUAL)
+    stride_gn, stride_gd,               # strides of GATE (0 when unused)
+    SHIFT,                              # (N, D) adaLN shift
+    stride_sn, stride_sd,               # strides of SHIFT
+    SCALE,                              # (N, D) adaLN scale; rows are multiplied by (1 + SCALE)
+    stride_cn, stride_cd,               # strides of SCALE
+    RES,                                # (N, T, D) contiguous output X + GATE * Y (HAS_RESIDUAL)
+    OUT,                                # (N, T, D) contiguous output LN(rows) * (1 + SCALE) + SHIFT
+    MEAN,                               # (N * T,) fp32 output: mean of each normalised row
+    RSTD,                               # (N * T,) fp32 output: 1 / sqrt(var + eps) of each row
+    T,                                  # tokens per sample
+    D,                                  # hidden size (row length)
+    eps,                                # LayerNorm epsilon
+    HAS_RESIDUAL: tl.constexpr,         # form rows as X + GATE * Y and store them to RES
+    BLOCK_T: tl.constexpr,              # tokens per program
+    BLOCK_D: tl.constexpr,              # next power of two >= D: one row per register tile row
+):
+    pid_t = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)                      # (BLOCK_T,)
+    d = tl.arange(0, BLOCK_D)                                        # (BLOCK_D,)
+    t_ok = t < T
+    d_ok = d < D
+    mask = t_ok[:, None] & d_ok[None, :]                             # (BLOCK_T, BLOCK_D)
+
+    x = tl.load(X + n * stride_xn + t[:, None] * stride_xt + d[None, :] * stride_xd,
+                mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        y = tl.load(Y + n * stride_yn + t[:, None] * stride_yt + d[None, :] * stride_yd,
+                    mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + n * stride_gn + d * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
+        x = x + gate[None, :] * y
+        res = x.to(RES.dtype.element_ty)
+        tl.store(RES + (n * T + t[:, None]) * D + d[None, :], res, mask=mask)
+        # Normalise the stored (rounded) residual, as the unfused x' = x + g*y; LN(x') would.
+        x = res.to(tl.float32)
+
+    mean = tl.sum(x, axis=1) / D                                     # (BLOCK_T,)
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D                                # centred two-pass variance
+    rstd = 1.0 / tl.sqrt(var + eps)
+
+    shift = tl.load(SHIFT + n * stride_sn + d * stride_sd, mask=d_ok, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + n * stride_cn + d * stride_cd, mask=d_ok, other=0.0).to(tl.float32)
+    out = xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+    tl.store(OUT + (n * T + t[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(MEAN + n * T + t, mean, mask=t_ok)
+    tl.store(RSTD + n * T + t, rstd, mask=t_ok)
+
+
+@triton.jit
+def _modln_bwd_kernel(
+    DOUT,                               # (N, T, D) gradient of the modulated output
+    stride_on, stride_ot, stride_od,    # strides of DOUT
+    XN,                                 # (N, T, D) rows that were normalised (x, or x' = x + g*y)
+    stride_xn, stride_xt, stride_xd,    # strides of XN
+    SCALE,                              # (N, D) adaLN scale
+    stride_cn, stride_cd,               # strides of SCALE
+    MEAN,                               # (N * T,) fp32 row means saved by the forward
+    RSTD,                               # (N * T,) fp32 row 1/std saved by the forward
+    DRES,                               # (N, T, D) gradient arriving at x' from later use (HAS_DRES)
+    stride_rn, stride_rt, stride_rd,    # strides of DRES (0 when unused)
+    Y,                                  # (N, T, D) branch output of the residual (HAS_RESIDUAL)
+    stride_yn, stride_yt, stride_yd,    # strides of Y (0 when unused)
+    GATE,                               # (N, D) residual gate (HAS_RESIDUAL)
+    stride_gn, stride_gd,               # strides of GATE (0 when unused)
+    DX,                                 # (N, T, D) contiguous output: gradient of X (or of x)
+    DY,                                 # (N, T, D) contiguous output: gradient of Y (HAS_RESIDUAL)
+    DSHIFT_PART,                        # (N, n_tiles, D) fp32 output: per-tile sums of DOUT
+    DSCALE_PART,                        # (N, n_tiles, D) fp32 output: per-tile sums of DOUT * xhat
+    DGATE_PART,                         # (N, n_tiles, D) fp32 output: per-tile sums of dx' * Y
+    T,                                  # tokens per sample
+    D,                                  # hidden size
+    n_tiles,                            # token tiles per sample (grid axis 0)
+    tokens_per_tile,                    # = n_iters * BLOCK_T
+    n_iters,                            # BLOCK_T-row steps per program
+    HAS_RESIDUAL: tl.constexpr,         # the forward formed x' = X + GATE * Y: also give DY, DGATE
+    HAS_DRES: tl.constexpr,             # add DRES (gradient of the stored x') into the x' gradient
+    BLOCK_T: tl.constexpr,              # tokens per step
+    BLOCK_D: tl.constexpr,              # next power of two >= D
+):
+    tile = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    scale1 = 1.0 + tl.load(SCALE + n * stride_cn + d * stride_cd, mask=d_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        gate = tl.load(GATE + n * stride_gn + d * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
+    acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_scale = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    for it in range(0, n_iters):
+        t = tile * tokens_per_tile + it * BLOCK_T + tl.arange(0, BLOCK_T)   # (BLOCK_T,)
+        t_ok = t < T
+        mask = t_ok[:, None] & d_ok[None, :]
+        dout = tl.load(DOUT + n * stride_on + t[:, None] * stride_ot + d[None, :] * stride_od,
+                       mask=mask, other=0.0).to(tl.float32)
+        xn = tl.load(XN + n * stride_xn + t[:, None] * stride_xt + d[None, :] * stride_xd,
+                     mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + n * T + t, mask=t_ok, other=0.0)
+        rstd = tl.load(RSTD + n * T + t, mask=t_ok, other=0.0)
+        xhat = tl.where(mask, (xn - mean[:, None]) * rstd[:, None], 0.0)
+        g = dout * scale1[None, :]                                   # gradient of xhat
+        c1 = tl.sum(g * xhat, axis=1) / D
+        c2 = tl.sum(g, axis=1) / D
+        dxn = tl.where(mask, (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
+        acc_shift += tl.sum(dout, axis=0)
+        acc_scale += tl.sum(dout * xhat, axis=0)
+        if HAS_RESIDUAL:
+            if HAS_DRES:
+                dxn += tl.load(DRES + n * stride_rn + t[:, None] * stride_rt + d[None, :] * stride_rd,
+                               mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Y + n * stride_yn + t[:, None] * stride_yt + d[None, :] * stride_yd,
+                        mask=mask, other=0.0).to(tl.float32)
+            tl.store(DY + (n * T + t[:, None]) * D + d[None, :],
+                     (dxn * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+            acc_gate += tl.sum(dxn * y, axis=0)
+        tl.store(DX + (n * T + t[:, None]) * D + d[None, :], dxn.to(DX.dtype.element_ty), mask=mask)
+
+    part = (n * n_tiles + tile) * D + d
+    tl.store(DSHIFT_PART + part, acc_shift, mask=d_ok)
+    tl.store(DSCALE_PART + part, acc_scale, mask=d_ok)
+    if HAS_RESIDUAL:
+        tl.store(DGATE_PART + part, acc_gate, mask=d_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (plain tensors in, plain tensors out)
+# ----------------------------------------------------------------------------------------------
+def _strides3(t: Optional[torch.Tensor]):
+    return tuple(t.stride()) if t is not None else (0, 0, 0)
+
+
+def _strides2(t: Optional[torch.Tensor]):
+    return tuple(t.stride()) if t is not None else (0, 0)
+
+
+def check_modulate_layernorm(x, shift, scale) -> None:
+    """Raise TypeError/ValueError unless modulate_layernorm's kernels take these inputs."""
+    check_rows("x", x, [("shift", shift, "ND"), ("scale", scale, "ND")])
+
+
+def check_residual_modulate_layernorm(x, y, gate, shift, scale) -> None:
+    """Raise TypeError/ValueError unless the fused residual + modulate + LN kernels take these."""
+    check_rows("x", x, [("y", y, "NTD"), ("gate", gate, "ND"), ("shift", shift, "ND"),
+                        ("scale", scale, "ND")])
+
+
+def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, block_t=None):
+    n, t, d = x.shape
+    device = x.device
+    out = alloc_out((n, t, d), out_dtype, device)
+    res = alloc_out((n, t, d), res_dtype, device) if y is not None else None
+    mean = alloc((n * t,), torch.float32, device)
+    rstd = alloc((n * t,), torch.float32, device)
+    if n * t > 0:
+        bt, block_d, num_warps = row_tile(d)
+        bt = block_t or bt
+        grid = (triton.cdiv(t, bt), n)
+        _modln_fwd_kernel[grid](
+            x, *x.stride(),
+            y if y is not None else x, *_strides3(y),
+            gate if gate is not None else shift, *_strides2(gate),
+            shift, *shift.stride(),
+            scale, *scale.stride(),
+            res if res is not None else out, out, mean, rstd,
+            t, d, float(eps),
+            HAS_RESIDUAL=y is not None, BLOCK_T=bt, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    out = finish(out, out_dtype)
+    res = finish(res, res_dtype) if res is not None else None
+    return res, out, mean.view(n, t), rstd.view(n, t)
+
+
+def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, mod_dtype,
+                gate_dtype, tokens_per_tile=None, block_t=None):
+    n, t, d = xn.shape
+    device = xn.device
+    bt, block_d, num_warps = row_tile(d)
+    bt = block_t or bt
+    tok, n_iters, n_tiles = token_tiles(n, t, bt, device, tokens_per_tile)
+    dx = alloc_out((n, t, d), dx_dtype, device)
+    dy = alloc_out((n, t, d), dy_dtype, device) if y is not None else None
+    n_parts = 3 if y is not None else 2
+    parts = [alloc((n, max(n_tiles, 1), d), torch.float32, device) for _ in range(n_parts)]
+    if n * t > 0:
+        _modln_bwd_kernel[(n_tiles, n)](
+            dout, *dout.stride(),
+            xn, *xn.stride(),
+            scale, *scale.stride(),
+            mean, rstd,
+            dres if dres is not None else dout, *_strides3(dres),
+            y if y is not None else dout, *_strides3(y),
+            gate if gate is not None else scale, *_strides2(gate),
+            dx, dy if dy is not None else dx,
+            parts[0], parts[1], parts[-1],
+            t, d, n_tiles, tok, n_iters,
+            HAS_RESIDUAL=y is not None, HAS_DRES=dres is not None,
+            BLOCK_T=bt, BLOCK_D=block_d, num_warps=num_warps,
+        )
+        sums = [p.sum(1) for p in parts]                             # each (N, D) fp32, reduced once
+    else:
+        sums = [torch.zeros(n, d, dtype=torch.float32, device=device) for _ in parts]
+    dshift = sums[0].to(mod_dtype)
+    dscale = sums[1].to(mod_dtype)
+    dgate = sums[2].to(gate_dtype) if y is not None else None
+    dx = finish(dx, dx_dtype)
+    dy = finish(dy, dy_dtype) if dy is not None else None
+    return dx, dy, dgate, dshift, dscale
+
+
+def modulate_layernorm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                           eps: float = 1e-6, *, block_t: Optional[int] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: (y (N, T, D), mean (N, T) fp32, rstd (N, T) fp32).
+
+    y = LN(x) * (1 + scale) + shift in the promoted dtype of (x, shift, scale).
+    `block_t` overrides the tokens per program (tests use it to cover tile edges).
+    """
+    check_modulate_layernorm(x, shift, scale)
+    _, y, mean, rstd = _launch_fwd(x, None, None, shift, scale, eps, None,
+                                   promote(x.dtype, shift.dtype, scale.dtype), block_t)
+    return y, mean, rstd
+
+
+def modulate_layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                           mean: torch.Tensor, rstd: torch.Tensor, shift_dtype: torch.dtype,
+                           *, tokens_per_tile: Optional[int] = None, block_t: Optional[int] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: (dx in x.dtype, dshift in shift_dtype, dscale in scale.dtype).
+
+    dshift = sum_t dy, dscale = sum_t dy * xhat (fp32 per-tile partials reduced once);
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * (1 + scale).
+    `tokens_per_tile` / `block_t` override the tiling (tests use them to cover tile edges).
+    """
+    check_rows("x", x, [("dy", dy, "NTD"), ("scale", scale, "ND")])
+    dx, _, _, dshift, dscale = _launch_bwd(dy, x, scale, mean, rstd, None, None, None, x.dtype,
+                                           None, scale.dtype, None, tokens_per_tile, block_t)
+    return dx, dshift.to(shift_dtype), dscale
+
+
+def residual_modulate_layernorm_fwd(x, y, gate, shift, scale, eps: float = 1e-6, *,
+                                    block_t: Optional[int] = None):
+    """Launch the fused forward: (x' = x + gate * y, h = LN(x') * (1 + scale) + shift, mean, rstd).
+
+    x' has the promoted dtype of (x, y, gate), h that of (x', shift, scale).
+    """
+    check_residual_modulate_layernorm(x, y, gate, shift, scale)
+    res_dtype = promote(x.dtype, y.dtype, gate.dtype)
+    out_dtype = promote(res_dtype, shift.dtype, scale.dtype)
+    return _launch_fwd(x, y, gate, shift, scale, eps, res_dtype, out_dtype, block_t)
+
+
+def residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
+                                    x_dtype: torch.dtype, shift_dtype: torch.dtype, *,
+                                    tokens_per_tile: Optional[int] = None,
+                                    block_t: Optional[int] = None):
+    """Launch the fused backward: (dx, dy, dgate, dshift, dscale), each in its input's dtype.
+
+    dxnew (gradient reaching x' from its other uses) may be None. With dx' the total gradient of x':
+    dx = dx', dy = dx' * gate, dgate = sum_t dx' * y.
+    """
+    check_rows("x_new", xnew, [("dh", dh, "NTD"), ("y", y, "NTD"), ("gate", gate, "ND"),
+                               ("scale", scale, "ND")]
+               + ([("dx_new", dxnew, "NTD")] if dxnew is not None else []))
+    dx, dy, dgate, dshift, dscale = _launch_bwd(
+        dh, xnew, scale, mean, rstd, dxnew, y, gate, x_dtype, y.dtype, scale.dtype, gate.dtype,
+        tokens_per_tile, block_t)
+    return dx, dy, dgate, dshift.to(shift_dtype), dscale
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops + autograd
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdit::modulate_layernorm_fwd", mutates_args=())
+def _modln_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return modulate_layernorm_fwd(x, shift, scale, eps)
+
+
+@_modln_fwd_op.register_fake
+def _(x, shift, scale, eps):
+    check_modulate_layernorm(x, shift, scale)
+    n, t, d = x.shape
+    y = x.new_empty((n, t, d), dtype=promote(x.dtype, shift.dtype, scale.dtype))
+    return y, x.new_empty((n, t), dtype=torch.float32), x.new_empty((n, t), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdit::modulate_layernorm_bwd", mutates_args=())
+def _modln_bwd_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                  rstd: torch.Tensor, shift_dtype: torch.dtype
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return modulate_layernorm_bwd(dy, x, scale, mean, rstd, shift_dtype)
+
+
+@_modln_bwd_op.register_fake
+def _(dy, x, scale, mean, rstd, shift_dtype):
+    n, _, d = x.shape
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((n, d), dtype=shift_dtype), x.new_empty((n, d), dtype=scale.dtype))
+
+
+def _modln_setup_context(ctx, inputs, output):
+    x, shift, scale, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.shift_dtype = shift.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _modln_backward(ctx, dy, dmean, drstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = _modln_bwd_op(dy, x, scale, mean, rstd, ctx.shift_dtype)
+    return dx, dshift, dscale, None
+
+
+_modln_fwd_op.register_autograd(_modln_backward, setup_context=_modln_setup_context)
+
+
+def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                       eps: float = 1e-6) -> torch.Tensor:
+    """y = LayerNorm(x, no affine, eps) * (1 + scale[:, None]) + shift[:, None], fused.
+
+    x (N, T, D); shift, scale (N, D), any strides. Differentiable in x, shift and scale.
+    Raises TypeError/ValueError for inputs the kernel does not take (see kernels/_common.py).
+    """
+    check_modulate_layernorm(x, shift, scale)
+    y, _, _ = _modln_fwd_op(x, shift, scale, float(eps))
+    return y
+
+
+def modulate_layernorm_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                           eps: float = 1e-6) -> torch.Tensor:
+    """Plain PyTorch: LayerNorm(x, no affine, eps) * (1 + scale[:, None]) + shift[:, None]."""
+    h = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
+    return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)

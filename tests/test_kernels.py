@@ -1,0 +1,578 @@
+"""fastdit.kernels against their plain PyTorch references: every output and every gradient.
+
+On CPU the kernels run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before triton is imported). fp32 is checked tightly against the reference run in float64; bf16 by
+the flash-attention rule  max|kernel - ref_fp32| <= 2 * max|ref_bf16 - ref_fp32| + atol, where
+ref_bf16 is the reference run in bf16 on the same inputs and ref_fp32 on fp32 copies of them.
+Every output buffer is NaN-filled before launch (FASTDIT_KERNEL_POISON=1), so an element a kernel
+does not write fails the comparison. Modulation vectors and gates are random, never zero.
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdit.kernels as K
+
+ML = importlib.import_module("fastdit.kernels.modulate_layernorm")
+GR = importlib.import_module("fastdit.kernels.gated_residual")
+PE = importlib.import_module("fastdit.kernels.patch_embed")
+COMMON = importlib.import_module("fastdit.kernels._common")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = [torch.float32, torch.bfloat16]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """NaN-fill every kernel output buffer before launch (read by the launchers at call time)."""
+    monkeypatch.setenv(K.POISON_ENV, "1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Harness: run a function of leaf tensors forward and backward, compare with its reference
+# ----------------------------------------------------------------------------------------------
+def _as_list(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _run(fn, leaves, build, grad_outs, to=None):
+    """Outputs of fn(*build(leaves)) and the gradients of sum(out * grad_out) wrt the leaves.
+
+    `to` (a dtype) first casts detached copies of the leaves and grad_outs (for the references).
+    """
+    if to is not None:
+        leaves = [l.detach().to(to) for l in leaves]
+        grad_outs = [g.to(to) if g is not None else None for g in grad_outs]
+    leaves = [l.detach().clone().requires_grad_(l.is_floating_point()) for l in leaves]  # keeps strides
+    outs = _as_list(fn(*build(leaves)))
+    diff = [l for l in leaves if l.requires_grad]
+    used = [(o, g) for o, g in zip(outs, grad_outs) if g is not None]
+    grads = torch.autograd.grad([o for o, _ in used], diff, [g for _, g in used], allow_unused=False)
+    return [o.detach() for o in outs], [g.detach() for g in grads]
+
+
+def _check_fp32(name, got, ref64, rtol=1e-5):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten element?)"
+    scale = ref64.abs().max().item() or 1.0
+    err = (got.double() - ref64).abs()
+    bound = rtol * (ref64.abs() + scale)
+    assert (err <= bound).all(), f"{name}: max err {err.max().item():.3e} (max |ref| {scale:.3e})"
+
+
+def _check_lowp(name, got, ref_lp, ref32, atol_rel=1e-3):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten element?)"
+    err = (got.float() - ref32).abs().max().item()
+    base = (ref_lp.float() - ref32).abs().max().item()
+    atol = atol_rel * (ref32.abs().max().item() or 1.0)
+    assert err <= 2 * base + atol, f"{name}: kernel err {err:.3e} > 2 * torch-{ref_lp.dtype} err " \
+                                   f"{base:.3e} + {atol:.1e}"
+
+
+def check_op(fn, ref, leaves, build, grad_outs, names, dtype):
+    """Compare outputs and leaf gradients of `fn` with `ref` (fp32: tight; low precision: rule)."""
+    outs, grads = _run(fn, leaves, build, grad_outs)
+    got = outs + grads
+    for o, l in zip(grads, [l for l in leaves if l.is_floating_point()]):
+        assert o.dtype == l.dtype and o.shape == l.shape
+    if dtype == torch.float32:
+        r_outs, r_grads = _run(ref, leaves, build, grad_outs, to=torch.float64)
+        for o, r in zip(outs, r_outs):
+            assert o.dtype == torch.float32
+        for name, g, r in zip(names, got, r_outs + r_grads):
+            _check_fp32(name, g, r)
+    else:
+        lp_outs, lp_grads = _run(ref, leaves, build, grad_outs)
+        r_outs, r_grads = _run(ref, leaves, build, grad_outs, to=torch.float32)
+        for o, r in zip(outs, lp_outs):
+            assert o.dtype == r.dtype, f"output dtype {o.dtype} != reference {r.dtype}"
+        for name, g, lp, r in zip(names, got, lp_outs + lp_grads, r_outs + r_grads):
+            _check_lowp(name, g, lp, r)
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEV).to(dtype)
+
+
+def rand_mod(n, d, k, dtype):
+    """(N, k*D) 'adaLN output' with clearly non-zero entries, chunked by the build functions."""
+    return (0.5 * torch.randn(n, k * d, device=DEV) + 0.3).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# modulate_layernorm
+# ----------------------------------------------------------------------------------------------
+ROW_SHAPES = [(2, 16, 384), (1, 7, 768), (2, 4, 1024), (2, 16, 1152), (3, 7, 37), (1, 64, 97),
+              (2, 1, 5)]
+
+
+def _modln_build(leaves):
+    x, c = leaves
+    shift, scale = c.chunk(6, dim=1)[:2]        # non-contiguous (N, D) views of the (N, 6D) output
+    return x, shift, scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
+def test_modulate_layernorm(shape, dtype):
+    n, t, d = shape
+    x = 2.0 * randn(n, t, d, dtype=dtype) + 0.5
+    c = rand_mod(n, d, 6, dtype)
+    dy = randn(n, t, d, dtype=dtype)
+    check_op(K.modulate_layernorm, K.modulate_layernorm_ref, [x, c], _modln_build, [dy],
+             ["y", "dx", "dc(shift,scale)"], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_modulate_layernorm_transposed_inputs(dtype):
+    n, t, d = 2, 7, 97
+    xt = randn(n, d, t, dtype=dtype)                              # x as a transposed view
+    c = rand_mod(n, d, 6, dtype)
+    dy = randn(n, d, t, dtype=dtype).transpose(1, 2)              # non-contiguous incoming grad
+
+    def build(leaves):
+        x_base, c_ = leaves
+        return (x_base.transpose(1, 2),) + _modln_build([None, c_])[1:]
+
+    check_op(K.modulate_layernorm, K.modulate_layernorm_ref, [xt, c], build, [dy],
+             ["y", "dx", "dc"], dtype)
+
+
+@pytest.mark.parametrize("block_t,tokens_per_tile", [(1, 1), (2, 2), (4, 8), (16, 16)])
+def test_modulate_layernorm_tilings(block_t, tokens_per_tile):
+    """Launchers at several tilings (partial last tile, several steps per program) vs float64."""
+    n, t, d = 2, 13, 37
+    x, dy = randn(n, t, d), randn(n, t, d)
+    shift, scale = rand_mod(n, d, 2, torch.float32).chunk(2, 1)
+    y, mean, rstd = ML.modulate_layernorm_fwd(x, shift, scale, 1e-6, block_t=block_t)
+    dx, dshift, dscale = ML.modulate_layernorm_bwd(dy, x, scale, mean, rstd, torch.float32,
+                                                   tokens_per_tile=tokens_per_tile, block_t=block_t)
+    (r_outs, r_grads) = _run(K.modulate_layernorm_ref, [x, shift, scale], lambda l: l, [dy],
+                             to=torch.float64)
+    for name, g, r in zip(["y", "dx", "dshift", "dscale"], [y, dx, dshift, dscale],
+                          r_outs + r_grads):
+        _check_fp32(name, g, r)
+    xd = x.double()
+    _check_fp32("mean", mean, xd.mean(-1))
+    _check_fp32("rstd", rstd, 1 / torch.sqrt(xd.var(-1, unbiased=False) + 1e-6))
+
+
+def test_modulate_layernorm_mixed_and_fp16():
+    """fp32 activations with bf16 modulation (autocast's mix) and an all-fp16 call."""
+    n, t, d = 2, 7, 37
+    x = randn(n, t, d)
+    c = rand_mod(n, d, 6, torch.bfloat16)
+    dy = randn(n, t, d)
+    y = K.modulate_layernorm(x, *_modln_build([x, c])[1:])
+    assert y.dtype == torch.float32
+    # bf16 values are exact in fp32/fp64, so the fp32 comparison stays tight.
+    outs, grads = _run(K.modulate_layernorm, [x, c], _modln_build, [dy])
+    assert grads[1].dtype == torch.bfloat16
+    r_outs, r_grads = _run(K.modulate_layernorm_ref, [x, c], _modln_build, [dy], to=torch.float64)
+    _check_fp32("y", outs[0], r_outs[0])
+    _check_fp32("dx", grads[0], r_grads[0])
+    _check_lowp("dc", grads[1], r_grads[1].to(torch.bfloat16), r_grads[1].float())
+
+    xh, ch, dyh = x.half(), c.half(), dy.half()
+    check_op(K.modulate_layernorm, K.modulate_layernorm_ref, [xh, ch], _modln_build, [dyh],
+             ["y", "dx", "dc"], torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# gated_residual and gated_residual_modulate_layernorm
+# ----------------------------------------------------------------------------------------------
+RES_SHAPES = [(2, 16, 384), (1, 7, 1152), (2, 4, 1024), (1, 16, 768), (3, 7, 37), (2, 64, 97)]
+
+
+def _gr_build(leaves):
+    x, y, c = leaves
+    return x, y, c.chunk(6, dim=1)[2]               # gate_msa: a non-contiguous (N, D) chunk
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", RES_SHAPES, ids=str)
+def test_gated_residual(shape, dtype):
+    n, t, d = shape
+    x, y, dout = randn(n, t, d, dtype=dtype), randn(n, t, d, dtype=dtype), randn(n, t, d, dtype=dtype)
+    c = rand_mod(n, d, 6, dtype)
+    check_op(K.gated_residual, K.gated_residual_ref, [x, y, c], _gr_build, [dout],
+             ["out", "dx", "dy", "dgate"], dtype)
+
+
+def _grml_build(leaves):
+    x, y, c = leaves
+    shift, scale, gate = c.chunk(6, dim=1)[3], c.chunk(6, dim=1)[4], c.chunk(6, dim=1)[2]
+    return x, y, gate, shift, scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", RES_SHAPES, ids=str)
+def test_gated_residual_modulate_layernorm(shape, dtype):
+    n, t, d = shape
+    x, y = 2.0 * randn(n, t, d, dtype=dtype), randn(n, t, d, dtype=dtype)
+    c = rand_mod(n, d, 6, dtype)
+    dxnew, dh = randn(n, t, d, dtype=dtype), randn(n, t, d, dtype=dtype)
+    check_op(K.gated_residual_modulate_layernorm, K.gated_residual_modulate_layernorm_ref,
+             [x, y, c], _grml_build, [dxnew, dh], ["x_new", "h", "dx", "dy", "dc"], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gated_residual_modulate_layernorm_h_only_and_transposed(dtype):
+    """Only h feeds the loss (x' gets no gradient); x, y transposed views; 2-D grad strides."""
+    n, t, d = 2, 7, 37
+    xt, yt = randn(n, d, t, dtype=dtype), randn(n, d, t, dtype=dtype)
+    c = rand_mod(n, d, 6, dtype)
+    dh = randn(n, d, t, dtype=dtype).transpose(1, 2)
+
+    def build(leaves):
+        x_, y_, c_ = leaves
+        return _grml_build([x_.transpose(1, 2), y_.transpose(1, 2), c_])
+
+    check_op(K.gated_residual_modulate_layernorm, K.gated_residual_modulate_layernorm_ref,
+             [xt, yt, c], build, [None, dh], ["x_new", "h", "dx", "dy", "dc"], dtype)
+
+
+def test_residual_tilings_and_mixed():
+    """Fused residual launchers at small tiles; gated residual with fp32 x and bf16 y/gate."""
+    n, t, d = 2, 9, 37
+    x, y, dh, dxn = randn(n, t, d), randn(n, t, d), randn(n, t, d), randn(n, t, d)
+    gate, shift, scale = rand_mod(n, d, 3, torch.float32).chunk(3, 1)
+    xnew, h, mean, rstd = ML.residual_modulate_layernorm_fwd(x, y, gate, shift, scale, block_t=2)
+    grads = ML.residual_modulate_layernorm_bwd(dh, dxn, xnew, y, gate, scale, mean, rstd,
+                                               torch.float32, torch.float32,
+                                               tokens_per_tile=4, block_t=2)
+    r_outs, r_grads = _run(K.gated_residual_modulate_layernorm_ref, [x, y, gate, shift, scale],
+                           lambda l: l, [dxn, dh], to=torch.float64)
+    for name, g, r in zip(["x_new", "h", "dx", "dy", "dgate", "dshift", "dscale"],
+                          [xnew, h, *grads], r_outs + r_grads):
+        _check_fp32(name, g, r)
+    dy, dgate = GR.gated_residual_bwd(dh, y, gate, tokens_per_tile=2, block_t=1)
+    _check_fp32("dy", dy, dh.double() * gate.double()[:, None])
+    _check_fp32("dgate", dgate, (dh.double() * y.double()).sum(1))
+
+    yb, gb = y.bfloat16(), gate.bfloat16()
+    out = K.gated_residual(x, yb, gb)
+    assert out.dtype == torch.float32
+    _check_fp32("mixed out", out, K.gated_residual_ref(x.double(), yb.double(), gb.double()))
+
+
+# ----------------------------------------------------------------------------------------------
+# patch_embed
+# ----------------------------------------------------------------------------------------------
+# (N, C, H, W, p, D): p = 2/4/8 at tiny images, C = 4 and 3, odd and DiT hidden sizes.
+PE_CASES = [(2, 4, 4, 4, 2, 37), (1, 4, 8, 8, 2, 384), (2, 3, 16, 16, 4, 97), (1, 4, 16, 16, 8, 33),
+            (1, 4, 16, 16, 2, 1152), (1, 3, 6, 14, 2, 768), (2, 4, 8, 8, 4, 1024)]
+
+
+def _pe_leaves(n, c, h, w, p, d, dtype, pos=True):
+    t = (h // p) * (w // p)
+    x = randn(n, c, h, w, dtype=dtype)
+    weight = (randn(d, c, p, p) / (c * p * p) ** 0.5).to(dtype)
+    bias = randn(d, dtype=dtype)
+    pos_embed = randn(1, t, d, dtype=dtype) if pos else None
+    return x, weight, bias, pos_embed
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PE_CASES, ids=str)
+def test_patch_embed(case, dtype):
+    n, c, h, w, p, d = case
+    x, weight, bias, pos = _pe_leaves(*case, dtype)
+    dout = randn(n, (h // p) * (w // p), d, dtype=dtype)
+    check_op(lambda *a: K.patch_embed(*a, pos, p), lambda *a: K.patch_embed_ref(*a, pos, p),
+             [x, weight, bias], lambda l: l, [dout], ["out", "dx", "dweight", "dbias"], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_patch_embed_strided_no_pos_no_bias(dtype):
+    """x in channels_last (non-contiguous NCHW strides), no pos_embed; then no bias."""
+    n, c, h, w, p, d = 2, 3, 8, 8, 2, 37
+    x, weight, bias, _ = _pe_leaves(n, c, h, w, p, d, dtype, pos=False)
+    x = x.to(memory_format=torch.channels_last)
+    dout = randn(n, d, (h // p) * (w // p), dtype=dtype).transpose(1, 2)
+
+    def build(leaves):
+        x_, w_, b_ = leaves
+        return x_.contiguous(memory_format=torch.channels_last), w_, b_
+
+    check_op(lambda *a: K.patch_embed(*a, None, p), lambda *a: K.patch_embed_ref(*a, None, p),
+             [x, weight, bias], build, [dout], ["out", "dx", "dweight", "dbias"], dtype)
+    check_op(lambda a, b_: K.patch_embed(a, b_, None, None, p),
+             lambda a, b_: K.patch_embed_ref(a, b_, None, None, p),
+             [x, weight], lambda l: l, [dout], ["out", "dx", "dweight"], dtype)
+
+
+@pytest.mark.parametrize("blocks,split", [((16, 16, 16), 3), ((32, 16, 32), 1), ((16, 32, 16), 64)])
+def test_patch_embed_tilings(blocks, split):
+    """Several K steps, partial M/N/K tiles and split-M partial sums for dW/db, vs float64."""
+    n, c, h, w, p, d = 2, 4, 32, 16, 4, 37         # K = 64, T = 32, M = 64
+    x, weight, bias, pos = _pe_leaves(n, c, h, w, p, d, torch.float32)
+    dout = randn(n, 32, d)
+    out = PE.patch_embed_fwd(x, weight, bias, pos, p, blocks=blocks)
+    dx, dw, db = PE.patch_embed_bwd(dout, x, weight, p, True, True, blocks=blocks, split=split)
+    r_outs, r_grads = _run(lambda *a: K.patch_embed_ref(*a, pos.double(), p), [x, weight, bias],
+                           lambda l: l, [dout], to=torch.float64)
+    for name, g, r in zip(["out", "dx", "dweight", "dbias"], [out, dx, dw, db], r_outs + r_grads):
+        _check_fp32(name, g, r)
+    _, dw2, db2 = PE.patch_embed_bwd(dout, x, weight, p, False, False, blocks=blocks, split=split)
+    _check_fp32("dweight (no bias, no dx)", dw2, r_grads[1])
+    assert db2 is None
+
+
+def test_patch_embed_pos_dtype_and_grad():
+    """bf16 images with an fp32 pos_embed give fp32 (as conv(x) + pos); pos grads when asked."""
+    n, c, h, w, p, d = 1, 4, 4, 4, 2, 37
+    x, weight, bias, _ = _pe_leaves(n, c, h, w, p, d, torch.bfloat16)
+    pos = randn(1, 4, d).requires_grad_()
+    out = K.patch_embed(x, weight, bias, pos, p)
+    assert out.dtype == torch.float32
+    ref = K.patch_embed_ref(x.double(), weight.double(), bias.double(), pos.detach().double(), p)
+    _check_lowp("out", out, K.patch_embed_ref(x, weight, bias, pos.detach(), p), ref.float())
+    g = randn(n, 4, d)
+    (dpos,) = torch.autograd.grad(out, [pos], g)
+    _check_fp32("dpos", dpos, g.double())
+
+
+# ----------------------------------------------------------------------------------------------
+# Poisoning, bad inputs, kernels_supported
+# ----------------------------------------------------------------------------------------------
+def test_poison_catches_unwritten_rows():
+    """A launch that skips the last token tile leaves NaN rows, which the checks above reject."""
+    assert COMMON.poison_enabled()
+    n, t, d = 1, 8, 37
+    x = randn(n, t, d)
+    shift, scale = rand_mod(n, d, 2, torch.float32).chunk(2, 1)
+    out = COMMON.alloc((n, t, d), torch.float32, x.device)
+    stats = [COMMON.alloc((n * t,), torch.float32, x.device) for _ in range(2)]
+    bt, block_d, _ = COMMON.row_tile(d)
+    bt = 2
+    ML._modln_fwd_kernel[(t // bt - 1, n)](
+        x, *x.stride(), x, 0, 0, 0, shift, 0, 0, shift, *shift.stride(), scale, *scale.stride(),
+        out, out, *stats, t, d, 1e-6, HAS_RESIDUAL=False, BLOCK_T=bt, BLOCK_D=block_d)
+    assert torch.isnan(out[:, -bt:]).all() and torch.isfinite(out[:, :-bt]).all()
+    with pytest.raises(AssertionError, match="non-finite"):
+        _check_fp32("y", out, K.modulate_layernorm_ref(x, shift, scale).double())
+
+
+def _bad_row_inputs():
+    n, t, d = 2, 3, 8
+    x, y = randn(n, t, d), randn(n, t, d)
+    v = randn(n, d)
+    meta = torch.empty(n, d, device="meta")
+    big = randn(1, 1, K.KERNEL_MAX_D + 1)
+    bigv = randn(1, K.KERNEL_MAX_D + 1)
+    return [
+        ("int x", lambda: K.modulate_layernorm(x.long(), v, v), TypeError, "dtype"),
+        ("fp64 x", lambda: K.modulate_layernorm(x.double(), v.double(), v.double()), TypeError, "dtype"),
+        ("bool gate", lambda: K.gated_residual(x, y, v > 0), TypeError, "dtype"),
+        ("float gate", lambda: K.gated_residual(x, y, 0.5), TypeError, "torch.Tensor"),
+        ("2-D x", lambda: K.modulate_layernorm(x[0], v, v), ValueError, "3 dimensions"),
+        ("shift (1, D)", lambda: K.modulate_layernorm(x, v[:1], v), ValueError, r"\(N, D\)"),
+        ("scale D+1", lambda: K.modulate_layernorm(x, v, randn(n, d + 1)), ValueError, r"\(N, D\)"),
+        ("y shape", lambda: K.gated_residual(x, y[:, :2], v), ValueError, "shape of x"),
+        ("fused y shape", lambda: K.gated_residual_modulate_layernorm(x, y[:1], v, v, v), ValueError,
+         "shape of x"),
+        ("D too big", lambda: K.modulate_layernorm(big, bigv, bigv), ValueError, "KERNEL_MAX_D"),
+        ("D too big residual", lambda: K.gated_residual(big, big, bigv), ValueError, "KERNEL_MAX_D"),
+        ("mixed devices", lambda: K.modulate_layernorm(x, meta, v), ValueError, "same device"),
+        ("meta device", lambda: K.gated_residual(x.to("meta"), y.to("meta"), meta), ValueError,
+         "not supported"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_row_inputs(), ids=lambda c: c[0] if isinstance(c, tuple) else "")
+def test_row_ops_bad_inputs_raise(case):
+    _, call, exc, pattern = case
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_patch_embed_bad_inputs_raise():
+    x, weight, bias, pos = _pe_leaves(1, 4, 8, 8, 2, 16, torch.float32)
+    cases = [
+        (lambda: K.patch_embed(x[:, :, :7], weight, bias, None, 2), ValueError, "divisible"),
+        (lambda: K.patch_embed(x[:, :3], weight, bias, pos, 2), ValueError, r"\(D, C, p, p\)"),
+        (lambda: K.patch_embed(x, weight, bias, pos, 4), ValueError, r"\(D, C, p, p\)"),
+        (lambda: K.patch_embed(x, weight.half(), bias, pos, 2), TypeError, "weight dtype"),
+        (lambda: K.patch_embed(x, weight, bias[:3], pos, 2), ValueError, "bias"),
+        (lambda: K.patch_embed(x, weight, bias.double(), pos, 2), TypeError, "dtype"),
+        (lambda: K.patch_embed(x, weight, bias, pos[:, :3], 2), ValueError, "pos_embed"),
+        (lambda: K.patch_embed(x.int(), weight.int(), bias.int(), None, 2), TypeError, "dtype"),
+        (lambda: K.patch_embed(x[0], weight, bias, pos, 2), ValueError, "4 dimensions"),
+        (lambda: K.patch_embed(x, weight, bias, pos, 0), ValueError, "patch_size"),
+        (lambda: K.patch_embed(x, weight.to("meta"), bias, pos, 2), ValueError, "same device"),
+    ]
+    for call, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            call()
+
+
+def test_kernels_supported(monkeypatch):
+    x = randn(2, 3, 8)
+    assert K.kernels_supported(x) == (True, "")
+    assert K.kernels_supported(x, randn(2, 8).bfloat16(), None) == (True, "")
+    for bad, word in [(x.long(), "dtype"), (x.double(), "dtype"), (x[0], "3 dimensions"),
+                      (randn(1, 1, K.KERNEL_MAX_D + 1), "KERNEL_MAX_D"), ("x", "torch.Tensor")]:
+        ok, why = K.kernels_supported(bad)
+        assert not ok and word in why, why
+    ok, why = K.kernels_supported(x, torch.empty(2, 8, device="meta"))
+    assert not ok and "same device" in why
+    ok, why = K.kernels_supported(x, torch.ones(2, 8, dtype=torch.int32))
+    assert not ok and "dtype" in why
+    if DEV == "cpu":
+        # Without the interpreter, Triton cannot take CPU tensors: say so instead of crashing.
+        monkeypatch.setattr(COMMON, "INTERPRETED", False)
+        ok, why = K.kernels_supported(x)
+        assert not ok and "TRITON_INTERPRET" in why
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            K.modulate_layernorm(x, randn(2, 8), randn(2, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: opcheck and torch.compile(fullgraph=True)
+# ----------------------------------------------------------------------------------------------
+def test_opcheck():
+    n, t, d = 2, 3, 8
+    x, y = randn(n, t, d).requires_grad_(), randn(n, t, d).requires_grad_()
+    shift, scale, gate = [randn(n, d).requires_grad_() for _ in range(3)]
+    torch.library.opcheck(ML._modln_fwd_op, (x, shift, scale, 1e-6))
+    torch.library.opcheck(GR._gr_fwd_op, (x, y, gate))
+    torch.library.opcheck(GR._grml_fwd_op, (x, y, gate, shift, scale, 1e-6))
+    xi = randn(1, 3, 4, 4).requires_grad_()
+    w, b = randn(5, 3, 2, 2).requires_grad_(), randn(5).requires_grad_()
+    torch.library.opcheck(PE._pe_fwd_op, (xi, w, b, randn(1, 4, 5), 2))
+
+
+def test_torch_compile_fullgraph():
+    """All four ops inside one torch.compile(fullgraph=True) graph, forward and backward."""
+    n, t, d = 2, 4, 8
+    torch._dynamo.reset()
+    xi = randn(n, 3, 4, 4).requires_grad_()
+    w, b = randn(d, 3, 2, 2).requires_grad_(), randn(d).requires_grad_()
+    pos = randn(1, t, d)
+    y = randn(n, t, d).requires_grad_()
+    c = rand_mod(n, d, 6, torch.float32).requires_grad_()
+
+    def block(xi, w, b, y, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = c.chunk(6, dim=1)
+        x = K.patch_embed(xi, w, b, pos, 2)                          # (N, T, D)
+        h = K.modulate_layernorm(x, shift1, scale1)
+        x, h = K.gated_residual_modulate_layernorm(x, h * y, gate1, shift2, scale2)
+        x = K.gated_residual(x, torch.tanh(h), gate2)
+        return (x * y).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    args = [xi, w, b, y, c]
+    loss_c = compiled(*args)
+    grads_c = torch.autograd.grad(loss_c, args)
+    loss_e = block(*args)
+    grads_e = torch.autograd.grad(loss_e, args)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark harness smoke test (CPU interpreter)
+# ----------------------------------------------------------------------------------------------
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "rows.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--smoke",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["smoke"] is True and data["meta"]["command"]
+    ops = {r["op"] for r in data["rows"]}
+    assert ops == {"modulate_layernorm", "gated_residual", "gated_residual_modulate_layernorm",
+                   "patch_embed"}
+    for r in data["rows"]:
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["bytes"] > 0
+        assert r["max_abs_err"] is not None and r["max_abs_err"] < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU code generation without a GPU: compile every kernel for sm_90, no register spills
+# ----------------------------------------------------------------------------------------------
+def test_kernels_compile_for_sm90_without_spills(tmp_path):
+    """The interpreter never runs Triton's GPU compiler; this does (in a process without it)."""
+    out = tmp_path / "sm90.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run([sys.executable, "-m", "fastdit.kernels._sm90_check", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(f"no NVIDIA toolchain in this triton install: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) >= 25 and all(r["ok"] for r in rows)
+    # Row kernels read D-contiguous rows with 128-bit loads once the JIT specialises stride 1.
+    assert all(r["vector_loads"] > 0 for r in rows if not r["kernel"].startswith("patch_embed_d"))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: DiT-XL/2 shapes (N=32, T=256, D=1152) in bf16, one test per op
+# ----------------------------------------------------------------------------------------------
+XL = (32, 256, 1152)
+
+
+@pytest.mark.gpu
+def test_gpu_modulate_layernorm_xl():
+    n, t, d = XL
+    check_op(K.modulate_layernorm, K.modulate_layernorm_ref,
+             [randn(n, t, d, dtype=torch.bfloat16), rand_mod(n, d, 6, torch.bfloat16)],
+             _modln_build, [randn(n, t, d, dtype=torch.bfloat16)], ["y", "dx", "dc"], torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_gated_residual_xl():
+    n, t, d = XL
+    bf = torch.bfloat16
+    check_op(K.gated_residual, K.gated_residual_ref,
+             [randn(n, t, d, dtype=bf), randn(n, t, d, dtype=bf), rand_mod(n, d, 6, bf)],
+             _gr_build, [randn(n, t, d, dtype=bf)], ["out", "dx", "dy", "dgate"], bf)
+
+
+@pytest.mark.gpu
+def test_gpu_gated_residual_modulate_layernorm_xl():
+    n, t, d = XL
+    bf = torch.bfloat16
+    check_op(K.gated_residual_modulate_layernorm, K.gated_residual_modulate_layernorm_ref,
+             [randn(n, t, d, dtype=bf), randn(n, t, d, dtype=bf), rand_mod(n, d, 6, bf)],
+             _grml_build, [randn(n, t, d, dtype=bf), randn(n, t, d, dtype=bf)],
+             ["x_new", "h", "dx", "dy", "dc"], bf)
+
+
+@pytest.mark.gpu
+def test_gpu_patch_embed_xl():
+    n, _, d = XL
+    bf = torch.bfloat16
+    x, weight, bias, pos = _pe_leaves(n, 4, 32, 32, 2, d, bf)
+    dout = randn(n, 256, d, dtype=bf)
+    check_op(lambda *a: K.patch_embed(*a, pos, 2), lambda *a: K.patch_embed_ref(*a, pos, 2),
+             [x, weight, bias], lambda l: l, [dout], ["out", "dx", "dweight", "dbias"], bf)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor():
+    n, t, d = 4, 64, 1152
+    bf = torch.bfloat16
+    x, y = randn(n, t, d, dtype=bf).requires_grad_(), randn(n, t, d, dtype=bf).requires_grad_()
+    c = rand_mod(n, d, 6, bf).requires_grad_()
+
+    def f(x, y, c):
+        s1, c1, g1, s2, c2, g2 = c.chunk(6, dim=1)
+        h = K.modulate_layernorm(x, s1, c1)
+        x2, h2 = K.gated_residual_modulate_layernorm(x, h * y, g1, s2, c2)
+        return K.gated_residual(x2, h2, g2).float().square().mean()
+
+    torch._dynamo.reset()
+    loss_c = torch.compile(f, fullgraph=True)(x, y, c)
+    loss_e = f(x, y, c)
+    torch.testing.assert_close(loss_c, loss_e, rtol=2e-2, atol=1e-3)
