@@ -15,7 +15,6 @@ fallback for an explicit choice).
 """
 from __future__ import annotations
 
-import functools
 import importlib
 from typing import Callable, Dict
 
@@ -29,22 +28,33 @@ _INSTALL_HINT = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _import(name: str):
+# name -> imported module or None. Filled once by probe(), outside any torch.compile trace (the model
+# calls it at construction), so forward() only does dict lookups, which compile traces without breaks.
+_MODULES: Dict[str, object] = {}
+
+
+def _try_import(name: str):
     try:
         return importlib.import_module(name)
     except Exception:  # ImportError, or a broken binary extension
         return None
 
 
+def probe() -> Dict[str, object]:
+    """Import the optional attention libraries once and remember what is there."""
+    if not _MODULES:
+        for name in ("flash_attn_interface", "flash_attn", "xformers.ops"):
+            _MODULES[name] = _try_import(name)
+    return _MODULES
+
+
 def _flash_module():
     """(module, version) of the best importable FlashAttention, or (None, None)."""
-    fa3 = _import("flash_attn_interface")
-    if fa3 is not None:
-        return fa3, 3
-    fa2 = _import("flash_attn")
-    if fa2 is not None:
-        return fa2, 2
+    mods = probe()
+    if mods["flash_attn_interface"] is not None:
+        return mods["flash_attn_interface"], 3
+    if mods["flash_attn"] is not None:
+        return mods["flash_attn"], 2
     return None, None
 
 
@@ -53,7 +63,7 @@ def available_backends() -> Dict[str, bool]:
         "math": True,
         "sdpa": hasattr(F, "scaled_dot_product_attention"),
         "flash_attn": _flash_module()[0] is not None,
-        "xformers": _import("xformers.ops") is not None,
+        "xformers": probe()["xformers.ops"] is not None,
     }
 
 
@@ -95,7 +105,7 @@ def _flash(qkv: torch.Tensor) -> torch.Tensor:
 def _xformers(qkv: torch.Tensor) -> torch.Tensor:
     if not qkv.is_cuda:
         raise ValueError("attention backend 'xformers' needs CUDA tensors; use 'sdpa' or 'math' on CPU")
-    xops = _import("xformers.ops")
+    xops = probe()["xformers.ops"]
     n, t, _, h, hd = qkv.shape
     q, k, v = qkv.unbind(2)  # (N, T, H, hd)
     return xops.memory_efficient_attention(q, k, v).reshape(n, t, h * hd)

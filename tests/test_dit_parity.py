@@ -155,9 +155,10 @@ def test_other_conditioning_blocks_match_reference(block_type):
         assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("attention", ["sdpa", "auto"])
+def test_torch_compile_fullgraph_matches_eager(attention):
     cfg = CONFIGS["odd/p2"]
-    _, fast = make_pair(cfg, kernels="triton", attention="sdpa")
+    _, fast = make_pair(cfg, kernels="triton", attention=attention)
     x, t, y = inputs(cfg)
     out_e, g_e = run(fast, x, t, y)
     compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)

@@ -1,0 +1,342 @@
+"""benchmarks/throughput.py and benchmarks/common.py: the harness, on CPU (smoke mode).
+
+The numbers of a CPU smoke run say nothing about speed; these tests check that the harness runs every
+row, records failures instead of dying, computes its statistics and FLOP-based figures correctly, and
+writes a complete, strict JSON with the environment.
+"""
+import datetime
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import common  # noqa: E402
+from benchmarks import throughput as tp  # noqa: E402
+
+EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile",
+                 "fused/math", "fused/sdpa", "fused/flash_attn", "fused/xformers"]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole smoke run, as a user runs it
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("throughput") / "sub" / "smoke.json"  # parent folder does not exist yet
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--smoke", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as f:
+        text = f.read()
+    return dict(wall=wall, stdout=proc.stdout, text=text, data=json.loads(text))
+
+
+def test_smoke_run_is_fast(smoke_run):
+    assert smoke_run["wall"] < 60, f"smoke run took {smoke_run['wall']:.1f} s"
+
+
+def test_smoke_rows_and_statuses(smoke_run):
+    data = smoke_run["data"]
+    assert data["benchmark"] == "throughput" and data["complete"] is True
+    rows = {r["name"]: r for r in data["rows"]}
+    assert [r["name"] for r in data["rows"]] == EXPECTED_ROWS
+    for name in EXPECTED_ROWS[:7]:
+        assert rows[name]["status"] == "ok", (name, rows[name]["error"])
+        assert rows[name]["error"] is None
+    # No CUDA here: flash-attn / xformers rows are either not installed or fail on CPU tensors, and are
+    # recorded as such (the run went on).
+    for name, module in (("fused/flash_attn", "flash_attn"), ("fused/xformers", "xformers")):
+        r = rows[name]
+        installed = _installed(module) or (module == "flash_attn" and _installed("flash_attn_interface"))
+        assert r["status"] == ("error" if installed else "unavailable"), r
+        assert r["error"] and (installed or "not installed" in r["error"])
+    # What each row ran
+    assert rows["eager"]["model_class"] == "fastdit.models.reference.DiT" and rows["eager"]["compile"] is None
+    assert rows["eager/sdpa"]["model_class"] == "fastdit.models.reference.DiT"
+    assert rows["eager/sdpa"]["attention"] == "sdpa" and rows["eager/sdpa"]["kernels"] is None
+    assert rows["compile"]["compile"] == {"backend": "aot_eager", "mode": None}
+    assert "aot_eager" in rows["compile"]["note"] and "aot_eager" in rows["fused+compile"]["note"]
+    for name in ("fused", "fused+compile", "fused/math", "fused/sdpa"):
+        assert rows[name]["model_class"] == "fastdit.models.DiT"
+        assert rows[name]["kernels"] == "triton"  # TRITON_INTERPRET=1 -> the interpreter
+    assert rows["fused/math"]["attention"] == "math" and rows["fused/sdpa"]["attention"] == "sdpa"
+    assert rows["fused"]["attention"] == "sdpa (auto)"  # auto on CPU fp32 resolves to sdpa
+    for name in ("compile", "fused+compile"):
+        assert rows[name]["compile_graph_breaks"] == 0, rows[name]
+    # progress: one line per row, then the table
+    for i, name in enumerate(EXPECTED_ROWS, 1):
+        assert f"[{i}/{len(EXPECTED_ROWS)}] {name}" in smoke_run["stdout"]
+
+
+def test_smoke_row_figures(smoke_run):
+    data = smoke_run["data"]
+    cfg = data["config"]
+    smoke = (cfg["batch"], cfg["warmup"], cfg["steps"], cfg["repeats"], cfg["precision"])
+    assert smoke == (2, 1, 1, 2, "fp32")
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    eager = next(r for r in ok if r["name"] == "eager")["img_per_s"]["median"]
+    comp = next(r for r in ok if r["name"] == "compile")["img_per_s"]["median"]
+    esdpa = next(r for r in ok if r["name"] == "eager/sdpa")["img_per_s"]["median"]
+    for r in ok:
+        assert len(r["repeat_ms"]) == cfg["repeats"] and all(ms > 0 for ms in r["repeat_ms"])
+        ms = [v / cfg["steps"] for v in r["repeat_ms"]]
+        ips = [cfg["batch"] * 1000.0 / v for v in ms]
+        assert r["ms_per_step"]["median"] == pytest.approx(statistics.median(ms))
+        assert r["ms_per_step"]["min"] == pytest.approx(min(ms))
+        assert r["ms_per_step"]["max"] == pytest.approx(max(ms))
+        assert r["img_per_s"]["median"] == pytest.approx(statistics.median(ips))
+        assert r["img_per_s"]["min"] == pytest.approx(min(ips))
+        achieved = cfg["flops_per_image"] * r["img_per_s"]["median"]
+        assert r["model_tflops_per_s"] == pytest.approx(achieved / 1e12)
+        assert r["mfu"] is None and r["peak_mem_gib"] is None  # CPU: n/a
+        assert r["speedup_vs_eager"] == pytest.approx(r["img_per_s"]["median"] / eager)
+        assert r["speedup_vs_compile"] == pytest.approx(r["img_per_s"]["median"] / comp)
+        assert r["speedup_vs_eager_sdpa"] == pytest.approx(r["img_per_s"]["median"] / esdpa)
+        assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
+        assert r["first_step_s"] > 0 and r["warmup_s"] >= r["first_step_s"]
+    assert cfg["peak_flops"] is None and "n/a" in cfg["peak_flops_source"]
+    assert "MFU n/a" in smoke_run["stdout"]
+
+
+def test_smoke_environment(smoke_run):
+    import triton
+    env = smoke_run["data"]["environment"]
+    assert "NaN" not in smoke_run["text"] and "Infinity" not in smoke_run["text"]  # strict JSON
+    assert env["torch"] == torch.__version__ and env["triton"] == triton.__version__
+    assert env["cuda"] == torch.version.cuda and env["gpu"] is None and env["device"] == "cpu"
+    assert env["python"] == ".".join(map(str, sys.version_info[:3]))
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert env["git_commit"].split("-")[0] == head.stdout.strip()
+    date = datetime.datetime.fromisoformat(env["date"])
+    age = datetime.datetime.now(datetime.timezone.utc) - date
+    assert datetime.timedelta(0) <= age < datetime.timedelta(minutes=30)
+    assert env["command"].startswith("python benchmarks/throughput.py --smoke --json ")
+    assert env["argv"][1:3] == ["--smoke", "--json"]
+    assert env["env"].get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures: FLOPs, MFU, statistics, GPU peaks
+# ----------------------------------------------------------------------------------------------
+def test_flops_per_image_matches_a_flop_counter():
+    """The FLOPs behind MFU, counted independently: torch's FlopCounterMode over the reference forward
+    (every matmul/conv, attention included) plus fastdit's convention of one MAC per LayerNorm element;
+    a training step = 3 forwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastdit.models.reference import DiT
+    args = tp.parse_args(["--smoke"])
+    a = tp.SMOKE_ARCH
+    model = DiT(**a, num_classes=tp.NUM_CLASSES)
+    n = 3
+    x = torch.randn(n, a["in_channels"], a["input_size"], a["input_size"])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, torch.randint(0, 1000, (n,)), torch.randint(0, 1000, (n,)))
+    tokens = (a["input_size"] // a["patch_size"]) ** 2
+    ln_macs = (2 * a["depth"] + 1) * tokens * a["hidden_size"]
+    fwd_flops = counter.get_total_flops() / n + 2 * ln_macs
+    assert tp.flops_per_image(args) == pytest.approx(3 * fwd_flops, rel=1e-12)
+
+
+def test_throughput_metrics_by_hand():
+    m = tp.throughput_metrics([100.0, 300.0, 200.0], steps=2, batch=4, flops_per_image=1e12, peak=80e12)
+    # ms/step 50, 150, 100 -> img/s 80, 26.67, 40
+    assert m["ms_per_step"] == dict(median=100.0, min=50.0, max=150.0, n=3)
+    assert m["img_per_s"]["median"] == pytest.approx(40.0)
+    assert m["img_per_s"]["min"] == pytest.approx(4 / 0.15) and m["img_per_s"]["max"] == pytest.approx(80.0)
+    assert m["model_tflops_per_s"] == pytest.approx(40.0)
+    assert m["mfu"] == pytest.approx(0.5)
+    assert tp.throughput_metrics([10.0], 1, 1, 1e9, None)["mfu"] is None
+
+
+def test_speedups():
+    def row(name, ips, status="ok"):
+        return dict(name=name, status=status, img_per_s=dict(median=ips) if status == "ok" else None)
+    rows = [row("eager", 100.0), row("compile", 125.0), row("fused", 200.0),
+            row("fused/xformers", 0, "error")]
+    tp.add_speedups(rows)
+    assert [r["speedup_vs_eager"] for r in rows] == [1.0, 1.25, 2.0, None]
+    assert [r["speedup_vs_compile"] for r in rows] == [0.8, 1.0, 1.6, None]
+    assert all(r["speedup_vs_eager_sdpa"] is None for r in rows)  # that baseline was not run
+    rows = [row("eager", 0, "error"), row("fused", 200.0)]
+    tp.add_speedups(rows)
+    assert rows[1]["speedup_vs_eager"] is None and rows[1]["speedup_vs_compile"] is None
+
+
+def test_summarize():
+    assert common.summarize([3, 1, 2, 10]) == dict(median=2.5, min=1.0, max=10.0, n=4)
+    with pytest.raises(ValueError, match="at least one"):
+        common.summarize([])
+    with pytest.raises(ValueError, match="non-finite"):
+        common.summarize([1.0, float("nan")])
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 4090", None),
+    (None, None), ("", None)])
+def test_peak_flops_lookup(name, peak):
+    assert common.peak_flops(name) == peak
+
+
+def test_interval_timer_cpu():
+    timer = common.IntervalTimer("cpu")
+    with pytest.raises(RuntimeError, match="before start"):
+        timer.stop()
+    timer.start()
+    time.sleep(0.05)
+    ms = timer.stop()
+    assert 50.0 <= ms < 2000.0
+    assert timer.method == "time.perf_counter"
+
+
+def test_write_json_strict(tmp_path):
+    path = tmp_path / "a" / "b" / "r.json"
+    common.write_json(str(path), dict(x=float("nan"), y=[1.5, float("inf")], z={"k": (1, 2)}))
+    assert json.loads(path.read_text()) == dict(x=None, y=[1.5, None], z={"k": [1, 2]})
+    assert not os.path.exists(str(path) + ".tmp")
+
+
+def test_eager_sdpa_row_is_the_reference_with_sdpa_attention():
+    """The eager/sdpa model has the reference's parameters and computes the reference's function."""
+    from fastdit.models.dit import Attention as BackendAttention
+    args = tp.parse_args(["--smoke"])
+    ref = tp.build_model(tp.row_specs(["eager"])[0], args, torch.device("cpu"), "torch")
+    alt = tp.build_model(tp.row_specs(["eager/sdpa"])[0], args, torch.device("cpu"), "torch")
+    assert type(alt) is type(ref)
+    assert all(isinstance(b.attn, BackendAttention) and b.attn.backend == "sdpa" for b in alt.blocks)
+    alt.load_state_dict(ref.state_dict())  # strict: same keys and shapes
+    for b in ref.blocks:  # non-zero gates and output layer, so the blocks matter
+        torch.nn.init.normal_(b.adaLN_modulation[1].weight, std=0.2)
+    torch.nn.init.normal_(ref.final_layer.linear.weight, std=0.2)
+    alt.load_state_dict(ref.state_dict())
+    a = tp.SMOKE_ARCH
+    x = torch.randn(3, a["in_channels"], a["input_size"], a["input_size"])
+    t, y = torch.randint(0, 1000, (3,)), torch.randint(0, 1000, (3,))
+    ref.eval(), alt.eval()
+    out_ref, out_alt = ref(x, t, y), alt(x, t, y)
+    assert out_ref.abs().max() > 1e-2
+    torch.testing.assert_close(out_alt, out_ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision and the optimizer
+# ----------------------------------------------------------------------------------------------
+def test_master_weight_adamw_matches_fp32_adamw():
+    """bf16 params + fp32 masters: the masters follow torch AdamW on fp32 copies fed the same
+    (bf16) gradients; the bf16 params are the masters rounded."""
+    torch.manual_seed(1)
+    p32 = [torch.randn(5, 7), torch.randn(7)]
+    params = [torch.nn.Parameter(p.to(torch.bfloat16)) for p in p32]
+    frozen = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16), requires_grad=False)
+    opt = tp.MasterWeightAdamW(params + [frozen], lr=1e-2, fused=False)
+    refs = [torch.nn.Parameter(p.to(torch.bfloat16).float()) for p in p32]
+    ref_opt = torch.optim.AdamW(refs, lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        grads = [torch.randn_like(p, dtype=torch.float32).to(torch.bfloat16) for p in params]
+        for p, r, g in zip(params, refs, grads):
+            p.grad, r.grad = g.clone(), g.float()
+        opt.step()
+        opt.zero_grad()
+        ref_opt.step()
+        assert all(p.grad is None for p in params)
+    for p, m, r in zip(params, opt.master, refs):
+        assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
+        torch.testing.assert_close(m, r.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(p.detach(), r.detach().to(torch.bfloat16), rtol=0, atol=0)
+    assert torch.equal(frozen, torch.ones(3, dtype=torch.bfloat16))  # not optimised
+    params[0].grad = None
+    params[1].grad = torch.zeros_like(params[1])
+    with pytest.raises(RuntimeError, match="no gradient"):
+        opt.step()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "autocast"])
+def test_precisions_run(precision):
+    res = tp.run(["--smoke", "--rows", "eager,fused", "--kernels", "torch", "--precision", precision])
+    assert [r["status"] for r in res["rows"]] == ["ok", "ok"], [r["error"] for r in res["rows"]]
+    assert res["config"]["precision"] == precision
+    assert res["config"]["optimizer"].startswith("AdamW on fp32 master" if precision == "bf16" else "AdamW,")
+
+
+# ----------------------------------------------------------------------------------------------
+# Failures are recorded, not fatal; bad arguments are refused
+# ----------------------------------------------------------------------------------------------
+def test_failing_row_is_recorded_and_run_goes_on(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # kernels="triton" cannot run on CPU now
+    threads = torch.get_num_threads()
+    res = tp.run(["--smoke", "--rows", "fused,eager", "--kernels", "triton"])
+    assert torch.get_num_threads() == threads  # smoke's single thread is not left behind
+    fused, eager = res["rows"]
+    assert fused["status"] == "error" and "TRITON_INTERPRET" in fused["error"]
+    assert eager["status"] == "ok" and res["complete"]
+    assert fused["speedup_vs_eager"] is None
+    assert "1 row(s) failed: fused" in capsys.readouterr().out
+
+
+def test_non_finite_loss_is_an_error():
+    res = tp.run(["--smoke", "--rows", "eager", "--lr", "1e30", "--repeats", "3"])
+    (row,) = res["rows"]
+    assert row["status"] == "error" and row["error"].startswith("FloatingPointError: non-finite")
+
+
+def test_main_exit_code_when_every_row_fails(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert tp.main(["--smoke", "--rows", "fused", "--kernels", "triton"]) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "eager,bogus"], "unknown row"),
+    (["--rows", "eager,eager"], "twice"),
+    (["--warmup", "0"], "--warmup must be >= 1"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--peak-tflops", "-5"], "--peak-tflops must be a positive"),
+    (["--model", "DiT-XXL/2"], "unknown --model"),
+    (["--image-size", "250"], "multiple of 8"),
+    (["--model", "DiT-XL/8", "--image-size", "96"], "not divisible by the patch size"),
+])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        tp.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_full_size_on_cpu_needs_explicit_device():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit, match="--smoke"):
+        tp.resolve_device(tp.parse_args([]))
+
+
+@pytest.mark.gpu
+def test_small_gpu_run():
+    """On a CUDA device: a short real run of a small registry model, every figure filled in."""
+    res = tp.run(["--model", "DiT-S/2", "--batch", "8", "--rows", "eager,eager/sdpa,compile,fused,fused/sdpa",
+                  "--warmup", "2", "--steps", "2", "--repeats", "2", "--peak-tflops", "100"])
+    assert res["environment"]["gpu"] and res["config"]["precision"] == "bf16"
+    for r in res["rows"]:
+        assert r["status"] == "ok", (r["name"], r["error"])
+        assert r["peak_mem_gib"] > 0 and r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 100)
+        assert r["kernels"] in (None, "triton")
