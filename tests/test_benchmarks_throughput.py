@@ -53,7 +53,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_run_is_fast(smoke_run):
-    assert smoke_run["wall"] < 60, f"smoke run took {smoke_run['wall']:.1f} s"
+    assert smoke_run["wall"] < 240, f"smoke run took {smoke_run['wall']:.1f} s (budget: keep CI fast)"
 
 
 def test_smoke_rows_and_statuses(smoke_run):
