@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models.reference import check_state_dict_keys
+
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "FASTDIT_INCEPTION_WEIGHTS"
 NUM_LOGITS = 1008
@@ -260,20 +262,9 @@ def load_inception_state_dict(model: FIDInceptionV3, state_dict: Dict[str, torch
 
     Raises KeyError naming missing/unexpected keys and ValueError naming shape mismatches.
     """
+    check_state_dict_keys(model, state_dict, what="Inception weights (FID Inception-v3 layout)",
+                          may_be_missing=lambda k: k.endswith("num_batches_tracked"))
     own = model.state_dict()
-    missing = sorted(k for k in set(own) - set(state_dict) if not k.endswith("num_batches_tracked"))
-    extra = sorted(set(state_dict) - set(own))
-    if missing or extra:
-        parts = ["Inception weights do not match the FID Inception-v3 layout"]
-        if missing:
-            parts.append(f"missing ({len(missing)}): {', '.join(missing[:20])}")
-        if extra:
-            parts.append(f"unexpected ({len(extra)}): {', '.join(extra[:20])}")
-        raise KeyError("; ".join(parts))
-    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state_dict.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise ValueError(f"Inception weight shape mismatch ({len(bad)}): {', '.join(bad[:20])}")
     full = dict(own)
     full.update(state_dict)
     model.load_state_dict(full, strict=True)

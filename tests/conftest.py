@@ -18,6 +18,18 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores).
+
+    Use in a module with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or long tests")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")

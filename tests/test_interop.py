@@ -17,12 +17,7 @@ KW = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, nu
           num_classes=6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_dit(seed=0, **kw):

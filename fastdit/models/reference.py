@@ -390,22 +390,26 @@ def cfg_combine(model, x, t, y, cfg_scale: float, in_channels: int, guide_all_ch
     return torch.cat([eps, rest], dim=1)
 
 
-def check_state_dict_keys(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
-    """Raise a KeyError naming every missing/unexpected key and a ValueError on shape mismatches."""
+def check_state_dict_keys(model: nn.Module, state_dict: Dict[str, torch.Tensor],
+                          what: str = "state dict", may_be_missing=lambda key: False) -> None:
+    """Raise a KeyError naming every missing/unexpected key and a ValueError on shape mismatches.
+
+    `what` names the weights in the messages; `may_be_missing(key)` exempts keys that may be absent.
+    """
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
+    missing = sorted(k for k in set(own) - set(state_dict) if not may_be_missing(k))
     extra = sorted(set(state_dict) - set(own))
     if missing or extra:
-        msg = ["state dict does not match the model"]
+        msg = [f"{what} does not match the model"]
         if missing:
             msg.append(f"missing keys ({len(missing)}): {_short(missing)}")
         if extra:
             msg.append(f"unexpected keys ({len(extra)}): {_short(extra)}")
         raise KeyError("; ".join(msg))
-    bad = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in own.items() if tuple(state_dict[k].shape) != tuple(v.shape)]
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state_dict.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
-        raise ValueError(f"state dict shape mismatch ({len(bad)}): {_short(bad)}")
+        raise ValueError(f"{what} shape mismatch ({len(bad)}): {_short(bad)}")
 
 
 def _short(items: Iterable[str], limit: int = 20) -> str:
