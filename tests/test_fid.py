@@ -9,8 +9,6 @@ import torch
 from fastdit import evaluate, fid, inception
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # ----------------------------------------------------------------------------------------------
 # Independent references (eigen-decompositions, brute force)

@@ -17,8 +17,6 @@ KW = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, nu
           num_classes=6)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def random_dit(seed=0, **kw):
     """Tiny reference DiT with random non-zero weights (adaLN-Zero's zero init would hide bugs)."""

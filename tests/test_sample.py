@@ -11,8 +11,6 @@ from fastdit.diffusion import create_diffusion
 from fastdit.models.reference import DiT
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def random_dit(seed=0, **kw):
     """A tiny reference DiT with random non-zero weights everywhere (adaLN-Zero init is all-zero)."""

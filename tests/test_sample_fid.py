@@ -14,8 +14,6 @@ from fastdit import sample_fid as F
 from fastdit.models.reference import DiT
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 N, SHARD, STEPS, SEED = 7, 2, 3, 11
 KW = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2,
           num_classes=4)
