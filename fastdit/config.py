@@ -1,0 +1,333 @@
+"""Training configuration: a JSON file with sections model / data / diffusion / train / deepspeed.
+
+`load_config(path, overrides)` reads the file, fills defaults, applies `--set section.key=value`
+overrides and type-checks every value, all before any work starts. An unknown or ill-typed key raises
+`ConfigError` naming the key and the file (and the closest valid key when there is one).
+
+The `deepspeed` section is a real DeepSpeed config: it is passed unchanged to
+`deepspeed.initialize(config=...)`, which validates it. Overrides may reach into it
+(`--set deepspeed.zero_optimization.stage=3`); an override of an existing key must keep its type.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema: section -> key -> (type spec, default). Type specs:
+#   "int", "float", "bool", "str", "list[int]", "enum:a|b|c"; a trailing "?" allows null.
+# ----------------------------------------------------------------------------------------------
+SCHEMA: Dict[str, Dict[str, Tuple[str, Any]]] = {
+    "model": {
+        "name": ("str", "DiT-XL/2"),           # registry name (DiT-S/2 .. DiT-XL/8)
+        "impl": ("enum:auto|fast|reference", "auto"),  # auto = fast model when importable
+        "kernels": ("enum:auto|triton|torch", "auto"),  # fast model only; auto = Triton on CUDA
+        "attention": ("enum:auto|sdpa|math|flash_attn|xformers", "auto"),  # fast model only
+        "checkpointing": ("bool", False),      # activation checkpointing (fast model only)
+        # Architecture overrides; null = the registry value of `name`.
+        "depth": ("int?", None),
+        "hidden_size": ("int?", None),
+        "num_heads": ("int?", None),
+        "patch_size": ("int?", None),
+        "mlp_ratio": ("float", 4.0),
+        "class_dropout_prob": ("float", 0.1),
+        "num_classes": ("int?", None),         # null = from the data
+        "learn_sigma": ("bool", True),
+        "block_type": ("enum:adaln_zero|adaln|cross_attention|in_context", "adaln_zero"),
+    },
+    "data": {
+        "kind": ("enum:latents|imagefolder|digits|synthetic", "latents"),
+        "path": ("str?", None),                # latents folder (extract_latents output) or ImageFolder root
+        "image_size": ("int", 256),            # pixels; latents are image_size // 8
+        "vae": ("str?", None),                 # local folder or hub id (from the cache, no network)
+        "latent_scale": ("float", 0.18215),
+        "random_flip": ("bool", True),
+        "num_workers": ("int", 4),
+        "synthetic_size": ("int", 100000),     # kind=synthetic: number of random latents
+        "num_classes": ("int", 1000),          # kind=synthetic / imagefolder label count check
+    },
+    "diffusion": {
+        "diffusion_steps": ("int", 1000),
+        "noise_schedule": ("enum:linear|squaredcos_cap_v2", "linear"),
+        "timestep_respacing": ("str", ""),     # training uses the full chain, as the official code
+        "sample_steps": ("str", "ddim50"),     # respacing of the sample grids ("250", "ddim50", ...)
+        "cfg_scale": ("float", 4.0),           # sample grids
+        "ddim_eta": ("float", 0.0),
+        # CFG on every eps channel; false = the official behaviour (first 3 channels), which on
+        # 1-channel pixel data would also guide the learned-variance channel.
+        "guide_all_channels": ("bool", False),
+    },
+    "train": {
+        "output_dir": ("str", "runs/dit"),
+        "seed": ("int", 0),
+        "max_steps": ("int", 400000),
+        "log_every": ("int", 100),
+        "ckpt_every": ("int", 50000),
+        "keep_last": ("int", 3),
+        "sample_every": ("int", 0),            # 0 = only at the end (see final_sample)
+        "final_sample": ("bool", True),
+        "sample_classes": ("list[int]?", None),  # null = the first min(num_classes, 10) classes
+        "samples_per_class": ("int", 8),
+        "ema_decay": ("float", 0.9999),
+        "max_nonfinite_in_a_row": ("int", 10),
+        "compile": ("bool", False),            # torch.compile through engine.compile()
+        "peak_flops": ("float?", None),        # per device, FLOP/s; null = detect GPU (none on CPU)
+        "cpu_threads": ("int?", None),         # torch.set_num_threads per rank on CPU
+        "resume": ("str?", None),              # "auto" or a checkpoint folder
+        "tensorboard": ("bool", True),
+        "progress": ("bool", True),
+        "plots": ("bool", True),               # loss curve PNG at the end
+        "shm_comm": ("bool", False),           # CPU only: let DeepSpeed JIT-build its shm all-reduce op
+    },
+}
+SECTIONS = tuple(SCHEMA) + ("deepspeed",)
+TOP_LEVEL_EXTRA = {"description": "str"}
+
+
+class Section(dict):
+    """A dict whose keys also read as attributes (cfg.train.max_steps)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class Config(dict):
+    """Resolved configuration: cfg.model / cfg.data / cfg.diffusion / cfg.train / cfg.deepspeed."""
+
+    path: str = "<dict>"
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return json.loads(json.dumps(self))
+
+
+# ----------------------------------------------------------------------------------------------
+# Type checking
+# ----------------------------------------------------------------------------------------------
+def _type_ok(spec: str, value: Any) -> bool:
+    if spec.endswith("?"):
+        if value is None:
+            return True
+        spec = spec[:-1]
+    if spec == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if spec == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if spec == "bool":
+        return isinstance(value, bool)
+    if spec == "str":
+        return isinstance(value, str)
+    if spec == "list[int]":
+        return isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if spec.startswith("enum:"):
+        return isinstance(value, str) and value in spec[5:].split("|")
+    raise AssertionError(f"bad schema spec {spec}")
+
+
+def _describe(spec: str) -> str:
+    nullable = spec.endswith("?")
+    base = spec[:-1] if nullable else spec
+    if base.startswith("enum:"):
+        text = "one of " + ", ".join(repr(v) for v in base[5:].split("|"))
+    else:
+        text = {"int": "an integer", "float": "a number", "bool": "true or false",
+                "str": "a string", "list[int]": "a list of integers"}[base]
+    return text + (" or null" if nullable else "")
+
+
+def _suggest(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_value(section: str, key: str, value: Any, where: str) -> Any:
+    spec = SCHEMA[section][key][0]
+    if not _type_ok(spec, value):
+        raise ConfigError(
+            f"{where}: {section}.{key} must be {_describe(spec)}, got {json.dumps(value)}")
+    if spec.rstrip("?") == "float" and value is not None:
+        value = float(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+# ----------------------------------------------------------------------------------------------
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """'section.key=value' -> (['section', 'key'], value); value parsed as JSON, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must look like section.key (got {dotted!r})")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare string such as runs/digits or DiT-S/2
+    return parts, value
+
+
+def _apply_override(cfg: Dict[str, Any], parts: List[str], value: Any, where: str, text: str):
+    section = parts[0]
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}: --set {text}: unknown section {section!r}{_suggest(section, SECTIONS)}; "
+                          f"valid sections: {', '.join(SECTIONS)}")
+    if section == "deepspeed":
+        node = cfg.setdefault("deepspeed", {})
+        for p in parts[1:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"{where}: --set {text}: deepspeed.{p} is not a section")
+            node = node.setdefault(p, {})
+        leaf = parts[-1]
+        old = node.get(leaf)
+        if old is not None and value is not None and not _same_json_type(old, value):
+            raise ConfigError(f"{where}: --set {text}: {'.'.join(parts)} was {json.dumps(old)} "
+                              f"({type(old).__name__}); the override {json.dumps(value)} has another type")
+        node[leaf] = value
+        return
+    if len(parts) != 2:
+        raise ConfigError(f"{where}: --set {text}: {section} keys are not nested (use {section}.key=value)")
+    key = parts[1]
+    if key not in SCHEMA[section]:
+        raise ConfigError(f"{where}: --set {text}: unknown key {section}.{key}{_suggest(key, SCHEMA[section])}")
+    cfg[section][key] = _check_value(section, key, value, f"{where} (--set {text})")
+
+
+def _same_json_type(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return True
+    return type(a) is type(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def defaults() -> Dict[str, Dict[str, Any]]:
+    return {s: {k: copy.deepcopy(v[1]) for k, v in keys.items()} for s, keys in SCHEMA.items()}
+
+
+def config_from_dict(raw: Dict[str, Any], where: str = "<dict>",
+                     overrides: Sequence[str] = ()) -> Config:
+    """Fill defaults, check every key and type, apply overrides; raise ConfigError on any problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a JSON object")
+    cfg: Dict[str, Any] = defaults()
+    cfg["deepspeed"] = {}
+    for key, value in raw.items():
+        if key in TOP_LEVEL_EXTRA:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: {key} must be a string")
+            cfg[key] = value
+            continue
+        if key not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section {key!r}{_suggest(key, SECTIONS)}; "
+                              f"valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: section {key!r} must be a JSON object")
+        if key == "deepspeed":
+            cfg["deepspeed"] = copy.deepcopy(value)
+            continue
+        for k, v in value.items():
+            if k not in SCHEMA[key]:
+                raise ConfigError(f"{where}: unknown key {key}.{k}{_suggest(k, SCHEMA[key])}; "
+                                  f"valid keys in {key}: {', '.join(SCHEMA[key])}")
+            cfg[key][k] = _check_value(key, k, v, where)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(cfg, parts, value, where, text)
+    _check_semantics(cfg, where)
+    out = Config({k: Section(v) if isinstance(v, dict) and k != "deepspeed" else v
+                  for k, v in cfg.items()})
+    out.path = where
+    return out
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Read a JSON config file, apply `section.key=value` overrides, validate; see module docstring."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist (pass --config configs/<name>.json)")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    return config_from_dict(raw, path, overrides)
+
+
+def _check_semantics(cfg: Dict[str, Any], where: str) -> None:
+    """Checks that need more than one value or a value range."""
+    from fastdit.models.reference import DiT_models
+
+    name = cfg["model"]["name"]
+    if name not in DiT_models:
+        raise ConfigError(f"{where}: model.name {name!r} is not a DiT model; "
+                          f"valid names: {', '.join(DiT_models)}")
+    positive = [("train", "max_steps"), ("train", "log_every"), ("train", "ckpt_every"),
+                ("train", "keep_last"), ("train", "samples_per_class"),
+                ("train", "max_nonfinite_in_a_row"), ("data", "image_size"),
+                ("diffusion", "diffusion_steps")]
+    for s, k in positive:
+        if cfg[s][k] <= 0:
+            raise ConfigError(f"{where}: {s}.{k} must be positive, got {cfg[s][k]}")
+    for s, k in [("train", "sample_every"), ("data", "num_workers")]:
+        if cfg[s][k] < 0:
+            raise ConfigError(f"{where}: {s}.{k} must be >= 0, got {cfg[s][k]}")
+    if not 0.0 <= cfg["train"]["ema_decay"] <= 1.0:
+        raise ConfigError(f"{where}: train.ema_decay must be in [0, 1], got {cfg['train']['ema_decay']}")
+    if not 0.0 <= cfg["model"]["class_dropout_prob"] < 1.0:
+        raise ConfigError(f"{where}: model.class_dropout_prob must be in [0, 1)")
+    kind = cfg["data"]["kind"]
+    if kind in ("latents", "imagefolder") and not cfg["data"]["path"]:
+        raise ConfigError(f"{where}: data.kind={kind!r} needs data.path "
+                          f"(pass --set data.path=/path/to/{'latents' if kind == 'latents' else 'imagenet/train'})")
+    if kind == "imagefolder" and not cfg["data"]["vae"]:
+        raise ConfigError(f"{where}: data.kind='imagefolder' encodes images on the fly and needs data.vae "
+                          f"(a local AutoencoderKL folder or a cached hub id such as stabilityai/sd-vae-ft-ema)")
+    if kind in ("latents", "imagefolder", "synthetic") and cfg["data"]["image_size"] % 8:
+        raise ConfigError(f"{where}: data.image_size must be a multiple of 8 (the VAE downsamples 8x), "
+                          f"got {cfg['data']['image_size']}")
+    if not isinstance(cfg["deepspeed"], dict) or not cfg["deepspeed"]:
+        raise ConfigError(f"{where}: the deepspeed section is missing; it is the DeepSpeed config "
+                          f"(batch sizes, optimizer, bf16, zero_optimization)")
+    ds = cfg["deepspeed"]
+    if "train_micro_batch_size_per_gpu" not in ds and "train_batch_size" not in ds:
+        raise ConfigError(f"{where}: deepspeed.train_batch_size or deepspeed.train_micro_batch_size_per_gpu "
+                          f"is required")
+
+
+def resolved_architecture(cfg: Config) -> Dict[str, Any]:
+    """depth / hidden_size / num_heads / patch_size after applying the overrides to the registry entry."""
+    from fastdit.models.reference import model_config
+
+    arch = model_config(cfg.model.name)
+    for k in ("depth", "hidden_size", "num_heads", "patch_size"):
+        if cfg.model[k] is not None:
+            arch[k] = cfg.model[k]
+    return arch
+
+
+def is_registry_architecture(cfg: Config) -> bool:
+    """True when no override changes the registry entry's depth/width/heads/patch."""
+    from fastdit.models.reference import model_config
+
+    return resolved_architecture(cfg) == model_config(cfg.model.name)

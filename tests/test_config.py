@@ -1,0 +1,191 @@
+"""Training configs: the shipped files, overrides, and errors that name the key and the file."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastdit.config import ConfigError, config_from_dict, load_config, parse_override
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+TRAIN = os.path.join(ROOT, "fastdit", "train.py")
+
+
+def _write(tmp_path, obj, name="cfg.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+    return str(path)
+
+
+def _digits():
+    with open(os.path.join(CONFIGS, "digits.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".json")))
+def test_every_shipped_config_loads(name):
+    cfg = load_config(os.path.join(CONFIGS, name))
+    assert cfg.deepspeed["zero_optimization"]["stage"] in (0, 1, 2, 3)
+
+
+def test_xl2_zero2_is_the_paper_recipe():
+    cfg = load_config(os.path.join(CONFIGS, "xl2_zero2.json"))
+    ds = cfg.deepspeed
+    assert cfg.model.name == "DiT-XL/2" and cfg.data.kind == "latents" and cfg.data.image_size == 256
+    assert ds["train_batch_size"] == 256
+    assert ds["optimizer"]["type"] == "AdamW"
+    assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.0
+    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 2
+    assert "scheduler" not in ds  # constant learning rate, as the paper
+    assert cfg.train.ema_decay == 0.9999 and cfg.model.class_dropout_prob == 0.1
+    assert cfg.diffusion.diffusion_steps == 1000 and cfg.diffusion.timestep_respacing == ""
+    z3 = load_config(os.path.join(CONFIGS, "xl2_zero3.json"))
+    assert z3.deepspeed["zero_optimization"]["stage"] == 3 and z3.deepspeed["train_batch_size"] == 256
+    x512 = load_config(os.path.join(CONFIGS, "xl2_512_zero2.json"))
+    assert x512.data.image_size == 512
+
+
+def test_digits_config_runs_torch_kernels_on_cpu():
+    cfg = load_config(os.path.join(CONFIGS, "digits.json"))
+    assert cfg.data.kind == "digits" and cfg.model.kernels == "torch"
+    assert cfg.data.random_flip is False  # a mirrored digit is not a digit
+
+
+def test_defaults_fill_missing_keys(tmp_path):
+    raw = _digits()
+    del raw["train"]["keep_last"]
+    cfg = load_config(_write(tmp_path, raw))
+    assert cfg.train.keep_last == 3
+
+
+def test_overrides_apply_with_types(tmp_path):
+    path = _write(tmp_path, _digits())
+    cfg = load_config(path, ["train.max_steps=7", "train.ema_decay=1", "data.image_size=8",
+                             "train.output_dir=runs/x y", "model.name=DiT-B/4",
+                             "deepspeed.zero_optimization.stage=3", "train.sample_classes=[1,2]",
+                             "train.peak_flops=null", "deepspeed.bf16.enabled=true"])
+    assert cfg.train.max_steps == 7
+    assert cfg.train.ema_decay == 1.0 and isinstance(cfg.train.ema_decay, float)
+    assert cfg.train.output_dir == "runs/x y" and cfg.model.name == "DiT-B/4"
+    assert cfg.deepspeed["zero_optimization"]["stage"] == 3 and cfg.deepspeed["bf16"]["enabled"] is True
+    assert cfg.train.sample_classes == [1, 2] and cfg.train.peak_flops is None
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.max_steps=abc", ["train.max_steps", "integer", "abc"]),
+    ("train.max_step=5", ["train.max_step", "max_steps"]),
+    ("trian.max_steps=5", ["trian", "train"]),
+    ("train.ema_decay=true", ["train.ema_decay", "number"]),
+    ("model.impl=cuda", ["model.impl", "'fast'"]),
+    ("train.max_steps", ["section.key=value"]),
+    ("deepspeed.train_batch_size=big", ["deepspeed.train_batch_size", "type"]),
+    ("train.max_steps=0", ["train.max_steps", "positive"]),
+    ("model.name=DiT-XXL/2", ["DiT-XXL/2", "DiT-XL/2"]),
+])
+def test_bad_override_names_key_and_file(tmp_path, override, words):
+    path = _write(tmp_path, _digits())
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [override])
+    msg = str(e.value)
+    assert path in msg or "--set" in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_unknown_and_ill_typed_keys_in_file(tmp_path):
+    raw = _digits()
+    raw["train"]["lr"] = 1e-3
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError, match=r"unknown key train\.lr") as e:
+        load_config(path)
+    assert path in str(e.value)
+    raw = _digits()
+    raw["data"]["image_size"] = "16"
+    path = _write(tmp_path, raw, "typed.json")
+    with pytest.raises(ConfigError, match=r"data\.image_size must be an integer") as e:
+        load_config(path)
+    assert path in str(e.value)
+    raw = _digits()
+    raw["optimizer"] = {}
+    with pytest.raises(ConfigError, match="unknown section 'optimizer'"):
+        load_config(_write(tmp_path, raw, "section.json"))
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(_write(tmp_path, "{ nope", "broken.json"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.json"))
+
+
+def test_semantic_errors_say_what_to_pass():
+    base = _digits()
+    base["data"] = {"kind": "latents"}
+    with pytest.raises(ConfigError, match="data.path"):
+        config_from_dict(base, "x.json")
+    base["data"] = {"kind": "imagefolder", "path": "/somewhere"}
+    with pytest.raises(ConfigError, match="data.vae"):
+        config_from_dict(base, "x.json")
+    raw = _digits()
+    del raw["deepspeed"]
+    with pytest.raises(ConfigError, match="deepspeed section is missing"):
+        config_from_dict(raw, "x.json")
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=1e-4") == (["a", "b"], 1e-4)
+    assert parse_override("a.b=DiT-S/2") == (["a", "b"], "DiT-S/2")
+    assert parse_override("a.b.c=[1, 2]") == (["a", "b", "c"], [1, 2])
+    assert parse_override('a.b="3"') == (["a", "b"], "3")
+
+
+def _run_train(args, timeout=120):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("RANK", None)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, TRAIN] + args, capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+    return proc, time.time() - t0
+
+
+def test_train_script_rejects_bad_config_before_any_work(tmp_path):
+    raw = _digits()
+    raw["train"]["output_dir"] = str(tmp_path / "out")
+    raw["model"]["depht"] = 3
+    path = _write(tmp_path, raw)
+    proc, _ = _run_train(["--config", path])
+    assert proc.returncode == 2, proc.stderr
+    assert "model.depht" in proc.stderr and path in proc.stderr and "depth" in proc.stderr
+    assert not os.path.exists(tmp_path / "out")  # nothing was created
+    proc, _ = _run_train(["--config", _write(tmp_path, _digits(), "ok.json"), "--set", "train.seed=x"])
+    assert proc.returncode == 2 and "train.seed" in proc.stderr
+
+
+def test_train_script_missing_inputs_fail_with_what_to_pass(tmp_path):
+    raw = _digits()
+    raw["train"]["output_dir"] = str(tmp_path / "out")
+    raw["data"] = {"kind": "latents", "path": str(tmp_path / "no-latents"), "image_size": 256}
+    proc, _ = _run_train(["--config", _write(tmp_path, raw)])
+    assert proc.returncode == 2
+    assert "extract_latents" in proc.stderr and "data.path" in proc.stderr
+    raw["data"] = {"kind": "imagefolder", "path": str(tmp_path), "image_size": 256,
+                   "vae": str(tmp_path / "no-vae")}
+    (tmp_path / "cls").mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "cls" / "a.png")
+    proc, _ = _run_train(["--config", _write(tmp_path, raw, "img.json")])
+    assert proc.returncode == 2
+    assert "no-vae" in proc.stderr and "data.vae" in proc.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_train_script_refuses_to_overwrite_a_run(tmp_path):
+    raw = _digits()
+    raw["train"]["output_dir"] = str(tmp_path / "out")
+    tag = tmp_path / "out" / "checkpoints" / "step_0000005"
+    tag.mkdir(parents=True)
+    (tag / "meta.json").write_text("{}")
+    (tag / "ema.pt").write_bytes(b"")
+    proc, _ = _run_train(["--config", _write(tmp_path, raw)])
+    assert proc.returncode == 2
+    assert "step_0000005" in proc.stderr and "--resume auto" in proc.stderr

@@ -1,0 +1,222 @@
+"""fastdit/train.py end to end on 2 CPU ranks through the DeepSpeed launcher (gloo).
+
+A tiny DiT on the 8x8 digits, fp32 so that resumed and uninterrupted runs can be compared bit for bit.
+"""
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "fastdit", "train.py")
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_config(out_dir, stage, **train):
+    with open(os.path.join(ROOT, "configs", "digits.json")) as f:
+        cfg = json.load(f)
+    cfg["model"].update(depth=2, hidden_size=64, num_heads=2, patch_size=2, impl="auto", kernels="torch")
+    cfg["data"].update(image_size=8, num_workers=0)
+    cfg["diffusion"].update(sample_steps="ddim5", cfg_scale=1.5)
+    cfg["train"].update(dict(output_dir=str(out_dir), max_steps=16, log_every=1, ckpt_every=2, keep_last=3,
+                             ema_decay=0.9, final_sample=False, plots=False, tensorboard=False,
+                             progress=False, cpu_threads=1, max_nonfinite_in_a_row=3), **train)
+    ds = cfg["deepspeed"]
+    ds.update(train_batch_size=32, train_micro_batch_size_per_gpu=16)
+    ds["optimizer"]["params"]["lr"] = 2e-3
+    ds["scheduler"]["params"].update(warmup_max_lr=2e-3, warmup_num_steps=4)
+    ds["zero_optimization"] = {"stage": stage}
+    return cfg
+
+
+def launch(cfg, tmp_path, name, extra_env=None, extra_args=(), timeout=300):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+              "FASTDIT_TEST_KILL_DURING_SAVE", "FASTDIT_TEST_NAN_STEPS"):
+        env.pop(k, None)
+    env.update(extra_env or {})
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+           "--master_port", str(_free_port()), TRAIN, "--config", str(path), *extra_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return proc
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def ckpt_dir(out_dir, step):
+    return os.path.join(out_dir, "checkpoints", f"step_{step:07d}")
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same(a, b, where=""):
+    """Recursive exact equality of checkpoint contents (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: max diff {(a.double() - b.double()).abs().max()}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__") and not isinstance(a, type):  # e.g. DeepSpeed's loss scaler object
+        assert type(a) is type(b), where
+        assert_same(vars(a), vars(b), f"{where}<{type(a).__name__}>")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def raw_weights(out_dir, step):
+    from fastdit.export import export_state_dict
+
+    sd, meta, _ = export_state_dict(ckpt_dir(out_dir, step), raw=True)
+    return sd
+
+
+def check_ema_recurrence(out_dir, step, decay):
+    """ema_k = decay * ema_{k-1} + (1 - decay) * w_k, from the files of two consecutive checkpoints."""
+    prev = torch.load(os.path.join(ckpt_dir(out_dir, step - 1), "ema.pt"), weights_only=True)
+    cur = torch.load(os.path.join(ckpt_dir(out_dir, step), "ema.pt"), weights_only=True)
+    w = raw_weights(out_dir, step)
+    assert set(cur) == set(w)
+    moved = 0
+    for k in cur:
+        expect = decay * prev[k].double() + (1 - decay) * w[k].double()
+        torch.testing.assert_close(cur[k].double(), expect, rtol=1e-6, atol=1e-7, msg=k)
+        moved += int(not torch.equal(prev[k], cur[k]))
+    assert moved > len(cur) // 2  # the average really moves
+
+
+def falling(records, k=4):
+    losses = [r["loss"] for r in records if "loss" in r]
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+def test_zero2_exact_resume_after_sigkill_during_save(tmp_path):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    cfg = tiny_config(full_dir, stage=2, ckpt_every=1, keep_last=3)
+    proc = launch(cfg, tmp_path, "full")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first, last = falling(metrics(full_dir))
+    assert last < first - 0.02, (first, last)
+    check_ema_recurrence(full_dir, 16, 0.9)
+
+    # Same run, SIGKILLed in the middle of saving step 8: step 7 stays the last good checkpoint.
+    cut = copy.deepcopy(cfg)
+    cut["train"]["output_dir"] = str(cut_dir)
+    proc = launch(cut, tmp_path, "cut", extra_env={"FASTDIT_TEST_KILL_DURING_SAVE": "8"})
+    assert proc.returncode != 0
+    assert "SIGKILL during the save of step 8" in proc.stdout
+    ck = os.path.join(cut_dir, "checkpoints")
+    assert open(os.path.join(ck, "latest")).read().strip() == "step_0000007"
+    assert not os.path.exists(ckpt_dir(cut_dir, 8))
+    assert os.path.isdir(os.path.join(ck, ".tmp", "step_0000008"))  # the torn save, never published
+    from fastdit.export import export_state_dict
+    sd, meta, _ = export_state_dict(str(cut_dir))  # the last good checkpoint loads
+    assert meta["step"] == 7 and len(sd) > 0
+
+    proc = launch(cut, tmp_path, "cut", extra_args=["--resume", "auto"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step_0000007" in proc.stdout
+    assert not os.path.exists(os.path.join(ck, ".tmp", "step_0000008"))
+
+    a, b = ckpt_dir(full_dir, 16), ckpt_dir(cut_dir, 16)
+    assert_same(torch.load(os.path.join(a, "ema.pt"), weights_only=True),
+                torch.load(os.path.join(b, "ema.pt"), weights_only=True), "ema")
+    for r in range(2):
+        oa = load(os.path.join(a, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))["optimizer_state_dict"]
+        ob = load(os.path.join(b, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))["optimizer_state_dict"]
+        assert_same(oa, ob, f"optimizer rank {r}")  # fp32 master weights, exp_avg, exp_avg_sq, step
+        ta = load(os.path.join(a, f"trainer_state_rank{r:05d}.pt"))
+        tb = load(os.path.join(b, f"trainer_state_rank{r:05d}.pt"))
+        assert_same(ta, tb, f"trainer state rank {r}")  # RNG streams and data position
+    ma, mb = load(os.path.join(a, "mp_rank_00_model_states.pt")), load(os.path.join(b, "mp_rank_00_model_states.pt"))
+    for key in ("module", "lr_scheduler", "global_steps", "global_samples"):
+        assert_same(ma[key], mb[key], key)
+    assert_same(raw_weights(full_dir, 16), raw_weights(cut_dir, 16), "raw")
+    # keep_last=3
+    tags = sorted(d for d in os.listdir(ck) if d.startswith("step_"))
+    assert tags == ["step_0000014", "step_0000015", "step_0000016"]
+    # losses after the resume equal the uninterrupted ones
+    la = {r["step"]: r["loss"] for r in metrics(full_dir) if "loss" in r}
+    lb = {r["step"]: r["loss"] for r in metrics(cut_dir) if "loss" in r}
+    assert all(la[s] == lb[s] for s in range(8, 17))
+
+
+def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
+    out = tmp_path / "z3"
+    cfg = tiny_config(out, stage=3, max_steps=14, ckpt_every=1, keep_last=2, final_sample=True,
+                      plots=True, tensorboard=True, samples_per_class=1, sample_classes=[0, 3, 7])
+    proc = launch(cfg, tmp_path, "z3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first, last = falling(metrics(out))
+    assert last < first - 0.02, (first, last)
+    check_ema_recurrence(out, 14, 0.9)
+    meta = json.load(open(os.path.join(ckpt_dir(out, 14), "meta.json")))
+    assert meta["zero_stage"] == 3 and meta["step"] == 14 and meta["world_size"] == 2
+    assert meta["model"] is None and meta["model_kwargs"]["depth"] == 2  # custom architecture
+    assert meta["model_kwargs"]["input_size"] == 8 and meta["model_kwargs"]["in_channels"] == 1
+    assert meta["vae"] is None and meta["latent_scale"] is None and meta["image_size"] == 8
+    grid = os.path.join(out, "samples", "step_0000014.png")
+    from PIL import Image
+    assert Image.open(grid).size[1] > 3 * 64  # three class rows
+    assert os.path.isfile(os.path.join(out, "loss_curve.png"))
+    assert os.listdir(os.path.join(out, "tb"))
+    assert f"samples (one row per class): {grid}" in proc.stdout
+    # the EMA of a ZeRO-3 run exports and loads into the official-layout model strictly
+    from fastdit.checkpoint import build_model_from_meta
+    from fastdit.export import main as export_main
+    assert export_main([str(out), "--out", str(tmp_path / "ema.pt")]) == 0
+    model = build_model_from_meta(meta)
+    model.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("stage", [2, 0])  # 2: DeepSpeed's ZeRO skip; 0: fastdit's own check (torch AdamW)
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, stage):
+    out = tmp_path / "nan"
+    cfg = tiny_config(out, stage=stage, max_steps=20, ckpt_every=5, keep_last=5)
+    proc = launch(cfg, tmp_path, "nan", extra_env={"FASTDIT_TEST_NAN_STEPS": "3,6,7,8"})
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+    assert "step 3: non-finite loss or gradient, step skipped (1 in a row, 1 in total)" in text
+    assert "stopped: 3 non-finite steps in a row (steps 6-8" in text
+    recs = metrics(out)
+    assert [r["step"] for r in recs if r.get("skipped")] == [3, 6, 7, 8]
+    meta = json.load(open(os.path.join(ckpt_dir(out, 8), "meta.json")))
+    assert meta["stopped"].startswith("3 non-finite steps in a row")
+    state = load(os.path.join(ckpt_dir(out, 8), "trainer_state_rank00000.pt"))
+    assert state["nonfinite_total"] == 4 and state["nonfinite_in_a_row"] == 3
+    # skipped steps leave weights, optimizer and EMA untouched: step 8 == step 5 (steps 6, 7, 8 skipped)
+    assert_same(raw_weights(out, 5), raw_weights(out, 8), "weights")
+    if stage == 0:
+        o5 = load(os.path.join(ckpt_dir(out, 5), "mp_rank_00_model_states.pt"))["optimizer"]
+        o8 = load(os.path.join(ckpt_dir(out, 8), "mp_rank_00_model_states.pt"))["optimizer"]
+        assert_same(o5["state"], o8["state"], "adam state")
+    assert_same(torch.load(os.path.join(ckpt_dir(out, 5), "ema.pt"), weights_only=True),
+                torch.load(os.path.join(ckpt_dir(out, 8), "ema.pt"), weights_only=True), "ema")
+    logged = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in logged if r["loss"] is None] == [3, 6, 7]  # nothing applied to average (8 stops)
+    assert all(r["loss"] > 0 for r in logged if r["loss"] is not None)  # logged losses stay finite
