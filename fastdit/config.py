@@ -14,7 +14,7 @@ import copy
 import difflib
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 
 class ConfigError(ValueError):

@@ -12,7 +12,6 @@ checkpoint's ema.pt; --raw reassembles the fp32 master weights from DeepSpeed's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict

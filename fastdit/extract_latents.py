@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch

@@ -5,6 +5,11 @@
     deepspeed --num_gpus 2 fastdit/train.py --config configs/digits.json      # CPU: 2 ranks over gloo
     deepspeed --hostfile hosts fastdit/train.py --config configs/xl2_zero3.json --resume auto
 
+On a machine without a GPU, DeepSpeed picks its CPU accelerator and `--num_gpus N` starts N CPU ranks;
+without oneCCL installed the CPU accelerator's backend is gloo, which this script requests explicitly
+(and it skips DeepSpeed's JIT build of a shared-memory all-reduce op, minutes on a fresh machine; set
+train.shm_comm=true to keep it). Add `--master_port P` to run two jobs side by side.
+
 `--set section.key=value` (repeatable) overrides any config value; `--resume auto` continues from the
 newest complete checkpoint of train.output_dir (a fresh start when there is none). Writes to
 train.output_dir: checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples/*.png, loss_curve.png.

@@ -5,7 +5,6 @@ A tiny DiT on the 8x8 digits, fp32 so that resumed and uninterrupted runs can be
 import copy
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
