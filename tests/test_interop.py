@@ -13,6 +13,8 @@ from fastdit import checkpoint_io as C
 from fastdit import interop
 from fastdit.models.reference import DiT
 
+from _helpers import randomize_weights_
+
 KW = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
           num_classes=6)
 
@@ -23,10 +25,7 @@ def random_dit(seed=0, **kw):
     cfg = dict(KW, **kw)
     torch.manual_seed(seed)
     model = DiT(**cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0, 0.1)
+    randomize_weights_(model, 0.1)
     return model.eval()
 
 

@@ -11,6 +11,8 @@ from fastdit.models.reference import (
     BLOCK_TYPES, DiT, DiT_models, get_2d_sincos_pos_embed, timestep_embedding, unpatchify,
 )
 
+from _helpers import randomize_weights_
+
 ALL_NAMES = [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
 
 
@@ -23,12 +25,7 @@ def tiny(**kw):
 
 def randomize(model, seed=0):
     """Random non-zero weights everywhere (zero-init hides bugs); pos_embed stays the fixed table."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    return randomize_weights_(model, 0.2, torch.Generator().manual_seed(seed))
 
 
 def official_keys(depth, adaptive_final=True):

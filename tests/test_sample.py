@@ -10,6 +10,8 @@ from fastdit import sample as S
 from fastdit.diffusion import create_diffusion
 from fastdit.models.reference import DiT
 
+from _helpers import randomize_weights_
+
 
 
 def random_dit(seed=0, **kw):
@@ -19,10 +21,7 @@ def random_dit(seed=0, **kw):
     cfg.update(kw)
     torch.manual_seed(seed)
     model = DiT(**cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0, 0.08)
+    randomize_weights_(model, 0.08)
     return model.eval()
 
 

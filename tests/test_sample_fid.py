@@ -13,6 +13,8 @@ from fastdit import sample as S
 from fastdit import sample_fid as F
 from fastdit.models.reference import DiT
 
+from _helpers import randomize_weights_
+
 
 N, SHARD, STEPS, SEED = 7, 2, 3, 11
 KW = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2,
@@ -22,10 +24,7 @@ KW = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, nu
 def tiny_model():
     torch.manual_seed(0)
     model = DiT(**KW)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0, 0.08)
+    randomize_weights_(model, 0.08)
     return model.eval()
 
 
