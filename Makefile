@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: install test digits
+.PHONY: install test digits gpu-check
 
 # Installs fastdit and its test tools. A machine without torch gets the 2.13.0 build first, so that
 # pip does not resolve torch itself while installing the dependencies.
@@ -16,3 +16,11 @@ test: install
 # Writes runs/digits/samples/step_0001000.png (one row per class) and runs/digits/loss_curve.png.
 digits: install
 	$(PY) -m deepspeed.launcher.runner --num_gpus 2 fastdit/train.py --config configs/digits.json --resume auto
+
+# A GPU at hand for a few minutes: run this first (<= 8 minutes on one H100; no network needed). GPU tests,
+# full-size parity, every throughput row, kernel bandwidth and a real DeepSpeed run, each time-boxed under one
+# deadline; results in benchmarks/results/<gpu>-<date>-<commit>/. Needs torch + triton; deepspeed and the
+# packages it imports come from the environment or from a folder of wheels (WHEELS=DIR, default ./wheels;
+# how to build it: docs/performance.md, "GPU check"). `make gpu-check ARGS=--smoke` rehearses it on CPU.
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(ARGS)

@@ -1,0 +1,575 @@
+"""`make gpu-check`: what a few minutes on a GPU must measure, in one command, under one deadline.
+
+Run it first whenever a GPU is at hand. Each stage is a subprocess time-boxed inside one overall
+deadline (--budget seconds, default 470), so a slow stage cannot eat the others; a stage that would not
+get its minimum time is skipped and says so. Stages, most important first:
+
+  env         versions, GPU, the attention backends that can run, measured copy GB/s and bf16 GEMM TFLOP/s
+  tests       pytest tests/test_kernels.py tests/test_dit_parity.py on the GPU, then every other `gpu` test
+  parity      benchmarks/parity.py: DiT-XL/2 fast vs reference, forward + every gradient, fp32 and bf16
+  throughput  benchmarks/throughput.py, every row but the compiled ones, at a batch that fits the card
+  kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
+  train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
+  compile     benchmarks/throughput.py rows compile and fused+compile (compilation takes minutes)
+
+Everything lands in benchmarks/results/<gpu>-<date>-<commit>/ (or --out): each stage's JSON, the
+kernel plot, log.txt (all output), summary.json and a README.md with the summary table and the exact
+commands. The summary table is printed last.
+
+The machine needs torch and triton; the rest (deepspeed and what it imports: pydantic, pydantic-core,
+annotated-types, typing-inspection, typing-extensions, hjson; nvtx) is imported from the environment
+or installed without network from a folder of wheels (--wheels, default ./wheels) into a private
+target folder. Build that folder on a machine with network (docs/performance.md, "GPU check"):
+
+    mkdir -p wheels && DS_BUILD_OPS=0 python3 -m pip wheel --no-deps -w wheels deepspeed==0.19.8
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels \\
+        pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \\
+        typing-extensions==4.16.0 hjson==3.1.0 nvtx==0.2.17
+
+    make gpu-check                                   # = python3 benchmarks/gpu_check.py
+    python3 benchmarks/gpu_check.py --budget 300 --skip compile
+    python3 benchmarks/gpu_check.py --smoke          # every stage with tiny settings on CPU (rehearsal)
+
+Exit codes: 0 every stage ok; 1 a stage failed, timed out or was skipped; 2 bad input (no CUDA device
+without --smoke, a missing wheel folder, a wheel that does not install).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.common import environment, git_commit, write_json  # noqa: E402
+
+STAGES = ("env", "tests", "parity", "throughput", "kernels", "train", "compile")
+COMPILE_ROWS = ("compile", "fused+compile")
+# Modules the stages import beyond torch/triton, and the wheel that brings each.
+NEEDED = {"deepspeed": "deepspeed", "pydantic": "pydantic", "hjson": "hjson"}
+OPTIONAL = {"nvtx": "nvtx"}
+SITE = os.path.join(tempfile.gettempdir(), "fastdit-gpu-check-site")
+EXIT_BAD_INPUT = 2
+
+
+def fail(msg: str) -> None:
+    print(f"gpu_check: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for all stages together, setup included (default 470; smoke 300)")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default benchmarks/results/<gpu>-<date>-<commit>; smoke: a temp dir)")
+    ap.add_argument("--wheels", default=None,
+                    help="folder of wheels to install offline (default $FASTDIT_WHEELS or ./wheels, used "
+                         "only when deepspeed/pydantic/hjson are not importable)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="training batch of the throughput and train stages (default: 128 on an 80 GB "
+                         "card, scaled down with the card's memory)")
+    ap.add_argument("--skip", nargs="+", default=[], choices=STAGES, metavar="STAGE",
+                    help=f"stages to leave out ({', '.join(STAGES)})")
+    ap.add_argument("--smoke", action="store_true",
+                    help="run every stage with tiny settings on CPU: a rehearsal of this script")
+    ap.add_argument("--report-env", metavar="PATH", help=argparse.SUPPRESS)  # the env stage's own entry
+    a = ap.parse_args(argv)
+    if a.budget is None:
+        a.budget = 300.0 if a.smoke else 470.0
+    if not a.budget > 0:
+        ap.error(f"--budget must be positive, got {a.budget}")
+    if a.batch is not None and a.batch < 1:
+        ap.error(f"--batch must be >= 1, got {a.batch}")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# The env stage (runs in its own process: it initialises CUDA)
+# ----------------------------------------------------------------------------------------------
+def report_env(path: str, smoke: bool) -> int:
+    import torch
+
+    from benchmarks import ceilings
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    env = environment(device)
+    versions = {}
+    for mod in ("deepspeed", "pydantic", "hjson", "nvtx", "diffusers", "xformers", "flash_attn",
+                "flash_attn_interface", "numpy"):
+        try:
+            m = __import__(mod)
+            versions[mod] = getattr(m, "__version__", "?")
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            versions[mod] = f"not importable ({type(e).__name__})"
+    from fastdit import attention as attn
+    if hasattr(attn, "backend_status"):
+        backends = {k: dict(ok=ok, reason=why) for k, (ok, why) in attn.backend_status().items()}
+    else:
+        backends = {k: dict(ok=ok, reason="" if ok else "not available")
+                    for k, ok in attn.available_backends().items()}
+    if smoke:
+        ceil = ceilings.measure(device, copy_mib=8, gemm_n=256)
+    else:
+        ceil = ceilings.measure(device, copy_mib=1024, gemm_n=8192)
+    nvsmi = None
+    if device.type == "cuda":
+        try:
+            nvsmi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                                    "--format=csv,noheader"], capture_output=True, text=True,
+                                   timeout=30).stdout.strip()
+        except Exception as e:  # noqa: BLE001
+            nvsmi = f"nvidia-smi failed: {e}"
+    rec = dict(environment=env, versions=versions, attention_backends=backends, ceilings=ceil,
+               nvidia_smi=nvsmi, interpreter=os.environ.get("TRITON_INTERPRET") == "1")
+    write_json(path, rec)
+    print(f"{env['gpu'] or 'CPU'} | torch {env['torch']} triton {env['triton']} cuda {env['cuda']} | "
+          f"deepspeed {versions['deepspeed']} | copy {ceil['copy_gbps']:.0f} GB/s | bf16 GEMM "
+          f"{ceil['gemm_tflops']:.1f} TFLOP/s", flush=True)
+    print("attention backends: " + ", ".join(f"{k}={'ok' if v['ok'] else 'no (' + v['reason'] + ')'}"
+                                              for k, v in backends.items()), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Running stages under a deadline
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    name: str
+    commands: List[List[str]]
+    cap: float                        # most seconds this stage may take
+    floor: float                      # fewest seconds worth starting it with
+    summarize: Callable[["Stage"], str] = lambda s: ""
+    ok_codes: tuple = (0,)
+    status: str = "not run"
+    wall: float = 0.0
+    returncodes: List[int] = field(default_factory=list)
+    result: str = ""
+    detail: Dict[str, Any] = field(default_factory=dict)
+
+
+class Log:
+    """Writes everything to log.txt and to stdout."""
+
+    def __init__(self, path: str):
+        self.f = open(path, "a", buffering=1)
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            print(line, flush=True)
+            self.f.write(line + "\n")
+
+
+def run_command(cmd: List[str], env: Dict[str, str], timeout: float, log: Log) -> int:
+    """Run cmd in its own process group, streaming its output; kill the group at the timeout (rc 124)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", start_new_session=True)
+
+    def pump():
+        for line in proc.stdout:
+            log("    " + line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        rc = 124
+    reader.join(timeout=5)
+    return rc
+
+
+def run_stages(stages: List[Stage], deadline: float, env: Dict[str, str], log: Log) -> None:
+    for i, st in enumerate(stages):
+        reserve = sum(s.floor + 2 for s in stages[i + 1:])  # +2 s each: process start and kill
+        left = deadline - time.time()
+        allowed = min(st.cap, left - reserve)
+        if allowed < st.floor:
+            allowed = min(st.cap, left)  # the later stages' reserve goes first, then this stage's turn
+            if allowed < st.floor:
+                st.status, st.result = "skipped", f"only {max(left, 0):.0f} s left of the budget"
+                log(f"=== {st.name}: SKIPPED ({st.result})")
+                continue
+        log(f"=== {st.name} (at most {allowed:.0f} s) {datetime.datetime.now():%H:%M:%S}")
+        t0 = time.time()
+        for cmd in st.commands:
+            log("$ " + " ".join(shlex.quote(c) for c in cmd))
+            rc = run_command(cmd, env, t0 + allowed - time.time(), log)
+            st.returncodes.append(rc)
+            if rc == 124:
+                break
+        st.wall = time.time() - t0
+        rcs = st.returncodes
+        st.status = ("timeout" if 124 in rcs else "ok" if all(rc in st.ok_codes for rc in rcs) else "failed")
+        try:
+            st.result = st.summarize(st)
+        except Exception as e:  # noqa: BLE001 - a missing or partial output file is reported, not fatal
+            st.result = f"(no result: {type(e).__name__}: {e})"
+            if st.status == "ok":
+                st.status = "failed"  # it exited 0 but did not deliver its output
+        log(f"=== {st.name}: {st.status.upper()} rc={rcs} in {st.wall:.0f} s | {st.result}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries of each stage's output files
+# ----------------------------------------------------------------------------------------------
+def _load(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def junit_counts(paths: List[str]) -> Dict[str, int]:
+    c = dict(tests=0, failures=0, errors=0, skipped=0)
+    failed: List[str] = []
+    for p in paths:
+        if not os.path.isfile(p):
+            continue
+        root = ET.parse(p).getroot()
+        for suite in ([root] if root.tag == "testsuite" else root.iter("testsuite")):
+            for k in c:
+                c[k] += int(suite.get(k, 0))
+            for case in suite.iter("testcase"):
+                if case.find("failure") is not None or case.find("error") is not None:
+                    failed.append(f"{case.get('classname')}::{case.get('name')}")
+    c["passed"] = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
+    c["failed_tests"] = failed
+    return c
+
+
+def summarize_env(out: str, st: Stage) -> str:
+    d = _load(os.path.join(out, "env.json"))
+    e, c = d["environment"], d["ceilings"]
+    st.detail = dict(gpu=e["gpu"], torch=e["torch"], triton=e["triton"], cuda=e["cuda"],
+                     copy_gbps=c["copy_gbps"], gemm_tflops=c["gemm_tflops"],
+                     deepspeed=d["versions"].get("deepspeed"))
+    return (f"{e['gpu'] or 'CPU'} | torch {e['torch']} triton {e['triton']} | copy {c['copy_gbps']:.0f} GB/s | "
+            f"GEMM {c['gemm_tflops']:.0f} TFLOP/s")
+
+
+def summarize_tests(out: str, st: Stage) -> str:
+    c = junit_counts([os.path.join(out, "tests_kernels_parity.xml"), os.path.join(out, "tests_gpu_marked.xml")])
+    st.detail = c
+    s = f"{c['passed']} passed, {c['failures'] + c['errors']} failed, {c['skipped']} skipped"
+    return s + (f" ({', '.join(c['failed_tests'][:5])})" if c["failed_tests"] else "")
+
+
+def summarize_parity(out: str, st: Stage) -> str:
+    d = _load(os.path.join(out, "parity.json"))
+    fast = [r for r in d["results"] if r["case"].startswith("fast")]
+    st.detail = {r["case"]: {k: r.get(k) for k in ("out_rel", "grad_rel", "pass", "error")} for r in d["results"]}
+    worst32 = max((r.get("grad_rel") or 0) for r in fast if " fp32 " in r["case"]) if fast else None
+    return (f"{d['model']}: {sum(r['pass'] is True for r in fast)}/{len(fast)} fast cases pass"
+            + (f", fp32 grads rel {worst32:.1e}" if worst32 is not None else ""))
+
+
+def _row_figures(rows: List[Dict]) -> Dict[str, Dict]:
+    fig = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            fig[r["name"]] = dict(img_per_s=r["img_per_s"]["median"], ms_per_step=r["ms_per_step"]["median"],
+                                  mfu=r.get("mfu"), peak_mem_gib=r.get("peak_mem_gib"))
+        else:
+            fig[r["name"]] = dict(status=r.get("status"), error=(r.get("error") or "")[:200])
+    return fig
+
+
+def summarize_throughput(path: str, st: Stage) -> str:
+    d = _load(path)
+    st.detail = _row_figures(d["rows"])
+    parts = [f"{k} {v['img_per_s']:.0f}" if "img_per_s" in v else f"{k} {v['status']}"
+             for k, v in st.detail.items()]
+    return "img/s: " + ", ".join(parts) + ("" if d.get("complete") else " (incomplete)")
+
+
+def summarize_kernels(out: str, st: Stage) -> str:
+    d = _load(os.path.join(out, "kernels.json"))
+    share = {}
+    for r in d["rows"]:
+        if r["impl"] == "fused":
+            share.setdefault(r["op"], {})[r["pass"]] = r["copy_share"]
+    st.detail = dict(copy_gbps=d["meta"].get("copy_gbps"), fused_copy_share=share)
+    return "fused fwd/bwd % of copy: " + ", ".join(
+        f"{op} {100 * v.get('fwd', 0):.0f}/{100 * v.get('bwd', 0):.0f}" for op, v in share.items())
+
+
+def summarize_train(run_dir: str, out: str, skip_windows: int, st: Stage) -> str:
+    """img/s of the run's metrics.jsonl (copied into `out`), then the run folder (checkpoint) is deleted."""
+    src = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        recs = [json.loads(line) for line in open(src) if line.strip()]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    with open(os.path.join(out, "train_metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    win = [r for r in recs if r.get("img_per_s")][skip_windows:]
+    if not win:
+        raise ValueError(f"no timed windows after the first {skip_windows} in {src}")
+    ips = sorted(r["img_per_s"] for r in win)
+    med = ips[len(ips) // 2]
+    mfu = sorted(r["mfu"] for r in win if r.get("mfu") is not None)
+    st.detail = dict(img_per_s_median=med, img_per_s=[r["img_per_s"] for r in win],
+                     mfu_median=mfu[len(mfu) // 2] if mfu else None, mem_gb=win[-1].get("mem_gb"),
+                     loss_last=win[-1].get("loss"), windows_skipped=skip_windows)
+    return (f"{med:.0f} img/s" + (f", MFU {100 * st.detail['mfu_median']:.1f}%" if mfu else "")
+            + f", {st.detail['mem_gb']:.1f} GB, loss {st.detail['loss_last']:.4f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: wheels, output folder, stages
+# ----------------------------------------------------------------------------------------------
+def importable(mod: str, env: Dict[str, str]) -> bool:
+    code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({mod!r}) else 1)"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
+
+
+def install_wheels(folder: Optional[str], env: Dict[str, str], log: Log) -> List[str]:
+    """Make NEEDED importable for the stages (offline). Returns notes; exits 2 on a bad folder or wheel."""
+    missing = [m for m in NEEDED if not importable(m, env)]
+    notes = []
+    if not missing:
+        notes.append("deepspeed, pydantic, hjson: already importable (no wheels installed)")
+        return notes
+    explicit = folder is not None or "FASTDIT_WHEELS" in os.environ
+    folder = folder or os.environ.get("FASTDIT_WHEELS") or os.path.join(ROOT, "wheels")
+    if not os.path.isdir(folder):
+        fail(f"{', '.join(missing)} not importable and the wheel folder {folder} does not exist"
+             + ("" if explicit else " (pass --wheels DIR)") + "; build it with the commands in "
+             "benchmarks/gpu_check.py's docstring (docs/performance.md, 'GPU check')")
+    wheels = sorted(glob.glob(os.path.join(folder, "*.whl")))
+    if not wheels:
+        fail(f"{', '.join(missing)} not importable and {folder} holds no .whl files")
+    os.makedirs(SITE, exist_ok=True)
+    base = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+            "--no-cache-dir", "--upgrade", "--target", SITE]
+    log(f"installing {len(wheels)} wheel(s) from {folder} into {SITE}")
+    proc = subprocess.run(base + wheels, capture_output=True, text=True)
+    if proc.returncode != 0:
+        for w in wheels:  # find which one does not install
+            one = subprocess.run(base + [w], capture_output=True, text=True)
+            if one.returncode != 0:
+                err = (one.stderr.strip().splitlines() or ["?"])[-1]
+                fail(f"wheel {os.path.basename(w)} does not install: {err}")
+        fail(f"the wheels in {folder} do not install together: {proc.stderr.strip()[-500:]}")
+    env["PYTHONPATH"] = os.pathsep.join([SITE] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PATH"] = os.path.join(SITE, "bin") + os.pathsep + env.get("PATH", "")
+    still = [m for m in NEEDED if not importable(m, env)]
+    if still:
+        fail(f"after installing {folder}: {', '.join(still)} still not importable; add the wheel(s) "
+             f"{', '.join(NEEDED[m] for m in still)}")
+    notes.append(f"installed {len(wheels)} wheel(s) from {folder}: " + ", ".join(os.path.basename(w) for w in wheels))
+    for m, w in OPTIONAL.items():
+        if not importable(m, env):
+            notes.append(f"optional {m} not importable (wheel {w}): nvtx ranges off")
+    return notes
+
+
+def gpu_info(env: Dict[str, str]) -> Dict[str, Any]:
+    code = ("import json, torch; ok = torch.cuda.is_available(); p = torch.cuda.get_device_properties(0) if ok "
+            "else None; print(json.dumps(dict(cuda=ok, name=p.name if p else None, "
+            "mem_gib=p.total_memory / 2**30 if p else None)))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        fail(f"cannot query the device with torch: {proc.stderr.strip()[-300:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def gpu_slug(name: Optional[str]) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; the first model-like word of the device name, lowercased."""
+    words = [w for w in re.split(r"[\s_]+", name or "") if w and w.upper() not in ("NVIDIA", "TESLA", "GEFORCE",
+                                                                                    "RTX", "AMD", "INSTINCT")]
+    return re.sub(r"[^a-z0-9]+", "", words[0].lower()) if words else "gpu"
+
+
+def default_batch(mem_gib: Optional[float]) -> int:
+    """128 on an 80 GB card (79.2 GiB usable; the eager math-attention row peaked at 58 GiB there at 128),
+    scaled down with the card's memory in steps of 16."""
+    if not mem_gib:
+        return 128
+    return int(max(16, min(128, (mem_gib / 75.0 * 128) // 16 * 16)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[Stage]:
+    from benchmarks.throughput import ALL_ROWS
+    smoke = a.smoke
+    xdist = (not smoke) and importlib.util.find_spec("xdist") is not None
+    run_dir = os.path.join(tempfile.gettempdir(), f"fastdit-gpu-check-train-{os.getpid()}")
+    kp_xml, gm_xml = os.path.join(out, "tests_kernels_parity.xml"), os.path.join(out, "tests_gpu_marked.xml")
+    if smoke:
+        test_sel = ["tests/test_kernels.py::test_poison_catches_unwritten_rows",
+                    "tests/test_dit_parity.py::test_state_dicts_load_both_ways_strictly"]
+        tp = ["--smoke"]
+        fast_rows = [r for r in ("eager", "fused", "deepspeed") if r in ALL_ROWS]
+        compile_rows = ["compile"]
+        par = ["--smoke"]
+        kern = ["--smoke"]
+        train_cfg = ["--config", "configs/digits.json", "--set", "train.max_steps=4", "--set", "train.log_every=1"]
+        skip_windows = 1
+    else:
+        test_sel = ["tests/test_kernels.py", "tests/test_dit_parity.py"] + (["-n", "4"] if xdist else [])
+        tp = ["--batch", str(batch), "--warmup", "2", "--steps", "4", "--repeats", "3"]
+        fast_rows = [r for r in ALL_ROWS if r not in COMPILE_ROWS]
+        compile_rows = list(COMPILE_ROWS)
+        par = ["--model", "DiT-XL/2", "--batch", "4"]
+        kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "eager", "compile",
+                "--rep", "60", "--warmup", "15"]
+        train_cfg = ["--config", "configs/xl2_zero2.json", "--set", "data.kind=synthetic",
+                     "--set", "data.synthetic_size=4096", "--set", "data.num_workers=4",
+                     "--set", "train.max_steps=16", "--set", "train.log_every=2",
+                     "--set", f"deepspeed.train_micro_batch_size_per_gpu={batch}",
+                     "--set", f"deepspeed.train_batch_size={batch}"]
+        skip_windows = 2  # the first two windows hold the warm-up (allocator, cuDNN/Triton autotuning)
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    train_cmd = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+                 "fastdit/train.py"] + train_cfg + [
+                 "--set", "train.ckpt_every=1000000", "--set", "train.final_sample=false",
+                 "--set", "train.sample_every=0", "--set", "train.plots=false", "--set", "train.progress=false",
+                 "--set", f"train.output_dir={run_dir}"]
+    j = lambda name: os.path.join(out, name)  # noqa: E731
+    # caps/floors in seconds, sized from an H100 run (2026-11-26): tests 93 s, parity 57 s, kernels 41 s,
+    # eager+fused rows 29 s, train.py 55 s, compile rows 123 s.
+    return [
+        Stage("env", [[py, os.path.join("benchmarks", "gpu_check.py"), "--report-env", j("env.json")]
+                      + (["--smoke"] if smoke else [])], 60, 10, lambda s: summarize_env(out, s)),
+        Stage("tests", [pytest + test_sel + ["--junitxml", kp_xml],
+                        pytest + ["tests", "-m", "gpu", "--ignore", "tests/test_kernels.py",
+                                  "--ignore", "tests/test_dit_parity.py", "--junitxml", gm_xml]],
+              200, 30, lambda s: summarize_tests(out, s), ok_codes=(0, 5)),  # 5: no test selected
+        Stage("parity", [[py, "benchmarks/parity.py", *par, "--json", j("parity.json")]], 120, 20,
+              lambda s: summarize_parity(out, s)),
+        Stage("throughput", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(fast_rows),
+                              "--json", j("throughput.json")]], 150, 20,
+              lambda s: summarize_throughput(j("throughput.json"), s)),
+        Stage("kernels", [[py, "benchmarks/kernels.py", *kern, "--json", j("kernels.json"),
+                           "--plot", j("kernels.png")]], 100, 15, lambda s: summarize_kernels(out, s)),
+        Stage("train", [train_cmd], 120, 30,
+              lambda s: summarize_train(run_dir, out, skip_windows, s)),
+        Stage("compile", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(compile_rows),
+                           "--json", j("throughput_compile.json")]], 240, 60,
+              lambda s: summarize_throughput(j("throughput_compile.json"), s)),
+    ]
+
+
+def summary_table(stages: List[Stage]) -> str:
+    lines = [f"{'stage':<11} {'status':<8} {'wall':>6}  result", "-" * 100]
+    for s in stages:
+        lines.append(f"{s.name:<11} {s.status:<8} {s.wall:5.0f}s  {s.result}")
+    return "\n".join(lines)
+
+
+def write_readme(out: str, info: Dict[str, Any], stages: List[Stage], table: str) -> None:
+    cmds = "\n".join("$ " + " ".join(shlex.quote(c) for c in cmd) for s in stages for cmd in s.commands)
+    text = f"""# GPU check: {info['gpu'] or 'CPU (smoke)'}, {info['date']}, commit {info['commit']}
+
+Written by `{info['command']}` ({'smoke rehearsal on CPU: the numbers say nothing about a GPU' if info['smoke']
+else 'make gpu-check'}); budget {info['budget_s']:.0f} s, {info['wall_s']:.0f} s used. Training batch {info['batch']}.
+Files: env.json (versions, measured ceilings), tests_*.xml (pytest), parity.json, throughput.json,
+throughput_compile.json, kernels.json / kernels.png, train_metrics.jsonl, summary.json, log.txt (everything printed).
+
+```
+{table}
+```
+
+Setup: {'; '.join(info['setup'])}
+
+Commands, in order (run from the repository root; PYTHONPATH={info['pythonpath']}):
+```
+{cmds}
+```
+"""
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(text)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.report_env:
+        return report_env(a.report_env, a.smoke)
+    t_start = time.time()
+    deadline = t_start + a.budget
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if a.smoke:
+        env["TRITON_INTERPRET"] = "1"  # Triton kernels on CPU tensors, through the interpreter
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        info_gpu: Dict[str, Any] = dict(cuda=False, name=None, mem_gib=None)
+    else:
+        env.pop("TRITON_INTERPRET", None)
+        info_gpu = gpu_info(env)
+        if not info_gpu["cuda"]:
+            fail("no CUDA device is visible (torch.cuda.is_available() is False); "
+                 "`python3 benchmarks/gpu_check.py --smoke` rehearses every stage on CPU")
+    commit = git_commit()
+    date = datetime.date.today().isoformat()
+    short = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "") if commit != "unknown" else "unknown"
+    out = a.out or (tempfile.mkdtemp(prefix="fastdit-gpu-check-smoke-") if a.smoke else
+                    os.path.join(ROOT, "benchmarks", "results", f"{gpu_slug(info_gpu['name'])}-{date}-{short}"))
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    log = Log(os.path.join(out, "log.txt"))
+    log(f"fastdit gpu-check | {info_gpu['name'] or 'CPU smoke'} | commit {commit} | budget {a.budget:.0f} s | "
+        f"results in {out}")
+    setup = install_wheels(a.wheels, env, log)
+    for note in setup:
+        log(note)
+    batch = a.batch or (2 if a.smoke else default_batch(info_gpu["mem_gib"]))
+    stages = [s for s in build_stages(a, out, batch, sys.executable, env) if s.name not in a.skip]
+    run_stages(stages, deadline, env, log)
+
+    table = summary_table(stages)
+    info = dict(gpu=info_gpu["name"], gpu_mem_gib=info_gpu["mem_gib"], commit=commit, date=date,
+                smoke=a.smoke, budget_s=a.budget, wall_s=time.time() - t_start, batch=batch, setup=setup,
+                pythonpath=env["PYTHONPATH"], skipped_by_request=a.skip,
+                command="python3 benchmarks/gpu_check.py" + ("" if argv is None and len(sys.argv) < 2 else
+                                                              " " + " ".join(shlex.quote(x) for x in
+                                                                             (sys.argv[1:] if argv is None else argv))))
+    write_json(os.path.join(out, "summary.json"), dict(
+        benchmark="gpu_check", **info,
+        stages=[dict(name=s.name, status=s.status, wall_s=s.wall, returncodes=s.returncodes, result=s.result,
+                     detail=s.detail, commands=[" ".join(shlex.quote(c) for c in cmd) for cmd in s.commands])
+                for s in stages]))
+    write_readme(out, info, stages, table)
+    log("")
+    log(f"gpu-check summary ({time.time() - t_start:.0f} s of {a.budget:.0f}; results in {out})")
+    log(table)
+    return 0 if all(s.status == "ok" for s in stages) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
