@@ -158,10 +158,11 @@ def test_sampler_epochs_differ_and_flip_off():
 # ----------------------------------------------------------------------------------------------
 # EMA on one process (the distributed paths are exercised by tests/test_train.py)
 # ----------------------------------------------------------------------------------------------
-def test_ema_update_formula_and_round_trip():
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_ema_update_formula_and_round_trip(one_pass):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    ema = ShardedEMA(net, decay=0.75)
+    ema = ShardedEMA(net, decay=0.75, one_pass=one_pass)
     ref = {k: v.detach().clone().double() for k, v in net.state_dict().items()}
     for _ in range(3):
         with torch.no_grad():
