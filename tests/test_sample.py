@@ -62,10 +62,11 @@ def test_sampling_is_deterministic_and_per_sample():
     b = S.sample_latents(model, labels, seeds, cfg_scale=2.0, num_steps=6)
     assert torch.equal(a, b)
     c = S.sample_latents(model, labels, [20, 11, 12, 13], cfg_scale=2.0, num_steps=6)
-    assert not torch.allclose(a[0], c[0]) and torch.allclose(a[1:], c[1:], atol=1e-5)
+    assert not torch.allclose(a[0], c[0], atol=1e-2) and torch.allclose(a[1:], c[1:], atol=1e-4)
     # a sample does not depend on its batch: sample 2 alone equals sample 2 in the batch
     alone = S.sample_latents(model, [2], [12], cfg_scale=2.0, num_steps=6)
-    torch.testing.assert_close(alone[0], a[2], atol=1e-5, rtol=1e-5)
+    # (batched and single matmuls may round differently: seen 1.1e-5 on one CPU, so 1e-4)
+    torch.testing.assert_close(alone[0], a[2], atol=1e-4, rtol=1e-4)
     # the sampler noise is drawn on the CPU from per-sample generators
     noise = S.PerSampleNoise([12]).draw((4, 8, 8))
     torch.testing.assert_close(noise[0], torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(12)))
