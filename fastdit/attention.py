@@ -222,7 +222,7 @@ def attention(qkv: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"attention expects qkv of shape (N, T, 3, H, hd), got {tuple(qkv.shape)}")
     if backend == "auto" or backend in ("flash_attn", "xformers"):
-        backend = resolve_backend(backend, qkv.device, qkv.dtype)  # cached imports; raises if missing
+        backend = resolve_backend(backend, qkv.device, qkv.dtype)  # cached probe; raises if it cannot run
     elif backend not in _IMPLS:
         resolve_backend(backend)  # raises the unknown-name error
     return _IMPLS[backend](qkv)
