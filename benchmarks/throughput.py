@@ -18,7 +18,8 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
                        this device and dtype, passed explicitly>)
     fused+compile      the fast model under torch.compile
     fused/<backend>    the fast model with attention=<backend>, one row per backend of fastdit.attention
-                       (rows of backends not installed are recorded as "unavailable")
+                       (rows of backends that cannot run here are recorded as "unavailable", with
+                       the reason fastdit.attention.backend_status() gives)
 
 Precision (the same for every row; --precision):
     bf16      (default) parameters, activations and gradients in bf16, AdamW on fp32 master copies of the
@@ -204,9 +205,10 @@ class RowSpec:
 
 
 def row_specs(names: List[str]) -> List[RowSpec]:
-    """RowSpecs for row names (see ALL_ROWS); attention backends not installed are marked unavailable."""
+    """RowSpecs for row names (see ALL_ROWS); attention backends that cannot run here are marked
+    unavailable, with the probe's reason (not installed, no CUDA, or a failed test call)."""
     from fastdit import attention as attn
-    avail = attn.available_backends()
+    status = attn.backend_status()
     specs = []
     for name in names:
         if name == "eager":
@@ -221,10 +223,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", True, "auto"))
         elif name.startswith("fused/"):
             backend = name.split("/", 1)[1]
-            why = None
-            if not avail.get(backend, False):
-                hint = attn._INSTALL_HINT.get(backend, "")
-                why = f"attention backend {backend!r} is not installed" + (f" ({hint})" if hint else "")
+            ok, reason = status.get(backend, (False, "unknown attention backend"))
+            why = None if ok else f"attention backend {backend!r} cannot run here: {reason}"
             specs.append(RowSpec(name, "fast", False, backend, why))
         else:
             raise ValueError(f"unknown row {name!r}; known rows: {', '.join(ALL_ROWS)}")

@@ -7,16 +7,19 @@ Every backend computes softmax(q k^T / sqrt(hd)) v from the fused qkv projection
   sdpa        torch.nn.functional.scaled_dot_product_attention (flash / cuDNN / memory-efficient on CUDA)
   flash_attn  FlashAttention 3 (flash_attn_interface) or 2 (flash_attn), fp16/bf16 on CUDA
   xformers    xformers.ops.memory_efficient_attention
-  auto        flash_attn where importable and the input is CUDA fp16/bf16, else sdpa
+  auto        flash_attn where it can run and the input is CUDA fp16/bf16, else sdpa
 
-head_dim 72 (DiT-XL: 1152 / 16) works on all of them. Asking for a backend that is not installed raises
-an error saying how to install it; asking flash_attn for fp32 or CPU tensors raises too (no silent
-fallback for an explicit choice).
+head_dim 72 (DiT-XL: 1152 / 16) works on all of them. probe() decides once per process which backends
+can run: flash_attn and xformers must import and, on CUDA, pass one tiny bf16 call (an import can
+succeed without working CUDA operators, e.g. xformers built for another torch); without CUDA they
+cannot run. backend_status() gives each verdict with its reason. Asking for a backend that cannot run
+raises a one-line ImportError with the reason (how to install it, when it is missing); asking
+flash_attn for fp32 or CPU tensors raises too (no silent fallback for an explicit choice).
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,23 +31,87 @@ _INSTALL_HINT = {
 }
 
 
-# name -> imported module or None. Filled once by probe(), outside any torch.compile trace (the model
-# calls it at construction), so forward() only does dict lookups, which compile traces without breaks.
+# name -> imported module or None, and backend -> (ok, reason). Filled once by probe(), outside any
+# torch.compile trace (the model calls it at construction), so forward() only does dict lookups, which
+# compile traces without breaks.
 _MODULES: Dict[str, object] = {}
+_STATUS: Dict[str, Tuple[bool, str]] = {}
+_IMPORT_ERRORS: Dict[str, str] = {}
+
+# The tiny call that shows a library's CUDA operators run: (N, T, H, hd) with DiT-XL's head_dim 72.
+_PROBE_SHAPE = (1, 16, 1, 72)
+
+
+def _one_line(e: BaseException) -> str:
+    """`Type: first line [... last line]` of an exception, for one-line reasons."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0][:200] if lines else ""
+    if len(lines) > 1:
+        text += " ... " + lines[-1][:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _try_import(name: str):
     try:
         return importlib.import_module(name)
-    except Exception:  # ImportError, or a broken binary extension
+    except ModuleNotFoundError as e:
+        if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+            return None  # not installed
+        _IMPORT_ERRORS[name] = _one_line(e)  # installed, but something it imports is missing
+        return None
+    except Exception as e:  # an ImportError or a broken binary extension
+        _IMPORT_ERRORS[name] = _one_line(e)
         return None
 
 
+def _probe_device() -> Optional[torch.device]:
+    """The device of the probe's test calls: the current CUDA device, None without CUDA."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+def _run_check(backend: str) -> Tuple[bool, str]:
+    """(ok, reason) of one tiny bf16 call of an importable library on the probe device.
+
+    An import can succeed without working CUDA operators (xformers built for another torch/CUDA,
+    a flash-attn wheel for another GPU architecture); only a real call tells.
+    """
+    device = _probe_device()
+    if device is None:
+        return False, "needs a CUDA device and none is visible to torch"
+    try:
+        n, t, h, hd = _PROBE_SHAPE
+        qkv = torch.linspace(-1, 1, n * t * 3 * h * hd, device=device).sin()  # no RNG draw
+        qkv = qkv.view(n, t, 3, h, hd).to(torch.bfloat16)
+        out = _LIBRARY_CALLS[backend](qkv)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if tuple(out.shape) != (n, t, h * hd) or not torch.isfinite(out).all():
+            return False, "a test call returned a wrong shape or non-finite values"
+    except Exception as e:  # noqa: BLE001 - any failure means the backend cannot run here
+        return False, f"a test call failed ({_one_line(e)})"
+    return True, ""
+
+
 def probe() -> Dict[str, object]:
-    """Import the optional attention libraries once and remember what is there."""
+    """Import the optional attention libraries once, check that each one can run, remember both.
+
+    Returns the imported modules by name (None where not importable); backend_status() gives the
+    verdicts. A CUDA machine runs one tiny call per importable library on the current device.
+    """
     if not _MODULES:
         for name in ("flash_attn_interface", "flash_attn", "xformers.ops"):
             _MODULES[name] = _try_import(name)
+        _STATUS["math"] = (True, "")
+        _STATUS["sdpa"] = ((True, "") if hasattr(F, "scaled_dot_product_attention")
+                           else (False, f"torch {torch.__version__} has no scaled_dot_product_attention"))
+        for backend, modules in (("flash_attn", ("flash_attn_interface", "flash_attn")),
+                                 ("xformers", ("xformers.ops",))):
+            if any(_MODULES[m] is not None for m in modules):
+                _STATUS[backend] = _run_check(backend)
+            else:
+                errors = [f"{m}: {_IMPORT_ERRORS[m]}" for m in modules if m in _IMPORT_ERRORS]
+                _STATUS[backend] = (False, ("import failed: " + "; ".join(errors)) if errors
+                                    else f"not installed ({_INSTALL_HINT[backend]})")
     return _MODULES
 
 
@@ -58,13 +125,15 @@ def _flash_module():
     return None, None
 
 
+def backend_status() -> Dict[str, Tuple[bool, str]]:
+    """backend -> (ok, reason): whether it can run in this process, and why not ("" when it can)."""
+    probe()
+    return dict(_STATUS)
+
+
 def available_backends() -> Dict[str, bool]:
-    return {
-        "math": True,
-        "sdpa": hasattr(F, "scaled_dot_product_attention"),
-        "flash_attn": _flash_module()[0] is not None,
-        "xformers": probe()["xformers.ops"] is not None,
-    }
+    """backend -> whether it can run in this process (see backend_status for the reasons)."""
+    return {name: ok for name, (ok, _) in backend_status().items()}
 
 
 def _math(qkv: torch.Tensor) -> torch.Tensor:
@@ -89,8 +158,7 @@ def _check_half_cuda(qkv: torch.Tensor, backend: str):
                          "train in bf16 or use 'sdpa'")
 
 
-def _flash(qkv: torch.Tensor) -> torch.Tensor:
-    _check_half_cuda(qkv, "flash_attn")
+def _flash_call(qkv: torch.Tensor) -> torch.Tensor:
     mod, version = _flash_module()
     n, t, _, h, hd = qkv.shape
     if version == 3:
@@ -102,13 +170,28 @@ def _flash(qkv: torch.Tensor) -> torch.Tensor:
     return out.reshape(n, t, h * hd)
 
 
-def _xformers(qkv: torch.Tensor) -> torch.Tensor:
-    if not qkv.is_cuda:
-        raise ValueError("attention backend 'xformers' needs CUDA tensors; use 'sdpa' or 'math' on CPU")
+def _xformers_call(qkv: torch.Tensor) -> torch.Tensor:
     xops = probe()["xformers.ops"]
     n, t, _, h, hd = qkv.shape
     q, k, v = qkv.unbind(2)  # (N, T, H, hd)
     return xops.memory_efficient_attention(q, k, v).reshape(n, t, h * hd)
+
+
+# The libraries' own calls, without fastdit's input checks (the probe calls these).
+_LIBRARY_CALLS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "flash_attn": _flash_call, "xformers": _xformers_call,
+}
+
+
+def _flash(qkv: torch.Tensor) -> torch.Tensor:
+    _check_half_cuda(qkv, "flash_attn")
+    return _flash_call(qkv)
+
+
+def _xformers(qkv: torch.Tensor) -> torch.Tensor:
+    if not qkv.is_cuda:
+        raise ValueError("attention backend 'xformers' needs CUDA tensors; use 'sdpa' or 'math' on CPU")
+    return _xformers_call(qkv)
 
 
 _IMPLS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -121,15 +204,16 @@ def resolve_backend(name: str, device: torch.device | str | None = None,
     """Validate a backend name and turn 'auto' into a concrete backend for a device/dtype."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
-    avail = available_backends()
+    status = backend_status()
     if name == "auto":
         is_cuda = device is not None and torch.device(device).type == "cuda"
         half = dtype in (torch.float16, torch.bfloat16)
-        if is_cuda and half and avail["flash_attn"]:
+        if is_cuda and half and status["flash_attn"][0]:
             return "flash_attn"
         return "sdpa"
-    if not avail[name]:
-        raise ImportError(f"attention backend {name!r} is not installed: {_INSTALL_HINT.get(name, '')}")
+    ok, why = status[name]
+    if not ok:
+        raise ImportError(f"attention backend {name!r} cannot run here: {why}")
     return name
 
 
@@ -138,7 +222,7 @@ def attention(qkv: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"attention expects qkv of shape (N, T, 3, H, hd), got {tuple(qkv.shape)}")
     if backend == "auto" or backend in ("flash_attn", "xformers"):
-        backend = resolve_backend(backend, qkv.device, qkv.dtype)  # cached imports; raises if missing
+        backend = resolve_backend(backend, qkv.device, qkv.dtype)  # cached probe; raises if it cannot run
     elif backend not in _IMPLS:
         resolve_backend(backend)  # raises the unknown-name error
     return _IMPLS[backend](qkv)

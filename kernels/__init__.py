@@ -26,7 +26,7 @@ dtype, gradients their input's dtype), as under autocast.
 Set FASTDIT_KERNEL_POISON=1 to NaN-fill every output buffer before launch (used by the tests).
 """
 if __name__ != "fastdit.kernels":
-    # The folder is installed as fastdit.kernels (setup.py package_dir). Imported as a top-level
+    # The folder is installed as fastdit.kernels (pyproject.toml package-dir). Imported as a top-level
     # `kernels` (PyPI's package of that name), it would register the "fastdit::" ops a second time.
     raise ImportError(f"this is fastdit.kernels; import it as fastdit.kernels, not {__name__!r}")
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Iterable, Optional, Tuple
 
+import numpy as np
 import torch
 import triton
 
@@ -42,6 +44,59 @@ def _probe_kernel(ptr):
 INTERPRETED = type(_probe_kernel).__name__ == "InterpretedFunction"
 
 
+def _triton_version() -> Tuple[int, int]:
+    """(major, minor) of the installed triton, e.g. (3, 6) for '3.6.0' or '3.6.0+git1234'."""
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _fix_interpreter_index() -> bool:
+    """Let a scalar kernel argument bound a loop (`range(0, K, BLOCK_K)`) in the interpreter of
+    triton < 3.7 under NumPy >= 2.4.
+
+    Those interpreters hold a scalar argument as a shape-(1,) array and turn it into a Python int
+    for `range` with int(array), which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be
+    converted to Python scalars"). Triton 3.7 squeezes the array first; this installs the same
+    conversion, under the interpreter only (GPU code generation never sees it). Returns whether
+    it was installed.
+    """
+    if not INTERPRETED or _triton_version() >= (3, 7):
+        return False
+    from triton.runtime import interpreter
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_fastdit_index_fix", False):
+        return False
+
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    def patched(tensor, *scope):
+        patch_tensor(tensor, *scope)            # triton 3.6 passes a scope that undoes the patches
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    patched._fastdit_index_fix = True
+    interpreter._patch_lang_tensor = patched
+    return True
+
+
+INTERPRETER_INDEX_FIXED = _fix_interpreter_index()
+
+
+def interpreter_problem() -> Optional[str]:
+    """Why the Triton interpreter of this install would compute wrong results, or None.
+
+    The interpreters of triton 3.0 and 3.1 silently drop every store under NumPy 2 (outputs keep
+    whatever was in memory); fastdit declares triton >= 3.3, but a forced install could still have them.
+    """
+    if _triton_version() < (3, 2) and int(np.__version__.split(".")[0]) >= 2:
+        return (f"the Triton interpreter of triton {triton.__version__} drops stores under NumPy "
+                f"{np.__version__}; fastdit needs triton >= 3.3")
+    return None
+
+
 def poison_enabled() -> bool:
     """Whether launchers fill their outputs with NaN before launch (FASTDIT_KERNEL_POISON=1)."""
     return os.environ.get(POISON_ENV, "0") not in ("", "0")
@@ -63,7 +118,7 @@ def device_reason(device: torch.device) -> Optional[str]:
         return None
     if device.type == "cpu":
         if INTERPRETED:
-            return None
+            return interpreter_problem()
         return ("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is "
                 "imported); use the PyTorch path instead")
     return f"device type {device.type!r} is not supported by the Triton kernels (cuda only)"

@@ -18,7 +18,8 @@ Dtypes: each input may be float32, bfloat16 or float16; outputs take PyTorch's p
 (x' of (x, y, gate); h of (x', shift, scale)); each gradient has its input's dtype.
 Any strides are taken. Raises TypeError/ValueError for the inputs listed in kernels/_common.py.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: the interpreter of triton < 3.2 finds tl.constexpr
+# parameters only through annotation objects, not strings.
 
 from typing import Optional, Tuple
 

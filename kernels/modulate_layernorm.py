@@ -22,7 +22,8 @@ autocast); y has PyTorch's promoted dtype of the three, each gradient has its in
 Any strides are taken (e.g. shift/scale as chunks of the (N, 6D) adaLN output, or x transposed).
 Raises TypeError/ValueError for the inputs listed in kernels/_common.py.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: the interpreter of triton < 3.2 finds tl.constexpr
+# parameters only through annotation objects, not strings.
 
 from typing import Optional, Tuple
 

@@ -23,7 +23,8 @@ Conv2d); pos_embed may have any of those dtypes and the output has the promoted 
 pos_embed (as `conv(x) + pos_embed` would). fp32 GEMMs use IEEE fp32 products (no TF32).
 Raises ValueError for a bad rank/shape, a patch size that does not divide H and W, or mixed devices.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: the interpreter of triton < 3.2 finds tl.constexpr
+# parameters only through annotation objects, not strings.
 
 from typing import Optional, Tuple
 

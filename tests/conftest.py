@@ -21,15 +21,31 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 means fp32 on CUDA too: no TF32 in cuBLAS matmuls or cuDNN convolutions (the reference
+    DiT's patch-embedding Conv2d allows it by default). Restored after each test; no-op on CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or long tests")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "triton: runs the Triton kernels (through the interpreter on CPU)")
 
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    from fastdit.kernels._common import interpreter_problem
+    problem = interpreter_problem()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_triton = pytest.mark.skip(reason=f"the Triton interpreter cannot run the kernels: {problem}")
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip)
+            item.add_marker(skip_gpu)
+        elif problem and "triton" in item.keywords:
+            item.add_marker(skip_triton)

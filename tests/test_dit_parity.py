@@ -1,10 +1,17 @@
 """The fast DiT is the reference DiT: same state dict, same forward, same gradients.
 
-The Triton path runs through the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1).
-Weights are random and non-zero everywhere (adaLN-Zero's zero init would hide gradient bugs).
+Models and inputs live on DEV: the CUDA device where there is one (the Triton kernels then run as
+compiled GPU code, fp32 with TF32 off: see tests/conftest.py), else the CPU, where the Triton path
+runs through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1). Weights, inputs and the
+output projection are drawn on the CPU from seeded generators and moved to DEV, so both places test
+the same values. Weights are random and non-zero everywhere (adaLN-Zero's zero init would hide
+gradient bugs).
 """
+import types
+
 import pytest
 import torch
+from _helpers import fake_attention_probe
 
 from fastdit import attention as attn_backends
 from fastdit.models import DiT, DiT_models, ReferenceDiT, ReferenceDiT_models, from_reference
@@ -16,6 +23,7 @@ CONFIGS = {
     "B-width/p4": dict(hidden_size=768, num_heads=12, depth=1, input_size=16, patch_size=4),
     "odd/p2": dict(hidden_size=72, num_heads=2, depth=2, input_size=6, patch_size=2),
 }
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_pair(cfg, seed=0, **fast_kw):
@@ -29,7 +37,8 @@ def make_pair(cfg, seed=0, **fast_kw):
             # unit-gain random weights (std 1/sqrt(fan_in)) so errors are not amplified layer by layer
             std = 1.0 / (p[0].numel() ** 0.5) if p.dim() > 1 and "embedding" not in name else 0.1
             p.copy_(torch.randn(p.shape, generator=g) * std)
-    fast = from_reference(ref, **fast_kw)
+    ref = ref.to(DEV)
+    fast = from_reference(ref, **fast_kw)  # on ref's device
     return ref.train(), fast.train()
 
 
@@ -39,15 +48,15 @@ def inputs(cfg, n=2, seed=0):
     x = torch.randn(n, 4, s, s, generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    return x, t, y
+    return x.to(DEV), t.to(DEV), y.to(DEV)
 
 
 def run(model, x, t, y, seed=0):
     """Forward + backward of a fixed random projection of the output; returns (out, grads by name)."""
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # label dropout draws the same ids in both models
+    torch.manual_seed(seed)  # label dropout draws the same ids in both models (seeds CUDA too)
     out = model(x, t, y)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(123)).to(out.dtype)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(123)).to(out.device, out.dtype)
     (out * w).sum().backward()
     grads = {k: p.grad.detach().float().clone() for k, p in model.named_parameters() if p.grad is not None}
     return out.detach().float(), grads
@@ -59,7 +68,7 @@ def assert_close_rel(a, b, rtol, what):
     assert err <= rtol * scale, f"{what}: max err {err:.3e} vs scale {scale:.3e}"
 
 
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
+@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
 def test_fp32_forward_and_every_gradient(cfg_name, kernels):
     cfg = CONFIGS[cfg_name]
@@ -73,6 +82,7 @@ def test_fp32_forward_and_every_gradient(cfg_name, kernels):
         assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("cfg_name", ["S-width/p2", "B-width/p4"])
 def test_bf16_by_the_flash_attention_rule(cfg_name):
     """|fast_bf16 - ref_fp32| <= 2 |ref_bf16 - ref_fp32| + atol, for the output and every gradient."""
@@ -98,7 +108,7 @@ def test_state_dicts_load_both_ways_strictly():
     cfg = CONFIGS["odd/p2"]
     ref, fast = make_pair(cfg, kernels="torch")
     assert list(ref.state_dict()) == list(fast.state_dict())
-    ref2 = ReferenceDiT(in_channels=4, num_classes=10, **cfg)
+    ref2 = ReferenceDiT(in_channels=4, num_classes=10, **cfg).to(DEV)
     ref2.load_state_dict(fast.state_dict())  # strict
     x, t, y = inputs(cfg)
     ref.eval(), ref2.eval()
@@ -118,13 +128,14 @@ def test_xl2_loads_an_official_layout_state_dict_strictly():
     assert sum(p.numel() for p in fast.parameters()) == 675_129_632
 
 
+@pytest.mark.triton
 def test_cfg_matches_reference():
     cfg = CONFIGS["odd/p2"]
     ref, fast = make_pair(cfg, kernels="triton")
     ref.eval(), fast.eval()
     x, t, _ = inputs(cfg)
     xx, tt = torch.cat([x, x]), torch.cat([t, t])
-    yy = torch.tensor([1, 2, 10, 10])
+    yy = torch.tensor([1, 2, 10, 10], device=DEV)
     for all_ch in (False, True):
         torch.testing.assert_close(fast.forward_with_cfg(xx, tt, yy, 1.5, guide_all_channels=all_ch),
                                    ref.forward_with_cfg(xx, tt, yy, 1.5, guide_all_channels=all_ch),
@@ -155,6 +166,7 @@ def test_other_conditioning_blocks_match_reference(block_type):
         assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("attention", ["sdpa", "auto"])
 def test_torch_compile_fullgraph_matches_eager(attention):
     cfg = CONFIGS["odd/p2"]
@@ -172,14 +184,12 @@ def test_torch_compile_fullgraph_matches_eager(attention):
 
 @pytest.mark.parametrize("backend", ["sdpa", "flash_attn", "xformers"])
 def test_attention_backends_match_math(backend):
-    if not attn_backends.available_backends()[backend]:
-        pytest.skip(f"{backend} not installed")
-    if backend in ("flash_attn", "xformers") and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    ok, why = attn_backends.backend_status()[backend]
+    if not ok:
+        pytest.skip(f"{backend} cannot run here: {why}")
+    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
     for t, hd in ((16, 72), (7, 64), (256, 72)):
-        qkv = torch.randn(2, t, 3, 3, hd, device=dev, dtype=torch.float32)
+        qkv = torch.randn(2, t, 3, 3, hd, device=DEV, dtype=torch.float32)
         ref = attn_backends.attention(qkv.double(), "math").float()
         got = attn_backends.attention(qkv.to(dtype), backend).float()
         same = attn_backends.attention(qkv.to(dtype), "math").float()
@@ -192,18 +202,101 @@ def test_bad_switches():
         DiT(**CONFIGS["odd/p2"], kernels="cuda")
     with pytest.raises(ValueError, match="attention"):
         DiT(**CONFIGS["odd/p2"], attention="flash")
-    if not attn_backends.available_backends()["flash_attn"]:
-        with pytest.raises(ImportError, match="pip install"):
-            DiT(**CONFIGS["odd/p2"], attention="flash_attn")
+    for backend, (ok, why) in attn_backends.backend_status().items():
+        if not ok:
+            with pytest.raises(ImportError, match=f"{backend!r} cannot run here") as e:
+                DiT(**CONFIGS["odd/p2"], attention=backend)
+            assert why in str(e.value)
     with pytest.raises(ValueError, match="qkv"):
         attn_backends.attention(torch.randn(2, 4, 8), "sdpa")
 
 
+# ----------------------------------------------------------------------------------------------
+# The attention probe, with fake libraries (tests/_helpers.py): a backend that imports but cannot
+# run is unavailable, with its reason; "auto" never picks it; asking for it is a one-line error.
+# ----------------------------------------------------------------------------------------------
+XFORMERS_WITHOUT_CUDA_OPS = NotImplementedError(
+    "No operator found for `memory_efficient_attention_forward` with inputs:\n"
+    "     query       : shape=(1, 16, 1, 72) (torch.bfloat16)\n"
+    "`cutlassF-pt` is not supported because:\n"
+    "    xFormers wasn't build with CUDA support")
+
+
+def _fake_flash2(calls, error=None):
+    """A flash_attn module whose qkv-packed call computes attention (or raises `error`)."""
+    def flash_attn_qkvpacked_func(qkv):
+        calls.append(qkv.shape)
+        if error is not None:
+            raise error
+        n, t, _, h, hd = qkv.shape
+        return attn_backends._math(qkv).view(n, t, h, hd)
+    return types.SimpleNamespace(flash_attn_qkvpacked_func=flash_attn_qkvpacked_func)
+
+
+def _fake_xformers(calls, error):
+    def memory_efficient_attention(q, k, v):
+        calls.append(q.shape)
+        raise error
+    return types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+
+
+def test_probe_xformers_without_cuda_ops_is_unavailable(monkeypatch):
+    """xformers 0.0.35 on torch 2.11 (seen on an H100): it imports, but no operator can run."""
+    calls = []
+    attn = fake_attention_probe(monkeypatch, {"xformers.ops": _fake_xformers(calls, XFORMERS_WITHOUT_CUDA_OPS)})
+    status = attn.backend_status()
+    ok, why = status["xformers"]
+    assert not ok and "NotImplementedError" in why and "wasn't build with CUDA support" in why, why
+    assert "\n" not in why
+    assert status["flash_attn"] == (False, f"not installed ({attn._INSTALL_HINT['flash_attn']})")
+    assert attn.available_backends() == {"math": True, "sdpa": True, "flash_attn": False, "xformers": False}
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
+    with pytest.raises(ImportError, match="'xformers' cannot run here: a test call failed") as e:
+        DiT(**CONFIGS["odd/p2"], attention="xformers")
+    assert "\n" not in str(e.value) and "wasn't build with CUDA support" in str(e.value)
+    with pytest.raises(ImportError, match="cannot run here"):
+        attn.attention(torch.randn(1, 4, 3, 1, 8, device=DEV), "xformers")
+    assert len(calls) == 1, "the probe runs its test call once per process"
+
+
+def test_probe_flash_attn(monkeypatch):
+    """auto picks flash_attn for CUDA half inputs when a test call ran, and never when it failed."""
+    calls = []
+    attn = fake_attention_probe(monkeypatch, {"flash_attn": _fake_flash2(calls)})
+    assert attn.backend_status()["flash_attn"] == (True, "")
+    assert calls == [(1, 16, 3, 1, 72)]
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "flash_attn"
+    assert attn.resolve_backend("auto", "cuda", torch.float32) == "sdpa"
+    assert attn.resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert attn.resolve_backend("flash_attn") == "flash_attn"
+
+    attn = fake_attention_probe(monkeypatch, {"flash_attn": _fake_flash2(
+        [], RuntimeError("CUDA error: no kernel image is available for execution on the device"))})
+    ok, why = attn.backend_status()["flash_attn"]
+    assert not ok and "RuntimeError: CUDA error: no kernel image" in why, why
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
+    with pytest.raises(ImportError, match="no kernel image"):
+        attn.resolve_backend("flash_attn")
+
+
+def test_probe_broken_import_and_no_cuda(monkeypatch):
+    """An import that fails is not "not installed"; without CUDA an importable library cannot run."""
+    attn = fake_attention_probe(monkeypatch, {
+        "flash_attn": ImportError("libcudart.so.12: cannot open shared object file"),
+        "xformers.ops": _fake_xformers([], AssertionError("must not be called"))}, device=None)
+    status = attn.backend_status()
+    assert status["flash_attn"] == (False, "import failed: flash_attn: ImportError: libcudart.so.12: "
+                                           "cannot open shared object file")
+    assert status["xformers"] == (False, "needs a CUDA device and none is visible to torch")
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
+
+
 def test_triton_without_device_or_interpreter_is_a_clear_error(monkeypatch):
+    """CPU tensors without the interpreter (on every machine: the model is moved to the CPU)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cfg = CONFIGS["odd/p2"]
-    _, fast = make_pair(cfg, kernels="triton")
+    fast = make_pair(cfg, kernels="triton")[1].cpu()
     with pytest.raises(ValueError, match="kernels='torch'"):
-        fast(*inputs(cfg))
+        fast(*[a.cpu() for a in inputs(cfg)])
     fast.kernels = "auto"  # documented fallback: the PyTorch path
-    assert torch.isfinite(fast(*inputs(cfg))).all()
+    assert torch.isfinite(fast(*[a.cpu() for a in inputs(cfg)])).all()

@@ -1,6 +1,7 @@
 """fastdit.kernels against their plain PyTorch references: every output and every gradient.
 
-On CPU the kernels run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+Tensors live on DEV: the CUDA device where there is one (the kernels run as compiled GPU code), else
+the CPU, where they run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before triton is imported). fp32 is checked tightly against the reference run in float64; bf16 by
 the flash-attention rule  max|kernel - ref_fp32| <= 2 * max|ref_bf16 - ref_fp32| + atol, where
 ref_bf16 is the reference run in bf16 on the same inputs and ref_fp32 on fp32 copies of them.
@@ -15,6 +16,8 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastdit.kernels as K
 
@@ -23,6 +26,7 @@ GR = importlib.import_module("fastdit.kernels.gated_residual")
 PE = importlib.import_module("fastdit.kernels.patch_embed")
 COMMON = importlib.import_module("fastdit.kernels._common")
 
+pytestmark = pytest.mark.triton
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -359,6 +363,41 @@ def test_poison_catches_unwritten_rows():
         _check_fp32("y", out, K.modulate_layernorm_ref(x, shift, scale).double())
 
 
+@triton.jit
+def _loop_sum_kernel(X, OUT, n, BLOCK: tl.constexpr):
+    # OUT[0] = sum of X[:n] over a loop bounded by the run-time scalar n, as the kernels' loops are.
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(X + offs, mask=offs < n, other=0.0)
+    tl.store(OUT, tl.sum(acc, axis=0))
+
+
+def test_runtime_scalar_loop_bound():
+    """The interpreter of triton < 3.7 cannot bound a loop by a scalar argument under NumPy >= 2.4
+    unless _common's fix is installed (it is, there and only there)."""
+    x = randn(37)
+    out = torch.full((1,), float("nan"), device=DEV)
+    _loop_sum_kernel[(1,)](x, out, 37, BLOCK=8)
+    _check_fp32("sum", out, x.double().sum().reshape(1))
+    assert COMMON.INTERPRETER_INDEX_FIXED == (COMMON.INTERPRETED and COMMON._triton_version() < (3, 7))
+
+
+def test_interpreter_that_drops_stores_is_refused(monkeypatch):
+    """triton 3.0/3.1's interpreter writes nothing under NumPy 2: a clear error, not wrong numbers."""
+    major = int(COMMON.np.__version__.split(".")[0])
+    monkeypatch.setattr(COMMON, "_triton_version", lambda: (3, 1))
+    assert (COMMON.interpreter_problem() is not None) == (major >= 2)
+    monkeypatch.setattr(COMMON, "_triton_version", lambda: (3, 2))
+    assert COMMON.interpreter_problem() is None
+    if DEV == "cpu" and major >= 2:
+        monkeypatch.setattr(COMMON, "_triton_version", lambda: (3, 1))
+        ok, why = K.kernels_supported(randn(2, 3, 8))
+        assert not ok and "drops stores" in why
+        with pytest.raises(ValueError, match="fastdit needs triton >= 3.3"):
+            K.modulate_layernorm(randn(2, 3, 8), randn(2, 8), randn(2, 8))
+
+
 def _bad_row_inputs():
     n, t, d = 2, 3, 8
     x, y = randn(n, t, d), randn(n, t, d)
@@ -478,17 +517,36 @@ def test_torch_compile_fullgraph():
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark harness smoke test (CPU interpreter)
+# Benchmark harness smoke test
 # ----------------------------------------------------------------------------------------------
+def _subprocess_env(**overrides):
+    """This process's environment with `overrides`, and ROOT put first on PYTHONPATH (kept)."""
+    env = dict(os.environ, **overrides)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
 def test_benchmark_smoke(tmp_path):
+    """benchmarks/kernels.py end to end at tiny shapes, fused and eager rows. On CPU: --smoke, the
+    kernels through the Triton interpreter. On a CUDA machine: the GPU path users run (compiled
+    kernels, do_bench timing, no interpreter), in fp32 with TF32 off so the error check stays tight."""
     out = tmp_path / "rows.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--smoke",
+    if DEV == "cuda":
+        args = ["--dims", "64", "--tokens-per-sample", "16", "--tokens", "32", "--dtype", "fp32",
+                "--impls", "fused", "eager", "--warmup", "1", "--rep", "5", "--copy-mib", "16"]
+        env = _subprocess_env(NVIDIA_TF32_OVERRIDE="0")  # cuBLAS/cuDNN: the eager rows in real fp32
+        env.pop("TRITON_INTERPRET", None)
+    else:
+        args = ["--smoke"]
+        env = _subprocess_env(TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), *args,
                            "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["meta"]["smoke"] is True and data["meta"]["command"]
+    assert data["meta"]["smoke"] is (DEV == "cpu") and data["meta"]["command"]
+    assert data["meta"]["device"].startswith(DEV) and data["meta"]["interpreter"] is (DEV == "cpu")
+    assert {r["impl"] for r in data["rows"]} == {"fused", "eager"}
     ops = {r["op"] for r in data["rows"]}
     assert ops == {"modulate_layernorm", "gated_residual", "gated_residual_modulate_layernorm",
                    "patch_embed"}
@@ -503,8 +561,8 @@ def test_benchmark_smoke(tmp_path):
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     """The interpreter never runs Triton's GPU compiler; this does (in a process without it)."""
     out = tmp_path / "sm90.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT
+    env = _subprocess_env()
+    env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-m", "fastdit.kernels._sm90_check", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode == 3:

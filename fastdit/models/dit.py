@@ -139,9 +139,9 @@ class DiT(ref.DiT):
             raise ValueError(f"unknown kernels={kernels!r}; choose one of {KERNEL_CHOICES}")
         if attention not in attn_backends.BACKENDS:
             raise ValueError(f"unknown attention={attention!r}; choose one of {attn_backends.BACKENDS}")
-        attn_backends.probe()  # import optional backends now, not inside a compiled forward
+        attn_backends.probe()  # import and check the optional backends now, not in a compiled forward
         if attention != "auto":
-            attn_backends.resolve_backend(attention)  # fail now if the backend is not installed
+            attn_backends.resolve_backend(attention)  # fail now if the backend cannot run here
         self._attention_choice = attention
         super().__init__(*args, **kwargs)
         self.kernels = kernels
