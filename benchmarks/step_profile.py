@@ -165,6 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        if device.type == "cuda" else None))
     profiler.finish()
     setup.destroy()
+    torch.distributed.destroy_process_group()
     return 0
 
 

@@ -582,8 +582,6 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
     if spec.compile:
         torch._dynamo.reset()  # drop compiled graphs (and their memory) before the next row
     free_memory(device)
-    if device.type == "cuda":  # what the row left allocated (should be ~0: the next row starts clean)
-        row["mem_left_gib"] = torch.cuda.memory_allocated(device) / 2**30
     return row
 
 
@@ -658,10 +656,13 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     threads = torch.get_num_threads()
     if args.smoke:
         torch.set_num_threads(1)  # a tiny model: intra-op threads only add synchronisation (and noise)
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         return _run(args, device)
     finally:
         torch.set_num_threads(threads)
+        if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the deepspeed row's single-rank group
 
 
 def _run(args, device: torch.device) -> Dict[str, Any]:
@@ -714,6 +715,9 @@ def _run(args, device: torch.device) -> Dict[str, Any]:
         with nvtx_range(f"row {spec.name}", args.nvtx):
             row = run_row(spec, args, ctx)
         row["row_wall_s"] = time.perf_counter() - t0
+        if device.type == "cuda":  # what the row left allocated once it is gone (the next row starts clean)
+            free_memory(device)
+            row["mem_left_gib"] = torch.cuda.memory_allocated(device) / 2**30
         result["rows"].append(row)
         print(f"    {row_line(row)}  ({row['row_wall_s']:.1f} s)", flush=True)
         add_speedups(result["rows"])

@@ -87,8 +87,8 @@ SCHEMA: Dict[str, Dict[str, Tuple[str, Any]]] = {
         "progress": ("bool", True),
         "plots": ("bool", True),               # loss curve PNG at the end
         "shm_comm": ("bool", False),           # CPU only: let DeepSpeed JIT-build its shm all-reduce op
-        # "A-B": profile optimizer steps A..B (1-based, B > A) on rank 0 into output_dir/profile/
-        # (fastdit.step_profile: phase times, then a torch.profiler trace of the last steps); null = off
+        # "A-B": profile optimizer steps A..B (1-based, at least 3) on rank 0 into output_dir/profile/
+        # (fastdit.step_profile: step times, phase times, a torch.profiler trace); null = off
         "profile_steps": ("str?", None),
     },
 }
@@ -325,14 +325,14 @@ def _check_semantics(cfg: Dict[str, Any], where: str) -> None:
 
 
 def parse_step_range(text: str, what: str = "step range") -> Tuple[int, int]:
-    """'A-B' -> (A, B): optimizer steps A..B, 1-based, at least two (A < B); ConfigError otherwise."""
+    """'A-B' -> (A, B): optimizer steps A..B, 1-based, at least three (A + 2 <= B); ConfigError otherwise."""
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
     if not m:
-        raise ConfigError(f"{what} must look like A-B (optimizer steps A to B, e.g. 10-14), got {text!r}")
+        raise ConfigError(f"{what} must look like A-B (optimizer steps A to B, e.g. 10-15), got {text!r}")
     first, last = int(m.group(1)), int(m.group(2))
-    if first < 1 or last <= first:
-        raise ConfigError(f"{what} {text!r}: needs 1 <= A < B (at least two steps: phase timing, then "
-                          f"a trace), got A={first}, B={last}")
+    if first < 1 or last < first + 2:
+        raise ConfigError(f"{what} {text!r}: needs 1 <= A and B >= A + 2 (at least three steps: timed "
+                          f"whole, timed by phase, traced), got A={first}, B={last}")
     return first, last
 
 

@@ -3,15 +3,17 @@
 A StepProfiler wraps chosen optimizer steps of a fastdit.trainer.Trainer
 (`with profiler.around(step, trainer): trainer.train_step()`); each chosen step has one role:
 
-  plain   a contiguous run of steps timed whole: CUDA events at the step boundaries (no host sync;
-          perf_counter on CPU). Gives the step time and img/s.
+  plain   steps timed whole: CUDA events at the start and end of each step (no host sync; perf_counter
+          on CPU). Gives the step time and img/s.
   phase   the Trainer's phase hook is a PhaseTimer, which synchronises the device at every phase
           boundary: time of data, forward, backward, optimizer and EMA, median over the steps.
   trace   consecutive steps under torch.profiler (phases marked with record_function), the device
           synchronised only before the first and after the last: device time by category
-          (kernel_category), the top kernels, and idle = wall time - busy time (the union of the kernel
-          intervals: launch-bound stretches, host syncs). Without a GPU the "kernels" are the CPU ops
-          (self CPU time; idle = wall time outside any op).
+          (kernel_category), the top kernels, and idle = step time - busy time (busy: the union of the
+          kernel intervals; idle: launch-bound stretches, host syncs). The step time is the plain
+          steps' median when there are plain steps (tracing slows the host down, not the kernels),
+          else the traced wall time. Without a GPU the "kernels" are the CPU ops (self CPU time; busy
+          = time inside any op).
 
 finish() writes <out>/trace.json (Chrome trace: chrome://tracing or https://ui.perfetto.dev) and
 <out>/profile.json, prints a short table and returns the summary. benchmarks/step_profile.py runs it on
@@ -120,18 +122,24 @@ def _span_union_us(spans: Iterable[Sequence[float]]) -> float:
 
 
 def _breakdown(rows: List[tuple], busy_us: float, steps: int, wall_ms: float) -> Dict[str, Any]:
-    """Per-step category totals and top names from (name, total_us, calls) rows; idle = wall - busy."""
+    """Per-step category totals and top names from (name, total_us, calls) rows; idle against the
+    traced wall time (set_idle changes the basis)."""
     by_cat = {c: 0.0 for c in CATEGORIES}
     for name, us, _ in rows:
         by_cat[kernel_category(name)] += us / 1e3 / steps
-    kernel_ms = sum(by_cat.values())
-    busy_ms = min(busy_us / 1e3 / steps, wall_ms)
-    by_cat["idle"] = wall_ms - busy_ms
     top = sorted(rows, key=lambda r: -r[1])[:TOP_KERNELS]
-    return dict(steps=steps, wall_ms=wall_ms, busy_ms=busy_ms, kernel_ms=kernel_ms,
-                idle_ms=by_cat["idle"], by_category_ms=by_cat,
-                top=[dict(name=n[:200], category=kernel_category(n), ms_per_step=us / 1e3 / steps,
-                          calls_per_step=calls / steps) for n, us, calls in top])
+    out = dict(steps=steps, wall_ms=wall_ms, busy_ms=busy_us / 1e3 / steps, kernel_ms=sum(by_cat.values()),
+               by_category_ms=by_cat,
+               top=[dict(name=n[:200], category=kernel_category(n), ms_per_step=us / 1e3 / steps,
+                         calls_per_step=calls / steps) for n, us, calls in top])
+    set_idle(out, wall_ms, "traced wall time per step (profiler overhead included)")
+    return out
+
+
+def set_idle(trace: Dict[str, Any], step_ms: float, basis: str) -> None:
+    """idle = max(0, step_ms - busy time), also as the "idle" category; `basis` says what step_ms is."""
+    trace.update(step_ms=step_ms, idle_basis=basis)
+    trace["idle_ms"] = trace["by_category_ms"]["idle"] = max(0.0, step_ms - trace["busy_ms"])
 
 
 def analyse_device_trace(trace: Dict[str, Any], steps: int, wall_ms: float) -> Dict[str, Any]:
@@ -164,8 +172,8 @@ class StepProfiler:
     """Profiles chosen optimizer steps of a Trainer (see the module docstring).
 
     images_per_step: images of one optimizer step (the global batch) for img/s. info: recorded in
-    profile.json as "run" (what was profiled). Steps are 1-based optimizer steps; trace_steps and
-    plain_steps must each be consecutive.
+    profile.json as "run" (what was profiled). Steps are 1-based optimizer steps; trace_steps must be
+    consecutive.
     """
 
     def __init__(self, device: torch.device, out_dir: str, images_per_step: int,
@@ -174,7 +182,7 @@ class StepProfiler:
                  log: Callable[[str], None] = print):
         self.role: Dict[int, str] = {}
         for role, steps in (("plain", plain_steps), ("phase", phase_steps), ("trace", trace_steps)):
-            if role != "phase" and list(steps) != list(range(steps[0], steps[0] + len(steps)) if steps else []):
+            if role == "trace" and list(steps) != list(range(steps[0], steps[0] + len(steps)) if steps else []):
                 raise ValueError(f"{role} steps must be consecutive, got {list(steps)}")
             for s in steps:
                 if s in self.role:
@@ -222,7 +230,7 @@ class StepProfiler:
         if role == "plain":
             if not self._plain_marks:
                 _sync(self.device)
-                self._plain_marks.append(self._mark())
+            start = self._mark()
         elif role == "phase":
             self.timer.new_step()
             trainer.phase = self.timer
@@ -244,7 +252,7 @@ class StepProfiler:
         finally:
             trainer.phase = saved
         if role == "plain":
-            self._plain_marks.append(self._mark())
+            self._plain_marks.append((start, self._mark()))
         elif role == "trace" and step == self.trace_steps[-1]:
             _sync(self.device)
             wall_ms = (time.perf_counter() - self._trace_t0) * 1e3 / len(self.trace_steps)
@@ -271,13 +279,10 @@ class StepProfiler:
         return out
 
     def _plain_ms(self) -> List[float]:
-        marks = self._plain_marks
-        if len(marks) < 2:
-            return []
         if self.device.type == "cuda":
-            marks[-1].synchronize()
-            return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+            _sync(self.device)
+            return [a.elapsed_time(b) for a, b in self._plain_marks]
+        return [(b - a) * 1e3 for a, b in self._plain_marks]
 
     def finish(self) -> Dict[str, Any]:
         """Summarise what was collected, write profile.json (and trace.json, written with the trace),
@@ -300,6 +305,8 @@ class StepProfiler:
             summary["phases"] = dict(steps=self.phase_steps[:len(self.timer.steps)], median_ms=med,
                                      sum_ms=sum(med.values()),
                                      per_step_ms=[dict(s) for s in self.timer.steps])
+        if self.trace_summary and plain:
+            set_idle(self.trace_summary, summary["step"]["median_ms"], "median untraced step time (plain steps)")
         summary["trace"] = self.trace_summary
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, "profile.json")
@@ -329,11 +336,12 @@ def format_summary(s: Dict[str, Any]) -> str:
     tr = s.get("trace")
     if tr:
         lines.append(f"time by category, ms per step ({tr['source']}; {tr['steps']} traced step(s), "
-                     f"wall {tr['wall_ms']:.2f} ms, busy {tr['busy_ms']:.2f} ms):")
-        wall = tr["wall_ms"] or float("nan")
+                     f"traced wall {tr['wall_ms']:.2f} ms, busy {tr['busy_ms']:.2f} ms; idle = "
+                     f"{tr['step_ms']:.2f} ms ({tr['idle_basis']}) - busy):")
+        step = tr["step_ms"] or float("nan")
         for c, ms in sorted(tr["by_category_ms"].items(), key=lambda kv: -kv[1]):
             if ms > 0 or c == "idle":
-                lines.append(f"  {c:<14} {ms:10.2f}  {100 * ms / wall:5.1f}%")
+                lines.append(f"  {c:<14} {ms:10.2f}  {100 * ms / step:5.1f}%")
         lines.append("top (ms/step, calls/step, category, name):")
         lines += [f"  {k['ms_per_step']:9.3f} {k['calls_per_step']:7.1f}  {k['category']:<13} {k['name'][:100]}"
                   for k in tr["top"][:15]]

@@ -498,15 +498,18 @@ def main(argv=None) -> int:
 
 
 def _step_profiler(cfg, setup, world: int):
-    """train.profile_steps=A-B: steps A..B of rank 0 are profiled into output_dir/profile/ (the last two,
-    one when the range has fewer than four steps, under torch.profiler; the others by phase)."""
+    """train.profile_steps=A-B: steps A..B of rank 0 are profiled into output_dir/profile/: the last two
+    (one when the range has fewer than six steps) under torch.profiler; of the others, the first half
+    timed whole and the second half by phase."""
     from fastdit.step_profile import StepProfiler
 
     first, last = parse_step_range(cfg.train.profile_steps)
     steps = list(range(first, last + 1))
-    n_trace = min(2, len(steps) // 2)
+    n_trace = 2 if len(steps) >= 6 else 1
+    n_plain = (len(steps) - n_trace) // 2
     return StepProfiler(setup.device, os.path.join(cfg.train.output_dir, "profile"), setup.global_batch,
-                        phase_steps=steps[:-n_trace], trace_steps=steps[-n_trace:],
+                        plain_steps=steps[:n_plain], phase_steps=steps[n_plain:-n_trace],
+                        trace_steps=steps[-n_trace:],
                         info=dict(setup.describe(world), data=cfg.data.kind, profile_steps=f"{first}-{last}"),
                         log=say)
 

@@ -186,9 +186,10 @@ def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
     assert os.path.isfile(os.path.join(out, "loss_curve.png"))
     assert os.listdir(os.path.join(out, "tb"))
     assert f"samples (one row per class): {grid}" in proc.stdout
-    # train.profile_steps=3-6: steps 3-4 timed by phase, 5-6 traced, on rank 0
+    # train.profile_steps=3-6 on rank 0: step 3 timed whole, 4-5 by phase, 6 traced
     prof = json.load(open(os.path.join(out, "profile", "profile.json")))
-    assert prof["phases"]["steps"] == [3, 4] and prof["trace"]["trace_steps"] == [5, 6]
+    assert prof["step"]["steps"] == [3] and prof["phases"]["steps"] == [4, 5]
+    assert prof["trace"]["trace_steps"] == [6] and prof["trace"]["step_ms"] == prof["step"]["median_ms"]
     assert list(prof["phases"]["median_ms"]) == ["data", "forward", "backward", "optimizer", "ema"]
     assert all(v > 0 for v in prof["phases"]["median_ms"].values())
     assert prof["trace"]["by_category_ms"]["gemm"] > 0 and prof["missing_steps"] == []
