@@ -687,6 +687,7 @@ def _run(args, device: torch.device) -> Dict[str, Any]:
         batch=args.batch, precision=args.precision, warmup=args.warmup, steps=args.steps,
         repeats=args.repeats, rows=args.rows, kernels=kernels, compile=compile_info(args),
         lr=args.lr, seed=args.seed, smoke=args.smoke, nvtx=args.nvtx,
+        deepspeed_config=(args.config if "deepspeed" in args.rows else None),
         optimizer=("AdamW on fp32 master weights, bf16 params/grads" if args.precision == "bf16"
                    else "AdamW") + (" (fused)" if device.type == "cuda" else "") + ", weight decay 0",
         loss='create_diffusion("").training_losses(...)["loss"].mean(), t uniform, labels uniform',

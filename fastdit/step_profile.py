@@ -180,10 +180,10 @@ class StepProfiler:
                  phase_steps: Sequence[int] = (), trace_steps: Sequence[int] = (),
                  plain_steps: Sequence[int] = (), info: Optional[Dict[str, Any]] = None,
                  log: Callable[[str], None] = print):
+        if trace_steps and list(trace_steps) != list(range(trace_steps[0], trace_steps[0] + len(trace_steps))):
+            raise ValueError(f"trace steps must be consecutive, got {list(trace_steps)}")
         self.role: Dict[int, str] = {}
         for role, steps in (("plain", plain_steps), ("phase", phase_steps), ("trace", trace_steps)):
-            if role == "trace" and list(steps) != list(range(steps[0], steps[0] + len(steps)) if steps else []):
-                raise ValueError(f"{role} steps must be consecutive, got {list(steps)}")
             for s in steps:
                 if s in self.role:
                     raise ValueError(f"step {s} is both a {self.role[s]} and a {role} step")
@@ -197,7 +197,6 @@ class StepProfiler:
         self._trace_profile = None
         self._trace_t0 = 0.0
         self.trace_summary: Optional[Dict[str, Any]] = None
-        self.summary: Optional[Dict[str, Any]] = None
 
     @property
     def complete(self) -> bool:
@@ -273,7 +272,7 @@ class StepProfiler:
         else:
             out = analyse_cpu_ops(self._trace_profile.key_averages(), n, wall_ms, skip=PHASES)
             out["source"] = ("CPU ops (no GPU: each op's self CPU time, categories from op names; "
-                             "idle = wall time outside any op)")
+                             "busy = time inside ops)")
         out["trace_steps"] = list(self.trace_steps)
         out["trace_file"] = path
         return out
@@ -297,12 +296,13 @@ class StepProfiler:
                                        missing_steps=sorted(set(self.role) - set(self._done)))
         if plain:
             ms = statistics.median(plain)
-            summary["step"] = dict(steps=self.plain_steps, ms_per_step=plain, median_ms=ms,
+            summary["step"] = dict(steps=[s for s in self.plain_steps if s in self._done], ms_per_step=plain,
+                                   median_ms=ms,
                                    img_per_s=self.images_per_step * 1e3 / ms,
                                    timer="cuda events" if self.device.type == "cuda" else "time.perf_counter")
         if self.timer.steps:
             med = self.timer.medians()
-            summary["phases"] = dict(steps=self.phase_steps[:len(self.timer.steps)], median_ms=med,
+            summary["phases"] = dict(steps=[s for s in self.phase_steps if s in self._done], median_ms=med,
                                      sum_ms=sum(med.values()),
                                      per_step_ms=[dict(s) for s in self.timer.steps])
         if self.trace_summary and plain:
@@ -315,14 +315,16 @@ class StepProfiler:
             f.write("\n")
         os.replace(path + ".tmp", path)
         summary["profile_file"] = path
-        self.summary = summary
         self.log(format_summary(summary))
         return summary
 
 
 def format_summary(s: Dict[str, Any]) -> str:
     """The short table finish() prints."""
-    lines = []
+    run = s.get("run") or {}
+    lines = [f"profiled: {run.get('model', 'DiT')} | ZeRO-{run.get('zero_stage', '?')} "
+             f"{'bf16' if run.get('bf16') else 'fp32'} | {s['images_per_step']} images per step | "
+             f"{s['gpu'] or s['device']}"]
     if s.get("step"):
         st = s["step"]
         lines.append(f"step {st['median_ms']:.2f} ms (median of {len(st['ms_per_step'])} steps, "

@@ -300,38 +300,7 @@ def main(argv=None) -> int:
         }
 
     # ---- resume ----------------------------------------------------------------------------
-    step, nonfinite_total, nonfinite_run = 0, 0, 0
-    resume = cfg.train.resume
-    tag = None
-    if resume == "auto":
-        tag = ckpt.latest_tag(ckpt_root)
-        load_root = ckpt_root
-        if tag is None:
-            say(f"--resume auto: no checkpoint in {ckpt_root}; starting from scratch")
-    elif resume:
-        try:
-            load_root, tag = ckpt.resolve_checkpoint(resume)
-        except FileNotFoundError as e:
-            fail(str(e))
-    state = None
-    if tag is not None:
-        state = ckpt.load_checkpoint(engine, load_root, tag, ema)
-        step = ckpt.read_meta(os.path.join(load_root, tag))["step"]
-        say(f"resumed from {os.path.join(load_root, tag)} at step {step}")
-    if rank == 0:
-        _trim_metrics(os.path.join(out_dir, "metrics.jsonl"), step)
-    if state is not None:
-        ckpt.set_rng_state(state["rng"])
-        nonfinite_total = state["nonfinite_total"]
-        nonfinite_run = state["nonfinite_in_a_row"]
-    else:
-        seed = cfg.train.seed * world + rank + step * 7919
-        if tag is not None:
-            say("the checkpoint was written with another world size: data order is kept, RNG streams "
-                "are reseeded (the run continues, not bit-exact)")
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+    step, tag, nonfinite_total, nonfinite_run = _resume(cfg, setup, ckpt_root, rank, world)
 
     # ---- the step, fed by the data loader positioned at `step` ------------------------------
     try:
@@ -495,6 +464,44 @@ def main(argv=None) -> int:
             say(f"loss curve: {curve_path}")
     dist.barrier()
     return 0
+
+
+def _resume(cfg, setup, ckpt_root: str, rank: int, world: int):
+    """Load train.resume's checkpoint into the engine and EMA, restore (or reseed) every RNG and trim
+    metrics.jsonl to the resume point. Returns (step, tag or None, nonfinite_total, nonfinite_in_a_row)."""
+    step, nonfinite_total, nonfinite_run = 0, 0, 0
+    resume = cfg.train.resume
+    tag = None
+    if resume == "auto":
+        tag = ckpt.latest_tag(ckpt_root)
+        load_root = ckpt_root
+        if tag is None:
+            say(f"--resume auto: no checkpoint in {ckpt_root}; starting from scratch")
+    elif resume:
+        try:
+            load_root, tag = ckpt.resolve_checkpoint(resume)
+        except FileNotFoundError as e:
+            fail(str(e))
+    state = None
+    if tag is not None:
+        state = ckpt.load_checkpoint(setup.engine, load_root, tag, setup.ema)
+        step = ckpt.read_meta(os.path.join(load_root, tag))["step"]
+        say(f"resumed from {os.path.join(load_root, tag)} at step {step}")
+    if rank == 0:
+        _trim_metrics(os.path.join(cfg.train.output_dir, "metrics.jsonl"), step)
+    if state is not None:
+        ckpt.set_rng_state(state["rng"])
+        nonfinite_total = state["nonfinite_total"]
+        nonfinite_run = state["nonfinite_in_a_row"]
+    else:
+        seed = cfg.train.seed * world + rank + step * 7919
+        if tag is not None:
+            say("the checkpoint was written with another world size: data order is kept, RNG streams "
+                "are reseeded (the run continues, not bit-exact)")
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+    return step, tag, nonfinite_total, nonfinite_run
 
 
 def _step_profiler(cfg, setup, world: int):

@@ -100,6 +100,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     for key in ("loss_first", "loss_last"):
         assert ds[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
     assert "ZeRO-2 fp32 AdamW (DeepSpeedZeroOptimizer)" in smoke_run["stdout"]
+    assert data["config"]["deepspeed_config"] == eng["config"]
     # progress: one line per row, then the table
     for i, name in enumerate(EXPECTED_ROWS, 1):
         assert f"[{i}/{len(EXPECTED_ROWS)}] {name}" in smoke_run["stdout"]
