@@ -20,6 +20,15 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
     fused/<backend>    the fast model with attention=<backend>, one row per backend of fastdit.attention
                        (rows of backends that cannot run here are recorded as "unavailable", with
                        the reason fastdit.attention.backend_status() gives)
+    deepspeed          the real training step: fastdit.trainer's engine built from --config (default
+                       configs/xl2_zero2.json) exactly as fastdit/train.py builds it (its DeepSpeed section:
+                       ZeRO stage, optimizer, gradient clipping; the model's impl/checkpointing), on one
+                       rank, micro-batch = global batch = --batch, no gradient accumulation, and
+                       Trainer.train_step() timed: forward, engine.backward, engine.step, the fp32 EMA
+                       update. The model is --model at --image-size, kernels as the fast rows, attention
+                       "auto" resolved as in `fused`. Its ZeRO stage, optimizer and precision are recorded
+                       in the row (`deepspeed`). torch.distributed is initialised once for one rank (gloo
+                       on CPU, NCCL on CUDA) when no launcher did; the engine is destroyed after the row.
 
 Precision (the same for every row; --precision):
     bf16      (default) parameters, activations and gradients in bf16, AdamW on fp32 master copies of the
@@ -27,6 +36,9 @@ Precision (the same for every row; --precision):
               model input, the output is cast back to fp32 for the loss (as fastdit/train.py does).
     autocast  fp32 parameters and AdamW, forward under torch.autocast(bf16).
     fp32      everything fp32 (TF32 matmuls allowed on CUDA, as the official DiT train.py).
+    The deepspeed row maps bf16 to the config's `bf16.enabled: true` (DeepSpeed's bf16 optimizer: fp32
+    masters) and fp32 to bf16 and fp16 off; autocast has no DeepSpeed counterpart there, so that row is
+    recorded as unavailable. The learning rate of that row is the config's (--lr does not apply).
 
 Timing: --warmup steps first (not timed; they include torch.compile's compilation), then --repeats
 intervals of --steps steps each, timed with CUDA events (perf_counter on CPU). ms/step = interval/steps;
@@ -45,8 +57,8 @@ compile failure, non-finite loss) is recorded with its error and the run goes on
 --smoke: a tiny custom DiT (depth 2, hidden 64, 4 heads, patch 2, 8x8x4 latents), batch 2, 1 warm-up
 step, 2 timed steps, fp32, on CPU; fast rows use kernels="triton" when TRITON_INTERPRET=1 (the Triton
 interpreter) and kernels="torch" otherwise; compile rows use torch.compile(backend="aot_eager") (Dynamo +
-AOTAutograd without Inductor code generation) to stay quick. It exercises the harness; its numbers
-say nothing about GPU speed.
+AOTAutograd without Inductor code generation) to stay quick; the deepspeed row runs the config's ZeRO
+stage on one CPU rank over gloo. It exercises the harness; its numbers say nothing about GPU speed.
 """
 from __future__ import annotations
 
@@ -54,6 +66,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import itertools
 import math
 import os
 import sys
@@ -73,7 +86,7 @@ from benchmarks.common import (IntervalTimer, environment, peak_flops, summarize
 
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = ("math", "sdpa", "flash_attn", "xformers")
-BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile")
+BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "deepspeed")
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 LATENT_CHANNELS = 4
@@ -85,6 +98,7 @@ SMOKE_ARCH = dict(input_size=8, patch_size=2, in_channels=LATENT_CHANNELS, hidde
 DEFAULTS = dict(batch=256, warmup=3, steps=5, repeats=5, precision="bf16")
 SMOKE_DEFAULTS = dict(batch=2, warmup=1, steps=1, repeats=2, precision="fp32")
 ERROR_CHARS = 2000
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "xl2_zero2.json")  # the deepspeed row's engine
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,6 +133,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          "max-autotune-no-cudagraphs")
     ap.add_argument("--compile-backend", default=None,
                     help="torch.compile backend (default inductor; smoke aot_eager)")
+    ap.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                    help="training config of the deepspeed row: its deepspeed section (ZeRO stage, "
+                         "optimizer, ...) and model options; batch, model and image size come from this "
+                         "command line (default configs/xl2_zero2.json)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak dense bf16 TFLOP/s for MFU (default: looked up from the GPU name)")
     ap.add_argument("--lr", type=float, default=1e-4,
@@ -169,6 +187,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if (args.image_size // VAE_DOWNSAMPLE) % p:
             ap.error(f"latent size {args.image_size // VAE_DOWNSAMPLE} is not divisible by the patch "
                      f"size {p} of {args.model}")
+    if "deepspeed" in rows:
+        from fastdit.config import ConfigError
+        try:
+            deepspeed_row_config(args)
+        except ConfigError as e:
+            ap.error(f"--config (deepspeed row): {e}")
     return args
 
 
@@ -198,7 +222,7 @@ def default_kernels(device: torch.device) -> str:
 class RowSpec:
     """One row: which model, whether compiled, which attention backend; `unavailable` = skip reason."""
     name: str
-    impl: str                       # "reference" | "fast"
+    impl: str                       # "reference" | "fast" | "deepspeed" (the training engine's step)
     compile: bool
     attention: Optional[str] = None  # "auto" or a backend name; reference: None = its own math attention
     unavailable: Optional[str] = None
@@ -221,6 +245,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", False, "auto"))
         elif name == "fused+compile":
             specs.append(RowSpec(name, "fast", True, "auto"))
+        elif name == "deepspeed":
+            specs.append(RowSpec(name, "deepspeed", False, "auto"))
         elif name.startswith("fused/"):
             backend = name.split("/", 1)[1]
             ok, reason = status.get(backend, (False, "unknown attention backend"))
@@ -343,6 +369,69 @@ def make_train_step(model: torch.nn.Module, runner: Callable, args, device: torc
     return step, opt
 
 
+def deepspeed_row_config(args):
+    """The deepspeed row's training config: --config with the model set to --model at --image-size
+    (registry architecture, as the other rows; smoke: SMOKE_ARCH), synthetic latents, seed --seed, and
+    its DeepSpeed section set to one rank: micro-batch = global batch = --batch, no accumulation,
+    precision from --precision. Raises fastdit.config.ConfigError for a bad config."""
+    from fastdit.config import load_config
+    arch = architecture(args)
+    sets = ["data.kind=synthetic", f"data.image_size={arch['input_size'] * VAE_DOWNSAMPLE}",
+            f"model.num_classes={NUM_CLASSES}", "model.learn_sigma=true", "model.class_dropout_prob=0.1",
+            "model.mlp_ratio=4.0", "model.block_type=adaln_zero", f"train.seed={args.seed}"]
+    for key in ("depth", "hidden_size", "num_heads", "patch_size"):
+        sets.append(f"model.{key}={arch[key] if args.smoke else 'null'}")
+    if not args.smoke:
+        sets.append(f"model.name={args.model}")
+    cfg = load_config(args.config, sets)
+    ds = cfg.deepspeed
+    ds["train_micro_batch_size_per_gpu"] = ds["train_batch_size"] = args.batch
+    ds.pop("gradient_accumulation_steps", None)
+    ds["bf16"] = dict(ds.get("bf16") or {}, enabled=args.precision == "bf16")
+    if "fp16" in ds:
+        ds["fp16"] = dict(ds["fp16"], enabled=False)
+    return cfg
+
+
+def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any]):
+    """The deepspeed row: fastdit.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
+    Trainer cycling the harness's batches. Records what it runs in `row`; returns (step, setup), where
+    step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise RuntimeError(f"the deepspeed row runs on one rank; WORLD_SIZE={os.environ['WORLD_SIZE']}")
+    from fastdit.attention import resolve_backend
+    from fastdit.trainer import Trainer, build_engine, device_for_rank, init_distributed, no_phase, nvtx_range
+    init_distributed()
+    ds_device = device_for_rank()
+    if ds_device.type != device.type:
+        raise RuntimeError(f"DeepSpeed's accelerator is {ds_device.type!r} but this run is on {device.type!r}")
+    cfg = deepspeed_row_config(args)
+    cfg.model["kernels"] = kernels
+    attention = cfg.model.attention
+    if attention == "auto":  # resolved once, as for the fused row
+        cfg.model["attention"] = resolve_backend(
+            "auto", device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    arch = architecture(args)
+    setup = build_engine(cfg, arch["in_channels"], arch["input_size"], NUM_CLASSES, ds_device)
+    info = setup.describe()
+    row.update(model_class=("fastdit.models.DiT" if setup.impl == "fast" else "fastdit.models.reference.DiT"),
+               kernels=info["kernels"],
+               attention=(f"{cfg.model.attention} (auto)" if attention == "auto" else info["attention"]),
+               compile=(dict(backend="engine.compile()", mode=None) if cfg.train.compile else None),
+               deepspeed=info)
+    trainer = Trainer(setup, itertools.cycle(batches), phase=nvtx_range if args.nvtx else no_phase)
+
+    def step() -> torch.Tensor:
+        result = trainer.train_step()
+        if not result.applied:
+            raise FloatingPointError(f"DeepSpeed skipped step {result.step}: non-finite loss or gradient")
+        return result.loss
+
+    return step, setup
+
+
 def synthetic_batches(args, arch: Dict[str, Any], device: torch.device, count: int = 2):
     """`count` fixed batches (latents (B, 4, S, S) fp32 ~ N(0, 1), labels (B,)), cycled by the steps."""
     g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
@@ -394,19 +483,25 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
     device: torch.device = ctx["device"]
     row: Dict[str, Any] = dict(
         name=spec.name, status=None, error=None, impl=spec.impl,
-        model_class=("fastdit.models.DiT" if spec.impl == "fast" else "fastdit.models.reference.DiT"),
-        kernels=ctx["kernels"] if spec.impl == "fast" else None,
+        model_class=("fastdit.models.reference.DiT" if spec.impl == "reference" else "fastdit.models.DiT"),
+        step=("fastdit.trainer.Trainer.train_step (DeepSpeed engine + EMA)" if spec.impl == "deepspeed"
+              else "harness: training_losses, backward, AdamW"),
+        kernels=ctx["kernels"] if spec.impl != "reference" else None,
         attention=(spec.attention or "math (reference Attention)"),
         compile=compile_info(args) if spec.compile else None, batch=args.batch, precision=args.precision)
     if spec.compile and args.compile_backend != "inductor":
         row["note"] = (f"torch.compile backend={args.compile_backend!r} (no Inductor code generation)"
                        + ("; smoke mode" if args.smoke else ""))
+    if spec.impl == "deepspeed" and args.precision == "autocast":
+        spec = dataclasses.replace(spec, unavailable=(
+            "--precision autocast: DeepSpeed's precision is its config's (bf16 or fp32); run this row "
+            "with --precision bf16 or fp32"))
     if spec.unavailable:
         row.update(status="unavailable", error=spec.unavailable)
         return row
 
     free_memory(device)
-    model = runner = step = opt = None
+    model = runner = step = opt = setup = None
     counters = _compile_counters()
     if spec.compile and counters is not None:
         counters.clear()
@@ -419,26 +514,35 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
             spec = dataclasses.replace(spec, attention=resolve_backend("auto", device, dtype))
             row["attention"] = f"{spec.attention} (auto)"
         t0 = time.perf_counter()
-        model = build_model(spec, args, device, ctx["kernels"])
-        if device.type == "cuda":  # the peak counts the weights, not the fp32 copy they were built in
-            free_memory(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        runner = model
-        if spec.compile:
-            kw = dict(backend=args.compile_backend)
-            if args.compile_backend == "inductor":
-                kw["mode"] = args.compile_mode
-            runner = torch.compile(model, **kw)
-        step, opt = make_train_step(model, runner, args, device, ctx["diffusion"])
+        if spec.impl == "deepspeed":
+            step, setup = build_deepspeed_step(args, device, ctx["kernels"], ctx["batches"], row)
+            if device.type == "cuda":  # the peak counts the engine's resident state, not its construction
+                free_memory(device)
+                torch.cuda.reset_peak_memory_stats(device)
+        else:
+            model = build_model(spec, args, device, ctx["kernels"])
+            if device.type == "cuda":  # the peak counts the weights, not the fp32 copy they were built in
+                free_memory(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            runner = model
+            if spec.compile:
+                kw = dict(backend=args.compile_backend)
+                if args.compile_backend == "inductor":
+                    kw["mode"] = args.compile_mode
+                runner = torch.compile(model, **kw)
+            train_step, opt = make_train_step(model, runner, args, device, ctx["diffusion"])
+            batches = itertools.cycle(ctx["batches"])
+
+            def step():
+                return train_step(*next(batches))
         synchronize(device)
         row["build_s"] = time.perf_counter() - t0
-        batches = ctx["batches"]
 
-        torch.manual_seed(args.seed + 2)  # same t / noise / label-dropout draws in every eager row
+        torch.manual_seed(args.seed + 2)  # same t / noise / label-dropout draws in every row
         losses = []
         t0 = time.perf_counter()
         for k in range(args.warmup):
-            losses.append(step(*batches[k % len(batches)]))
+            losses.append(step())
             if k == 0:
                 synchronize(device)
                 row["first_step_s"] = time.perf_counter() - t0
@@ -450,12 +554,10 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
 
         timer = IntervalTimer(device)
         repeat_ms = []
-        k = args.warmup
         for _ in range(args.repeats):
             timer.start()
             for _ in range(args.steps):
-                losses.append(step(*batches[k % len(batches)]))
-                k += 1
+                losses.append(step())
             repeat_ms.append(timer.stop())
         loss_values = [float(v) for v in losses]
         if not all(math.isfinite(v) for v in loss_values):
@@ -474,7 +576,9 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         row["peak_mem_gib"] = None
-    del model, runner, step, opt
+    if setup is not None:
+        setup.destroy()  # DeepSpeed's teardown: optimizer buffers, hooks
+    del model, runner, step, opt, setup
     if spec.compile:
         torch._dynamo.reset()  # drop compiled graphs (and their memory) before the next row
     free_memory(device)
@@ -482,7 +586,7 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
 
 
 SPEEDUP_BASELINES = {"eager": "speedup_vs_eager", "eager/sdpa": "speedup_vs_eager_sdpa",
-                     "compile": "speedup_vs_compile"}
+                     "compile": "speedup_vs_compile", "fused": "speedup_vs_fused"}
 
 
 def add_speedups(rows: List[Dict[str, Any]]) -> None:
@@ -508,13 +612,23 @@ def row_line(r: Dict[str, Any]) -> str:
     mem = _fmt(r.get("peak_mem_gib"), "8.2f")
     return (f"{r['name']:<18} {ms['median']:9.2f} ms/step [{ms['min']:.2f}-{ms['max']:.2f}]  "
             f"{ips['median']:9.2f} img/s  {r['model_tflops_per_s']:8.2f} TFLOP/s  "
-            f"MFU {'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'}  peak {mem} GiB")
+            f"MFU {'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'}  peak {mem} GiB"
+            f"{engine_summary(r)}")
+
+
+def engine_summary(r: Dict[str, Any]) -> str:
+    """' / ZeRO-2 bf16 AdamW (DeepSpeedZeroOptimizer)' for the deepspeed row, '' for the others."""
+    ds = r.get("deepspeed")
+    if not ds:
+        return ""
+    return (f" / ZeRO-{ds['zero_stage']} {'bf16' if ds['bf16'] else 'fp32'} {ds['optimizer']['type']} "
+            f"({ds['optimizer']['engine_optimizer']})")
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
     head = (f"{'row':<18} {'status':<11} {'ms/step':>9} {'min':>9} {'max':>9} {'img/s':>9} {'TFLOP/s':>8} "
-            f"{'MFU':>6} {'peakGiB':>8} {'vs eager':>8} {'vs e+sdpa':>9} {'vs comp':>8}  "
-            f"attention / kernels / compile")
+            f"{'MFU':>6} {'peakGiB':>8} {'vs eager':>8} {'vs e+sdpa':>9} {'vs comp':>8} {'vs fused':>8}  "
+            f"attention / kernels / compile [/ engine]")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -528,8 +642,8 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
               f"{ips['median']:9.2f} {r['model_tflops_per_s']:8.2f} {mfu:>6} "
               f"{_fmt(r['peak_mem_gib'], '8.2f'):>8} {_fmt(r['speedup_vs_eager'], '8.2f'):>8} "
               f"{_fmt(r['speedup_vs_eager_sdpa'], '9.2f'):>9} "
-              f"{_fmt(r['speedup_vs_compile'], '8.2f'):>8}  {r['attention']} / {r['kernels'] or '-'} / "
-              f"{comp or '-'}")
+              f"{_fmt(r['speedup_vs_compile'], '8.2f'):>8} {_fmt(r['speedup_vs_fused'], '8.2f'):>8}  "
+              f"{r['attention']} / {r['kernels'] or '-'} / {comp or '-'}{engine_summary(r)}")
 
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -542,10 +656,13 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     threads = torch.get_num_threads()
     if args.smoke:
         torch.set_num_threads(1)  # a tiny model: intra-op threads only add synchronisation (and noise)
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         return _run(args, device)
     finally:
         torch.set_num_threads(threads)
+        if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the deepspeed row's single-rank group
 
 
 def _run(args, device: torch.device) -> Dict[str, Any]:
@@ -570,6 +687,7 @@ def _run(args, device: torch.device) -> Dict[str, Any]:
         batch=args.batch, precision=args.precision, warmup=args.warmup, steps=args.steps,
         repeats=args.repeats, rows=args.rows, kernels=kernels, compile=compile_info(args),
         lr=args.lr, seed=args.seed, smoke=args.smoke, nvtx=args.nvtx,
+        deepspeed_config=(args.config if "deepspeed" in args.rows else None),
         optimizer=("AdamW on fp32 master weights, bf16 params/grads" if args.precision == "bf16"
                    else "AdamW") + (" (fused)" if device.type == "cuda" else "") + ", weight decay 0",
         loss='create_diffusion("").training_losses(...)["loss"].mean(), t uniform, labels uniform',
@@ -598,6 +716,9 @@ def _run(args, device: torch.device) -> Dict[str, Any]:
         with nvtx_range(f"row {spec.name}", args.nvtx):
             row = run_row(spec, args, ctx)
         row["row_wall_s"] = time.perf_counter() - t0
+        if device.type == "cuda":  # what the row left allocated once it is gone (the next row starts clean)
+            free_memory(device)
+            row["mem_left_gib"] = torch.cuda.memory_allocated(device) / 2**30
         result["rows"].append(row)
         print(f"    {row_line(row)}  ({row['row_wall_s']:.1f} s)", flush=True)
         add_speedups(result["rows"])

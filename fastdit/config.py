@@ -14,6 +14,7 @@ import copy
 import difflib
 import json
 import os
+import re
 from typing import Any, Dict, List, Sequence, Tuple
 
 
@@ -86,6 +87,9 @@ SCHEMA: Dict[str, Dict[str, Tuple[str, Any]]] = {
         "progress": ("bool", True),
         "plots": ("bool", True),               # loss curve PNG at the end
         "shm_comm": ("bool", False),           # CPU only: let DeepSpeed JIT-build its shm all-reduce op
+        # "A-B": profile optimizer steps A..B (1-based, at least 3) on rank 0 into output_dir/profile/
+        # (fastdit.step_profile: step times, phase times, a torch.profiler trace); null = off
+        "profile_steps": ("str?", None),
     },
 }
 SECTIONS = tuple(SCHEMA) + ("deepspeed",)
@@ -306,6 +310,11 @@ def _check_semantics(cfg: Dict[str, Any], where: str) -> None:
     if kind in ("latents", "imagefolder", "synthetic") and cfg["data"]["image_size"] % 8:
         raise ConfigError(f"{where}: data.image_size must be a multiple of 8 (the VAE downsamples 8x), "
                           f"got {cfg['data']['image_size']}")
+    if cfg["train"]["profile_steps"] is not None:
+        first, last = parse_step_range(cfg["train"]["profile_steps"], f"{where}: train.profile_steps")
+        if last > cfg["train"]["max_steps"]:
+            raise ConfigError(f"{where}: train.profile_steps {first}-{last} ends after train.max_steps="
+                              f"{cfg['train']['max_steps']}")
     if not isinstance(cfg["deepspeed"], dict) or not cfg["deepspeed"]:
         raise ConfigError(f"{where}: the deepspeed section is missing; it is the DeepSpeed config "
                           f"(batch sizes, optimizer, bf16, zero_optimization)")
@@ -313,6 +322,18 @@ def _check_semantics(cfg: Dict[str, Any], where: str) -> None:
     if "train_micro_batch_size_per_gpu" not in ds and "train_batch_size" not in ds:
         raise ConfigError(f"{where}: deepspeed.train_batch_size or deepspeed.train_micro_batch_size_per_gpu "
                           f"is required")
+
+
+def parse_step_range(text: str, what: str = "step range") -> Tuple[int, int]:
+    """'A-B' -> (A, B): optimizer steps A..B, 1-based, at least three (A + 2 <= B); ConfigError otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not m:
+        raise ConfigError(f"{what} must look like A-B (optimizer steps A to B, e.g. 10-15), got {text!r}")
+    first, last = int(m.group(1)), int(m.group(2))
+    if first < 1 or last < first + 2:
+        raise ConfigError(f"{what} {text!r}: needs 1 <= A and B >= A + 2 (at least three steps: timed "
+                          f"whole, timed by phase, traced), got A={first}, B={last}")
+    return first, last
 
 
 def resolved_architecture(cfg: Config) -> Dict[str, Any]:

@@ -257,6 +257,24 @@ class RankBatchSampler(torch.utils.data.Sampler):
                 yield list(zip(idx, fl))
 
 
+def rank_batches(dataset, micro_batch: int, grad_accum: int, rank: int, world: int, seed: int,
+                 start_step: int, random_flip: bool, num_workers: int, pin_memory: bool) -> Iterator:
+    """This rank's micro-batches (x, y) from optimizer step `start_step` on, epoch after epoch, in the
+    order of RankBatchSampler (so a resumed run reads what the uninterrupted run would have read)."""
+    steps_per_epoch = RankBatchSampler(len(dataset), micro_batch, grad_accum, rank, world, seed, 0,
+                                       random_flip=random_flip).steps_per_epoch
+    epoch, in_epoch = divmod(start_step, steps_per_epoch)
+    loader_gen = torch.Generator().manual_seed(seed)  # keeps DataLoader off the global RNG
+    while True:
+        sampler = RankBatchSampler(len(dataset), micro_batch, grad_accum, rank, world, seed, epoch,
+                                   start_step=in_epoch, random_flip=random_flip)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                             pin_memory=pin_memory, generator=loader_gen,
+                                             persistent_workers=False)
+        yield from loader
+        epoch, in_epoch = epoch + 1, 0
+
+
 def build_dataset(data_cfg, model_in_channels: Optional[int] = None):
     """The dataset named by data.kind; raises with what to pass when a path is missing."""
     kind = data_cfg["kind"]

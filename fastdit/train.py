@@ -12,7 +12,12 @@ train.shm_comm=true to keep it). Add `--master_port P` to run two jobs side by s
 
 `--set section.key=value` (repeatable) overrides any config value; `--resume auto` continues from the
 newest complete checkpoint of train.output_dir (a fresh start when there is none). Writes to
-train.output_dir: checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples/*.png, loss_curve.png.
+train.output_dir: checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples/*.png, loss_curve.png, and
+profile/ (trace.json, profile.json) when train.profile_steps=A-B asks for a profile of those steps.
+
+One optimizer step is fastdit.trainer.Trainer.train_step(), the step benchmarks/throughput.py (row
+`deepspeed`) times and benchmarks/step_profile.py profiles; this script adds resume, data order,
+logging, checkpoints, sample grids and the non-finite stop around it.
 
 Exit codes: 0 done, 2 bad config or missing input, 3 stopped after too many non-finite steps in a row.
 Test hooks (environment): FASTDIT_TEST_NAN_STEPS="3,6,7" turns the loss of those optimizer steps
@@ -55,7 +60,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
-import socket  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Dict, Optional  # noqa: E402
 
@@ -64,35 +68,18 @@ import torch  # noqa: E402
 
 import fastdit  # noqa: E402
 from fastdit import checkpoint as ckpt  # noqa: E402
-from fastdit.config import ConfigError, is_registry_architecture, load_config, resolved_architecture  # noqa: E402
-from fastdit.data import LATENTS_FILE, RankBatchSampler, build_dataset  # noqa: E402
+from fastdit.config import ConfigError, load_config, parse_step_range, resolved_architecture  # noqa: E402
+from fastdit.data import LATENTS_FILE, RankBatchSampler, build_dataset, rank_batches  # noqa: E402
+from fastdit.trainer import (Trainer, build_engine, data_geometry, device_for_rank, env_rank,  # noqa: E402
+                             init_distributed, nvtx_range, say)
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
-
-# Dense peak FLOP/s per device (no sparsity) used for MFU when train.peak_flops is null.
-PEAK_FLOPS_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12,
-                   "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 70e12}
-PEAK_FLOPS_TF32 = {"H200": 494.5e12, "H100": 494.5e12, "H800": 494.5e12, "GH200": 494.5e12,
-                   "A100": 156e12, "A800": 156e12, "L40S": 183e12, "L40": 90.5e12, "A10G": 35e12}
 
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def say(msg: str, all_ranks: bool = False) -> None:
-    """Print on rank 0 (or on every rank, prefixed) and flush."""
-    r = env_rank()
-    if all_ranks:
-        print(f"[rank {r}] {msg}", flush=True)
-    elif r == 0:
-        print(msg, flush=True)
-
-
 def fail(msg: str, code: int = EXIT_CONFIG) -> None:
     if env_rank() == 0:
         print(f"fastdit.train: error: {msg}", file=sys.stderr, flush=True)
@@ -110,12 +97,6 @@ def parse_args(argv=None):
                         "checkpoint folder; overrides train.resume")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _vae_for(cfg, dataset) -> Optional[str]:
@@ -164,118 +145,20 @@ def preflight(cfg):
     return dataset, vae
 
 
-def init_distributed(cfg) -> None:
-    """torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU ranks."""
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500")
-    import deepspeed
+def set_cpu_threads(cfg) -> None:
+    """CPU ranks: train.cpu_threads intra-op threads each, else the cores shared among the local ranks."""
     from deepspeed.accelerator import get_accelerator
 
-    backend = None
-    if get_accelerator().device_name() == "cpu":
-        backend = "gloo"
-        if not cfg.train.shm_comm:
-            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at start (minutes on a
-            # fresh machine); gloo alone is enough for CPU runs, so skip the build.
-            import importlib
-            ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # not deepspeed.comm's `torch`
-            if hasattr(ds_torch_comm, "build_shm_op"):
-                ds_torch_comm.build_shm_op = lambda: None
-        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
-        threads = cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local))
-        torch.set_num_threads(threads)
-    deepspeed.init_distributed(dist_backend=backend)
-
-
-def device_for_rank():
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    if acc.device_name() == "cpu":
-        return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    acc.set_device(local)
-    return torch.device(acc.device_name(local))
-
-
-def resolve_impl(cfg):
-    """(DiT class, impl name, extra constructor kwargs) for model.impl."""
-    impl = cfg.model.impl
-    if impl == "auto" and cfg.model.block_type != "adaln_zero":
-        impl = "reference"  # the fast model implements the adaLN-Zero block only
-    if impl in ("auto", "fast"):
-        try:
-            from fastdit.models.dit import DiT as FastDiT
-        except ImportError as e:
-            if impl == "fast":
-                fail(f"{cfg.path}: model.impl='fast' but fastdit.models.dit cannot be imported ({e})")
-            from fastdit.models.reference import DiT as RefDiT
-            say(f"model.impl=auto: the fast model is not available ({e}); using the reference DiT")
-            return RefDiT, "reference", {}
-        return FastDiT, "fast", dict(kernels=cfg.model.kernels, attention=cfg.model.attention,
-                                     checkpointing=cfg.model.checkpointing)
-    from fastdit.models.reference import DiT as RefDiT
-    if cfg.model.checkpointing:
-        say("model.checkpointing is a fast-model option; the reference DiT ignores it")
-    return RefDiT, "reference", {}
-
-
-def model_kwargs_for(cfg, input_size: int, in_channels: int, num_classes: int):
-    """(meta 'model', meta 'model_kwargs', all constructor kwargs) for this config.
-
-    A registry architecture gives its name and the extra kwargs (`DiT_models[name](**model_kwargs)`);
-    a custom one (depth/width/heads/patch overridden) gives None and every constructor kwarg.
-    """
-    common = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                  learn_sigma=cfg.model.learn_sigma, class_dropout_prob=cfg.model.class_dropout_prob,
-                  mlp_ratio=cfg.model.mlp_ratio, block_type=cfg.model.block_type)
-    arch = resolved_architecture(cfg)
-    full = dict(common, **arch)
-    if is_registry_architecture(cfg):
-        return cfg.model.name, common, full
-    return None, full, full  # a custom architecture: meta "model" is null, model_kwargs complete
-
-
-def peak_flops(cfg, bf16: bool) -> Optional[float]:
-    if cfg.train.peak_flops:
-        return cfg.train.peak_flops
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    table = PEAK_FLOPS_BF16 if bf16 else PEAK_FLOPS_TF32
-    for key in sorted(table, key=len, reverse=True):
-        if key in name:
-            return table[key]
-    return None
-
-
-def training_flops(cfg, full_kwargs: Dict[str, Any]) -> Optional[float]:
-    """Training FLOPs per image (2 x MACs x 3, fastdit.flops) of the model actually trained."""
-    try:
-        from fastdit.flops import DiTShape, training_flops_per_image, training_flops_per_sample
-        if cfg.data.kind != "digits" and is_registry_architecture(cfg):
-            kw = {k: full_kwargs[k] for k in ("in_channels", "num_classes", "learn_sigma", "mlp_ratio",
-                                              "class_dropout_prob", "block_type")}
-            return float(training_flops_per_image(cfg.model.name, cfg.data.image_size, **kw))
-        return float(training_flops_per_sample(DiTShape(**full_kwargs)))
-    except Exception as e:  # noqa: BLE001 - MFU is optional
-        say(f"MFU disabled: fastdit.flops could not count this model ({e})")
-        return None
+    if get_accelerator().device_name() != "cpu":
+        return
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+    torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, local)))
 
 
 def memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
-
-
-def nvtx_range(name: str):
-    try:
-        import nvtx
-        return nvtx.annotate(name)
-    except Exception:  # noqa: BLE001 - profiling markers are optional
-        return contextlib.nullcontext()
 
 
 def test_nan_steps():
@@ -371,13 +254,11 @@ def main(argv=None) -> int:
         cfg.train["resume"] = args.resume
     dataset, vae_spec = preflight(cfg)
 
-    init_distributed(cfg)
+    init_distributed(cfg.train.shm_comm)
+    set_cpu_threads(cfg)
     import deepspeed
     import torch.distributed as dist
     from tqdm import tqdm
-
-    from fastdit.diffusion import create_diffusion
-    from fastdit.ema import ShardedEMA
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = device_for_rank()
@@ -388,56 +269,25 @@ def main(argv=None) -> int:
         ckpt.clean_tmp(ckpt_root)
     dist.barrier()
 
-    # ---- data geometry and the model --------------------------------------------------------
+    # ---- the engine: model, DeepSpeed, EMA, diffusion -----------------------------------------
     kind = cfg.data.kind
     vae = None
-    if kind == "digits":
-        in_channels, input_size = 1, cfg.data.image_size
-    elif kind == "latents":
-        in_channels, input_size = dataset.channels, dataset.latent_size
-    else:
-        in_channels, input_size = 4, cfg.data.image_size // 8
-        if kind == "imagefolder":
-            from fastdit.vae import load_vae
-            vae = load_vae(vae_spec, device)
-            in_channels = int(vae.config.latent_channels)
-            input_size = cfg.data.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
-    data_classes = dataset.num_classes
-    num_classes = cfg.model.num_classes or data_classes
-    if num_classes < data_classes:
-        fail(f"{cfg.path}: model.num_classes={num_classes} but the data has {data_classes} classes")
-    impl_cls, impl, impl_kwargs = resolve_impl(cfg)
-    meta_name, meta_kwargs, full_kwargs = model_kwargs_for(cfg, input_size, in_channels, num_classes)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = impl_cls(**full_kwargs, **impl_kwargs)
-    n_params = sum(p.numel() for p in model.parameters())
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=cfg.deepspeed)
-    del model
-    if cfg.train.compile:
-        engine.compile()
-    bf16 = engine.bfloat16_enabled()
-    model_dtype = torch.bfloat16 if bf16 else (torch.float16 if engine.fp16_enabled() else torch.float32)
-    micro, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    global_batch = engine.train_batch_size()
-    zero_stage = engine.zero_optimization_stage()
-    own_grad_check = not hasattr(engine.optimizer, "overflow")  # plain torch optimizer (ZeRO-0, fp32)
-    if own_grad_check:
-        _install_skip_guard(engine.optimizer)
-    ema = ShardedEMA(engine.module, cfg.train.ema_decay)
-    diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
-                                 noise_schedule=cfg.diffusion.noise_schedule,
-                                 learn_sigma=cfg.model.learn_sigma,
-                                 diffusion_steps=cfg.diffusion.diffusion_steps)
-    flops_per_image = training_flops(cfg, full_kwargs)
-    peak = peak_flops(cfg, bf16)
+    if kind == "imagefolder":
+        from fastdit.vae import load_vae
+        vae = load_vae(vae_spec, device)
+    try:
+        setup = build_engine(cfg, *data_geometry(cfg, dataset, vae), device)
+    except ConfigError as e:
+        fail(str(e))
+    engine, ema = setup.engine, setup.ema
+    micro, ga, global_batch = setup.micro_batch, setup.grad_accum, setup.global_batch
+    bf16, zero_stage, impl = setup.bf16, setup.zero_stage, setup.impl
+    flops_per_image, peak = setup.flops_per_image, setup.peak_flops
 
     def make_meta(step: int, stopped: Optional[str] = None) -> Dict[str, Any]:
         latent = kind != "digits"
         return {
-            "model": meta_name, "model_kwargs": meta_kwargs, "arch": resolved_architecture(cfg),
+            "model": setup.meta_name, "model_kwargs": setup.meta_kwargs, "arch": resolved_architecture(cfg),
             "impl": impl, "kernels": cfg.model.kernels, "attention": cfg.model.attention,
             "step": step, "samples_seen": step * global_batch,
             "vae": vae_spec if latent else None, "latent_scale": cfg.data.latent_scale if latent else None,
@@ -450,78 +300,48 @@ def main(argv=None) -> int:
         }
 
     # ---- resume ----------------------------------------------------------------------------
-    step, nonfinite_total, nonfinite_run = 0, 0, 0
-    resume = cfg.train.resume
-    tag = None
-    if resume == "auto":
-        tag = ckpt.latest_tag(ckpt_root)
-        load_root = ckpt_root
-        if tag is None:
-            say(f"--resume auto: no checkpoint in {ckpt_root}; starting from scratch")
-    elif resume:
-        try:
-            load_root, tag = ckpt.resolve_checkpoint(resume)
-        except FileNotFoundError as e:
-            fail(str(e))
-    state = None
-    if tag is not None:
-        state = ckpt.load_checkpoint(engine, load_root, tag, ema)
-        step = ckpt.read_meta(os.path.join(load_root, tag))["step"]
-        say(f"resumed from {os.path.join(load_root, tag)} at step {step}")
-    if rank == 0:
-        _trim_metrics(os.path.join(out_dir, "metrics.jsonl"), step)
-    if state is not None:
-        ckpt.set_rng_state(state["rng"])
-        nonfinite_total = state["nonfinite_total"]
-        nonfinite_run = state["nonfinite_in_a_row"]
-    else:
-        seed = cfg.train.seed * world + rank + step * 7919
-        if tag is not None:
-            say("the checkpoint was written with another world size: data order is kept, RNG streams "
-                "are reseeded (the run continues, not bit-exact)")
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+    step, tag, nonfinite_total, nonfinite_run = _resume(cfg, setup, ckpt_root, rank, world)
 
-    # ---- data loader positioned at `step` ---------------------------------------------------
-    sampler_probe = RankBatchSampler(len(dataset), micro, ga, rank, world, cfg.train.seed, 0,
-                                     random_flip=cfg.data.random_flip)
-    steps_per_epoch = sampler_probe.steps_per_epoch
-    loader_gen = torch.Generator().manual_seed(cfg.train.seed)  # keeps DataLoader off the global RNG
-
-    def batches_from(start_step: int):
-        epoch, in_epoch = divmod(start_step, steps_per_epoch)
-        while True:
-            sampler = RankBatchSampler(len(dataset), micro, ga, rank, world, cfg.train.seed, epoch,
-                                       start_step=in_epoch, random_flip=cfg.data.random_flip)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                pin_memory=device.type == "cuda", generator=loader_gen,
-                persistent_workers=False)
-            yield from loader
-            epoch, in_epoch = epoch + 1, 0
-
-    batches = batches_from(step)
-
-    def model_fn(x, t, **kw):
-        return engine(x.to(model_dtype), t, **kw).float()
+    # ---- the step, fed by the data loader positioned at `step` ------------------------------
+    try:
+        steps_per_epoch = RankBatchSampler(len(dataset), micro, ga, rank, world, cfg.train.seed, 0,
+                                           random_flip=cfg.data.random_flip).steps_per_epoch
+    except ValueError as e:
+        fail(f"{cfg.path}: {e}")
+    batches = rank_batches(dataset, micro, ga, rank, world, cfg.train.seed, step, cfg.data.random_flip,
+                           cfg.data.num_workers, pin_memory=device.type == "cuda")
+    encode = None
+    if vae is not None:
+        def encode(x):
+            return vae.encode(x).latent_dist.sample().mul_(cfg.data.latent_scale)
+    nan_steps, nan_rank = test_nan_steps(), int(os.environ.get("FASTDIT_TEST_NAN_RANK", world - 1))
+    trainer = Trainer(setup, batches, step=step, nonfinite_total=nonfinite_total,
+                      nonfinite_in_a_row=nonfinite_run, encode=encode,
+                      poison_steps=nan_steps if rank == nan_rank else ())
+    profiler = _step_profiler(cfg, setup, world) if cfg.train.profile_steps and rank == 0 else None
 
     def trainer_state(s: int) -> Dict[str, Any]:
         return {"step": s, "rng": ckpt.rng_state(), "world_size": world,
                 "data": {"epoch": s // steps_per_epoch, "step_in_epoch": s % steps_per_epoch,
                          "samples_seen": s * global_batch},
-                "nonfinite_total": nonfinite_total, "nonfinite_in_a_row": nonfinite_run}
+                "nonfinite_total": trainer.nonfinite_total, "nonfinite_in_a_row": trainer.nonfinite_in_a_row}
 
     def save(s: int, stopped: Optional[str] = None) -> str:
         with nvtx_range("checkpoint"):
             return ckpt.save_checkpoint(engine, ckpt_root, s, ema, make_meta(s, stopped), trainer_state(s),
                                         cfg.train.keep_last)
 
+    def grid(s: int) -> Optional[str]:
+        return sample_grid(cfg, make_meta(s), ema, device, vae_spec if kind != "digits" else None,
+                           os.path.join(out_dir, "samples", f"{ckpt.tag_for(s)}.png"), setup.impl_cls,
+                           _sampling_impl_kwargs(impl, setup.impl_kwargs, device), rank, writer, s)
+
     # ---- logging ---------------------------------------------------------------------------
     writer = None
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0:
-        say(f"fastdit: {meta_name or 'custom DiT'} ({n_params / 1e6:.2f}M params, "
+        input_size, in_channels = setup.full_kwargs["input_size"], setup.full_kwargs["in_channels"]
+        say(f"fastdit: {setup.meta_name or 'custom DiT'} ({setup.n_params / 1e6:.2f}M params, "
             f"impl={impl}) | data={kind} ({len(dataset)} items, {input_size}x{input_size}x{in_channels}) | "
             f"{world} rank(s) on {device.type}, ZeRO-{zero_stage}, {'bf16' if bf16 else 'fp32'}, global batch "
             f"{global_batch} = {micro} x {ga} x {world} | steps {step} -> {cfg.train.max_steps} | "
@@ -534,52 +354,22 @@ def main(argv=None) -> int:
                 say(f"TensorBoard disabled ({e})")
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=(rank != 0 or not cfg.train.progress),
                dynamic_ncols=True, desc="train", file=sys.stdout, mininterval=1.0)
-    nan_steps, nan_rank = test_nan_steps(), int(os.environ.get("FASTDIT_TEST_NAN_RANK", world - 1))
 
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     loss_n = 0
     window_t0, window_steps, excluded = time.time(), 0, 0.0
     last_saved = step if tag is not None else None
     final_loss = None
-    params_for_check = [p for p in engine.module.parameters() if p.requires_grad] if own_grad_check else []
 
-    while step < cfg.train.max_steps:
-        target = step + 1
-        micro_loss = torch.zeros((), device=device, dtype=torch.float64)
-        for m in range(ga):
-            with nvtx_range("data"):
-                x, y = next(batches)
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                if vae is not None:
-                    with torch.no_grad():
-                        x = vae.encode(x).latent_dist.sample().mul_(cfg.data.latent_scale)
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            with nvtx_range("forward"):
-                loss = diffusion.training_losses(model_fn, x, t, model_kwargs=dict(y=y))["loss"].mean()
-            if target in nan_steps and rank == nan_rank:
-                loss = loss * float("nan")
-            with nvtx_range("backward"):
-                engine.backward(loss)
-            if own_grad_check and m == ga - 1:  # gradients are all-reduced: every rank decides alike
-                engine.optimizer.overflow = not all(
-                    bool(torch.isfinite(p.grad).all()) for p in params_for_check if p.grad is not None)
-            with nvtx_range("optimizer"):
-                engine.step()
-            if own_grad_check:
-                engine.optimizer.overflow = False
-            micro_loss += loss.detach().double()
-        applied = engine.was_step_applied()
-        step = target
-        if applied:
-            with nvtx_range("ema"):
-                ema.update()
-            loss_sum += micro_loss / ga
+    while trainer.step < cfg.train.max_steps:
+        with profiler.around(trainer.step + 1, trainer) if profiler else contextlib.nullcontext():
+            result = trainer.train_step()
+        step = result.step
+        if result.applied:
+            loss_sum += result.loss
             loss_n += 1
-            nonfinite_run = 0
         else:
-            nonfinite_total += 1
-            nonfinite_run += 1
+            nonfinite_run, nonfinite_total = trainer.nonfinite_in_a_row, trainer.nonfinite_total
             msg = (f"step {step}: non-finite loss or gradient, step skipped ({nonfinite_run} in a row, "
                    f"{nonfinite_total} in total)")
             if rank == 0:
@@ -612,7 +402,7 @@ def main(argv=None) -> int:
             img_s = window_steps * global_batch / elapsed
             mfu = (img_s * flops_per_image / (peak * world)) if (flops_per_image and peak) else None
             rec = {"step": step, "loss": mean_loss, "grad_norm": gn, "lr": lr, "img_per_s": img_s,
-                   "mfu": mfu, "mem_gb": memory_gb(device), "nonfinite_total": nonfinite_total,
+                   "mfu": mfu, "mem_gb": memory_gb(device), "nonfinite_total": trainer.nonfinite_total,
                    "epoch": step / steps_per_epoch, "time": time.time()}
             rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
             final_loss = mean_loss if mean_loss is not None else final_loss
@@ -638,34 +428,35 @@ def main(argv=None) -> int:
             window_t0, window_steps, excluded = time.time(), 0, 0.0
 
         t_aux = time.time()
+        if profiler is not None and profiler.complete:
+            profiler.finish()
+            profiler = None
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
             save(step)
             last_saved = step
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step != cfg.train.max_steps:
             with nvtx_range("sample"):
-                sample_grid(cfg, make_meta(step), ema, device, vae_spec if kind != "digits" else None,
-                            os.path.join(out_dir, "samples", f"{ckpt.tag_for(step)}.png"),
-                            impl_cls, _sampling_impl_kwargs(impl, impl_kwargs, device), rank, writer, step)
+                grid(step)
         excluded += time.time() - t_aux
 
     bar.close()
+    if profiler is not None and profiler.steps_done:
+        profiler.finish()  # a run resumed inside the profiled range: what was profiled
     if last_saved != step:
         save(step)
     grid_path = curve_path = None
     if cfg.train.final_sample:
-        grid_path = sample_grid(cfg, make_meta(step), ema, device, vae_spec if kind != "digits" else None,
-                                os.path.join(out_dir, "samples", f"{ckpt.tag_for(step)}.png"),
-                                impl_cls, _sampling_impl_kwargs(impl, impl_kwargs, device), rank, writer, step)
+        grid_path = grid(step)
     if rank == 0:
         if cfg.train.plots:
             from fastdit.plots import plot_loss_curve
             curve_path = plot_loss_curve(metrics_path, os.path.join(out_dir, "loss_curve.png"),
-                                         title=f"{meta_name or 'DiT'} on {kind}")
+                                         title=f"{setup.meta_name or 'DiT'} on {kind}")
         if writer is not None:
             writer.close()
         say(f"done: step {step}, final loss {final_loss:.4f}" if final_loss is not None else f"done: step {step}")
-        if nonfinite_total:
-            say(f"non-finite steps skipped: {nonfinite_total}")
+        if trainer.nonfinite_total:
+            say(f"non-finite steps skipped: {trainer.nonfinite_total}")
         say(f"checkpoint: {os.path.join(ckpt_root, ckpt.latest_tag(ckpt_root) or '')}")
         if grid_path:
             say(f"samples (one row per class): {grid_path}")
@@ -675,18 +466,59 @@ def main(argv=None) -> int:
     return 0
 
 
-def _install_skip_guard(optimizer) -> None:
-    """Give a plain torch optimizer DeepSpeed's overflow protocol: while `optimizer.overflow` is True
-    its step() does nothing, and the engine then counts a skipped step (no update, no lr step)."""
-    optimizer.overflow = False
-    step = optimizer.step
+def _resume(cfg, setup, ckpt_root: str, rank: int, world: int):
+    """Load train.resume's checkpoint into the engine and EMA, restore (or reseed) every RNG and trim
+    metrics.jsonl to the resume point. Returns (step, tag or None, nonfinite_total, nonfinite_in_a_row)."""
+    step, nonfinite_total, nonfinite_run = 0, 0, 0
+    resume = cfg.train.resume
+    tag = None
+    if resume == "auto":
+        tag = ckpt.latest_tag(ckpt_root)
+        load_root = ckpt_root
+        if tag is None:
+            say(f"--resume auto: no checkpoint in {ckpt_root}; starting from scratch")
+    elif resume:
+        try:
+            load_root, tag = ckpt.resolve_checkpoint(resume)
+        except FileNotFoundError as e:
+            fail(str(e))
+    state = None
+    if tag is not None:
+        state = ckpt.load_checkpoint(setup.engine, load_root, tag, setup.ema)
+        step = ckpt.read_meta(os.path.join(load_root, tag))["step"]
+        say(f"resumed from {os.path.join(load_root, tag)} at step {step}")
+    if rank == 0:
+        _trim_metrics(os.path.join(cfg.train.output_dir, "metrics.jsonl"), step)
+    if state is not None:
+        ckpt.set_rng_state(state["rng"])
+        nonfinite_total = state["nonfinite_total"]
+        nonfinite_run = state["nonfinite_in_a_row"]
+    else:
+        seed = cfg.train.seed * world + rank + step * 7919
+        if tag is not None:
+            say("the checkpoint was written with another world size: data order is kept, RNG streams "
+                "are reseeded (the run continues, not bit-exact)")
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+    return step, tag, nonfinite_total, nonfinite_run
 
-    def guarded_step(*args, **kwargs):
-        if optimizer.overflow:
-            return None
-        return step(*args, **kwargs)
 
-    optimizer.step = guarded_step
+def _step_profiler(cfg, setup, world: int):
+    """train.profile_steps=A-B: steps A..B of rank 0 are profiled into output_dir/profile/: the last two
+    (one when the range has fewer than six steps) under torch.profiler; of the others, the first half
+    timed whole and the second half by phase."""
+    from fastdit.step_profile import StepProfiler
+
+    first, last = parse_step_range(cfg.train.profile_steps)
+    steps = list(range(first, last + 1))
+    n_trace = 2 if len(steps) >= 6 else 1
+    n_plain = (len(steps) - n_trace) // 2
+    return StepProfiler(setup.device, os.path.join(cfg.train.output_dir, "profile"), setup.global_batch,
+                        plain_steps=steps[:n_plain], phase_steps=steps[n_plain:-n_trace],
+                        trace_steps=steps[-n_trace:],
+                        info=dict(setup.describe(world), data=cfg.data.kind, profile_steps=f"{first}-{last}"),
+                        log=say)
 
 
 def _trim_metrics(path: str, step: int) -> None:

@@ -24,7 +24,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks import throughput as tp  # noqa: E402
 from fastdit import attention as attn_backends  # noqa: E402
 
-EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile",
+EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "deepspeed",
                  "fused/math", "fused/sdpa", "fused/flash_attn", "fused/xformers"]
 
 
@@ -55,7 +55,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert data["benchmark"] == "throughput" and data["complete"] is True
     rows = {r["name"]: r for r in data["rows"]}
     assert [r["name"] for r in data["rows"]] == EXPECTED_ROWS
-    for name in EXPECTED_ROWS[:7]:
+    for name in EXPECTED_ROWS[:8]:
         assert rows[name]["status"] == "ok", (name, rows[name]["error"])
         assert rows[name]["error"] is None
     # flash-attn / xformers rows: a backend that cannot run here (not installed, no CUDA, a failed test
@@ -80,6 +80,23 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert rows["fused"]["attention"] == "sdpa (auto)"  # auto on CPU fp32 resolves to sdpa
     for name in ("compile", "fused+compile"):
         assert rows[name]["compile_graph_breaks"] == 0, rows[name]
+    # The deepspeed row: fastdit.trainer's step on the engine configs/xl2_zero2.json builds, one rank
+    ds = rows["deepspeed"]
+    assert ds["step"].startswith("fastdit.trainer.Trainer.train_step")
+    assert ds["model_class"] == "fastdit.models.DiT" and ds["kernels"] == "triton"
+    assert ds["attention"] == "sdpa (auto)" and ds["compile"] is None
+    eng = ds["deepspeed"]
+    assert eng["config"].endswith(os.path.join("configs", "xl2_zero2.json"))
+    assert eng["zero_stage"] == 2 and eng["bf16"] is False  # smoke: fp32 (--precision maps to the config)
+    assert eng["optimizer"]["type"] == "AdamW" and eng["optimizer"]["engine_optimizer"] == "DeepSpeedZeroOptimizer"
+    assert (eng["micro_batch"], eng["grad_accum"], eng["world_size"], eng["global_batch"]) == (2, 1, 1, 2)
+    assert eng["arch"] == dict(tp.SMOKE_ARCH) and eng["ema_decay"] == 0.9999
+    # Same model, data, t/noise draws and AdamW (lr 1e-4, fp32) as the fused row: the same losses, also
+    # after the optimizer steps, so the engine's step trains what the harness's step trains.
+    for key in ("loss_first", "loss_last"):
+        assert ds[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
+    assert "ZeRO-2 fp32 AdamW (DeepSpeedZeroOptimizer)" in smoke_run["stdout"]
+    assert data["config"]["deepspeed_config"] == eng["config"]
     # progress: one line per row, then the table
     for i, name in enumerate(EXPECTED_ROWS, 1):
         assert f"[{i}/{len(EXPECTED_ROWS)}] {name}" in smoke_run["stdout"]
@@ -94,6 +111,7 @@ def test_smoke_row_figures(smoke_run):
     eager = next(r for r in ok if r["name"] == "eager")["img_per_s"]["median"]
     comp = next(r for r in ok if r["name"] == "compile")["img_per_s"]["median"]
     esdpa = next(r for r in ok if r["name"] == "eager/sdpa")["img_per_s"]["median"]
+    fused = next(r for r in ok if r["name"] == "fused")["img_per_s"]["median"]
     for r in ok:
         assert len(r["repeat_ms"]) == cfg["repeats"] and all(ms > 0 for ms in r["repeat_ms"])
         ms = [v / cfg["steps"] for v in r["repeat_ms"]]
@@ -109,6 +127,7 @@ def test_smoke_row_figures(smoke_run):
         assert r["speedup_vs_eager"] == pytest.approx(r["img_per_s"]["median"] / eager)
         assert r["speedup_vs_compile"] == pytest.approx(r["img_per_s"]["median"] / comp)
         assert r["speedup_vs_eager_sdpa"] == pytest.approx(r["img_per_s"]["median"] / esdpa)
+        assert r["speedup_vs_fused"] == pytest.approx(r["img_per_s"]["median"] / fused)
         assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
         assert r["first_step_s"] > 0 and r["warmup_s"] >= r["first_step_s"]
     assert cfg["peak_flops"] is None and "n/a" in cfg["peak_flops_source"]
@@ -303,8 +322,29 @@ def test_main_exit_code_when_every_row_fails(monkeypatch):
     assert tp.main(["--smoke", "--rows", "fused", "--kernels", "triton"]) == 1
 
 
+def test_deepspeed_row_refuses_autocast():
+    res = tp.run(["--smoke", "--rows", "deepspeed", "--precision", "autocast"])
+    (row,) = res["rows"]
+    assert row["status"] == "unavailable" and "--precision bf16 or fp32" in row["error"]
+
+
+@pytest.mark.parametrize("precision, bf16", [("bf16", True), ("fp32", False)])
+def test_deepspeed_row_config(precision, bf16):
+    """--config with the row's batch, model and precision; gradient accumulation removed."""
+    args = tp.parse_args(["--model", "DiT-B/4", "--image-size", "128", "--batch", "48", "--precision", precision,
+                          "--rows", "deepspeed", "--config", os.path.join(ROOT, "configs", "xl2_zero3.json")])
+    cfg = tp.deepspeed_row_config(args)
+    ds = cfg.deepspeed
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] == 48
+    assert "gradient_accumulation_steps" not in ds and ds["bf16"]["enabled"] is bf16
+    assert ds["zero_optimization"]["stage"] == 3
+    assert cfg.model.name == "DiT-B/4" and cfg.model.depth is None and cfg.data.image_size == 128
+    assert cfg.data.kind == "synthetic" and cfg.model.num_classes == tp.NUM_CLASSES
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rows", "eager,bogus"], "unknown row"),
+    (["--rows", "deepspeed", "--config", "configs/nope.json"], "does not exist"),
     (["--rows", "eager,eager"], "twice"),
     (["--warmup", "0"], "--warmup must be >= 1"),
     (["--batch", "0"], "--batch must be >= 1"),
@@ -336,3 +376,23 @@ def test_small_gpu_run():
         assert r["status"] == "ok", (r["name"], r["error"])
         assert r["peak_mem_gib"] > 0 and r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 100)
         assert r["kernels"] in (None, "triton")
+
+
+@pytest.mark.gpu
+def test_deepspeed_row_on_gpu(tmp_path):
+    """On a CUDA device: the deepspeed row between two harness rows, in its own process (it initialises
+    torch.distributed, NCCL); bf16 from the config, MFU and peak memory filled in, the engine torn down."""
+    out = tmp_path / "ds.json"
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--model", "DiT-S/2", "--batch", "8",
+                           "--rows", "fused,deepspeed,eager", "--warmup", "2", "--steps", "2", "--repeats", "2",
+                           "--peak-tflops", "100", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    for r in rows.values():
+        assert r["status"] == "ok", (r["name"], r["error"])
+    ds = rows["deepspeed"]
+    assert ds["deepspeed"]["bf16"] is True and ds["deepspeed"]["zero_stage"] == 2
+    assert ds["kernels"] == "triton" and ds["mfu"] == pytest.approx(ds["model_tflops_per_s"] / 100)
+    # the engine's state (weights, fp32 masters, Adam moments, EMA: ~0.5 GiB for DiT-S/2) was released
+    assert ds["peak_mem_gib"] > 0 and ds["mem_left_gib"] < 0.25

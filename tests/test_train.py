@@ -168,7 +168,8 @@ def test_zero2_exact_resume_after_sigkill_during_save(tmp_path):
 def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
     out = tmp_path / "z3"
     cfg = tiny_config(out, stage=3, max_steps=14, ckpt_every=1, keep_last=2, final_sample=True,
-                      plots=True, tensorboard=True, samples_per_class=1, sample_classes=[0, 3, 7])
+                      plots=True, tensorboard=True, samples_per_class=1, sample_classes=[0, 3, 7],
+                      profile_steps="3-6")
     proc = launch(cfg, tmp_path, "z3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first, last = falling(metrics(out))
@@ -185,6 +186,16 @@ def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
     assert os.path.isfile(os.path.join(out, "loss_curve.png"))
     assert os.listdir(os.path.join(out, "tb"))
     assert f"samples (one row per class): {grid}" in proc.stdout
+    # train.profile_steps=3-6 on rank 0: step 3 timed whole, 4-5 by phase, 6 traced
+    prof = json.load(open(os.path.join(out, "profile", "profile.json")))
+    assert prof["step"]["steps"] == [3] and prof["phases"]["steps"] == [4, 5]
+    assert prof["trace"]["trace_steps"] == [6] and prof["trace"]["step_ms"] == prof["step"]["median_ms"]
+    assert list(prof["phases"]["median_ms"]) == ["data", "forward", "backward", "optimizer", "ema"]
+    assert all(v > 0 for v in prof["phases"]["median_ms"].values())
+    assert prof["trace"]["by_category_ms"]["gemm"] > 0 and prof["missing_steps"] == []
+    assert (prof["run"]["zero_stage"], prof["run"]["world_size"], prof["images_per_step"]) == (3, 2, 32)
+    assert os.path.isfile(os.path.join(out, "profile", "trace.json"))
+    assert "phases, ms per step" in proc.stdout
     # the EMA of a ZeRO-3 run exports and loads into the official-layout model strictly
     from fastdit.checkpoint import build_model_from_meta
     from fastdit.export import main as export_main
