@@ -5,11 +5,12 @@ deadline (--budget seconds, default 470), so a slow stage cannot eat the others;
 get its minimum time is skipped and says so. Stages, most important first:
 
   env         versions, GPU, the attention backends that can run, measured copy GB/s and bf16 GEMM TFLOP/s
-  tests       pytest tests/test_kernels.py tests/test_dit_parity.py on the GPU, then every other `gpu` test
+  tests       pytest tests/test_kernels.py tests/test_dit_parity.py on the GPU (kernels + model parity)
   parity      benchmarks/parity.py: DiT-XL/2 fast vs reference, forward + every gradient, fp32 and bf16
   throughput  benchmarks/throughput.py, every row but the compiled ones, at a batch that fits the card
   kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
   train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
+  gpu_tests   every other test marked `gpu` (the deepspeed row, the step profiler, a small throughput run)
   compile     benchmarks/throughput.py rows compile and fused+compile (compilation takes minutes)
 
 Everything lands in benchmarks/results/<gpu>-<date>-<commit>/ (or --out): each stage's JSON, the
@@ -62,7 +63,7 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
-STAGES = ("env", "tests", "parity", "throughput", "kernels", "train", "compile")
+STAGES = ("env", "tests", "parity", "throughput", "kernels", "train", "gpu_tests", "compile")
 COMPILE_ROWS = ("compile", "fused+compile")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.
 NEEDED = {"deepspeed": "deepspeed", "pydantic": "pydantic", "hjson": "hjson"}
@@ -89,6 +90,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=None,
                     help="training batch of the throughput and train stages (default: 128 on an 80 GB "
                          "card, scaled down with the card's memory)")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated rows of the throughput stage (default: every row of "
+                         "benchmarks/throughput.py but the compiled ones, which the compile stage runs)")
     ap.add_argument("--skip", nargs="+", default=[], choices=STAGES, metavar="STAGE",
                     help=f"stages to leave out ({', '.join(STAGES)})")
     ap.add_argument("--smoke", action="store_true",
@@ -277,8 +281,8 @@ def summarize_env(out: str, st: Stage) -> str:
             f"GEMM {c['gemm_tflops']:.0f} TFLOP/s")
 
 
-def summarize_tests(out: str, st: Stage) -> str:
-    c = junit_counts([os.path.join(out, "tests_kernels_parity.xml"), os.path.join(out, "tests_gpu_marked.xml")])
+def summarize_tests(xmls: List[str], st: Stage) -> str:
+    c = junit_counts(xmls)
     st.detail = c
     s = f"{c['passed']} passed, {c['failures'] + c['errors']} failed, {c['skipped']} skipped"
     return s + (f" ({', '.join(c['failed_tests'][:5])})" if c["failed_tests"] else "")
@@ -445,6 +449,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         test_sel = ["tests/test_kernels.py", "tests/test_dit_parity.py"] + (["-n", "4"] if xdist else [])
         tp = ["--batch", str(batch), "--warmup", "2", "--steps", "4", "--repeats", "3"]
         fast_rows = [r for r in ALL_ROWS if r not in COMPILE_ROWS]
+    if a.rows:
+        fast_rows = [r.strip() for r in a.rows.split(",") if r.strip()]
         compile_rows = list(COMPILE_ROWS)
         par = ["--model", "DiT-XL/2", "--batch", "4"]
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "eager", "compile",
@@ -467,10 +473,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
     return [
         Stage("env", [[py, os.path.join("benchmarks", "gpu_check.py"), "--report-env", j("env.json")]
                       + (["--smoke"] if smoke else [])], 60, 10, lambda s: summarize_env(out, s)),
-        Stage("tests", [pytest + test_sel + ["--junitxml", kp_xml],
-                        pytest + ["tests", "-m", "gpu", "--ignore", "tests/test_kernels.py",
-                                  "--ignore", "tests/test_dit_parity.py", "--junitxml", gm_xml]],
-              200, 30, lambda s: summarize_tests(out, s), ok_codes=(0, 5)),  # 5: no test selected
+        Stage("tests", [pytest + test_sel + ["--junitxml", kp_xml]], 200, 30,
+              lambda s: summarize_tests([kp_xml], s)),
         Stage("parity", [[py, "benchmarks/parity.py", *par, "--json", j("parity.json")]], 120, 20,
               lambda s: summarize_parity(out, s)),
         Stage("throughput", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(fast_rows),
@@ -480,6 +484,9 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
                            "--plot", j("kernels.png")]], 100, 15, lambda s: summarize_kernels(out, s)),
         Stage("train", [train_cmd], 120, 30,
               lambda s: summarize_train(run_dir, out, skip_windows, s)),
+        Stage("gpu_tests", [pytest + ["tests", "-m", "gpu", "--ignore", "tests/test_kernels.py",
+                                      "--ignore", "tests/test_dit_parity.py", "--junitxml", gm_xml]],
+              150, 20, lambda s: summarize_tests([gm_xml], s), ok_codes=(0, 5)),  # 5: no test selected
         Stage("compile", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(compile_rows),
                            "--json", j("throughput_compile.json")]], 240, 60,
               lambda s: summarize_throughput(j("throughput_compile.json"), s)),
@@ -521,6 +528,11 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.report_env:
         return report_env(a.report_env, a.smoke)
+    if a.rows:
+        from benchmarks.throughput import ALL_ROWS
+        bad = [r for r in a.rows.split(",") if r.strip() and r.strip() not in ALL_ROWS]
+        if bad or not a.rows.strip(","):
+            fail(f"unknown --rows {bad or a.rows!r}; rows of benchmarks/throughput.py: {', '.join(ALL_ROWS)}")
     t_start = time.time()
     deadline = t_start + a.budget
     env = dict(os.environ, PYTHONUNBUFFERED="1")

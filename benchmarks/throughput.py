@@ -137,6 +137,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="training config of the deepspeed row: its deepspeed section (ZeRO stage, "
                          "optimizer, ...) and model options; batch, model and image size come from this "
                          "command line (default configs/xl2_zero2.json)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a value of --config for the deepspeed row (repeatable, as train.py's --set), "
+                         "e.g. --set train.fused_grad_checks=true; batch, model and image size stay this "
+                         "command line's")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak dense bf16 TFLOP/s for MFU (default: looked up from the GPU name)")
     ap.add_argument("--lr", type=float, default=1e-4,
@@ -187,6 +191,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if (args.image_size // VAE_DOWNSAMPLE) % p:
             ap.error(f"latent size {args.image_size // VAE_DOWNSAMPLE} is not divisible by the patch "
                      f"size {p} of {args.model}")
+    if args.overrides and "deepspeed" not in rows:
+        ap.error("--set overrides the deepspeed row's config; add deepspeed to --rows")
     if "deepspeed" in rows:
         from fastdit.config import ConfigError
         try:
@@ -383,7 +389,7 @@ def deepspeed_row_config(args):
         sets.append(f"model.{key}={arch[key] if args.smoke else 'null'}")
     if not args.smoke:
         sets.append(f"model.name={args.model}")
-    cfg = load_config(args.config, sets)
+    cfg = load_config(args.config, sets + list(args.overrides))
     ds = cfg.deepspeed
     ds["train_micro_batch_size_per_gpu"] = ds["train_batch_size"] = args.batch
     ds.pop("gradient_accumulation_steps", None)
@@ -688,6 +694,7 @@ def _run(args, device: torch.device) -> Dict[str, Any]:
         repeats=args.repeats, rows=args.rows, kernels=kernels, compile=compile_info(args),
         lr=args.lr, seed=args.seed, smoke=args.smoke, nvtx=args.nvtx,
         deepspeed_config=(args.config if "deepspeed" in args.rows else None),
+        deepspeed_overrides=(list(args.overrides) if "deepspeed" in args.rows else None),
         optimizer=("AdamW on fp32 master weights, bf16 params/grads" if args.precision == "bf16"
                    else "AdamW") + (" (fused)" if device.type == "cuda" else "") + ", weight decay 0",
         loss='create_diffusion("").training_losses(...)["loss"].mean(), t uniform, labels uniform',

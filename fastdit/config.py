@@ -80,6 +80,10 @@ SCHEMA: Dict[str, Dict[str, Tuple[str, Any]]] = {
         "ema_decay": ("float", 0.9999),
         "max_nonfinite_in_a_row": ("int", 10),
         "compile": ("bool", False),            # torch.compile through engine.compile()
+        # ZeRO-1/2: DeepSpeed's per-tensor gradient checks (non-finite flag, grad norm) as multi-tensor
+        # passes (fastdit/zero_checks.py); other optimizers keep their own checks
+        "fused_grad_checks": ("bool", False),
+        "ema_one_pass": ("bool", False),       # EMA update as one lerp pass instead of mul + add
         "peak_flops": ("float?", None),        # per device, FLOP/s; null = detect GPU (none on CPU)
         "cpu_threads": ("int?", None),         # torch.set_num_threads per rank on CPU
         "resume": ("str?", None),              # "auto" or a checkpoint folder

@@ -261,10 +261,12 @@ class TrainingSetup:
                     params=self.n_params, impl=self.impl, kernels=self.impl_kwargs.get("kernels"),
                     attention=self.impl_kwargs.get("attention"), zero_stage=self.zero_stage, bf16=self.bf16,
                     optimizer=dict(type=opt.get("type"), params=opt.get("params"),
-                                   engine_optimizer=type(engine.optimizer).__name__),
+                                   engine_optimizer=type(engine.optimizer).__name__,
+                                   base_optimizer=_base_optimizer(engine.optimizer)),
                     gradient_clipping=engine.gradient_clipping(), micro_batch=self.micro_batch,
                     grad_accum=self.grad_accum, world_size=world_size, global_batch=self.global_batch,
-                    ema_decay=cfg.train.ema_decay, compile=cfg.train.compile)
+                    ema_decay=cfg.train.ema_decay, compile=cfg.train.compile,
+                    fused_grad_checks=cfg.train.fused_grad_checks, ema_one_pass=cfg.train.ema_one_pass)
 
     def destroy(self) -> None:
         """Release the engine (DeepSpeed's own teardown) and drop every reference this setup holds."""
@@ -299,7 +301,12 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
     own_grad_check = not hasattr(engine.optimizer, "overflow")  # plain torch optimizer (ZeRO-0, fp32)
     if own_grad_check:
         _install_skip_guard(engine.optimizer)
-    ema = ShardedEMA(engine.module, cfg.train.ema_decay)
+    if cfg.train.fused_grad_checks:
+        from fastdit import zero_checks
+        why = zero_checks.install(engine.optimizer)
+        if why:
+            say(f"train.fused_grad_checks: DeepSpeed's own gradient checks kept: {why}")
+    ema = ShardedEMA(engine.module, cfg.train.ema_decay, one_pass=cfg.train.ema_one_pass)
     diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
                                  noise_schedule=cfg.diffusion.noise_schedule,
                                  learn_sigma=cfg.model.learn_sigma,
@@ -309,6 +316,15 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
                          impl=impl, impl_kwargs=impl_kwargs, meta_name=meta_name, meta_kwargs=meta_kwargs,
                          full_kwargs=full_kwargs, n_params=n_params,
                          flops_per_image=training_flops(cfg, full_kwargs), peak_flops=peak_flops(cfg, bf16))
+
+
+def _base_optimizer(optimizer) -> Optional[Dict[str, Any]]:
+    """The torch optimizer that DeepSpeed's wrapper steps: its class and fused/foreach settings."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    defaults = getattr(base, "defaults", None)
+    if not isinstance(defaults, dict):
+        return None
+    return dict(type=type(base).__name__, fused=defaults.get("fused"), foreach=defaults.get("foreach"))
 
 
 def _install_skip_guard(optimizer) -> None:

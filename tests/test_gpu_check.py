@@ -47,6 +47,12 @@ def test_without_cuda_says_so_in_one_line():
     assert len(lines) == 1 and "no CUDA device" in lines[0] and "--smoke" in lines[0], proc.stderr
 
 
+def test_unknown_rows_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        gc.main(["--smoke", "--rows", "fused,turbo"])
+    assert e.value.code == gc.EXIT_BAD_INPUT and "turbo" in capsys.readouterr().err
+
+
 def _missing_needed(monkeypatch):
     monkeypatch.setattr(gc, "NEEDED", {"fastdit_surely_not_a_module": "not-a-wheel"})
 

@@ -114,9 +114,20 @@ def falling(records, k=4):
     return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
 
-def test_zero2_exact_resume_after_sigkill_during_save(tmp_path):
+def fast_step(cfg):
+    """The optimizer-step switches of the GPU configs: torch's fused AdamW, multi-tensor ZeRO checks,
+    one-pass EMA."""
+    cfg["deepspeed"]["optimizer"]["params"]["fused"] = True
+    cfg["train"].update(fused_grad_checks=True, ema_one_pass=True)
+    return cfg
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["deepspeed-checks", "fast-step"])
+def test_zero2_exact_resume_after_sigkill_during_save(tmp_path, fast):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     cfg = tiny_config(full_dir, stage=2, ckpt_every=1, keep_last=3)
+    if fast:
+        cfg = fast_step(cfg)
     proc = launch(cfg, tmp_path, "full")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first, last = falling(metrics(full_dir))
@@ -204,10 +215,14 @@ def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
     model.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
 
 
-@pytest.mark.parametrize("stage", [2, 0])  # 2: DeepSpeed's ZeRO skip; 0: fastdit's own check (torch AdamW)
-def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, stage):
+# 2: DeepSpeed's ZeRO skip (its per-tensor checks, or fastdit.zero_checks' multi-tensor ones with the fast
+# step); 0: fastdit's own check (torch AdamW)
+@pytest.mark.parametrize("stage,fast", [(2, False), (2, True), (0, False)], ids=["zero2", "zero2-fast-step", "zero0"])
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, stage, fast):
     out = tmp_path / "nan"
     cfg = tiny_config(out, stage=stage, max_steps=20, ckpt_every=5, keep_last=5)
+    if fast:
+        cfg = fast_step(cfg)
     proc = launch(cfg, tmp_path, "nan", extra_env={"FASTDIT_TEST_NAN_STEPS": "3,6,7,8"})
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
