@@ -449,8 +449,6 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         test_sel = ["tests/test_kernels.py", "tests/test_dit_parity.py"] + (["-n", "4"] if xdist else [])
         tp = ["--batch", str(batch), "--warmup", "2", "--steps", "4", "--repeats", "3"]
         fast_rows = [r for r in ALL_ROWS if r not in COMPILE_ROWS]
-    if a.rows:
-        fast_rows = [r.strip() for r in a.rows.split(",") if r.strip()]
         compile_rows = list(COMPILE_ROWS)
         par = ["--model", "DiT-XL/2", "--batch", "4"]
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "eager", "compile",
@@ -461,6 +459,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
                      "--set", f"deepspeed.train_micro_batch_size_per_gpu={batch}",
                      "--set", f"deepspeed.train_batch_size={batch}"]
         skip_windows = 2  # the first two windows hold the warm-up (allocator, cuDNN/Triton autotuning)
+    if a.rows:
+        fast_rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
     train_cmd = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
                  "fastdit/train.py"] + train_cfg + [

@@ -47,6 +47,23 @@ def test_without_cuda_says_so_in_one_line():
     assert len(lines) == 1 and "no CUDA device" in lines[0] and "--smoke" in lines[0], proc.stderr
 
 
+def test_real_stages_are_built_without_a_gpu(tmp_path):
+    """The GPU-mode commands (what `make gpu-check` runs on a GPU), built here without running them."""
+    stages = gc.build_stages(gc.parse_args([]), str(tmp_path), 128, sys.executable, dict(os.environ))
+    by = {s.name: [" ".join(c) for c in s.commands] for s in stages}
+    assert list(by) == list(gc.STAGES)
+    assert "tests/test_kernels.py tests/test_dit_parity.py" in by["tests"][0]
+    assert "--model DiT-XL/2" in by["parity"][0]
+    assert "--batch 128" in by["throughput"][0] and "fused+compile" not in by["throughput"][0]
+    assert "deepspeed" in by["throughput"][0] and "--rows compile,fused+compile" in by["compile"][0]
+    assert "--dims 1152 --tokens-per-sample 256" in by["kernels"][0]
+    assert "configs/xl2_zero2.json" in by["train"][0] and "train_micro_batch_size_per_gpu=128" in by["train"][0]
+    assert "-m gpu" in by["gpu_tests"][0]
+    rows = gc.build_stages(gc.parse_args(["--rows", "fused,deepspeed"]), str(tmp_path), 64, sys.executable,
+                           dict(os.environ))[3].commands[0]
+    assert rows[rows.index("--rows") + 1] == "fused,deepspeed" and rows[rows.index("--batch") + 1] == "64"
+
+
 def test_unknown_rows_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         gc.main(["--smoke", "--rows", "fused,turbo"])
