@@ -62,9 +62,10 @@ def peak_flops(gpu_name: Optional[str]) -> Optional[float]:
 
 def git_commit(root: str = ROOT) -> str:
     """HEAD's sha of the checkout at `root`, "-dirty" appended when the tree differs from it (changed or
-    untracked, not ignored, files). Where the tree is a copy without .git (e.g. shipped to a GPU machine),
-    $FASTDIT_GIT_COMMIT, set by whoever made the copy, is used; else "unknown"."""
-    if not os.path.exists(os.path.join(root, ".git")) and os.environ.get("FASTDIT_GIT_COMMIT"):
+    untracked, not ignored, files); "unknown" outside a checkout. $FASTDIT_GIT_COMMIT, when set, wins: for a
+    tree copied to another machine, whose .git (if any) need not be the copy's commit (seen: a copy whose
+    .git still said the commit of an older snapshot), whoever made the copy states its commit."""
+    if os.environ.get("FASTDIT_GIT_COMMIT"):
         return os.environ["FASTDIT_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -1,8 +1,9 @@
 """`make gpu-check`: what a few minutes on a GPU must measure, in one command, under one deadline.
 
 Run it first whenever a GPU is at hand. Each stage is a subprocess time-boxed inside one overall
-deadline (--budget seconds, default 470), so a slow stage cannot eat the others; a stage that would not
-get its minimum time is skipped and says so. Stages, most important first:
+deadline (--budget seconds, default 470, setup and the final summary included: the last FINISH_S seconds
+are kept for stopping a stage and writing the results), so a slow stage cannot eat the others; a stage
+that would not get its minimum time is skipped and says so. Stages, most important first:
 
   env         versions, GPU, the attention backends that can run, measured copy GB/s and bf16 GEMM TFLOP/s
   tests       pytest tests/test_kernels.py tests/test_dit_parity.py on the GPU (kernels + model parity)
@@ -70,6 +71,7 @@ NEEDED = {"deepspeed": "deepspeed", "pydantic": "pydantic", "hjson": "hjson"}
 OPTIONAL = {"nvtx": "nvtx"}
 SITE = os.path.join(tempfile.gettempdir(), "fastdit-gpu-check-site")
 EXIT_BAD_INPUT = 2
+FINISH_S = 15  # kept back from the budget: killing a stage that runs to its limit, summaries, README
 
 
 def fail(msg: str) -> None:
@@ -217,7 +219,7 @@ def run_command(cmd: List[str], env: Dict[str, str], timeout: float, log: Log) -
 def run_stages(stages: List[Stage], deadline: float, env: Dict[str, str], log: Log) -> None:
     for i, st in enumerate(stages):
         reserve = sum(s.floor + 2 for s in stages[i + 1:])  # +2 s each: process start and kill
-        left = deadline - time.time()
+        left = deadline - FINISH_S - time.time()
         allowed = min(st.cap, left - reserve)
         if allowed < st.floor:
             allowed = min(st.cap, left)  # the later stages' reserve goes first, then this stage's turn
