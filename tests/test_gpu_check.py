@@ -33,7 +33,7 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
                  "kernels.png", "train_metrics.jsonl", "README.md", "log.txt"):
         assert (out / name).is_file(), name
     # the summary table is the last thing printed
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("compile")
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("gpu_tests")
     assert "smoke" in (out / "README.md").read_text()
 
 
