@@ -246,10 +246,10 @@ def test_residual_tilings_and_mixed():
     n, t, d = 2, 9, 37
     x, y, dh, dxn = randn(n, t, d), randn(n, t, d), randn(n, t, d), randn(n, t, d)
     gate, shift, scale = rand_mod(n, d, 3, torch.float32).chunk(3, 1)
-    xnew, h, mean, rstd = ML.residual_modulate_layernorm_fwd(x, y, gate, shift, scale, block_t=2)
-    grads = ML.residual_modulate_layernorm_bwd(dh, dxn, xnew, y, gate, scale, mean, rstd,
-                                               torch.float32, torch.float32,
-                                               tokens_per_tile=4, block_t=2)
+    xnew, h, mean, rstd = ML.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, block_t=2)
+    grads = ML.gated_residual_modulate_layernorm_bwd(dh, dxn, xnew, y, gate, scale, mean, rstd,
+                                                     torch.float32, torch.float32,
+                                                     tokens_per_tile=4, block_t=2)
     r_outs, r_grads = _run(K.gated_residual_modulate_layernorm_ref, [x, y, gate, shift, scale],
                            lambda l: l, [dxn, dh], to=torch.float64)
     for name, g, r in zip(["x_new", "h", "dx", "dy", "dgate", "dshift", "dscale"],
@@ -479,9 +479,9 @@ def test_opcheck():
     n, t, d = 2, 3, 8
     x, y = randn(n, t, d).requires_grad_(), randn(n, t, d).requires_grad_()
     shift, scale, gate = [randn(n, d).requires_grad_() for _ in range(3)]
-    torch.library.opcheck(ML._modln_fwd_op, (x, shift, scale, 1e-6))
-    torch.library.opcheck(GR._gr_fwd_op, (x, y, gate))
-    torch.library.opcheck(GR._grml_fwd_op, (x, y, gate, shift, scale, 1e-6))
+    torch.library.opcheck(ML._modulate_layernorm_fwd_op, (x, shift, scale, 1e-6))
+    torch.library.opcheck(GR._gated_residual_fwd_op, (x, y, gate))
+    torch.library.opcheck(ML._gated_residual_modulate_layernorm_fwd_op, (x, y, gate, shift, scale, 1e-6))
     xi = randn(1, 3, 4, 4).requires_grad_()
     w, b = randn(5, 3, 2, 2).requires_grad_(), randn(5).requires_grad_()
     torch.library.opcheck(PE._pe_fwd_op, (xi, w, b, randn(1, 4, 5), 2))
