@@ -127,7 +127,7 @@ def report_env(path: str, smoke: bool) -> int:
             versions[mod] = getattr(m, "__version__", "?")
         except Exception as e:  # noqa: BLE001 - recorded, not fatal
             versions[mod] = f"not importable ({type(e).__name__})"
-    from fastdit import attention as attn
+    from fastdit.models import attention as attn
     if hasattr(attn, "backend_status"):
         backends = {k: dict(ok=ok, reason=why) for k, (ok, why) in attn.backend_status().items()}
     else:

@@ -17,10 +17,10 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
     fused              fastdit.models.DiT_models[name](kernels=..., attention=<what "auto" resolves to on
                        this device and dtype, passed explicitly>)
     fused+compile      the fast model under torch.compile
-    fused/<backend>    the fast model with attention=<backend>, one row per backend of fastdit.attention
+    fused/<backend>    the fast model with attention=<backend>, one row per backend of fastdit.models.attention
                        (rows of backends that cannot run here are recorded as "unavailable", with
-                       the reason fastdit.attention.backend_status() gives)
-    deepspeed          the real training step: fastdit.trainer's engine built from --config (default
+                       the reason fastdit.models.attention.backend_status() gives)
+    deepspeed          the real training step: fastdit.training.trainer's engine built from --config (default
                        configs/xl2_zero2.json) exactly as fastdit/train.py builds it (its DeepSpeed section:
                        ZeRO stage, optimizer, gradient clipping; the model's impl/checkpointing), on one
                        rank, micro-batch = global batch = --batch, no gradient accumulation, and
@@ -194,7 +194,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.overrides and "deepspeed" not in rows:
         ap.error("--set overrides the deepspeed row's config; add deepspeed to --rows")
     if "deepspeed" in rows:
-        from fastdit.config import ConfigError
+        from fastdit.training.config import ConfigError
         try:
             deepspeed_row_config(args)
         except ConfigError as e:
@@ -237,7 +237,7 @@ class RowSpec:
 def row_specs(names: List[str]) -> List[RowSpec]:
     """RowSpecs for row names (see ALL_ROWS); attention backends that cannot run here are marked
     unavailable, with the probe's reason (not installed, no CUDA, or a failed test call)."""
-    from fastdit import attention as attn
+    from fastdit.models import attention as attn
     status = attn.backend_status()
     specs = []
     for name in names:
@@ -379,8 +379,8 @@ def deepspeed_row_config(args):
     """The deepspeed row's training config: --config with the model set to --model at --image-size
     (registry architecture, as the other rows; smoke: SMOKE_ARCH), synthetic latents, seed --seed, and
     its DeepSpeed section set to one rank: micro-batch = global batch = --batch, no accumulation,
-    precision from --precision. Raises fastdit.config.ConfigError for a bad config."""
-    from fastdit.config import load_config
+    precision from --precision. Raises fastdit.training.config.ConfigError for a bad config."""
+    from fastdit.training.config import load_config
     arch = architecture(args)
     sets = ["data.kind=synthetic", f"data.image_size={arch['input_size'] * VAE_DOWNSAMPLE}",
             f"model.num_classes={NUM_CLASSES}", "model.learn_sigma=true", "model.class_dropout_prob=0.1",
@@ -400,15 +400,15 @@ def deepspeed_row_config(args):
 
 
 def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any]):
-    """The deepspeed row: fastdit.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
+    """The deepspeed row: fastdit.training.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
     Trainer cycling the harness's batches. Records what it runs in `row`; returns (step, setup), where
     step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise RuntimeError(f"the deepspeed row runs on one rank; WORLD_SIZE={os.environ['WORLD_SIZE']}")
-    from fastdit.attention import resolve_backend
-    from fastdit.trainer import Trainer, build_engine, device_for_rank, init_distributed, no_phase, nvtx_range
+    from fastdit.models.attention import resolve_backend
+    from fastdit.training.trainer import Trainer, build_engine, device_for_rank, init_distributed, no_phase, nvtx_range
     init_distributed()
     ds_device = device_for_rank()
     if ds_device.type != device.type:
@@ -490,7 +490,7 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
     row: Dict[str, Any] = dict(
         name=spec.name, status=None, error=None, impl=spec.impl,
         model_class=("fastdit.models.reference.DiT" if spec.impl == "reference" else "fastdit.models.DiT"),
-        step=("fastdit.trainer.Trainer.train_step (DeepSpeed engine + EMA)" if spec.impl == "deepspeed"
+        step=("fastdit.training.trainer.Trainer.train_step (DeepSpeed engine + EMA)" if spec.impl == "deepspeed"
               else "harness: training_losses, backward, AdamW"),
         kernels=ctx["kernels"] if spec.impl != "reference" else None,
         attention=(spec.attention or "math (reference Attention)"),
@@ -515,7 +515,7 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
         if spec.impl == "fast" and spec.attention == "auto":
             # Resolved here and passed explicitly: the same backend attention="auto" picks for this
             # device and dtype, decided once instead of on every call inside the (compiled) forward.
-            from fastdit.attention import resolve_backend
+            from fastdit.models.attention import resolve_backend
             dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16  # autocast: bf16 qkv
             spec = dataclasses.replace(spec, attention=resolve_backend("auto", device, dtype))
             row["attention"] = f"{spec.attention} (auto)"

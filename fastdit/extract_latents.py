@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastdit.checkpoint import write_json_atomic
-from fastdit.data import (LABELS_FILE, LATENTS_FILE, META_FILE, STATUS_CORRUPT, STATUS_DONE,
+from fastdit.training.checkpoint import write_json_atomic
+from fastdit.training.data import (LABELS_FILE, LATENTS_FILE, META_FILE, STATUS_CORRUPT, STATUS_DONE,
                           STATUS_FILE, STATUS_PENDING, image_to_tensor, list_image_folder, load_image)
-from fastdit.vae import LATENT_SCALE, VAENotFoundError, encode_distribution, load_vae, resolve_vae
+from fastdit.generate.vae import LATENT_SCALE, VAENotFoundError, encode_distribution, load_vae, resolve_vae
 
 FILES_LIST = "files.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}

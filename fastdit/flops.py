@@ -18,7 +18,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from .models.reference import MODEL_SIZES, PATCH_SIZES, model_config
+from fastdit.models.reference import MODEL_SIZES, PATCH_SIZES, model_config
 
 VAE_DOWNSAMPLE = 8
 LATENT_CHANNELS = 4

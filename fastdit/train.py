@@ -15,7 +15,7 @@ newest complete checkpoint of train.output_dir (a fresh start when there is none
 train.output_dir: checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples/*.png, loss_curve.png, and
 profile/ (trace.json, profile.json) when train.profile_steps=A-B asks for a profile of those steps.
 
-One optimizer step is fastdit.trainer.Trainer.train_step(), the step benchmarks/throughput.py (row
+One optimizer step is fastdit.training.trainer.Trainer.train_step(), the step benchmarks/throughput.py (row
 `deepspeed`) times and benchmarks/step_profile.py profiles; this script adds resume, data order,
 logging, checkpoints, sample grids and the non-finite stop around it.
 
@@ -67,10 +67,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fastdit  # noqa: E402
-from fastdit import checkpoint as ckpt  # noqa: E402
-from fastdit.config import ConfigError, load_config, parse_step_range, resolved_architecture  # noqa: E402
-from fastdit.data import LATENTS_FILE, RankBatchSampler, build_dataset, rank_batches  # noqa: E402
-from fastdit.trainer import (Trainer, build_engine, data_geometry, device_for_rank, env_rank,  # noqa: E402
+from fastdit.training import checkpoint as ckpt  # noqa: E402
+from fastdit.training.config import ConfigError, load_config, parse_step_range, resolved_architecture  # noqa: E402
+from fastdit.training.data import LATENTS_FILE, RankBatchSampler, build_dataset, rank_batches  # noqa: E402
+from fastdit.training.trainer import (Trainer, build_engine, data_geometry, device_for_rank, env_rank,  # noqa: E402
                              init_distributed, nvtx_range, say)
 
 EXIT_CONFIG = 2
@@ -115,7 +115,7 @@ def preflight(cfg):
 
     Returns (dataset, vae_spec). Exits with a message saying what to pass when something is missing.
     """
-    from fastdit.vae import VAENotFoundError, resolve_vae
+    from fastdit.generate.vae import VAENotFoundError, resolve_vae
 
     try:
         dataset = build_dataset(cfg.data)
@@ -182,7 +182,7 @@ def sample_grid(cfg, meta, ema, device, vae_spec, out_path, impl_cls, impl_kwarg
     path = None
     if rank == 0:
         from fastdit.diffusion import create_diffusion
-        from fastdit.plots import save_class_grid
+        from fastdit.training.metrics import save_class_grid
 
         kwargs = ckpt.full_model_kwargs(meta)
         model = impl_cls(**kwargs, **impl_kwargs)
@@ -226,13 +226,13 @@ def sample_grid(cfg, meta, ema, device, vae_spec, out_path, impl_cls, impl_kwarg
                                               progress=False, device=device)
         out = out[:n]
         if vae_spec:
-            from fastdit.vae import decode, load_vae
+            from fastdit.generate.vae import decode, load_vae
             vae = load_vae(vae_spec, device)
             out = torch.cat([decode(vae, out[i: i + 16], meta["latent_scale"]) for i in range(0, n, 16)])
             del vae
         path = save_class_grid(out.cpu(), len(classes), out_path, row_labels=[str(c) for c in classes])
         if writer is not None:
-            from fastdit.plots import to_uint8
+            from fastdit.training.metrics import to_uint8
             grid = to_uint8(out.cpu())
             writer.add_images("samples/ema", grid, step, dataformats="NHWC")
         del model
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     kind = cfg.data.kind
     vae = None
     if kind == "imagefolder":
-        from fastdit.vae import load_vae
+        from fastdit.generate.vae import load_vae
         vae = load_vae(vae_spec, device)
     try:
         setup = build_engine(cfg, *data_geometry(cfg, dataset, vae), device)
@@ -449,7 +449,7 @@ def main(argv=None) -> int:
         grid_path = grid(step)
     if rank == 0:
         if cfg.train.plots:
-            from fastdit.plots import plot_loss_curve
+            from fastdit.training.metrics import plot_loss_curve
             curve_path = plot_loss_curve(metrics_path, os.path.join(out_dir, "loss_curve.png"),
                                          title=f"{setup.meta_name or 'DiT'} on {kind}")
         if writer is not None:
@@ -508,7 +508,7 @@ def _step_profiler(cfg, setup, world: int):
     """train.profile_steps=A-B: steps A..B of rank 0 are profiled into output_dir/profile/: the last two
     (one when the range has fewer than six steps) under torch.profiler; of the others, the first half
     timed whole and the second half by phase."""
-    from fastdit.step_profile import StepProfiler
+    from fastdit.training.step_profile import StepProfiler
 
     first, last = parse_step_range(cfg.train.profile_steps)
     steps = list(range(first, last + 1))
@@ -525,7 +525,7 @@ def _trim_metrics(path: str, step: int) -> None:
     """Keep the metrics of steps <= `step` (the resume point; 0 = a fresh run drops them all)."""
     if not os.path.isfile(path):
         return
-    from fastdit.plots import read_metrics
+    from fastdit.training.metrics import read_metrics
 
     keep = [r for r in read_metrics(path) if r.get("step", 0) <= step]
     ckpt.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))

@@ -38,13 +38,13 @@ class _FailingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def fake_attention_probe(monkeypatch, libraries: dict, device="cpu"):
-    """Make fastdit.attention probe afresh, with fakes in place of the optional libraries.
+    """Make fastdit.models.attention probe afresh, with fakes in place of the optional libraries.
 
     libraries: import name -> fake module, or an exception its import raises (a broken install);
     a name not given is "not installed". device: where the probe's test calls run ("cpu" stands in
     for a CUDA device; None: no CUDA). Everything, the real probe cache included, is restored after.
     """
-    from fastdit import attention
+    from fastdit.models import attention
     monkeypatch.setattr(attention, "_MODULES", {})
     monkeypatch.setattr(attention, "_STATUS", {})
     monkeypatch.setattr(attention, "_IMPORT_ERRORS", {})

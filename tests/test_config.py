@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fastdit.config import ConfigError, config_from_dict, load_config, parse_override
+from fastdit.training.config import ConfigError, config_from_dict, load_config, parse_override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdit.data import (DigitsDataset, LatentDataset, RankBatchSampler, center_crop_arr, epoch_order,
+from fastdit.training.data import (DigitsDataset, LatentDataset, RankBatchSampler, center_crop_arr, epoch_order,
                           list_image_folder, load_digits_images)
-from fastdit.ema import ShardedEMA
+from fastdit.training.ema import ShardedEMA
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_ema_update_formula_and_round_trip(one_pass):
 
 
 def test_image_folder_dataset_flip_and_corrupt_file(tmp_path):
-    from fastdit.data import ImageFolderDataset
+    from fastdit.training.data import ImageFolderDataset
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from _helpers import fake_attention_probe
 
-from fastdit import attention as attn_backends
+from fastdit.models import attention as attn_backends
 from fastdit.models import DiT, DiT_models, ReferenceDiT, ReferenceDiT_models, from_reference
 from fastdit.models.reference import BLOCK_TYPES
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdit.data import center_crop_arr, image_to_tensor
+from fastdit.training.data import center_crop_arr, image_to_tensor
 from fastdit.extract_latents import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +138,7 @@ def test_posterior_samples_resume_bit_for_bit(tmp_path, tiny_vae, image_folder, 
     np.testing.assert_array_equal(np.load(os.path.join(out, "latents.npy")), full)
     assert json.load(open(os.path.join(out, "meta.json")))["done"] == 7
 
-    from fastdit.data import LatentDataset
+    from fastdit.training.data import LatentDataset
 
     ds = LatentDataset(out)
     assert len(ds) == 7 and ds.channels == 4 and ds.latent_size == SIZE // 2

@@ -6,7 +6,8 @@ import scipy.spatial.distance
 import scipy.special
 import torch
 
-from fastdit import evaluate, fid, inception
+from fastdit.evaluate import fid, inception
+from fastdit.evaluate import run as evaluate
 
 
 

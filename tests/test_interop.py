@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from fastdit import checkpoint_io as C
-from fastdit import interop
+from fastdit.weights import load as C
+from fastdit.weights import interop
 from fastdit.models.reference import DiT
 
 from _helpers import randomize_weights_

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdit import sample as S
+from fastdit.generate import sample as S
 from fastdit.diffusion import create_diffusion
 from fastdit.models.reference import DiT
 

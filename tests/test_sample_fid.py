@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastdit import sample as S
-from fastdit import sample_fid as F
+from fastdit.generate import sample as S
+from fastdit.generate import sample_fid as F
 from fastdit.models.reference import DiT
 
 from _helpers import randomize_weights_

@@ -1,4 +1,4 @@
-"""fastdit.step_profile and benchmarks/step_profile.py: phase times, kernel categories, the trace.
+"""fastdit.training.step_profile and benchmarks/step_profile.py: phase times, kernel categories, the trace.
 
 The smoke profile runs the real engine (DeepSpeed ZeRO-2 on one CPU rank over gloo) through
 benchmarks/step_profile.py; the category rules are checked on kernel names of a real H100 profile of
@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from fastdit import step_profile as sp  # noqa: E402
-from fastdit.config import ConfigError, load_config, parse_step_range  # noqa: E402
+from fastdit.training import step_profile as sp  # noqa: E402
+from fastdit.training.config import ConfigError, load_config, parse_step_range  # noqa: E402
 
 PHASES = ["data", "forward", "backward", "optimizer", "ema"]
 

@@ -89,7 +89,7 @@ def assert_same(a, b, where=""):
 
 
 def raw_weights(out_dir, step):
-    from fastdit.export import export_state_dict
+    from fastdit.weights.export import export_state_dict
 
     sd, meta, _ = export_state_dict(ckpt_dir(out_dir, step), raw=True)
     return sd
@@ -144,7 +144,7 @@ def test_zero2_exact_resume_after_sigkill_during_save(tmp_path, fast):
     assert open(os.path.join(ck, "latest")).read().strip() == "step_0000007"
     assert not os.path.exists(ckpt_dir(cut_dir, 8))
     assert os.path.isdir(os.path.join(ck, ".tmp", "step_0000008"))  # the torn save, never published
-    from fastdit.export import export_state_dict
+    from fastdit.weights.export import export_state_dict
     sd, meta, _ = export_state_dict(str(cut_dir))  # the last good checkpoint loads
     assert meta["step"] == 7 and len(sd) > 0
 
@@ -208,14 +208,14 @@ def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
     assert os.path.isfile(os.path.join(out, "profile", "trace.json"))
     assert "phases, ms per step" in proc.stdout
     # the EMA of a ZeRO-3 run exports and loads into the official-layout model strictly
-    from fastdit.checkpoint import build_model_from_meta
-    from fastdit.export import main as export_main
+    from fastdit.training.checkpoint import build_model_from_meta
+    from fastdit.weights.export import main as export_main
     assert export_main([str(out), "--out", str(tmp_path / "ema.pt")]) == 0
     model = build_model_from_meta(meta)
     model.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
 
 
-# 2: DeepSpeed's ZeRO skip (its per-tensor checks, or fastdit.zero_checks' multi-tensor ones with the fast
+# 2: DeepSpeed's ZeRO skip (its per-tensor checks, or fastdit.training.zero_checks' multi-tensor ones with the fast
 # step); 0: fastdit's own check (torch AdamW)
 @pytest.mark.parametrize("stage,fast", [(2, False), (2, True), (0, False)], ids=["zero2", "zero2-fast-step", "zero0"])
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, stage, fast):

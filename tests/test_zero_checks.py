@@ -1,4 +1,4 @@
-"""fastdit.zero_checks against DeepSpeed's own per-tensor checks, on 2 CPU ranks (gloo), ZeRO-1 and ZeRO-2."""
+"""fastdit.training.zero_checks against DeepSpeed's own per-tensor checks, on 2 CPU ranks (gloo), ZeRO-1 and ZeRO-2."""
 import json
 import os
 import socket
@@ -20,7 +20,7 @@ import importlib
 torch_comm = importlib.import_module("deepspeed.comm.torch")
 if hasattr(torch_comm, "build_shm_op"):
     torch_comm.build_shm_op = lambda: None          # no JIT build of DeepSpeed's CPU shm op
-from fastdit import zero_checks
+from fastdit.training import zero_checks
 
 deepspeed.init_distributed(dist_backend="gloo")
 rank = dist.get_rank()
@@ -85,7 +85,7 @@ def test_multi_tensor_checks_match_deepspeed_and_catch_nonfinite_on_any_rank(tmp
 
 
 def test_install_refuses_other_optimizers():
-    from fastdit import zero_checks
+    from fastdit.training import zero_checks
     import torch
     why = zero_checks.install(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]))
     assert why and "ZeRO-1/2" in why

@@ -5,7 +5,7 @@ Same registry keys, constructor arguments, methods and state-dict layout as
 `fastdit.models.reference` (each loads the other's state dict strictly). Extra keyword arguments:
 
   kernels       "auto" (default: Triton on CUDA, PyTorch elsewhere) | "triton" | "torch"
-  attention     "auto" | "sdpa" | "flash_attn" | "xformers" | "math"   (see fastdit.attention)
+  attention     "auto" | "sdpa" | "flash_attn" | "xformers" | "math"   (see fastdit.models.attention)
   checkpointing per-block activation checkpointing (recompute each block in backward)
   nvtx          emit nvtx ranges around the block's parts (off by default; free when off)
 
@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .. import attention as attn_backends
+from . import attention as attn_backends
 from . import reference as ref
 
 KERNEL_CHOICES = ("auto", "triton", "torch")

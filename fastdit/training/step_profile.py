@@ -1,6 +1,6 @@
 """Where a training step spends its time: per-phase times and device time by kernel category.
 
-A StepProfiler wraps chosen optimizer steps of a fastdit.trainer.Trainer
+A StepProfiler wraps chosen optimizer steps of a fastdit.training.trainer.Trainer
 (`with profiler.around(step, trainer): trainer.train_step()`); each chosen step has one role:
 
   plain   steps timed whole: CUDA events at the start and end of each step (no host sync; perf_counter
@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from fastdit.trainer import PHASES
+from fastdit.training.trainer import PHASES
 
 # Kernel (or CPU op) name -> category: the first rule whose pattern is found in the name wins.
 CATEGORY_RULES = (
@@ -81,7 +81,7 @@ def _sync(device: torch.device) -> None:
 
 
 class PhaseTimer:
-    """Phase hook for fastdit.trainer.Trainer: synchronises the device around each phase and adds its
+    """Phase hook for fastdit.training.trainer.Trainer: synchronises the device around each phase and adds its
     wall time (ms) to the current step's record (new_step() opens one)."""
 
     def __init__(self, device: torch.device):

@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .models import reference as ref
+from fastdit.models import reference as ref
 
 PREFIXES = ("module.", "_orig_mod.")
 WEIGHT_CHOICES = ("ema", "model")
@@ -246,7 +246,7 @@ def get_registry(impl: str = "auto"):
         raise ValueError(f"impl must be auto|fast|reference, got {impl!r}")
     if impl != "reference":
         try:
-            from . import models as _models
+            from fastdit import models as _models
 
             registry = getattr(_models, "DiT_models", None)
         except ImportError:
@@ -312,7 +312,7 @@ def _model_class(registry):
     """The DiT class behind a registry (for architectures that are not registry entries)."""
     if registry is ref.DiT_models:
         return ref.DiT
-    from . import models as _models
+    from fastdit import models as _models
 
     return getattr(_models, "DiT", ref.DiT)
 

@@ -8,7 +8,7 @@
   "precise" when it falls inside the k-NN ball of some reference feature; recall swaps the roles.
 
 Images come as uint8 NHWC arrays (the ADM `.npz` layout, `arr_0`); `iter_npz_batches` streams them
-from an `.npz` without loading the whole array. Features come from `fastdit.inception`.
+from an `.npz` without loading the whole array. Features come from `fastdit.evaluate.inception`.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ DeepSpeed skip the update (no weight, optimizer, lr or EMA change); the step is 
 check, so build_engine gives it one (`own_grad_check`: one host sync per optimizer step).
 
 Each phase runs inside `phase(name)`, a context factory: nvtx ranges by default; a profiler passes a
-timer that synchronises the device at the boundaries (fastdit.step_profile.PhaseTimer).
+timer that synchronises the device at the boundaries (fastdit.training.step_profile.PhaseTimer).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Opti
 
 import torch
 
-from fastdit.config import Config, ConfigError, is_registry_architecture, resolved_architecture
+from fastdit.training.config import Config, ConfigError, is_registry_architecture, resolved_architecture
 
 PHASES = ("data", "forward", "backward", "optimizer", "ema")
 
@@ -216,7 +216,7 @@ class TrainingSetup:
     """What build_engine built: the DeepSpeed engine, the EMA, the diffusion, and the model's description."""
     cfg: Config
     engine: Any                      # deepspeed.DeepSpeedEngine
-    ema: Any                         # fastdit.ema.ShardedEMA
+    ema: Any                         # fastdit.training.ema.ShardedEMA
     diffusion: Any
     device: torch.device
     model_dtype: torch.dtype         # what the model's inputs are cast to (bf16 / fp16 / fp32)
@@ -283,7 +283,7 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
     import deepspeed
 
     from fastdit.diffusion import create_diffusion
-    from fastdit.ema import ShardedEMA
+    from fastdit.training.ema import ShardedEMA
 
     impl_cls, impl, impl_kwargs = resolve_impl(cfg)
     meta_name, meta_kwargs, full_kwargs = model_kwargs_for(cfg, input_size, in_channels, num_classes)
@@ -302,7 +302,7 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
     if own_grad_check:
         _install_skip_guard(engine.optimizer)
     if cfg.train.fused_grad_checks:
-        from fastdit import zero_checks
+        from fastdit.training import zero_checks
         why = zero_checks.install(engine.optimizer)
         if why:
             say(f"train.fused_grad_checks: DeepSpeed's own gradient checks kept: {why}")

@@ -92,7 +92,7 @@ SCHEMA: Dict[str, Dict[str, Tuple[str, Any]]] = {
         "plots": ("bool", True),               # loss curve PNG at the end
         "shm_comm": ("bool", False),           # CPU only: let DeepSpeed JIT-build its shm all-reduce op
         # "A-B": profile optimizer steps A..B (1-based, at least 3) on rank 0 into output_dir/profile/
-        # (fastdit.step_profile: step times, phase times, a torch.profiler trace); null = off
+        # (fastdit.training.step_profile: step times, phase times, a torch.profiler trace); null = off
         "profile_steps": ("str?", None),
     },
 }

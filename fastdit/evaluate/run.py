@@ -7,7 +7,7 @@ Each file is either images (`arr_0`, uint8 NHWC, 1 or 3 channels) or statistics 
 `sigma` (2048, 2048)), or both, as in the ADM evaluator's reference batches (where `mu`/`sigma`
 describe the whole training set and `arr_0` is a subset used for precision/recall). Stored
 statistics are used for FID when present; images are run through the FID Inception-v3
-(`fastdit.inception`, weights from a local file) otherwise. IS is reported for the sample file when
+(`fastdit.evaluate.inception`, weights from a local file) otherwise. IS is reported for the sample file when
 it holds images; precision/recall (k = 3) when both files hold images and --precision-recall is set.
 
 Note: the features follow the PyTorch port of the TF Inception graph (bilinear resize with
@@ -26,8 +26,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from . import fid as fidlib
-from .inception import load_fid_inception
+from fastdit.evaluate import fid as fidlib
+from fastdit.evaluate.inception import load_fid_inception
 
 
 class _LazyInception:
