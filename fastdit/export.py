@@ -1,6 +1,6 @@
-"""`python -m fastdit.export`: a training checkpoint as a plain official-layout state dict; the code is fastdit.weights.export.
+"""`python -m fastdit.export`: a training checkpoint as a plain official-layout state dict.
 
-This file only keeps the command's name: imported, `fastdit.export` is fastdit.weights.export itself.
+The command keeps its name here; its code is fastdit.weights.export, which `import fastdit.export` gives itself.
 """
 import sys
 

@@ -1,6 +1,6 @@
-"""`python -m fastdit.interop`: DiT weights between fastdit, the official code and diffusers; the code is fastdit.weights.interop.
+"""`python -m fastdit.interop`: DiT weights between fastdit, the official code and diffusers.
 
-This file only keeps the command's name: imported, `fastdit.interop` is fastdit.weights.interop itself.
+The command keeps its name here; its code is fastdit.weights.interop, which `import fastdit.interop` gives itself.
 """
 import sys
 

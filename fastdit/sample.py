@@ -1,6 +1,6 @@
-"""`python -m fastdit.sample`: a grid of samples from a checkpoint; the code is fastdit.generate.sample.
+"""`python -m fastdit.sample`: a grid of samples from a checkpoint.
 
-This file only keeps the command's name: imported, `fastdit.sample` is fastdit.generate.sample itself.
+The command keeps its name here; its code is fastdit.generate.sample, which `import fastdit.sample` gives itself.
 """
 import sys
 

@@ -1,6 +1,7 @@
-"""`torchrun -m fastdit.sample_fid`: N samples for FID on any number of ranks, into an ADM .npz; the code is fastdit.generate.sample_fid.
+"""`torchrun -m fastdit.sample_fid`: N samples for FID on any number of ranks, into an ADM .npz.
 
-This file only keeps the command's name: imported, `fastdit.sample_fid` is fastdit.generate.sample_fid itself.
+The command keeps its name here; its code is fastdit.generate.sample_fid, which
+`import fastdit.sample_fid` gives itself.
 """
 import sys
 

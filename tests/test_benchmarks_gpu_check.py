@@ -52,13 +52,15 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     stages = gc.build_stages(gc.parse_args([]), str(tmp_path), 128, sys.executable, dict(os.environ))
     by = {s.name: [" ".join(c) for c in s.commands] for s in stages}
     assert list(by) == list(gc.STAGES)
-    assert "tests/test_kernels.py tests/test_dit_parity.py" in by["tests"][0]
+    assert "tests/test_kernels.py tests/test_models_dit.py tests/test_models_attention.py" in by["tests"][0]
     assert "--model DiT-XL/2" in by["parity"][0]
     assert "--batch 128" in by["throughput"][0] and "fused+compile" not in by["throughput"][0]
     assert "deepspeed" in by["throughput"][0] and "--rows compile,fused+compile" in by["compile"][0]
     assert "--dims 1152 --tokens-per-sample 256" in by["kernels"][0]
     assert "configs/xl2_zero2.json" in by["train"][0] and "train_micro_batch_size_per_gpu=128" in by["train"][0]
-    assert "-m gpu" in by["gpu_tests"][0]
+    assert "-m gpu" in by["gpu_tests"][0] and "--ignore=tests/test_models_dit.py" in by["gpu_tests"][0]
+    for path in gc.GPU_TEST_FILES:  # the files the GPU stages name exist
+        assert os.path.isfile(os.path.join(ROOT, path)), path
     rows = gc.build_stages(gc.parse_args(["--rows", "fused,deepspeed"]), str(tmp_path), 64, sys.executable,
                            dict(os.environ))[3].commands[0]
     assert rows[rows.index("--rows") + 1] == "fused,deepspeed" and rows[rows.index("--batch") + 1] == "64"

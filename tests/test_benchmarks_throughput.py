@@ -153,7 +153,7 @@ def test_smoke_environment(smoke_run):
 
 
 # ----------------------------------------------------------------------------------------------
-# Figures: FLOPs, MFU, statistics, GPU peaks
+# Figures: FLOPs, MFU, statistics
 # ----------------------------------------------------------------------------------------------
 def test_flops_per_image_matches_a_flop_counter():
     """The FLOPs behind MFU, counted independently: torch's FlopCounterMode over the reference forward
@@ -206,14 +206,6 @@ def test_summarize():
         common.summarize([])
     with pytest.raises(ValueError, match="non-finite"):
         common.summarize([1.0, float("nan")])
-
-
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
-    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 4090", None),
-    (None, None), ("", None)])
-def test_peak_flops_lookup(name, peak):
-    assert common.peak_flops(name) == peak
 
 
 def test_interval_timer_cpu():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastdit.generate import sample as S
+from fastdit.generate.images import to_uint8
 from fastdit.diffusion import create_diffusion
 from fastdit.models.reference import DiT
 
@@ -120,39 +121,6 @@ def test_bad_labels_and_arguments_are_rejected():
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding and images
-# ----------------------------------------------------------------------------------------------
-def test_to_uint8_and_grid():
-    x = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 2.0]).view(1, 1, 1, 6)
-    np.testing.assert_array_equal(S.to_uint8(x)[0, 0, :, 0], [0, 0, 128, 191, 255, 255])
-    imgs = np.arange(5 * 2 * 3 * 1, dtype=np.uint8).reshape(5, 2, 3, 1)
-    grid = S.make_grid(imgs, nrow=2, padding=1, upscale=2)
-    assert grid.shape == (3 * (4 + 1) + 1, 2 * (6 + 1) + 1, 1)
-    np.testing.assert_array_equal(grid[1:5, 8:14, 0], imgs[1, :, :, 0].repeat(2, 0).repeat(2, 1))
-    assert (grid[11:15, 8:14] == 0).all()  # the empty sixth cell
-
-
-def test_vae_decoding_from_a_local_folder(tmp_path):
-    from diffusers.models import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
-                        layers_per_block=1, sample_size=16)
-    vae.save_pretrained(tmp_path / "vae")
-    loaded = S.load_vae(str(tmp_path / "vae"))
-    z = torch.randn(3, 4, 4, 4)
-    images = S.decode(z, loaded, latent_scale=0.5, batch_size=2)
-    with torch.no_grad():
-        want = S.to_uint8(vae.eval().decode(z / 0.5).sample)
-    assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
-    np.testing.assert_array_equal(images, want)
-    with pytest.raises(FileNotFoundError, match="--vae"):
-        S.load_vae(str(tmp_path / "missing"))
-
-
-# ----------------------------------------------------------------------------------------------
 # The CLI
 # ----------------------------------------------------------------------------------------------
 def _digits_like(seed=8):
@@ -179,7 +147,7 @@ def test_cli_from_an_exported_file(tmp_path):
         images, labels = d["arr_0"], d["arr_1"]
     np.testing.assert_array_equal(labels, [3, 3, 7, 7])
     x0 = S.sample_latents(model, [3, 3, 7, 7], [4, 5, 6, 7], cfg_scale=2.0, num_steps=5)
-    np.testing.assert_allclose(images.astype(int), S.to_uint8(x0).astype(int), atol=1)
+    np.testing.assert_allclose(images.astype(int), to_uint8(x0).astype(int), atol=1)
     # without the head count the error says what to pass
     os.remove(tmp_path / "digits.json")
     with pytest.raises(ValueError, match="--num-heads"):

@@ -1,7 +1,6 @@
 """FID sampling at scale: exact N, ADM npz layout, per-sample seeds, resume, world-size independence."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -9,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from fastdit.dist import free_port
 from fastdit.generate import sample as S
 from fastdit.generate import sample_fid as F
+from fastdit.generate.images import to_uint8
 from fastdit.models.reference import DiT
 
 from _helpers import randomize_weights_
@@ -54,7 +55,7 @@ def test_npz_layout_and_content(reference_run):
     # sample i is the sample of seed SEED + i with label labels[i], whatever the batching
     x0 = S.sample_latents(model, labels.tolist(), [SEED + i for i in range(N)], cfg_scale=1.5,
                           num_steps=STEPS)
-    np.testing.assert_allclose(images[..., 0].astype(int), S.to_uint8(x0)[..., 0].astype(int), atol=1)
+    np.testing.assert_allclose(images[..., 0].astype(int), to_uint8(x0)[..., 0].astype(int), atol=1)
 
 
 def test_resume_after_crash_gives_the_uninterrupted_result(tmp_path, reference_run):
@@ -109,10 +110,6 @@ def test_corrupt_or_foreign_shards_are_reported(tmp_path, reference_run):
         F.assemble_npz(str(tmp_path / "s"), 3, SHARD, str(tmp_path / "x.npz"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(ckpt, sample_dir, out, num_samples=N, steps=STEPS):
@@ -166,7 +163,7 @@ def test_two_ranks_with_torchrun_match_one_process(tmp_path, reference_run):
     torch.save(model.state_dict(), ckpt)
     out = tmp_path / "two.npz"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     cmd += _cli(ckpt, tmp_path / "samples", out)
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -9,7 +9,6 @@ from PIL import Image
 
 from fastdit.training.data import (DigitsDataset, LatentDataset, RankBatchSampler, center_crop_arr, epoch_order,
                           list_image_folder, load_digits_images)
-from fastdit.training.ema import ShardedEMA
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,37 +152,6 @@ def test_sampler_epochs_differ_and_flip_off():
     assert all(f == 0 for r in c for batch in r for _, f in batch)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         RankBatchSampler(10, 8, 1, 0, 2, 0, 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# EMA on one process (the distributed paths are exercised by tests/test_train.py)
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("one_pass", [False, True])
-def test_ema_update_formula_and_round_trip(one_pass):
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    ema = ShardedEMA(net, decay=0.75, one_pass=one_pass)
-    ref = {k: v.detach().clone().double() for k, v in net.state_dict().items()}
-    for _ in range(3):
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(torch.randn_like(p))
-        ema.update()
-        for k, v in net.state_dict().items():
-            ref[k] = 0.75 * ref[k] + 0.25 * v.double()
-    full = ema.full_state_dict()
-    assert list(full) == list(net.state_dict())
-    for k in ref:
-        assert full[k].dtype == torch.float32
-        torch.testing.assert_close(full[k].double(), ref[k], rtol=1e-6, atol=1e-7)
-    other = ShardedEMA(net, decay=0.75)
-    other.load_full_state_dict(full)
-    for k, v in other.full_state_dict().items():
-        torch.testing.assert_close(v, full[k], rtol=0, atol=0)
-    bad = dict(full)
-    bad.pop("0.weight")
-    with pytest.raises(KeyError, match="0.weight"):
-        other.load_full_state_dict(bad)
 
 
 def test_image_folder_dataset_flip_and_corrupt_file(tmp_path):

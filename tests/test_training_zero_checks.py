@@ -1,11 +1,12 @@
 """fastdit.training.zero_checks against DeepSpeed's own per-tensor checks, on 2 CPU ranks (gloo), ZeRO-1 and ZeRO-2."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from fastdit.dist import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -57,12 +58,6 @@ for stage in (1, 2):
 '''
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_multi_tensor_checks_match_deepspeed_and_catch_nonfinite_on_any_rank(tmp_path):
     script = tmp_path / "zc.py"
     script.write_text(SCRIPT)
@@ -70,7 +65,7 @@ def test_multi_tensor_checks_match_deepspeed_and_catch_nonfinite_on_any_rank(tmp
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                           str(_free_port()), str(script)], capture_output=True, text=True,
+                           str(free_port()), str(script)], capture_output=True, text=True,
                           timeout=300, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = [json.loads((tmp_path / f"result_{s}_{r}.json").read_text()) for s in (1, 2) for r in (0, 1)]

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdit.models.reference import check_state_dict_keys
+from fastdit.state_dict import check_state_dict_keys
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "FASTDIT_INCEPTION_WEIGHTS"

@@ -22,18 +22,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from fastdit.weights import load as checkpoint_io
 from fastdit.diffusion import create_diffusion
 from fastdit.diffusion.gaussian_diffusion import _extract_into_tensor
+from fastdit.generate.images import decode_images, make_grid, save_image
+from fastdit.generate.vae import LATENT_SCALE, load_vae
+from fastdit.models.build import IMPLS
+from fastdit.weights.load import WEIGHT_CHOICES, build_model, load_checkpoint
 
-LATENT_SCALE = 0.18215
 OFFICIAL_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sample.py grid
 
 
@@ -121,13 +122,15 @@ def make_model_fn(model: torch.nn.Module, cfg_scale: float = 1.0, use_cfg: Optio
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_loop(diffusion, model_fn: Callable, y: torch.Tensor, noise, sample_shape: Sequence[int],
-                sampler: str = "ddpm", eta: float = 0.0, device="cpu", progress: bool = False
-                ) -> torch.Tensor:
+                sampler: str = "ddpm", eta: float = 0.0, device="cpu", progress: bool = False,
+                clip_denoised: bool = False) -> torch.Tensor:
     """Run a respaced diffusion from x_T to x_0 with noise from `noise` (PerSampleNoise ...).
 
     The step arithmetic is the official `p_sample` (DDPM: mean + exp(log_var / 2) z, no noise at
     t = 0) and `ddim_sample` (eq. 12 of Song et al. with eta), using the diffusion's own
-    `p_mean_variance`; only where the noise comes from differs. Returns x_0 (n, *sample_shape).
+    `p_mean_variance`; only where the noise comes from differs. `clip_denoised` clips the predicted
+    x_0 to [-1, 1] at every step (for pixel-space models; the official latent sampling does not).
+    Returns x_0 (n, *sample_shape).
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
@@ -144,7 +147,7 @@ def sample_loop(diffusion, model_fn: Callable, y: torch.Tensor, noise, sample_sh
         steps = tqdm(steps, desc=f"{sampler} sampling", unit="step")
     for i in steps:
         t = torch.tensor([i] * n, device=device)
-        out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=False, model_kwargs={"y": y})
+        out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs={"y": y})
         if sampler == "ddpm":
             if i == 0:
                 x = out["mean"]  # the official step multiplies its noise by 0 here
@@ -178,8 +181,11 @@ def sample_latents(model, class_labels: Sequence[int], seeds: Sequence[int], cfg
                    sampler: str = "ddpm", num_steps: int = 250, eta: float = 0.0, device="cpu",
                    bf16: bool = False, guide_all_channels: Optional[bool] = None,
                    use_cfg: Optional[bool] = None, progress: bool = False,
-                   diffusion=None) -> torch.Tensor:
-    """x_0 (n, C, H, W) for labels `class_labels`, sample j seeded by seeds[j] (see PerSampleNoise)."""
+                   diffusion=None, clip_denoised: bool = False) -> torch.Tensor:
+    """x_0 (n, C, H, W) for labels `class_labels`, sample j seeded by seeds[j] (see PerSampleNoise).
+
+    `diffusion` (default: create_diffusion(respacing(sampler, num_steps))) is the respaced diffusion to
+    sample; the training loop passes its config's."""
     if len(class_labels) != len(seeds):
         raise ValueError(f"{len(class_labels)} labels but {len(seeds)} seeds")
     bad = [c for c in class_labels if not 0 <= int(c) < model.num_classes]
@@ -192,68 +198,7 @@ def sample_latents(model, class_labels: Sequence[int], seeds: Sequence[int], cfg
     shape = (model.in_channels, model.input_size, model.input_size)
     y = torch.tensor([int(c) for c in class_labels], dtype=torch.long)
     return sample_loop(diffusion, model_fn, y, PerSampleNoise(seeds), shape, sampler, eta, device,
-                       progress)
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoding and images
-# ----------------------------------------------------------------------------------------------
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), as the official sample_ddp.py."""
-    x = torch.clamp(127.5 * x.float() + 128.0, 0, 255)
-    return x.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
-
-
-def load_vae(spec: str, device="cpu", dtype=torch.float32):
-    """A diffusers AutoencoderKL from a local folder (or a hub id already in the local cache).
-
-    Never downloads; a missing VAE raises FileNotFoundError saying what to pass.
-    """
-    from fastdit.generate import vae as vae_lib
-
-    return vae_lib.load_vae(spec, device=device, dtype=dtype)
-
-
-@torch.no_grad()
-def decode(x0: torch.Tensor, vae=None, latent_scale: float = LATENT_SCALE,
-           batch_size: int = 32) -> np.ndarray:
-    """x_0 -> uint8 NHWC images: through the VAE (latents / scale) or directly (pixel space)."""
-    if vae is None:
-        return to_uint8(x0)
-    images = []
-    vae_dtype = next(vae.parameters()).dtype
-    for chunk in x0.split(batch_size):
-        images.append(to_uint8(vae.decode((chunk / latent_scale).to(vae_dtype)).sample))
-    return np.concatenate(images)
-
-
-def make_grid(images: np.ndarray, nrow: int, padding: int = 2, upscale: int = 1,
-              pad_value: int = 0) -> np.ndarray:
-    """uint8 (N, H, W, C) -> one (rows*(H+p)+p, nrow*(W+p)+p, C) image, row-major."""
-    if images.ndim != 4:
-        raise ValueError(f"expected (N, H, W, C) images, got {images.shape}")
-    if upscale > 1:
-        images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
-    n, h, w, c = images.shape
-    nrow = max(1, min(nrow, n))
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), pad_value,
-                   dtype=np.uint8)
-    for k in range(n):
-        r, col = divmod(k, nrow)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[top:top + h, left:left + w] = images[k]
-    return grid
-
-
-def save_image(image: np.ndarray, path: str) -> None:
-    """Write a uint8 (H, W, 1|3) array as PNG (or any PIL format, by extension)."""
-    from PIL import Image
-
-    if image.shape[-1] == 1:
-        image = image[..., 0]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image).save(path)
+                       progress, clip_denoised)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,9 +208,9 @@ def load_model(ckpt: str, model_name: Optional[str] = None, weights: str = "ema"
                impl: str = "auto", num_heads: Optional[int] = None, device="cpu",
                impl_kwargs: Optional[dict] = None, verbose: bool = False):
     """(model in eval mode on `device`, info dict) from any checkpoint layout fastdit loads."""
-    loaded = checkpoint_io.load_checkpoint(ckpt, weights=weights)
+    loaded = load_checkpoint(ckpt, weights=weights)
     overrides = {"num_heads": num_heads} if num_heads else None
-    model, name, kwargs, used = checkpoint_io.build_model(
+    model, name, kwargs, used = build_model(
         loaded.state_dict, model_name, loaded.meta, overrides, impl, **(impl_kwargs or {}))
     model = model.to(device).eval()
     info = {"source": loaded.source, "path": loaded.path, "meta": loaded.meta or {},
@@ -305,10 +250,11 @@ def add_model_args(p: argparse.ArgumentParser, cfg_default: Optional[float] = No
     p.add_argument("--model", default=None, help="registry name, e.g. DiT-XL/2 (default: from "
                    "meta.json; needed for the head count otherwise)")
     p.add_argument("--num-heads", type=int, default=None, help="for non-registry architectures")
-    p.add_argument("--weights", choices=checkpoint_io.WEIGHT_CHOICES, default="ema",
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="ema",
                    help="EMA (default) or raw model weights of training checkpoints")
-    p.add_argument("--impl", choices=("auto", "fast", "reference"), default="auto",
-                   help="fast fastdit model when available (default) or the eager reference")
+    p.add_argument("--impl", choices=IMPLS, default="auto",
+                   help="auto (default): the fast model for adaLN-Zero blocks, the reference for the others; "
+                        "fast; reference (the eager oracle)")
     p.add_argument("--kernels", default=None, help="fast model kernels (torch|triton)")
     p.add_argument("--attention", default=None, help="fast model attention backend")
     p.add_argument("--cfg-scale", type=float, default=cfg_default,
@@ -380,7 +326,7 @@ def main(argv=None) -> int:
                         guide_all_channels=guide_flag(args.guide_channels),
                         progress=not args.no_progress)
     vae = load_vae(vae_path, device) if vae_path else None
-    images = decode(x0, vae, _latent_scale(args.latent_scale, info))
+    images = decode_images(x0, vae, _latent_scale(args.latent_scale, info))
     nrow = args.nrow or (k if k > 1 else math.ceil(math.sqrt(len(labels))))
     upscale = args.upscale or max(1, 64 // images.shape[1])
     save_image(make_grid(images, nrow, upscale=upscale), args.out)

@@ -22,7 +22,6 @@ The sample folder must be visible to every rank (a shared filesystem on several 
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import json
 import math
@@ -34,33 +33,12 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from fastdit.generate import sample as S
+from fastdit import atomic, dist
 from fastdit.diffusion import create_diffusion
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed setup
-# ----------------------------------------------------------------------------------------------
-def init_distributed(timeout_minutes: int = 180):
-    """(rank, world_size, device) from torchrun/deepspeed env vars; NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return rank, world, device
-
-
-def _barrier(world: int) -> None:
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
+from fastdit.generate import sample as S
+from fastdit.generate.images import decode_images, to_rgb
+from fastdit.generate.vae import LATENT_SCALE, load_vae
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,16 +65,13 @@ def missing_shards(sample_dir: str, num_shards: int) -> List[int]:
     return [k for k in range(num_shards) if not os.path.isfile(shard_path(sample_dir, k))]
 
 
-def _check_run_config(sample_dir: str, config: dict, rank: int, world: int) -> None:
+def _check_run_config(sample_dir: str, config: dict, rank: int) -> None:
     path = os.path.join(sample_dir, "run.json")
     if rank == 0:
         os.makedirs(os.path.join(sample_dir, "shards"), exist_ok=True)
         if not os.path.isfile(path):
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-            os.replace(tmp, path)
-    _barrier(world)
+            atomic.write_json(path, config)
+    dist.barrier()
     with open(path) as f:
         saved = json.load(f)
     diff = {k: (saved.get(k), config.get(k)) for k in set(saved) | set(config)
@@ -116,12 +91,6 @@ def _write_shard(path: str, images: np.ndarray, labels: np.ndarray, indices: np.
 # ----------------------------------------------------------------------------------------------
 # Assembly
 # ----------------------------------------------------------------------------------------------
-def _to_rgb(images: np.ndarray) -> np.ndarray:
-    if images.shape[-1] == 1:
-        return np.repeat(images, 3, axis=-1)
-    return images
-
-
 def assemble_npz(sample_dir: str, num_samples: int, shard_size: int, out_path: str) -> str:
     """Check the shards cover 0..N-1 once and stream them into `out_path` (arr_0, arr_1)."""
     num_shards = math.ceil(num_samples / shard_size)
@@ -146,7 +115,7 @@ def assemble_npz(sample_dir: str, num_samples: int, shard_size: int, out_path: s
             if not np.array_equal(indices, want) or len(images) != len(want) or len(labels) != len(want):
                 raise RuntimeError(f"{path} does not hold samples {want[0]}..{want[-1]}; "
                                    "delete it and rerun")
-            yield _to_rgb(images), labels
+            yield to_rgb(images), labels
 
     first_images, _ = next(shards())
     h, w, c = first_images.shape[1:]
@@ -181,7 +150,7 @@ def assemble_npz(sample_dir: str, num_samples: int, shard_size: int, out_path: s
 # ----------------------------------------------------------------------------------------------
 def generate(model, *, num_samples: int, sample_dir: str, seed: int = 0, batch_size: int = 32,
              shard_size: Optional[int] = None, cfg_scale: float = 1.0, sampler: str = "ddpm",
-             num_steps: int = 250, eta: float = 0.0, vae=None, latent_scale: float = S.LATENT_SCALE,
+             num_steps: int = 250, eta: float = 0.0, vae=None, latent_scale: float = LATENT_SCALE,
              bf16: bool = False, guide_all_channels: Optional[bool] = None,
              balanced_classes: bool = False, rank: int = 0, world_size: int = 1, device="cpu",
              out_path: Optional[str] = None, progress: bool = False, run_info: Optional[dict] = None,
@@ -199,10 +168,10 @@ def generate(model, *, num_samples: int, sample_dir: str, seed: int = 0, batch_s
                   cfg_scale=cfg_scale, sampler=sampler, num_steps=num_steps, eta=eta, bf16=bf16,
                   guide_all_channels=guide_all_channels, balanced_classes=balanced_classes,
                   num_classes=model.num_classes, latent_scale=latent_scale if vae else None)
-    _check_run_config(sample_dir, config, rank, world_size)
+    _check_run_config(sample_dir, config, rank)
 
     todo = missing_shards(sample_dir, num_shards)  # every rank scans before anyone writes
-    _barrier(world_size)
+    dist.barrier()
     mine = todo[rank::world_size]
     labels_all = class_labels_for_run(num_samples, model.num_classes, seed, balanced_classes)
     diffusion = create_diffusion(S.respacing(sampler, num_steps), learn_sigma=model.learn_sigma)
@@ -222,7 +191,7 @@ def generate(model, *, num_samples: int, sample_dir: str, seed: int = 0, batch_s
             y = torch.from_numpy(labels_all[chunk])
             x0 = S.sample_loop(diffusion, model_fn, y, S.PerSampleNoise(seed + chunk), shape,
                                sampler, eta, device)
-            images.append(S.decode(x0, vae, latent_scale))
+            images.append(decode_images(x0, vae, latent_scale))
         _write_shard(shard_path(sample_dir, k), np.concatenate(images), labels_all[idx], idx)
         if bar is not None:
             bar.update(1)
@@ -231,11 +200,11 @@ def generate(model, *, num_samples: int, sample_dir: str, seed: int = 0, batch_s
     if bar is not None:
         bar.close()
 
-    _barrier(world_size)
+    dist.barrier()
     out_path = out_path or os.path.join(sample_dir, f"samples_{num_samples}.npz")
     if rank == 0:
         assemble_npz(sample_dir, num_samples, shard_size, out_path)
-    _barrier(world_size)
+    dist.barrier()
     return out_path
 
 
@@ -253,13 +222,13 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    rank, world, device = init_distributed()
+    rank, world, device = dist.init_process_group()
     if args.device:
         device = torch.device(args.device)
     model, info = S.load_model(args.ckpt, args.model, args.weights, args.impl, args.num_heads,
                                device, S.impl_kwargs_from(args), verbose=rank == 0)
     vae_path = S.resolve_vae(args.vae, info, model.in_channels)
-    vae = S.load_vae(vae_path, device) if vae_path else None
+    vae = load_vae(vae_path, device) if vae_path else None
     num_steps = args.num_steps or (50 if args.sampler == "ddim" else 250)
     run_info = {"ckpt": os.path.abspath(args.ckpt), "weights": args.weights,
                 "model": info["model"], "model_kwargs": info["model_kwargs"], "vae": vae_path}
@@ -273,8 +242,7 @@ def main(argv=None) -> int:
                    run_info=run_info)
     if rank == 0:
         print(f"wrote {args.num_samples} samples to {out}")
-    if world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group()
     return 0
 
 

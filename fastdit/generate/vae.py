@@ -11,8 +11,9 @@ from typing import Optional
 
 import torch
 
-LATENT_SCALE = 0.18215
-DOWNSAMPLE = 8
+LATENT_SCALE = 0.18215   # the official DiT's scale of the latents
+DOWNSAMPLE = 8           # image side / latent side
+LATENT_CHANNELS = 4
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
 

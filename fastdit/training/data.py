@@ -276,15 +276,18 @@ def rank_batches(dataset, micro_batch: int, grad_accum: int, rank: int, world: i
 
 
 def build_dataset(data_cfg, model_in_channels: Optional[int] = None):
-    """The dataset named by data.kind; raises with what to pass when a path is missing."""
-    kind = data_cfg["kind"]
+    """The dataset named by data.kind (a fastdit.training.config.DataConfig); raises with what to pass
+    when a path is missing."""
+    from fastdit.generate.vae import DOWNSAMPLE, LATENT_CHANNELS
+
+    kind = data_cfg.kind
     if kind == "digits":
-        return DigitsDataset(data_cfg["image_size"])
+        return DigitsDataset(data_cfg.image_size)
     if kind == "latents":
-        return LatentDataset(data_cfg["path"])
+        return LatentDataset(data_cfg.path)
     if kind == "imagefolder":
-        return ImageFolderDataset(data_cfg["path"], data_cfg["image_size"])
+        return ImageFolderDataset(data_cfg.path, data_cfg.image_size)
     if kind == "synthetic":
-        return SyntheticLatentDataset(data_cfg["synthetic_size"], model_in_channels or 4,
-                                      data_cfg["image_size"] // 8, data_cfg["num_classes"])
+        return SyntheticLatentDataset(data_cfg.synthetic_size, model_in_channels or LATENT_CHANNELS,
+                                      data_cfg.image_size // DOWNSAMPLE, data_cfg.num_classes)
     raise ValueError(f"unknown data.kind {kind!r}")

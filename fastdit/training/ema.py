@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 import torch.nn as nn
+
+from fastdit import dist
 
 
 @dataclass
@@ -34,19 +36,11 @@ class _Piece:
     sharded: bool         # False: every rank holds the whole parameter
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _local_source(param: nn.Parameter):
     """(piece layout without name, 1-D view of this rank's current master values or None)."""
     if hasattr(param, "ds_id"):  # ZeRO-3 partitioned parameter
         part = param.ds_tensor.ds_numel
-        start = _rank() * part
+        start = dist.rank() * part
         length = max(0, min(part, param.ds_numel - start))
         src = None
         if param.requires_grad:
@@ -121,7 +115,7 @@ class ShardedEMA:
         A collective: every rank must call it. dst=None gives the result on every rank; dst=r only on
         rank r (the others get {}). Sharded parameters are summed from disjoint pieces in buckets.
         """
-        world, rank = _world(), _rank()
+        world, rank = dist.world_size(), dist.rank()
         want = dst is None or dst == rank
         out: Dict[str, torch.Tensor] = {}
         bucket: List[int] = []
@@ -142,9 +136,9 @@ class ShardedEMA:
                 off += pc.numel
             if world > 1:
                 if dst is None:
-                    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                    tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
                 else:
-                    dist.reduce(flat, dst=dst, op=dist.ReduceOp.SUM)
+                    tdist.reduce(flat, dst=dst, op=tdist.ReduceOp.SUM)
             if want:
                 off = 0
                 flat = flat.cpu()
@@ -187,6 +181,6 @@ class ShardedEMA:
 
 def _comm_device(dev: torch.device) -> torch.device:
     """Device for collectives: the shard's device, or CUDA when the backend is NCCL."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+    if dist.is_initialized() and tdist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return dev

@@ -1,52 +1,14 @@
-"""PNG outputs of a training run: a sample grid with one row per class, and the loss curve."""
+"""The metrics log of a training run (metrics.jsonl, one JSON record per logged step) and its loss curve."""
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw
 
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (grey images repeated to RGB)."""
-    x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
-    elif x.shape[1] != 3:
-        raise ValueError(f"cannot show images with {x.shape[1]} channels")
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_class_grid(images: torch.Tensor, rows: int, path: str,
-                    row_labels: Optional[Sequence[str]] = None, min_cell: int = 64, pad: int = 2) -> str:
-    """Save images (rows * cols, C, H, W) in [-1, 1] as a grid, row r = class r, with labels on the left.
-
-    Small images are enlarged with nearest-neighbour so a cell is at least `min_cell` pixels.
-    """
-    arr = to_uint8(images)
-    n, h, w, _ = arr.shape
-    if n % rows:
-        raise ValueError(f"{n} images do not fill {rows} rows")
-    cols = n // rows
-    zoom = max(1, math.ceil(min_cell / max(h, w)))
-    ch, cw = h * zoom, w * zoom
-    label_w = 40 if row_labels else 0
-    grid = Image.new("RGB", (label_w + cols * (cw + pad) + pad, rows * (ch + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        cell = Image.fromarray(arr[i]).resize((cw, ch), Image.NEAREST)
-        grid.paste(cell, (label_w + pad + c * (cw + pad), pad + r * (ch + pad)))
-    if row_labels:
-        for r, text in enumerate(row_labels):
-            draw.text((4, pad + r * (ch + pad) + ch // 2 - 5), str(text), fill=(0, 0, 0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
-    return path
+from fastdit import atomic
 
 
 def read_metrics(path: str) -> List[dict]:
@@ -64,6 +26,14 @@ def read_metrics(path: str) -> List[dict]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def trim(path: str, step: int) -> None:
+    """Keep the records of steps <= `step` (a resume point; 0 = a fresh run drops them all)."""
+    if not os.path.isfile(path):
+        return
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def plot_loss_curve(metrics_path: str, out_path: str, title: str = "training loss") -> Optional[str]:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from fastdit import atomic
 from fastdit.training.trainer import PHASES
 
 # Kernel (or CPU op) name -> category: the first rule whose pattern is found in the name wins.
@@ -310,10 +311,7 @@ class StepProfiler:
         summary["trace"] = self.trace_summary
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, "profile.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=1, default=str)
-            f.write("\n")
-        os.replace(path + ".tmp", path)
+        atomic.write_text(path, json.dumps(summary, indent=1, default=str) + "\n")
         summary["profile_file"] = path
         self.log(format_summary(summary))
         return summary

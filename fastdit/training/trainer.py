@@ -28,38 +28,12 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Opti
 
 import torch
 
+from fastdit.dist import free_port, nvtx_range, say
+from fastdit.generate.vae import DOWNSAMPLE, LATENT_CHANNELS
+from fastdit.models.build import build_dit, resolve_impl
 from fastdit.training.config import Config, ConfigError, is_registry_architecture, resolved_architecture
 
 PHASES = ("data", "forward", "backward", "optimizer", "ema")
-
-# Dense peak FLOP/s per device (no sparsity) used for MFU when train.peak_flops is null.
-PEAK_FLOPS_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12,
-                   "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 70e12}
-PEAK_FLOPS_TF32 = {"H200": 494.5e12, "H100": 494.5e12, "H800": 494.5e12, "GH200": 494.5e12,
-                   "A100": 156e12, "A800": 156e12, "L40S": 183e12, "L40": 90.5e12, "A10G": 35e12}
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def say(msg: str, all_ranks: bool = False) -> None:
-    """Print on rank 0 (or on every rank, prefixed) and flush."""
-    r = env_rank()
-    if all_ranks:
-        print(f"[rank {r}] {msg}", flush=True)
-    elif r == 0:
-        print(msg, flush=True)
-
-
-def nvtx_range(name: str) -> ContextManager:
-    """An nvtx range (the `nvtx` package) named `name`; a no-op where nvtx is missing."""
-    try:
-        import nvtx
-        return nvtx.annotate(name)
-    except Exception:  # noqa: BLE001 - profiling markers are optional
-        return contextlib.nullcontext()
-
 
 def no_phase(name: str) -> ContextManager:
     """Phase hook that marks nothing."""
@@ -69,14 +43,6 @@ def no_phase(name: str) -> ContextManager:
 # ----------------------------------------------------------------------------------------------
 # Distributed setup
 # ----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(shm_comm: bool = False) -> None:
     """torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU ranks.
 
@@ -86,7 +52,7 @@ def init_distributed(shm_comm: bool = False) -> None:
     """
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500")
+    os.environ.setdefault("MASTER_PORT", str(free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500")
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -116,28 +82,15 @@ def device_for_rank() -> torch.device:
 # ----------------------------------------------------------------------------------------------
 # The model of a config
 # ----------------------------------------------------------------------------------------------
-def resolve_impl(cfg: Config):
-    """(DiT class, impl name, extra constructor kwargs) for model.impl; ConfigError when impl='fast'
-    cannot be imported."""
-    impl = cfg.model.impl
-    if impl == "auto" and cfg.model.block_type != "adaln_zero":
-        impl = "reference"  # the fast model implements the adaLN-Zero block only
-    if impl in ("auto", "fast"):
-        try:
-            from fastdit.models.dit import DiT as FastDiT
-        except ImportError as e:
-            if impl == "fast":
-                raise ConfigError(f"{cfg.path}: model.impl='fast' but fastdit.models.dit cannot be "
-                                  f"imported ({e})") from None
-            from fastdit.models.reference import DiT as RefDiT
-            say(f"model.impl=auto: the fast model is not available ({e}); using the reference DiT")
-            return RefDiT, "reference", {}
-        return FastDiT, "fast", dict(kernels=cfg.model.kernels, attention=cfg.model.attention,
-                                     checkpointing=cfg.model.checkpointing)
-    from fastdit.models.reference import DiT as RefDiT
+def fast_options(cfg: Config, impl: str) -> Dict[str, Any]:
+    """The fast model's constructor options from model.kernels / attention / checkpointing ({} for the
+    reference, which says that it ignores model.checkpointing)."""
+    if impl == "fast":
+        return dict(kernels=cfg.model.kernels, attention=cfg.model.attention,
+                    checkpointing=cfg.model.checkpointing)
     if cfg.model.checkpointing:
         say("model.checkpointing is a fast-model option; the reference DiT ignores it")
-    return RefDiT, "reference", {}
+    return {}
 
 
 def model_kwargs_for(cfg: Config, input_size: int, in_channels: int, num_classes: int):
@@ -172,7 +125,7 @@ def data_geometry(cfg: Config, dataset, vae=None) -> Tuple[int, int, int]:
         in_channels = int(vae.config.latent_channels)
         input_size = cfg.data.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
     else:
-        in_channels, input_size = 4, cfg.data.image_size // 8
+        in_channels, input_size = LATENT_CHANNELS, cfg.data.image_size // DOWNSAMPLE
     num_classes = cfg.model.num_classes or dataset.num_classes
     if num_classes < dataset.num_classes:
         raise ConfigError(f"{cfg.path}: model.num_classes={num_classes} but the data has "
@@ -180,18 +133,15 @@ def data_geometry(cfg: Config, dataset, vae=None) -> Tuple[int, int, int]:
     return in_channels, input_size, num_classes
 
 
-def peak_flops(cfg: Config, bf16: bool) -> Optional[float]:
-    """Peak FLOP/s per device for MFU: train.peak_flops, else the GPU's dense bf16/TF32 figure."""
+def run_peak_flops(cfg: Config, bf16: bool) -> Optional[float]:
+    """Peak FLOP/s per device for this run's MFU: train.peak_flops, else the GPU's dense bf16/TF32 figure
+    (fastdit.flops.peak_flops); None on CPU."""
     if cfg.train.peak_flops:
         return cfg.train.peak_flops
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    table = PEAK_FLOPS_BF16 if bf16 else PEAK_FLOPS_TF32
-    for key in sorted(table, key=len, reverse=True):
-        if key in name:
-            return table[key]
-    return None
+    from fastdit.flops import peak_flops
+    return peak_flops(torch.cuda.get_device_name(), "bf16" if bf16 else "tf32")
 
 
 def training_flops(cfg: Config, full_kwargs: Dict[str, Any]) -> Optional[float]:
@@ -221,9 +171,8 @@ class TrainingSetup:
     device: torch.device
     model_dtype: torch.dtype         # what the model's inputs are cast to (bf16 / fp16 / fp32)
     own_grad_check: bool             # a plain torch optimizer: fastdit checks the gradients itself
-    impl_cls: type
-    impl: str                        # "fast" | "reference"
-    impl_kwargs: Dict[str, Any]
+    impl: str                        # "fast" | "reference" (fastdit.models.build.resolve_impl)
+    fast_options: Dict[str, Any]     # the fast model's kernels / attention / checkpointing ({} for the reference)
     meta_name: Optional[str]         # registry name, None for a custom architecture
     meta_kwargs: Dict[str, Any]
     full_kwargs: Dict[str, Any]      # every DiT constructor kwarg
@@ -258,8 +207,8 @@ class TrainingSetup:
         return dict(config=cfg.path, model=self.meta_name or "custom DiT",
                     arch={k: self.full_kwargs[k] for k in ("depth", "hidden_size", "num_heads", "patch_size",
                                                             "input_size", "in_channels")},
-                    params=self.n_params, impl=self.impl, kernels=self.impl_kwargs.get("kernels"),
-                    attention=self.impl_kwargs.get("attention"), zero_stage=self.zero_stage, bf16=self.bf16,
+                    params=self.n_params, impl=self.impl, kernels=self.fast_options.get("kernels"),
+                    attention=self.fast_options.get("attention"), zero_stage=self.zero_stage, bf16=self.bf16,
                     optimizer=dict(type=opt.get("type"), params=opt.get("params"),
                                    engine_optimizer=type(engine.optimizer).__name__,
                                    base_optimizer=_base_optimizer(engine.optimizer)),
@@ -285,10 +234,15 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
     from fastdit.diffusion import create_diffusion
     from fastdit.training.ema import ShardedEMA
 
-    impl_cls, impl, impl_kwargs = resolve_impl(cfg)
+    impl = resolve_impl(cfg.model.impl, cfg.model.block_type)
+    options = fast_options(cfg, impl)
     meta_name, meta_kwargs, full_kwargs = model_kwargs_for(cfg, input_size, in_channels, num_classes)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = impl_cls(**full_kwargs, **impl_kwargs)
+    try:
+        model = build_dit(impl, **full_kwargs, **options)
+    except ImportError as e:
+        raise ConfigError(f"{cfg.path}: model.impl={cfg.model.impl!r} runs the fast model, which cannot be "
+                          f"imported ({e}); repair the install or set model.impl=reference") from None
     n_params = sum(p.numel() for p in model.parameters())
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -312,10 +266,10 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
                                  learn_sigma=cfg.model.learn_sigma,
                                  diffusion_steps=cfg.diffusion.diffusion_steps)
     return TrainingSetup(cfg=cfg, engine=engine, ema=ema, diffusion=diffusion, device=device,
-                         model_dtype=model_dtype, own_grad_check=own_grad_check, impl_cls=impl_cls,
-                         impl=impl, impl_kwargs=impl_kwargs, meta_name=meta_name, meta_kwargs=meta_kwargs,
+                         model_dtype=model_dtype, own_grad_check=own_grad_check, impl=impl,
+                         fast_options=options, meta_name=meta_name, meta_kwargs=meta_kwargs,
                          full_kwargs=full_kwargs, n_params=n_params,
-                         flops_per_image=training_flops(cfg, full_kwargs), peak_flops=peak_flops(cfg, bf16))
+                         flops_per_image=training_flops(cfg, full_kwargs), peak_flops=run_peak_flops(cfg, bf16))
 
 
 def _base_optimizer(optimizer) -> Optional[Dict[str, Any]]:

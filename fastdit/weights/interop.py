@@ -37,7 +37,7 @@ tests, which measure them):
 Classifier-free guidance also differs at the pipeline level: diffusers' DiTPipeline guides all
 latent channels, the official code the first 3.
 
-Measured (`python -m fastdit.interop measure --model M`, CPU fp32, random weights N(0, 0.02^2) on
+Measured (`python benchmarks/diffusers_difference.py --model M`, CPU fp32, random weights N(0, 0.02^2) on
 every parameter but the fixed pos_embed, input 32x32x4, t in {0, 250, 500, 999}, batch 2 per t for
 S/2 and 1 for XL/2; relative L2 difference of the outputs):
 
@@ -56,8 +56,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from fastdit.weights import load as checkpoint_io
-from fastdit.models import reference as ref
+from fastdit.models.reference import get_2d_sincos_pos_embed
+from fastdit.models.build import build_dit
+from fastdit.weights import load as weights_load
+from fastdit.state_dict import check_state_dict_keys, strip_prefixes
 
 OFFICIAL_EPS = 1e-6
 
@@ -67,7 +69,7 @@ OFFICIAL_EPS = 1e-6
 # ----------------------------------------------------------------------------------------------
 def _clean(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone()
-            for k, v in checkpoint_io.strip_prefixes(dict(sd)).items()}
+            for k, v in strip_prefixes(dict(sd)).items()}
 
 
 def to_official(state_dict_or_model, model_kwargs: Optional[dict] = None,
@@ -93,10 +95,10 @@ def validate_official(sd: Dict[str, torch.Tensor], model_kwargs: Optional[dict] 
     """Raise listing missing/unexpected keys or wrong shapes against the implied architecture."""
     # any head count dividing the width gives the same keys and shapes
     meta = {"model_kwargs": dict({"num_heads": 1}, **(model_kwargs or {}))}
-    _, kwargs = checkpoint_io.resolve_model_config(sd, model_name, meta)
+    _, kwargs = weights_load.resolve_model_config(sd, model_name, meta)
     with torch.device("meta"):
-        skeleton = ref.DiT(**kwargs)
-    ref.check_state_dict_keys(skeleton, sd)
+        skeleton = build_dit("reference", **kwargs)
+    check_state_dict_keys(skeleton, sd)
 
 
 def save_official(model_or_sd, path: str, ema=None, training_dict: bool = False,
@@ -176,7 +178,7 @@ def fastdit_to_diffusers_state_dict(sd: Dict[str, torch.Tensor], depth: int
 
 
 def _check_pos_embed(sd: Dict[str, torch.Tensor], hidden: int, grid: int) -> None:
-    table = torch.from_numpy(ref.get_2d_sincos_pos_embed(hidden, grid)).float().unsqueeze(0)
+    table = torch.from_numpy(get_2d_sincos_pos_embed(hidden, grid)).float().unsqueeze(0)
     if "pos_embed" in sd and not torch.allclose(sd["pos_embed"].float(), table, atol=1e-5):
         raise ValueError("pos_embed is not the fixed 2-D sin-cos table; diffusers' DiT cannot "
                          "store a different one")
@@ -193,7 +195,7 @@ def to_diffusers(model_or_sd, model_kwargs: Optional[dict] = None, model_name: O
     else:
         sd = model_or_sd
     sd = _clean(sd)
-    _, kwargs = checkpoint_io.resolve_model_config(sd, model_name, {"model_kwargs": model_kwargs or {}})
+    _, kwargs = weights_load.resolve_model_config(sd, model_name, {"model_kwargs": model_kwargs or {}})
     if sd["y_embedder.embedding_table.weight"].shape[0] != kwargs["num_classes"] + 1:
         raise ValueError("diffusers' DiT always has a null-class row (label dropout > 0)")
     _check_pos_embed(sd, kwargs["hidden_size"], kwargs["input_size"] // kwargs["patch_size"])
@@ -251,7 +253,7 @@ def diffusers_to_fastdit_state_dict(dsd: Dict[str, torch.Tensor], config: Dict[s
     sd["x_embedder.proj.weight"] = take("pos_embed.proj.weight")
     sd["x_embedder.proj.bias"] = take("pos_embed.proj.bias")
     sd["pos_embed"] = torch.from_numpy(
-        ref.get_2d_sincos_pos_embed(hidden, input_size // p)).float().unsqueeze(0)
+        get_2d_sincos_pos_embed(hidden, input_size // p)).float().unsqueeze(0)
     emb_names = {
         "t_embedder.mlp.0.weight": "norm1.emb.timestep_embedder.linear_1.weight",
         "t_embedder.mlp.0.bias": "norm1.emb.timestep_embedder.linear_1.bias",
@@ -301,7 +303,7 @@ def from_diffusers(dmodel_or_path, impl: str = "reference", **impl_kwargs):
         dmodel_or_path = DiTTransformer2DModel.from_pretrained(dmodel_or_path, local_files_only=True)
     sd, kwargs = diffusers_to_fastdit_state_dict(dmodel_or_path.state_dict(),
                                                  dict(dmodel_or_path.config))
-    model, _, kwargs, _ = checkpoint_io.build_model(sd, None, {"model_kwargs": kwargs}, None, impl,
+    model, _, kwargs, _ = weights_load.build_model(sd, None, {"model_kwargs": kwargs}, None, impl,
                                                    **impl_kwargs)
     return model.eval(), kwargs
 
@@ -323,51 +325,12 @@ def compare_with_diffusers(model, dmodel, x: torch.Tensor, t: torch.Tensor, y: t
             "output_max_abs": float(ours.abs().max())}
 
 
-def measure_design_difference(model_name: str = "DiT-S/2", batch: int = 2, weight_std: float = 0.02,
-                              seed: int = 0, timesteps=(0, 250, 500, 999)) -> Dict[str, Dict[str, float]]:
-    """Output differences fastdit vs diffusers for one registry model with random weights.
-
-    Every weight (but the fixed pos_embed) is drawn N(0, weight_std^2), so no adaLN-Zero gate is
-    zero. Rows: "diffusers_default" (norm_eps 1e-5 and its timestep frequencies), "export"
-    (norm_eps 1e-6: frequencies only), "export_matched_timesteps" (frequencies fixed: rounding
-    only) and "eps_only" (frequencies fixed, norm_eps 1e-5).
-    """
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = ref.DiT_models[model_name](input_size=32, num_classes=1000).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0, weight_std)
-    n = len(timesteps) * batch
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(n, 4, 32, 32, generator=g)
-    t = torch.tensor(list(timesteps)).repeat_interleave(batch)
-    y = torch.randint(0, 1000, (n,), generator=g)
-    cfg = ref.model_config(model_name)
-    kwargs = dict(cfg, input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
-    dsd = fastdit_to_diffusers_state_dict(model.state_dict(), cfg["depth"])
-    results = {}
-    for label, eps, matched in (("diffusers_default", 1e-5, False), ("export", 1e-6, False),
-                                ("export_matched_timesteps", 1e-6, True), ("eps_only", 1e-5, True)):
-        dmodel = DiTTransformer2DModel(**dict(diffusers_config(kwargs), norm_eps=eps))
-        dmodel.load_state_dict(dsd, strict=True)
-        dmodel.eval()
-        if matched:
-            match_official_timesteps(dmodel)
-        results[label] = compare_with_diffusers(model, dmodel, x, t, y)
-        del dmodel
-    return results
-
-
 def main(argv=None) -> int:
     """CLI: convert between layouts. Examples:
 
         python -m fastdit.interop to-diffusers --ckpt CKPT [--model DiT-XL/2] --out DIR
         python -m fastdit.interop from-diffusers --src DIR --out model.pt
         python -m fastdit.interop to-official --ckpt CKPT_DIR --out model.pt
-        python -m fastdit.interop measure --model DiT-XL/2
     """
     p = argparse.ArgumentParser(prog="python -m fastdit.interop", description=main.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -376,28 +339,20 @@ def main(argv=None) -> int:
     a.add_argument("--ckpt", required=True)
     a.add_argument("--model", default=None)
     a.add_argument("--num-heads", type=int, default=None)
-    a.add_argument("--weights", choices=checkpoint_io.WEIGHT_CHOICES, default="ema")
+    a.add_argument("--weights", choices=weights_load.WEIGHT_CHOICES, default="ema")
     a.add_argument("--out", required=True)
     b = sub.add_parser("from-diffusers")
     b.add_argument("--src", required=True)
     b.add_argument("--out", required=True)
     c = sub.add_parser("to-official")
     c.add_argument("--ckpt", required=True)
-    c.add_argument("--weights", choices=checkpoint_io.WEIGHT_CHOICES, default="ema")
+    c.add_argument("--weights", choices=weights_load.WEIGHT_CHOICES, default="ema")
     c.add_argument("--out", required=True)
-    m = sub.add_parser("measure", help="output difference fastdit vs diffusers (random weights)")
-    m.add_argument("--model", default="DiT-S/2")
-    m.add_argument("--batch", type=int, default=2)
-    m.add_argument("--weight-std", type=float, default=0.02)
     args = p.parse_args(argv)
-    if args.cmd == "measure":
-        for label, row in measure_design_difference(args.model, args.batch, args.weight_std).items():
-            print(f"{args.model} {label}: " + ", ".join(f"{k}={v:.3g}" for k, v in row.items()))
-        return 0
     if args.cmd == "to-diffusers":
-        loaded = checkpoint_io.load_checkpoint(args.ckpt, args.weights)
+        loaded = weights_load.load_checkpoint(args.ckpt, args.weights)
         overrides = {"num_heads": args.num_heads} if args.num_heads else None
-        _, kwargs = checkpoint_io.resolve_model_config(loaded.state_dict, args.model, loaded.meta,
+        _, kwargs = weights_load.resolve_model_config(loaded.state_dict, args.model, loaded.meta,
                                                        overrides)
         export_diffusers(loaded.state_dict, args.out, kwargs)
     elif args.cmd == "from-diffusers":
@@ -407,7 +362,7 @@ def main(argv=None) -> int:
         sd, _ = diffusers_to_fastdit_state_dict(dmodel.state_dict(), dict(dmodel.config))
         torch.save(sd, args.out)
     else:
-        loaded = checkpoint_io.load_checkpoint(args.ckpt, args.weights)
+        loaded = weights_load.load_checkpoint(args.ckpt, args.weights)
         save_official(from_official(loaded.state_dict), args.out)
     print(f"wrote {args.out}")
     return 0

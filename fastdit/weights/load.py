@@ -6,18 +6,20 @@ Layouts (`load_checkpoint`):
 3. a `fastdit.export` file: a plain state dict like 1 (metadata, when given, in a sibling
    `<file>.json` or `<file-without-suffix>.json`);
 4. a training checkpoint directory: `<output_dir>`, `<output_dir>/checkpoints` or a tag directory
-   `<output_dir>/checkpoints/<tag>` (DeepSpeed files + `ema.pt` + `meta.json`; `checkpoints/latest`
-   names the newest tag). EMA weights come from `ema.pt`; raw weights from DeepSpeed's ZeRO
-   shards via `deepspeed.utils.zero_to_fp32`.
+   `<output_dir>/checkpoints/<tag>` (fastdit.weights.layout). EMA weights come from `ema.pt`; raw
+   weights from DeepSpeed's files (`raw_training_weights`: the ZeRO partitions through
+   `deepspeed.utils.zero_to_fp32`, the frozen pos_embed rebuilt where ZeRO-1 left it out; without
+   ZeRO, the module of mp_rank_00_model_states.pt).
 
 Every file fastdit reads itself is opened with `torch.load(..., weights_only=True)` (the official
-training dict's `args` Namespace is allow-listed). The raw-weights path of a DeepSpeed directory
-goes through DeepSpeed's own reader, which unpickles fully: use it on checkpoints you trust.
+training dict's `args` Namespace is allow-listed). The raw weights of a DeepSpeed directory are read
+by unpickling DeepSpeed's files fully: use them on checkpoints you trust.
 
 `build_model` turns a state dict (+ optional metadata) into a model: the architecture is read off
 the tensor shapes (input size, patch, channels, width, depth, classes, learn_sigma, block type);
-only the head count needs a registry name (`DiT-S/2` ...) or metadata. Loads are strict: mismatched
-keys or shapes raise an error that lists them.
+only the head count needs a registry name (`DiT-S/2` ...) or metadata; the reference or the fast model
+is fastdit.models.build's decision. Loads are strict: mismatched keys or shapes raise an error that
+lists them (fastdit.state_dict).
 """
 from __future__ import annotations
 
@@ -30,9 +32,12 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from fastdit.models import reference as ref
+from fastdit.models.reference import get_2d_sincos_pos_embed
+from fastdit.models.build import build_dit, resolve_impl
+from fastdit.models.registry import MODEL_NAMES, model_config
+from fastdit.weights import layout
+from fastdit.state_dict import check_state_dict_keys, strip_prefixes
 
-PREFIXES = ("module.", "_orig_mod.")
 WEIGHT_CHOICES = ("ema", "model")
 
 
@@ -62,18 +67,6 @@ def torch_load_safe(path: str):
                 "fastdit exports, DeepSpeed checkpoint directories).") from e
 
 
-def strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Remove a `module.` (DDP/DeepSpeed) or `_orig_mod.` (torch.compile) prefix shared by all keys."""
-    changed = True
-    while changed and state_dict:
-        changed = False
-        for prefix in PREFIXES:
-            if all(k.startswith(prefix) for k in state_dict):
-                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-                changed = True
-    return state_dict
-
-
 def _is_tensor_dict(obj) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(
         isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
@@ -87,40 +80,32 @@ def _read_json(path: str) -> Optional[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training checkpoint directories
+# Training checkpoint directories (layout: fastdit.weights.layout)
 # ----------------------------------------------------------------------------------------------
-def resolve_checkpoint_dir(path: str) -> Tuple[str, str]:
-    """(checkpoints_dir, tag) for an output dir, a checkpoints dir or a tag dir."""
-    path = os.path.abspath(path)
+def raw_training_weights(ckpt_root: str, tag: str, meta: Optional[dict], notes: list) -> Dict[str, torch.Tensor]:
+    """The training (non-EMA) weights of a checkpoint, fp32, official keys.
 
-    def latest_tag(ckpt_dir: str) -> str:
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            tag = f.read().strip()
-        if not os.path.isdir(os.path.join(ckpt_dir, tag)):
-            raise FileNotFoundError(f"{ckpt_dir}/latest names tag {tag!r}, which does not exist")
-        return tag
-
-    if any(os.path.isfile(os.path.join(path, n)) for n in ("ema.pt", "meta.json")):
-        return os.path.dirname(path), os.path.basename(path)
-    if os.path.isfile(os.path.join(path, "latest")):
-        return path, latest_tag(path)
-    sub = os.path.join(path, "checkpoints")
-    if os.path.isfile(os.path.join(sub, "latest")):
-        return sub, latest_tag(sub)
-    raise FileNotFoundError(
-        f"{path} is not a fastdit checkpoint directory: expected a tag dir (with ema.pt / meta.json), "
-        "a checkpoints dir (with a 'latest' file) or an output dir containing checkpoints/latest")
-
-
-def load_deepspeed_raw(ckpt_dir: str, tag: str) -> Dict[str, torch.Tensor]:
-    """fp32 model weights consolidated from a DeepSpeed ZeRO checkpoint (any world size)."""
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError as e:
-        raise ImportError("raw (non-EMA) weights of a DeepSpeed checkpoint need deepspeed; "
-                          "install it or load the EMA weights (ema.pt) instead") from e
-    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    return {k: v.float() for k, v in strip_prefixes(dict(sd)).items()}
+    Under ZeRO they are the fp32 master weights, reassembled from the partitions by DeepSpeed's
+    zero_to_fp32 (any world size); ZeRO-1 does not save frozen parameters, so the fixed pos_embed is
+    rebuilt. Without ZeRO they are the module of mp_rank_00_model_states.pt (the bf16 copies under
+    bf16: said in `notes`). Both readers unpickle fully: use them on checkpoints you trust.
+    """
+    tag_dir = os.path.join(ckpt_root, tag)
+    if layout.has_zero_shards(tag_dir):
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError as e:
+            raise ImportError("raw (non-EMA) weights of a DeepSpeed checkpoint need deepspeed; "
+                              "install it or load the EMA weights (ema.pt) instead") from e
+        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_root, tag=tag)
+    else:
+        sd = torch.load(os.path.join(tag_dir, layout.MODEL_STATES), map_location="cpu",
+                        weights_only=False)["module"]
+        if (meta or {}).get("bf16"):
+            notes.append("ZeRO-0 bf16 checkpoint: the module weights are the bf16 copies")
+    sd = {k: v.float() for k, v in strip_prefixes(dict(sd)).items()}
+    _fill_pos_embed(sd, meta, notes)
+    return sd
 
 
 def _fill_pos_embed(sd: Dict[str, torch.Tensor], meta: Optional[dict], notes: list) -> None:
@@ -134,47 +119,31 @@ def _fill_pos_embed(sd: Dict[str, torch.Tensor], meta: Optional[dict], notes: li
     if input_size is None:
         raise KeyError("pos_embed is missing and input_size is unknown (no meta.json)")
     grid = input_size // patch
-    table = ref.get_2d_sincos_pos_embed(hidden, grid)
+    table = get_2d_sincos_pos_embed(hidden, grid)
     sd["pos_embed"] = torch.from_numpy(table).float().unsqueeze(0)
     notes.append("pos_embed was not in the DeepSpeed checkpoint (frozen parameter); "
                  "rebuilt as the fixed 2-D sin-cos table")
 
 
-# ----------------------------------------------------------------------------------------------
-# The loader
-# ----------------------------------------------------------------------------------------------
-def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
-    """Load DiT weights from any supported layout (see the module docstring).
+def _load_training_checkpoint(path: str, weights: str) -> LoadedCheckpoint:
+    ckpt_root, tag = layout.resolve_checkpoint(path, need_ema=weights == "ema")
+    tag_dir = os.path.join(ckpt_root, tag)
+    meta = layout.read_meta(tag_dir)
+    notes: list = []
+    if weights == "model":
+        sd = raw_training_weights(ckpt_root, tag, meta, notes)
+        return LoadedCheckpoint(sd, f"training checkpoint {tag} (raw weights)", tag_dir, meta, notes)
+    ema_path = os.path.join(tag_dir, layout.EMA)
+    if not os.path.isfile(ema_path):
+        raise FileNotFoundError(f"{tag_dir} has no {layout.EMA}; load the raw weights with weights='model' "
+                                "(--weights model; fastdit.export --raw) instead")
+    obj = torch_load_safe(ema_path)
+    if not _is_tensor_dict(obj):
+        raise ValueError(f"{ema_path} is not a plain state dict of tensors")
+    return LoadedCheckpoint(strip_prefixes(obj), f"training checkpoint {tag} (ema.pt)", tag_dir, meta, notes)
 
-    :param weights: "ema" (default, as the official sample.py) or "model" (raw weights). Plain
-        state-dict files hold a single set and are returned as they are.
-    """
-    if weights not in WEIGHT_CHOICES:
-        raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
 
-    if os.path.isdir(path):
-        ckpt_dir, tag = resolve_checkpoint_dir(path)
-        tag_dir = os.path.join(ckpt_dir, tag)
-        meta = _read_json(os.path.join(tag_dir, "meta.json"))
-        notes: list = []
-        if weights == "ema":
-            ema_path = os.path.join(tag_dir, "ema.pt")
-            if not os.path.isfile(ema_path):
-                raise FileNotFoundError(f"{tag_dir} has no ema.pt; load the raw weights with "
-                                        "weights='model' (--weights model) instead")
-            obj = torch_load_safe(ema_path)
-            if not _is_tensor_dict(obj):
-                raise ValueError(f"{ema_path} is not a plain state dict of tensors")
-            sd = strip_prefixes(obj)
-            source = f"training checkpoint {tag} (ema.pt)"
-        else:
-            sd = load_deepspeed_raw(ckpt_dir, tag)
-            source = f"training checkpoint {tag} (DeepSpeed ZeRO shards, raw weights)"
-            _fill_pos_embed(sd, meta, notes)
-        return LoadedCheckpoint(sd, source, tag_dir, meta, notes)
-
+def _load_file(path: str, weights: str) -> LoadedCheckpoint:
     obj = torch_load_safe(path)
     meta = None
     for candidate in (path + ".json", os.path.splitext(path)[0] + ".json"):
@@ -202,6 +171,24 @@ def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
     desc = sorted(obj)[:20] if isinstance(obj, dict) else type(obj).__name__
     raise ValueError(f"{path}: unrecognised checkpoint layout ({desc}); expected a state dict, "
                      "a dict with 'ema'/'model', or a fastdit checkpoint directory")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------
+def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
+    """Load DiT weights from any supported layout (see the module docstring).
+
+    :param weights: "ema" (default, as the official sample.py) or "model" (raw weights). Plain
+        state-dict files hold a single set and are returned as they are.
+    """
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        return _load_training_checkpoint(path, weights)
+    return _load_file(path, weights)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,24 +227,6 @@ def infer_model_kwargs(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     return kwargs
 
 
-def get_registry(impl: str = "auto"):
-    """DiT_models of the fast model ("fast"/"auto" when present) or of the eager reference."""
-    if impl not in ("auto", "fast", "reference"):
-        raise ValueError(f"impl must be auto|fast|reference, got {impl!r}")
-    if impl != "reference":
-        try:
-            from fastdit import models as _models
-
-            registry = getattr(_models, "DiT_models", None)
-        except ImportError:
-            registry = None
-        if registry is not None:
-            return registry, "fast"
-        if impl == "fast":
-            raise ImportError("fastdit.models.DiT_models (the fast model) is not available")
-    return ref.DiT_models, "reference"
-
-
 def resolve_model_config(sd: Dict[str, torch.Tensor], model_name: Optional[str] = None,
                          meta: Optional[dict] = None, overrides: Optional[dict] = None
                          ) -> Tuple[Optional[str], Dict[str, Any]]:
@@ -269,13 +238,13 @@ def resolve_model_config(sd: Dict[str, torch.Tensor], model_name: Optional[str] 
     meta = meta or {}
     inferred = infer_model_kwargs(sd)
     name = model_name or meta.get("model")
-    if name and not model_name and name not in ref.DiT_models:
+    if name and not model_name and name not in MODEL_NAMES:
         name = None  # metadata naming a custom architecture: its model_kwargs describe it
     kwargs = dict(inferred)
     kwargs.update({k: v for k, v in (meta.get("model_kwargs") or {}).items() if v is not None})
     kwargs.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if name:
-        cfg = ref.model_config(name)  # KeyError lists valid names
+        cfg = model_config(name)  # KeyError lists valid names
         clash = {k: (inferred[k], v) for k, v in cfg.items() if k in inferred and inferred[k] != v}
         if clash:
             desc = ", ".join(f"{k}: checkpoint {a} vs {name} {b}" for k, (a, b) in clash.items())
@@ -289,37 +258,19 @@ def resolve_model_config(sd: Dict[str, torch.Tensor], model_name: Optional[str] 
 
 def build_model(sd: Dict[str, torch.Tensor], model_name: Optional[str] = None,
                 meta: Optional[dict] = None, overrides: Optional[dict] = None, impl: str = "auto",
-                **impl_kwargs):
-    """Construct the model for `sd` and load it strictly; returns (model, name, kwargs, impl)."""
+                **fast_options):
+    """Construct the model for `sd` (fastdit.models.build.build_dit decides reference or fast) and
+    load it strictly; returns (model, name, kwargs, impl used)."""
     name, kwargs = resolve_model_config(sd, model_name, meta, overrides)
-    registry, used = get_registry(impl)
-    if used == "fast" and kwargs.get("block_type", "adaln_zero") != "adaln_zero":
-        registry, used = ref.DiT_models, "reference"  # the fast model implements adaLN-Zero only
-    if used == "reference":
-        impl_kwargs = {}
-    if name and name in registry:
-        cfg = ref.model_config(name)
-        ctor_kwargs = {k: v for k, v in kwargs.items() if k not in cfg}
-        model = registry[name](**ctor_kwargs, **impl_kwargs)
-    else:
-        cls = _model_class(registry)
-        model = cls(**kwargs, **impl_kwargs)
+    used = resolve_impl(impl, kwargs.get("block_type", "adaln_zero"))
+    model = build_dit(used, **kwargs, **fast_options)
     load_strict(model, sd)
     return model, name, kwargs, used
 
 
-def _model_class(registry):
-    """The DiT class behind a registry (for architectures that are not registry entries)."""
-    if registry is ref.DiT_models:
-        return ref.DiT
-    from fastdit import models as _models
-
-    return getattr(_models, "DiT", ref.DiT)
-
-
 def load_strict(model: torch.nn.Module, sd: Dict[str, torch.Tensor]) -> None:
     """Strict load; KeyError/ValueError listing missing, unexpected and mis-shaped entries."""
-    ref.check_state_dict_keys(model, sd)
+    check_state_dict_keys(model, sd)
     own = model.state_dict()
     converted = {k: v.to(dtype=own[k].dtype) for k, v in sd.items()}
     model.load_state_dict(converted, strict=True)
