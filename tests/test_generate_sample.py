@@ -31,22 +31,24 @@ def official_style(model):
     return lambda x, t, y: model(x, t, y)
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
-def test_loop_reproduces_official_sampling_loops(sampler, eta):
-    """With the RNG consumed in the official order, our step == diffusion.p_sample_loop / ddim."""
+@pytest.mark.parametrize("sampler,eta,clip", [("ddpm", 0.0, False), ("ddim", 0.0, False), ("ddim", 0.7, False),
+                                             ("ddpm", 0.0, True), ("ddim", 0.0, True)])
+def test_loop_reproduces_official_sampling_loops(sampler, eta, clip):
+    """With the RNG consumed in the official order, our step == diffusion.p_sample_loop / ddim (clip:
+    x_0 clipped to [-1, 1] at every step, as train.py's grids of pixel-space models)."""
     model = random_dit(1, learn_sigma=True)
     diffusion = create_diffusion(S.respacing(sampler, 8))
     y = torch.tensor([0, 3, 4])
     shape = (3, 4, 8, 8)
     torch.manual_seed(123)
     if sampler == "ddpm":
-        want = diffusion.p_sample_loop(official_style(model), shape, clip_denoised=False,
+        want = diffusion.p_sample_loop(official_style(model), shape, clip_denoised=clip,
                                        model_kwargs={"y": y}, device="cpu")
     else:
-        want = diffusion.ddim_sample_loop(official_style(model), shape, clip_denoised=False,
+        want = diffusion.ddim_sample_loop(official_style(model), shape, clip_denoised=clip,
                                           model_kwargs={"y": y}, device="cpu", eta=eta)
     got = S.sample_loop(diffusion, S.make_model_fn(model, use_cfg=False), y,
-                        S.SharedStreamNoise(123, 3), shape[1:], sampler, eta, "cpu")
+                        S.SharedStreamNoise(123, 3), shape[1:], sampler, eta, "cpu", clip_denoised=clip)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

@@ -82,7 +82,8 @@ def _read_json(path: str) -> Optional[dict]:
 # ----------------------------------------------------------------------------------------------
 # Training checkpoint directories (layout: fastdit.weights.layout)
 # ----------------------------------------------------------------------------------------------
-def raw_training_weights(ckpt_root: str, tag: str, meta: Optional[dict], notes: list) -> Dict[str, torch.Tensor]:
+def raw_training_weights(ckpt_root: str, tag: str, meta: Optional[dict],
+                         notes: list) -> Dict[str, torch.Tensor]:
     """The training (non-EMA) weights of a checkpoint, fp32, official keys.
 
     Under ZeRO they are the fp32 master weights, reassembled from the partitions by DeepSpeed's
