@@ -1,7 +1,8 @@
 """Helpers shared by fastdit's benchmark scripts: environment capture, timing, statistics, JSON.
 
 Dependency-free on purpose: the standard library at import time, torch (and triton) imported only
-inside the functions that need them, nothing from fastdit. Any benchmark script may import it:
+inside the functions that need them, nothing from fastdit (the peak FLOP/s table for MFU is
+fastdit.flops.PEAK_FLOPS). Any benchmark script may import it:
 
     from benchmarks.common import environment, IntervalTimer, summarize, write_json
 
@@ -10,7 +11,6 @@ What each helper computes:
   git_commit(root)         "<sha>" or "<sha>-dirty" (uncommitted changes), "unknown" outside a checkout
   IntervalTimer(device)    wall time of a block of work: CUDA events on a CUDA device, perf_counter else
   summarize(samples)       median / min / max / n of repeated measurements
-  peak_flops(gpu_name)     dense bf16 tensor-core peak FLOP/s of a GPU from vendor datasheets, or None
   write_json(path, obj)    pretty JSON, parent folders created, NaN/inf written as null
 """
 from __future__ import annotations
@@ -29,35 +29,10 @@ from typing import Any, Dict, Iterable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets (the datasheets quote
-# "with sparsity" figures; these are half of those). Matched as substrings of
-# torch.cuda.get_device_name(), longest key first ("NVIDIA H100 80GB HBM3" is the SXM part).
-PEAK_BF16_FLOPS: Dict[str, float] = {
-    "H200 NVL": 835e12,
-    "H200": 989e12,       # H200 SXM
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,       # H100 SXM
-    "H800": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-}
-
 # Environment variables that change what a benchmark measures; recorded with every result.
 RECORDED_ENV_VARS = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
                      "TORCHINDUCTOR_MAX_AUTOTUNE", "TORCHINDUCTOR_CACHE_DIR", "NVIDIA_TF32_OVERRIDE",
                      "FASTDIT_KERNEL_POISON", "OMP_NUM_THREADS")
-
-
-def peak_flops(gpu_name: Optional[str]) -> Optional[float]:
-    """Dense bf16 peak FLOP/s of the GPU named `gpu_name` (table above), None if unknown or no GPU."""
-    if not gpu_name:
-        return None
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in gpu_name:
-            return PEAK_BF16_FLOPS[key]
-    return None
 
 
 def git_commit(root: str = ROOT) -> str:

@@ -6,7 +6,8 @@ are kept for stopping a stage and writing the results), so a slow stage cannot e
 that would not get its minimum time is skipped and says so. Stages, most important first:
 
   env         versions, GPU, the attention backends that can run, measured copy GB/s and bf16 GEMM TFLOP/s
-  tests       pytest tests/test_kernels.py tests/test_dit_parity.py on the GPU (kernels + model parity)
+  tests       pytest tests/test_kernels.py tests/test_models_dit.py tests/test_models_attention.py on the
+              GPU (kernels, model parity, attention backends)
   parity      benchmarks/parity.py: DiT-XL/2 fast vs reference, forward + every gradient, fp32 and bf16
   throughput  benchmarks/throughput.py, every row but the compiled ones, at a batch that fits the card
   kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
@@ -21,7 +22,7 @@ kernel plot, log.txt (all output), summary.json and a README.md with the summary
 commands. The summary table is printed last.
 
 The machine needs torch and triton; the rest (deepspeed and what it imports: pydantic, pydantic-core,
-annotated-types, typing-inspection, typing-extensions, hjson; nvtx) is imported from the environment
+annotated-types, typing-inspection, typing-extensions, hjson) is imported from the environment
 or installed without network from a folder of wheels (--wheels, default ./wheels) into a private
 target folder. Build that folder on a machine with network (docs/performance.md, "GPU check"):
 
@@ -29,7 +30,7 @@ target folder. Build that folder on a machine with network (docs/performance.md,
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels \\
         pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \\
-        typing-extensions==4.16.0 hjson==3.1.0 nvtx==0.2.17
+        typing-extensions==4.16.0 hjson==3.1.0
 
     make gpu-check                                   # = python3 benchmarks/gpu_check.py
     python3 benchmarks/gpu_check.py --budget 300 --skip compile
@@ -68,9 +69,9 @@ from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
 STAGES = ("env", "tests", "parity", "throughput", "kernels", "train", "compile", "gpu_tests")
 COMPILE_ROWS = ("compile", "fused+compile")
+GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/test_models_attention.py")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.
 NEEDED = {"deepspeed": "deepspeed", "pydantic": "pydantic", "hjson": "hjson"}
-OPTIONAL = {"nvtx": "nvtx"}
 SITE = os.path.join(tempfile.gettempdir(), "fastdit-gpu-check-site")
 EXIT_BAD_INPUT = 2
 FINISH_S = 15  # kept back from the budget: killing a stage that runs to its limit, summaries, README
@@ -122,14 +123,14 @@ def report_env(path: str, smoke: bool) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     env = environment(device)
     versions = {}
-    for mod in ("deepspeed", "pydantic", "hjson", "nvtx", "diffusers", "xformers", "flash_attn",
+    for mod in ("deepspeed", "pydantic", "hjson", "diffusers", "xformers", "flash_attn",
                 "flash_attn_interface", "numpy"):
         try:
             m = __import__(mod)
             versions[mod] = getattr(m, "__version__", "?")
         except Exception as e:  # noqa: BLE001 - recorded, not fatal
             versions[mod] = f"not importable ({type(e).__name__})"
-    from fastdit import attention as attn
+    from fastdit.models import attention as attn
     if hasattr(attn, "backend_status"):
         backends = {k: dict(ok=ok, reason=why) for k, (ok, why) in attn.backend_status().items()}
     else:
@@ -397,9 +398,6 @@ def install_wheels(folder: Optional[str], env: Dict[str, str], log: Log) -> List
         fail(f"after installing {folder}: {', '.join(still)} still not importable; add the wheel(s) "
              f"{', '.join(NEEDED[m] for m in still)}")
     notes.append(f"installed {len(wheels)} wheel(s) from {folder}: " + ", ".join(os.path.basename(w) for w in wheels))
-    for m, w in OPTIONAL.items():
-        if not importable(m, env):
-            notes.append(f"optional {m} not importable (wheel {w}): nvtx ranges off")
     return notes
 
 
@@ -442,7 +440,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
     kp_xml, gm_xml = os.path.join(out, "tests_kernels_parity.xml"), os.path.join(out, "tests_gpu_marked.xml")
     if smoke:
         test_sel = ["tests/test_kernels.py::test_poison_catches_unwritten_rows",
-                    "tests/test_dit_parity.py::test_state_dicts_load_both_ways_strictly"]
+                    "tests/test_models_dit.py::test_state_dicts_load_both_ways_strictly"]
         tp = ["--smoke"]
         fast_rows = [r for r in ("eager", "fused", "deepspeed") if r in ALL_ROWS]
         compile_rows = ["compile"]
@@ -451,7 +449,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         train_cfg = ["--config", "configs/digits.json", "--set", "train.max_steps=4", "--set", "train.log_every=1"]
         skip_windows = 1
     else:
-        test_sel = ["tests/test_kernels.py", "tests/test_dit_parity.py"] + (["-n", "8"] if xdist else [])
+        test_sel = list(GPU_TEST_FILES) + (["-n", "8"] if xdist else [])
         tp = ["--batch", str(batch), "--warmup", "2", "--steps", "4", "--repeats", "3"]
         fast_rows = [r for r in ALL_ROWS if r not in COMPILE_ROWS]
         compile_rows = list(COMPILE_ROWS)
@@ -492,8 +490,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         Stage("compile", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(compile_rows),
                            "--json", j("throughput_compile.json")]], 240, 60,
               lambda s: summarize_throughput(j("throughput_compile.json"), s)),
-        Stage("gpu_tests", [pytest + ["tests", "-m", "gpu", "--ignore", "tests/test_kernels.py",
-                                      "--ignore", "tests/test_dit_parity.py", "--junitxml", gm_xml]],
+        Stage("gpu_tests", [pytest + ["tests", "-m", "gpu", *[f"--ignore={f}" for f in GPU_TEST_FILES],
+                                      "--junitxml", gm_xml]],
               150, 20, lambda s: summarize_tests([gm_xml], s), ok_codes=(0, 5),  # 5: no test selected
               protected=False),
     ]

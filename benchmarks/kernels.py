@@ -35,21 +35,19 @@ Nothing is printed that was not measured in this run.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run as a script, this file's folder lands on sys.path[0] and the file itself would then answer to
 # `import kernels` (a PyPI package name that transformers/diffusers probe for). Take the folder off.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.common import IntervalTimer, environment, write_json  # noqa: E402
 
 OPS = ("modulate_layernorm", "gated_residual", "gated_residual_modulate_layernorm", "patch_embed")
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -164,18 +162,19 @@ def _ln_alternatives(impls, d, device):
 # Timing
 # ----------------------------------------------------------------------------------------------
 def _timer(device, warmup, rep):
-    """fn -> median milliseconds. CUDA: triton's do_bench (L2 flushed per call); CPU: wall clock."""
+    """fn -> median milliseconds. CUDA: triton's do_bench (L2 flushed per call); CPU: the median of 3
+    benchmarks.common.IntervalTimer intervals after one warm-up call."""
     if device.type == "cuda":
         from triton.testing import do_bench
         return lambda fn: float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
     def cpu_time(fn, reps=3):
         fn()
-        times = []
+        timer, times = IntervalTimer(device), []
         for _ in range(reps):
-            t0 = time.perf_counter()
+            timer.start()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append(timer.stop())
         return statistics.median(times)
     return cpu_time
 
@@ -212,26 +211,13 @@ def _copy_gbps(device, mib, timer):
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def _git_commit():
-    try:
-        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain"], capture_output=True,
-                               text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001 - not a git checkout, or no commit yet
-        return "unknown"
-
-
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 def run(args):
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    sys.path.insert(0, ROOT)
     import torch
-    import triton
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.smoke:
@@ -289,22 +275,12 @@ def run(args):
                 and e["pass"] == r["pass"] and (e["N"], e["T"], e["D"]) == (r["N"], r["T"], r["D"])]
         r["speedup_vs_eager"] = base[0]["ms"] / r["ms"] if base else None
 
-    meta = dict(
-        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        device=str(device), interpreter=os.environ.get("TRITON_INTERPRET") == "1",
-        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        python=platform.python_version(), git_commit=_git_commit(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
-        smoke=bool(args.smoke), copy_gbps=copy_gbps, copy_mib=copy_mib, tokens=tokens,
-        timer="triton.testing.do_bench median, L2 flushed" if device.type == "cuda"
-        else "wall clock median of 3",
-    )
+    meta = dict(environment(device), interpreter=os.environ.get("TRITON_INTERPRET") == "1",
+                smoke=bool(args.smoke), copy_gbps=copy_gbps, copy_mib=copy_mib, tokens=tokens,
+                timer="triton.testing.do_bench median, L2 flushed" if device.type == "cuda"
+                else "wall clock median of 3")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(args.json, dict(meta=meta, rows=rows))}")
     if args.plot:
         plot(rows, meta, args.plot)
         print(f"wrote {args.plot}")

@@ -110,7 +110,7 @@ def verdict(r: Dict, ref_bf16: Optional[Dict]) -> Optional[bool]:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from fastdit import attention as attn
+    from fastdit.models import attention as attn
     from fastdit.models import from_reference
     from fastdit.models.reference import DiT as RefDiT
     from fastdit.models.reference import DiT_models as RefModels

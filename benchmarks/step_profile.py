@@ -5,13 +5,13 @@
     python benchmarks/step_profile.py --config configs/digits.json --data config --out /tmp/prof
     python benchmarks/step_profile.py --smoke --out /tmp/prof          # CPU, tiny model: checks the tool
 
-Builds the engine on one rank through fastdit.trainer, the code fastdit/train.py runs (the config's model,
+Builds the engine on one rank through fastdit.training.trainer, the code fastdit/train.py runs (the config's model,
 deepspeed.initialize with its `deepspeed` section, the fp32 EMA, the diffusion), and runs
 Trainer.train_step() on
   --data synthetic  two fixed batches of N(0, 1) latents (random labels) on the device, cycled (the
                     default for latent, image and synthetic configs: no files needed), or
   --data config     the config's dataset through train.py's data loader (the default for digits).
-After --warmup steps, fastdit.step_profile times --steps steps whole (CUDA events at the step
+After --warmup steps, fastdit.training.step_profile times --steps steps whole (CUDA events at the step
 boundaries: ms/step, img/s), then --steps steps with the device synchronised at every phase boundary
 (data, forward, backward, optimizer, EMA: medians), then traces --trace-steps steps with torch.profiler
 (device time by category, top kernels, idle = wall - kernel busy time). Writes <out>/trace.json (open in
@@ -81,7 +81,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if os.environ.get("WORLD_SIZE", "1") != "1":
         ap.error(f"the step profiler runs on one rank (WORLD_SIZE={os.environ['WORLD_SIZE']}); for a "
                  f"multi-rank run use fastdit/train.py with --set train.profile_steps=A-B")
-    from fastdit.config import ConfigError, load_config
+    from fastdit.training.config import ConfigError, load_config
     try:
         args.cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -112,10 +112,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.smoke:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
         torch.set_num_threads(1)
-    from fastdit.config import ConfigError
-    from fastdit.data import build_dataset, rank_batches
-    from fastdit.step_profile import StepProfiler
-    from fastdit.trainer import Trainer, build_engine, data_geometry, device_for_rank, init_distributed
+    from fastdit.training.config import ConfigError
+    from fastdit.training.data import build_dataset, rank_batches
+    from fastdit.training.step_profile import StepProfiler
+    from fastdit.training.trainer import Trainer, build_engine, data_geometry, device_for_rank, init_distributed
 
     init_distributed(cfg.train.shm_comm)
     device = device_for_rank()

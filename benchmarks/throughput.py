@@ -17,10 +17,10 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
     fused              fastdit.models.DiT_models[name](kernels=..., attention=<what "auto" resolves to on
                        this device and dtype, passed explicitly>)
     fused+compile      the fast model under torch.compile
-    fused/<backend>    the fast model with attention=<backend>, one row per backend of fastdit.attention
+    fused/<backend>    the fast model with attention=<backend>, one row per backend of fastdit.models.attention
                        (rows of backends that cannot run here are recorded as "unavailable", with
-                       the reason fastdit.attention.backend_status() gives)
-    deepspeed          the real training step: fastdit.trainer's engine built from --config (default
+                       the reason fastdit.models.attention.backend_status() gives)
+    deepspeed          the real training step: fastdit.training.trainer's engine built from --config (default
                        configs/xl2_zero2.json) exactly as fastdit/train.py builds it (its DeepSpeed section:
                        ZeRO stage, optimizer, gradient clipping; the model's impl/checkpointing), on one
                        rank, micro-batch = global batch = --batch, no gradient accumulation, and
@@ -44,7 +44,7 @@ Timing: --warmup steps first (not timed; they include torch.compile's compilatio
 intervals of --steps steps each, timed with CUDA events (perf_counter on CPU). ms/step = interval/steps;
 reported: median, min and max over the repeats. img/s = batch / (s/step). MFU = training FLOPs per
 image (fastdit.flops: 2 FLOPs per MAC x 3 x forward MACs) x img/s / peak bf16 FLOP/s of the GPU
-(benchmarks/common.py table, or --peak-tflops); n/a on CPU. Peak memory:
+(fastdit.flops.PEAK_FLOPS, or --peak-tflops); n/a on CPU. Peak memory:
 torch.cuda.max_memory_allocated from the built model on (weights, optimizer state, warm-up and timed
 steps), reset for every row. A row that raises (OOM, missing backend,
 compile failure, non-finite loss) is recorded with its error and the run goes on.
@@ -63,7 +63,6 @@ stage on one CPU rank over gloo. It exercises the harness; its numbers say nothi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import itertools
@@ -81,16 +80,18 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import (IntervalTimer, environment, peak_flops, summarize,  # noqa: E402
-                               synchronize, write_json)
+from benchmarks.common import IntervalTimer, environment, summarize, synchronize, write_json  # noqa: E402
+from fastdit.dist import nvtx_range  # noqa: E402
+from fastdit.flops import peak_flops  # noqa: E402
+from fastdit.generate.vae import DOWNSAMPLE as VAE_DOWNSAMPLE  # noqa: E402
+from fastdit.generate.vae import LATENT_CHANNELS  # noqa: E402
+from fastdit.models.attention import BACKENDS  # noqa: E402
 
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
-ATTENTION_BACKENDS = ("math", "sdpa", "flash_attn", "xformers")
+ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "deepspeed")
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
-LATENT_CHANNELS = 4
-VAE_DOWNSAMPLE = 8
 NUM_CLASSES = 1000
 # --smoke: a tiny custom DiT (constructor kwargs of fastdit.models.reference.DiT)
 SMOKE_ARCH = dict(input_size=8, patch_size=2, in_channels=LATENT_CHANNELS, hidden_size=64, depth=2,
@@ -182,9 +183,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.rows = rows
 
     if not args.smoke:
-        from fastdit.models.reference import DiT_models, model_config
-        if args.model not in DiT_models:
-            ap.error(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
+        from fastdit.models.registry import MODEL_NAMES, model_config
+        if args.model not in MODEL_NAMES:
+            ap.error(f"unknown --model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
         if args.image_size <= 0 or args.image_size % VAE_DOWNSAMPLE:
             ap.error(f"--image-size must be a positive multiple of {VAE_DOWNSAMPLE}, got {args.image_size}")
         p = model_config(args.model)["patch_size"]
@@ -194,7 +195,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.overrides and "deepspeed" not in rows:
         ap.error("--set overrides the deepspeed row's config; add deepspeed to --rows")
     if "deepspeed" in rows:
-        from fastdit.config import ConfigError
+        from fastdit.training.config import ConfigError
         try:
             deepspeed_row_config(args)
         except ConfigError as e:
@@ -237,7 +238,7 @@ class RowSpec:
 def row_specs(names: List[str]) -> List[RowSpec]:
     """RowSpecs for row names (see ALL_ROWS); attention backends that cannot run here are marked
     unavailable, with the probe's reason (not installed, no CUDA, or a failed test call)."""
-    from fastdit import attention as attn
+    from fastdit.models import attention as attn
     status = attn.backend_status()
     specs = []
     for name in names:
@@ -267,7 +268,7 @@ def architecture(args) -> Dict[str, Any]:
     """Constructor kwargs of the benchmarked architecture (shared by the reference and the fast model)."""
     if args.smoke:
         return dict(SMOKE_ARCH)
-    from fastdit.models.reference import model_config
+    from fastdit.models.registry import model_config
     return dict(model_config(args.model), input_size=args.image_size // VAE_DOWNSAMPLE,
                 in_channels=LATENT_CHANNELS)
 
@@ -282,20 +283,11 @@ def flops_per_image(args) -> float:
 
 def build_model(spec: RowSpec, args, device: torch.device, kernels: str) -> torch.nn.Module:
     """A freshly initialised model of the row's kind (seeded), on `device`, in the run's param dtype."""
-    from fastdit.models import DiT as FastDiT
-    from fastdit.models import DiT_models as FastDiT_models
-    from fastdit.models.reference import DiT as RefDiT
-    from fastdit.models.reference import DiT_models as RefDiT_models
+    from fastdit.models.build import build_dit
     torch.manual_seed(args.seed)
-    extra = dict(kernels=kernels, attention=spec.attention, nvtx=args.nvtx) if spec.impl == "fast" else {}
+    options = dict(kernels=kernels, attention=spec.attention, nvtx=args.nvtx)  # the reference drops them
     with torch.device(device):
-        if args.smoke:
-            cls = FastDiT if spec.impl == "fast" else RefDiT
-            model = cls(**SMOKE_ARCH, num_classes=NUM_CLASSES, **extra)
-        else:
-            registry = FastDiT_models if spec.impl == "fast" else RefDiT_models
-            model = registry[args.model](input_size=args.image_size // VAE_DOWNSAMPLE,
-                                         in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES, **extra)
+        model = build_dit(spec.impl, **architecture(args), num_classes=NUM_CLASSES, **options)
         if spec.impl == "reference" and spec.attention is not None:
             # The official DiT code with timm >= 0.9, whose Attention calls
             # F.scaled_dot_product_attention: same qkv/proj parameters, attention through a backend.
@@ -338,13 +330,6 @@ class MasterWeightAdamW:
             p.grad = None
 
 
-def nvtx_range(name: str, enabled: bool):
-    """An nvtx range on CUDA when enabled, else a no-op context."""
-    if enabled and torch.cuda.is_available():
-        return torch.cuda.nvtx.range(name)
-    return contextlib.nullcontext()
-
-
 def make_train_step(model: torch.nn.Module, runner: Callable, args, device: torch.device, diffusion):
     """A closure running one full training step on (x, y); returns the loss (a detached tensor)."""
     fused_adam = device.type == "cuda"
@@ -379,8 +364,8 @@ def deepspeed_row_config(args):
     """The deepspeed row's training config: --config with the model set to --model at --image-size
     (registry architecture, as the other rows; smoke: SMOKE_ARCH), synthetic latents, seed --seed, and
     its DeepSpeed section set to one rank: micro-batch = global batch = --batch, no accumulation,
-    precision from --precision. Raises fastdit.config.ConfigError for a bad config."""
-    from fastdit.config import load_config
+    precision from --precision. Raises fastdit.training.config.ConfigError for a bad config."""
+    from fastdit.training.config import load_config
     arch = architecture(args)
     sets = ["data.kind=synthetic", f"data.image_size={arch['input_size'] * VAE_DOWNSAMPLE}",
             f"model.num_classes={NUM_CLASSES}", "model.learn_sigma=true", "model.class_dropout_prob=0.1",
@@ -400,24 +385,24 @@ def deepspeed_row_config(args):
 
 
 def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any]):
-    """The deepspeed row: fastdit.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
+    """The deepspeed row: fastdit.training.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
     Trainer cycling the harness's batches. Records what it runs in `row`; returns (step, setup), where
     step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise RuntimeError(f"the deepspeed row runs on one rank; WORLD_SIZE={os.environ['WORLD_SIZE']}")
-    from fastdit.attention import resolve_backend
-    from fastdit.trainer import Trainer, build_engine, device_for_rank, init_distributed, no_phase, nvtx_range
+    from fastdit.models.attention import resolve_backend
+    from fastdit.training.trainer import Trainer, build_engine, device_for_rank, init_distributed, no_phase
     init_distributed()
     ds_device = device_for_rank()
     if ds_device.type != device.type:
         raise RuntimeError(f"DeepSpeed's accelerator is {ds_device.type!r} but this run is on {device.type!r}")
     cfg = deepspeed_row_config(args)
-    cfg.model["kernels"] = kernels
+    cfg.model.kernels = kernels
     attention = cfg.model.attention
     if attention == "auto":  # resolved once, as for the fused row
-        cfg.model["attention"] = resolve_backend(
+        cfg.model.attention = resolve_backend(
             "auto", device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     arch = architecture(args)
     setup = build_engine(cfg, arch["in_channels"], arch["input_size"], NUM_CLASSES, ds_device)
@@ -490,7 +475,7 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
     row: Dict[str, Any] = dict(
         name=spec.name, status=None, error=None, impl=spec.impl,
         model_class=("fastdit.models.reference.DiT" if spec.impl == "reference" else "fastdit.models.DiT"),
-        step=("fastdit.trainer.Trainer.train_step (DeepSpeed engine + EMA)" if spec.impl == "deepspeed"
+        step=("fastdit.training.trainer.Trainer.train_step (DeepSpeed engine + EMA)" if spec.impl == "deepspeed"
               else "harness: training_losses, backward, AdamW"),
         kernels=ctx["kernels"] if spec.impl != "reference" else None,
         attention=(spec.attention or "math (reference Attention)"),
@@ -515,7 +500,7 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
         if spec.impl == "fast" and spec.attention == "auto":
             # Resolved here and passed explicitly: the same backend attention="auto" picks for this
             # device and dtype, decided once instead of on every call inside the (compiled) forward.
-            from fastdit.attention import resolve_backend
+            from fastdit.models.attention import resolve_backend
             dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16  # autocast: bf16 qkv
             spec = dataclasses.replace(spec, attention=resolve_backend("auto", device, dtype))
             row["attention"] = f"{spec.attention} (auto)"
@@ -684,7 +669,7 @@ def _run(args, device: torch.device) -> Dict[str, Any]:
         peak, peak_src = args.peak_tflops * 1e12, "--peak-tflops"
     else:
         peak = peak_flops(env["gpu"])
-        peak_src = ("dense bf16 datasheet table, benchmarks/common.py" if peak
+        peak_src = ("dense bf16 datasheet table, fastdit.flops.PEAK_FLOPS" if peak
                     else f"unknown GPU {env['gpu']!r}: pass --peak-tflops")
     config = dict(
         model=("custom smoke DiT" if args.smoke else args.model), architecture=arch,

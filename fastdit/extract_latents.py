@@ -22,16 +22,16 @@ import json
 import os
 import sys
 import time
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from tqdm import tqdm
 
-from fastdit.checkpoint import write_json_atomic
-from fastdit.data import (LABELS_FILE, LATENTS_FILE, META_FILE, STATUS_CORRUPT, STATUS_DONE,
+from fastdit import atomic, dist
+from fastdit.training.data import (LABELS_FILE, LATENTS_FILE, META_FILE, STATUS_CORRUPT, STATUS_DONE,
                           STATUS_FILE, STATUS_PENDING, image_to_tensor, list_image_folder, load_image)
-from fastdit.vae import LATENT_SCALE, VAENotFoundError, encode_distribution, load_vae, resolve_vae
+from fastdit.generate.vae import LATENT_SCALE, VAENotFoundError, encode_distribution, load_vae, resolve_vae
 
 FILES_LIST = "files.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -54,11 +54,6 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def _say(msg: str, rank: int) -> None:
-    if rank == 0:
-        print(msg, flush=True)
 
 
 class _PendingImages(torch.utils.data.Dataset):
@@ -89,23 +84,6 @@ def _listing_digest(paths: List[str], labels: List[int]) -> str:
     return h.hexdigest()
 
 
-def _init_dist():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _posterior_noise(rows: List[int], flip: int, shape, seed: int) -> torch.Tensor:
     """(len(rows), C, h, w) standard normal noise, a function of (seed, row, flip) only."""
     out = torch.empty((len(rows),) + tuple(shape))
@@ -115,40 +93,42 @@ def _posterior_noise(rows: List[int], flip: int, shape, seed: int) -> torch.Tens
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank_env = int(os.environ.get("RANK", "0"))
-    # Fail on bad input before any heavy work.
+def _error(msg: str) -> int:
+    """Print a one-line error (rank 0) and return the exit code 2."""
+    if dist.env_rank() == 0:
+        print(f"fastdit.extract_latents: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _all_ok(ok: bool) -> bool:
+    """True when every rank is ok (a MIN all-reduce; just `ok` without a process group)."""
+    flag = torch.tensor([1 if ok else 0])
+    if dist.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(int(flag))
+
+
+def _check_inputs(args) -> Optional[int]:
+    """Fail on bad input before any heavy work: the exit code, or None when all is well."""
     try:
         resolve_vae(args.vae)
     except VAENotFoundError as e:
-        if rank_env == 0:
-            print(f"fastdit.extract_latents: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     if not os.path.isdir(args.data_path):
-        if rank_env == 0:
-            print(f"fastdit.extract_latents: error: --data-path {args.data_path!r} does not exist "
-                  f"(pass an ImageFolder root laid out as <root>/<class>/<image>)", file=sys.stderr)
-        return 2
+        return _error(f"--data-path {args.data_path!r} does not exist (pass an ImageFolder root laid out "
+                      f"as <root>/<class>/<image>)")
     if args.image_size <= 0 or args.batch_size <= 0:
-        print("fastdit.extract_latents: error: --image-size and --batch-size must be positive", file=sys.stderr)
-        return 2
+        return _error("--image-size and --batch-size must be positive")
+    return None
 
-    rank, world = _init_dist()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu" and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    os.makedirs(args.out, exist_ok=True)
 
-    # ---- the file list (rank 0), shared through files.json ---------------------------------
+def _share_listing(args, rank: int) -> Optional[dict]:
+    """The image list, made by rank 0 and shared through files.json (None on every rank on an error)."""
     list_path = os.path.join(args.out, FILES_LIST)
+    ok = True
     if rank == 0:
         try:
             paths, labels, classes = list_image_folder(args.data_path)
-        except FileNotFoundError as e:
-            print(f"fastdit.extract_latents: error: {e}", file=sys.stderr)
-            paths = None
-        if paths is not None:
             listing = {"root": os.path.abspath(args.data_path), "paths": paths, "labels": labels,
                        "classes": classes, "digest": _listing_digest(paths, labels)}
             old = None
@@ -156,39 +136,26 @@ def main(argv=None) -> int:
                 with open(list_path) as f:
                     old = json.load(f)
             if old is not None and old.get("digest") != listing["digest"]:
-                print(f"fastdit.extract_latents: error: {args.out} holds latents of another file list "
-                      f"(the image folder changed); use a new --out", file=sys.stderr)
-                paths = None
+                ok = False
+                _error(f"{args.out} holds latents of another file list (the image folder changed); "
+                       f"use a new --out")
             else:
-                write_json_atomic(list_path, listing)
-    ok = torch.tensor([0 if (rank == 0 and paths is None) else 1])
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not int(ok):
-        return 2
+                atomic.write_json(list_path, listing)
+        except FileNotFoundError as e:
+            ok = False
+            _error(str(e))
+    if not _all_ok(ok):
+        return None
     with open(list_path) as f:
-        listing = json.load(f)
-    paths, labels, classes = listing["paths"], listing["labels"], listing["classes"]
-    n = len(paths)
+        return json.load(f)
 
-    vae = load_vae(args.vae, device)
-    channels = int(vae.config.latent_channels)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.image_size % factor:
-        if rank == 0:
-            print(f"fastdit.extract_latents: error: --image-size {args.image_size} is not a multiple of "
-                  f"the VAE's downsampling factor {factor}", file=sys.stderr)
-        return 2
-    lat = args.image_size // factor
-    shape = (n, 2, channels, lat, lat)
-    settings = {"vae": args.vae, "latent_scale": args.latent_scale, "image_size": args.image_size,
-                "latent_shape": [channels, lat, lat], "dtype": args.dtype, "posterior": args.posterior,
-                "seed": args.seed, "count": n, "listing_digest": listing["digest"]}
 
-    # ---- create or reopen the arrays (rank 0), then every rank maps them --------------------
-    meta_path = os.path.join(args.out, META_FILE)
-    lat_path = os.path.join(args.out, LATENTS_FILE)
-    st_path = os.path.join(args.out, STATUS_FILE)
+def _open_arrays(args, settings: dict, listing: dict, rank: int):
+    """Create (rank 0, on a first run) or reopen latents.npy / labels.npy / status.npy and meta.json;
+    every rank then maps them. Returns (latents, status) memmaps, or None when the folder holds a run
+    with other settings."""
+    meta_path, lat_path, st_path = (os.path.join(args.out, f) for f in (META_FILE, LATENTS_FILE, STATUS_FILE))
+    n = settings["count"]
     err = None
     if rank == 0:
         old = None
@@ -200,85 +167,120 @@ def main(argv=None) -> int:
             err = (f"{args.out} was started with other settings ({', '.join(diff)}); rerun with the same "
                    f"arguments to resume, or use a new --out")
         elif old is None or not (os.path.isfile(lat_path) and os.path.isfile(st_path)):
+            shape = (n, 2, *settings["latent_shape"])
             np.lib.format.open_memmap(lat_path, mode="w+", dtype=DTYPES[args.dtype], shape=shape).flush()
-            np.save(os.path.join(args.out, LABELS_FILE), np.asarray(labels, dtype=np.int64))
+            np.save(os.path.join(args.out, LABELS_FILE), np.asarray(listing["labels"], dtype=np.int64))
             np.lib.format.open_memmap(st_path, mode="w+", dtype=np.uint8, shape=(n,)).flush()
-            write_json_atomic(meta_path, dict(settings, complete=False, done=0, corrupt=0,
-                                              num_classes=len(classes), classes=classes,
-                                              data_path=os.path.abspath(args.data_path)))
+            atomic.write_json(meta_path, _meta(args, settings, listing, complete=False, done=0, corrupt=0))
         if err:
-            print(f"fastdit.extract_latents: error: {err}", file=sys.stderr)
-    ok = torch.tensor([0 if err else 1])
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not int(ok):
-        return 2
-    latents = np.load(lat_path, mmap_mode="r+")
-    status = np.load(st_path, mmap_mode="r+")
+            _error(err)
+    if not _all_ok(err is None):
+        return None
+    return np.load(lat_path, mmap_mode="r+"), np.load(st_path, mmap_mode="r+")
 
+
+def _meta(args, settings: dict, listing: dict, **counts) -> dict:
+    return dict(settings, **counts, num_classes=len(listing["classes"]), classes=listing["classes"],
+                data_path=os.path.abspath(args.data_path))
+
+
+def _encode_batch(args, vae, device, batch, latents, status, paths, rank: int) -> int:
+    """Encode the good images of one loader batch (both flips), write their rows, mark the batch's
+    rows done or corrupt (after the latents are flushed). Returns the number of corrupt images."""
+    good = [(row, x) for row, x, _ in batch if x is not None]
+    corrupt = 0
+    for row, x, msg in batch:
+        if x is None:
+            corrupt += 1
+            tqdm.write(f"[rank {rank}] corrupt image skipped: {paths[row]} ({msg})", file=sys.stderr)
+    if good:
+        rows = [r for r, _ in good]
+        x = torch.stack([x for _, x in good]).to(device)  # (B, 3, S, S)
+        mean, std = encode_distribution(vae, torch.cat([x, x.flip(-1)], 0))  # (2B, C, h, w)
+        b = len(rows)
+        if args.posterior == "sample":
+            noise = torch.cat([_posterior_noise(rows, 0, mean.shape[1:], args.seed),
+                               _posterior_noise(rows, 1, mean.shape[1:], args.seed)]).to(mean)
+            z = (mean + std * noise) * args.latent_scale
+        else:
+            z = mean * args.latent_scale
+        z = z.cpu().numpy().astype(DTYPES[args.dtype])
+        order = np.argsort(rows)  # memmap fancy assignment wants increasing rows
+        rows_sorted = np.asarray(rows)[order]
+        latents[rows_sorted, 0] = z[:b][order]
+        latents[rows_sorted, 1] = z[b:][order]
+    latents.flush()  # latents are on disk before their rows are marked done
+    for row, x, _ in batch:
+        status[row] = STATUS_DONE if x is not None else STATUS_CORRUPT
+    status.flush()
+    return corrupt
+
+
+def _report(args, settings: dict, listing: dict, processed: int, elapsed: float) -> None:
+    """Rank 0: the final counts into meta.json (complete when nothing is pending) and on stdout."""
+    status_now = np.load(os.path.join(args.out, STATUS_FILE), mmap_mode="r")
+    done = int((status_now == STATUS_DONE).sum())
+    corrupt = int((status_now == STATUS_CORRUPT).sum())
+    pending = int((status_now == STATUS_PENDING).sum())
+    corrupt_files = [listing["paths"][i] for i in np.nonzero(status_now == STATUS_CORRUPT)[0][:1000]]
+    atomic.write_json(os.path.join(args.out, META_FILE),
+                      _meta(args, settings, listing, complete=pending == 0, done=done, corrupt=corrupt,
+                            corrupt_files=corrupt_files))
+    print(f"latents of {done} images written to {args.out} ({corrupt} corrupt image(s) skipped, "
+          f"{processed} processed in this run in {elapsed:.1f}s)", flush=True)
+    if pending:
+        print(f"{pending} images still pending: rerun the same command to finish", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    code = _check_inputs(args)
+    if code is not None:
+        return code
+    rank, world, device = dist.init_process_group()
+    if device.type == "cpu" and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    os.makedirs(args.out, exist_ok=True)
+    listing = _share_listing(args, rank)
+    if listing is None:
+        return 2
+    paths, n = listing["paths"], len(listing["paths"])
+    vae = load_vae(args.vae, device)
+    channels = int(vae.config.latent_channels)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.image_size % factor:
+        return _error(f"--image-size {args.image_size} is not a multiple of the VAE's downsampling factor "
+                      f"{factor}")
+    lat = args.image_size // factor
+    settings = {"vae": args.vae, "latent_scale": args.latent_scale, "image_size": args.image_size,
+                "latent_shape": [channels, lat, lat], "dtype": args.dtype, "posterior": args.posterior,
+                "seed": args.seed, "count": n, "listing_digest": listing["digest"]}
+    arrays = _open_arrays(args, settings, listing, rank)
+    if arrays is None:
+        return 2
+    latents, status = arrays
     mine = [i for i in range(rank, n, world) if status[i] == STATUS_PENDING]
     total_mine = len(range(rank, n, world))
-    _say(f"extracting {n} images with {world} rank(s): {total_mine - len(mine)} of rank 0's "
-         f"{total_mine} already done; latents {channels}x{lat}x{lat} ({args.dtype}) -> {args.out}", rank)
+    dist.say(f"extracting {n} images with {world} rank(s): {total_mine - len(mine)} of rank 0's "
+             f"{total_mine} already done; latents {channels}x{lat}x{lat} ({args.dtype}) -> {args.out}")
     loader = torch.utils.data.DataLoader(_PendingImages(paths, mine, args.image_size),
                                          batch_size=args.batch_size, num_workers=args.num_workers,
                                          collate_fn=_collate, shuffle=False)
-    from tqdm import tqdm
-
     bar = tqdm(total=total_mine, initial=total_mine - len(mine), disable=rank != 0 or args.no_progress,
                desc=f"rank 0/{world}", unit="img", file=sys.stdout, dynamic_ncols=True)
-    corrupt_here = 0
     t0 = time.time()
     for batch in loader:
-        good = [(row, x) for row, x, _ in batch if x is not None]
-        for row, x, msg in batch:
-            if x is None:
-                corrupt_here += 1
-                tqdm.write(f"[rank {rank}] corrupt image skipped: {paths[row]} ({msg})", file=sys.stderr)
-        if good:
-            rows = [r for r, _ in good]
-            x = torch.stack([x for _, x in good]).to(device)  # (B, 3, S, S)
-            mean, std = encode_distribution(vae, torch.cat([x, x.flip(-1)], 0))  # (2B, C, h, w)
-            b = len(rows)
-            if args.posterior == "sample":
-                noise = torch.cat([_posterior_noise(rows, 0, mean.shape[1:], args.seed),
-                                   _posterior_noise(rows, 1, mean.shape[1:], args.seed)]).to(mean)
-                z = (mean + std * noise) * args.latent_scale
-            else:
-                z = mean * args.latent_scale
-            z = z.cpu().numpy().astype(DTYPES[args.dtype])
-            order = np.argsort(rows)  # memmap fancy assignment wants increasing rows
-            rows_sorted = np.asarray(rows)[order]
-            latents[rows_sorted, 0] = z[:b][order]
-            latents[rows_sorted, 1] = z[b:][order]
-        latents.flush()  # latents are on disk before their rows are marked done
-        for row, x, _ in batch:
-            status[row] = STATUS_DONE if x is not None else STATUS_CORRUPT
-        status.flush()
+        _encode_batch(args, vae, device, batch, latents, status, paths, rank)
         bar.update(len(batch))
     bar.close()
-    elapsed = time.time() - t0
-
-    counts = torch.tensor([corrupt_here, len(mine)], dtype=torch.int64)
+    processed = torch.tensor([len(mine)], dtype=torch.int64)
     if dist.is_initialized():
-        dist.all_reduce(counts)
-    _barrier()
+        torch.distributed.all_reduce(processed)
+    dist.barrier()
     if rank == 0:
-        status_now = np.load(st_path, mmap_mode="r")
-        done = int((status_now == STATUS_DONE).sum())
-        corrupt = int((status_now == STATUS_CORRUPT).sum())
-        pending = int((status_now == STATUS_PENDING).sum())
-        corrupt_files = [paths[i] for i in np.nonzero(status_now == STATUS_CORRUPT)[0][:1000]]
-        write_json_atomic(meta_path, dict(settings, complete=pending == 0, done=done, corrupt=corrupt,
-                                          corrupt_files=corrupt_files, num_classes=len(classes),
-                                          classes=classes, data_path=os.path.abspath(args.data_path)))
-        print(f"latents of {done} images written to {args.out} ({corrupt} corrupt image(s) skipped, "
-              f"{int(counts[1])} processed in this run in {elapsed:.1f}s)", flush=True)
-        if pending:
-            print(f"{pending} images still pending: rerun the same command to finish", flush=True)
-    _barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        _report(args, settings, listing, int(processed), time.time() - t0)
+    dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 

@@ -7,7 +7,8 @@ The DiT paper's "Gflops" are multiply-accumulates (MACs) of one forward pass of 
 Not counted: biases, activations, softmax, modulation, residual adds, embeddings lookups.
 This convention reproduces the paper's figures (XL/2: 118.6 at 256 and 524.6 at 512; p=4 column
 S/B/L/XL = 1.4 / 5.6 / 19.7 / 29.1); tests/test_flops.py checks them. Real FLOPs = 2 x MACs, and a training
-step costs about 3 x forward (forward + backward of activations and weights).
+step costs about 3 x forward (forward + backward of activations and weights). MFU divides by the
+device's dense peak, `peak_flops(gpu_name, precision)` (the one table, PEAK_FLOPS).
 
     python -m fastdit.flops                      # the 12-row table at 256x256
     python -m fastdit.flops --image-size 512 --json
@@ -17,11 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from typing import Optional
 
-from .models.reference import MODEL_SIZES, PATCH_SIZES, model_config
+from fastdit.generate.vae import DOWNSAMPLE as VAE_DOWNSAMPLE
+from fastdit.models.registry import MODEL_SIZES, PATCH_SIZES, model_config
 
-VAE_DOWNSAMPLE = 8
 LATENT_CHANNELS = 4
+
+# Dense (no sparsity) peak FLOP/s per device for MFU, by precision, from NVIDIA's datasheets (which quote
+# "with sparsity" figures; these are half of those). Matched as substrings of torch.cuda.get_device_name(),
+# longest key first: "NVIDIA H100 80GB HBM3" is the SXM part, "H100 PCIe" and "H100 NVL" are not.
+PEAK_FLOPS = {
+    "bf16": {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+             "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12,
+             "A10G": 70e12},
+    "tf32": {"H200 NVL": 417.5e12, "H200": 494.5e12, "H100 NVL": 417.5e12, "H100 PCIe": 378e12,
+             "H100": 494.5e12, "H800": 494.5e12, "GH200": 494.5e12, "A100": 156e12, "A800": 156e12,
+             "L40S": 183e12, "L40": 90.5e12, "A10G": 35e12},
+}
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,16 @@ def training_flops_per_image(model_name: str, image_size: int = 256, **overrides
 def training_flops_per_sample(shape: DiTShape) -> float:
     """Like training_flops_per_image, for an explicit shape (pixel-space or custom models)."""
     return 2.0 * 3.0 * forward_macs(shape)
+
+
+def peak_flops(gpu_name: Optional[str], precision: str = "bf16") -> Optional[float]:
+    """Dense peak FLOP/s of the GPU named `gpu_name` in `precision` ("bf16" or "tf32"; the table
+    above), None for an unknown GPU or none."""
+    table = PEAK_FLOPS[precision]
+    for key in sorted(table, key=len, reverse=True):
+        if gpu_name and key in gpu_name:
+            return table[key]
+    return None
 
 
 def table(image_size: int = 256):

@@ -31,9 +31,9 @@ if __name__ != "fastdit.kernels":
     raise ImportError(f"this is fastdit.kernels; import it as fastdit.kernels, not {__name__!r}")
 
 from ._common import KERNEL_MAX_D, POISON_ENV, SUPPORTED_DTYPES, kernels_supported
-from .gated_residual import (gated_residual, gated_residual_modulate_layernorm,
-                             gated_residual_modulate_layernorm_ref, gated_residual_ref)
-from .modulate_layernorm import modulate_layernorm, modulate_layernorm_ref
+from .gated_residual import gated_residual, gated_residual_ref
+from .modulate_layernorm import (gated_residual_modulate_layernorm, gated_residual_modulate_layernorm_ref,
+                                 modulate_layernorm, modulate_layernorm_ref)
 from .patch_embed import patch_embed, patch_embed_ref
 
 __all__ = [

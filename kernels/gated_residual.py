@@ -1,21 +1,17 @@
-"""Gated residual: out = x + gate * y, and its fusion with the next adaLN modulate + LayerNorm.
+"""Gated residual: out = x + gate * y.
 
 x, y are (N, T, D); gate is (N, D), one vector per sample broadcast over the T tokens (DiT's
-adaLN-Zero gates gate_msa / gate_mlp). Two public ops:
+adaLN-Zero gates gate_msa / gate_mlp). Public op: `gated_residual(x, y, gate) -> x + gate[:, None] * y`;
+backward dx, dy, dgate. (Its fusion with the next modulate + LayerNorm, the op the fast DiT runs, is
+`gated_residual_modulate_layernorm` in modulate_layernorm.py: it shares that file's kernels.)
 
-* `gated_residual(x, y, gate) -> x + gate[:, None] * y`; backward dx, dy, dgate.
-* `gated_residual_modulate_layernorm(x, y, gate, shift, scale, eps) -> (x', h)` with
-  x' = x + gate * y and h = LayerNorm(x') * (1 + scale) + shift computed in one pass (the step
-  between a block's attention and MLP halves, and before the final layer); backward takes the
-  gradients of both outputs. Its kernels are those of modulate_layernorm.py with HAS_RESIDUAL set.
-
-Layers: `@triton.jit` kernels, launchers on plain tensors, torch.library ops
-"fastdit::gated_residual_fwd/_bwd" and "fastdit::gated_residual_modulate_layernorm_fwd/_bwd" with
-fake functions and autograd, and the plain PyTorch `*_ref` definitions the tests check against.
+Layers: `@triton.jit` kernels, launchers on plain tensors, the torch.library ops
+"fastdit::gated_residual_fwd/_bwd" with fake functions and autograd, and the plain PyTorch
+`gated_residual_ref` the tests check against.
 
 Numerics: loads upcast to fp32; dgate is an fp32 partial sum per tile of tokens, reduced once.
-Dtypes: each input may be float32, bfloat16 or float16; outputs take PyTorch's promoted dtype
-(x' of (x, y, gate); h of (x', shift, scale)); each gradient has its input's dtype.
+Dtypes: each input may be float32, bfloat16 or float16; the output takes PyTorch's promoted dtype
+of (x, y, gate); each gradient has its input's dtype.
 Any strides are taken. Raises TypeError/ValueError for the inputs listed in kernels/_common.py.
 """
 # No `from __future__ import annotations` here: the interpreter of triton < 3.2 finds tl.constexpr
@@ -28,8 +24,6 @@ import triton
 import triton.language as tl
 
 from ._common import alloc, alloc_out, check_rows, finish, promote, row_tile, token_tiles
-from .modulate_layernorm import (check_residual_modulate_layernorm, modulate_layernorm_ref,
-                                 residual_modulate_layernorm_bwd, residual_modulate_layernorm_fwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,44 +142,44 @@ def gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops + autograd: gated residual
+# torch.library ops + autograd
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastdit::gated_residual_fwd", mutates_args=())
-def _gr_fwd_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def _gated_residual_fwd_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return gated_residual_fwd(x, y, gate)
 
 
-@_gr_fwd_op.register_fake
+@_gated_residual_fwd_op.register_fake
 def _(x, y, gate):
     check_gated_residual(x, y, gate)
     return x.new_empty(x.shape, dtype=promote(x.dtype, y.dtype, gate.dtype))
 
 
 @torch.library.custom_op("fastdit::gated_residual_bwd", mutates_args=())
-def _gr_bwd_op(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
+def _gated_residual_bwd_op(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     return gated_residual_bwd(dout, y, gate)
 
 
-@_gr_bwd_op.register_fake
+@_gated_residual_bwd_op.register_fake
 def _(dout, y, gate):
     return (torch.empty_like(y, memory_format=torch.contiguous_format),
             gate.new_empty(gate.shape, dtype=gate.dtype))
 
 
-def _gr_setup_context(ctx, inputs, output):
+def _gated_residual_setup(ctx, inputs, output):
     x, y, gate = inputs
     ctx.save_for_backward(y, gate)
     ctx.x_dtype = x.dtype
 
 
-def _gr_backward(ctx, dout):
+def _gated_residual_backward(ctx, dout):
     y, gate = ctx.saved_tensors
-    dy, dgate = _gr_bwd_op(dout, y, gate)
+    dy, dgate = _gated_residual_bwd_op(dout, y, gate)
     return dout.to(ctx.x_dtype), dy, dgate
 
 
-_gr_fwd_op.register_autograd(_gr_backward, setup_context=_gr_setup_context)
+_gated_residual_fwd_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -195,89 +189,9 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     take (see kernels/_common.py).
     """
     check_gated_residual(x, y, gate)
-    return _gr_fwd_op(x, y, gate)
+    return _gated_residual_fwd_op(x, y, gate)
 
 
 def gated_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch: x + gate[:, None] * y."""
     return x + gate.unsqueeze(1) * y
-
-
-# ----------------------------------------------------------------------------------------------
-# torch.library ops + autograd: gated residual + modulate + LayerNorm
-# ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastdit::gated_residual_modulate_layernorm_fwd", mutates_args=())
-def _grml_fwd_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
-                 scale: torch.Tensor, eps: float
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return residual_modulate_layernorm_fwd(x, y, gate, shift, scale, eps)
-
-
-@_grml_fwd_op.register_fake
-def _(x, y, gate, shift, scale, eps):
-    check_residual_modulate_layernorm(x, y, gate, shift, scale)
-    n, t, _ = x.shape
-    res_dtype = promote(x.dtype, y.dtype, gate.dtype)
-    return (x.new_empty(x.shape, dtype=res_dtype),
-            x.new_empty(x.shape, dtype=promote(res_dtype, shift.dtype, scale.dtype)),
-            x.new_empty((n, t), dtype=torch.float32), x.new_empty((n, t), dtype=torch.float32))
-
-
-@torch.library.custom_op("fastdit::gated_residual_modulate_layernorm_bwd", mutates_args=())
-def _grml_bwd_op(dh: torch.Tensor, dxnew: Optional[torch.Tensor], xnew: torch.Tensor,
-                 y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
-                 rstd: torch.Tensor, x_dtype: torch.dtype, shift_dtype: torch.dtype
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
-                                           x_dtype, shift_dtype)
-
-
-@_grml_bwd_op.register_fake
-def _(dh, dxnew, xnew, y, gate, scale, mean, rstd, x_dtype, shift_dtype):
-    n, _, d = xnew.shape
-    return (xnew.new_empty(xnew.shape, dtype=x_dtype),
-            xnew.new_empty(xnew.shape, dtype=y.dtype),
-            xnew.new_empty((n, d), dtype=gate.dtype),
-            xnew.new_empty((n, d), dtype=shift_dtype),
-            xnew.new_empty((n, d), dtype=scale.dtype))
-
-
-def _grml_setup_context(ctx, inputs, output):
-    x, y, gate, shift, scale, eps = inputs
-    xnew, _, mean, rstd = output
-    ctx.save_for_backward(xnew, y, gate, scale, mean, rstd)
-    ctx.x_dtype = x.dtype
-    ctx.shift_dtype = shift.dtype
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _grml_backward(ctx, dxnew, dh, dmean, drstd):
-    xnew, y, gate, scale, mean, rstd = ctx.saved_tensors
-    dx, dy, dgate, dshift, dscale = _grml_bwd_op(dh, dxnew, xnew, y, gate, scale, mean, rstd,
-                                                 ctx.x_dtype, ctx.shift_dtype)
-    return dx, dy, dgate, dshift, dscale, None
-
-
-_grml_fwd_op.register_autograd(_grml_backward, setup_context=_grml_setup_context)
-
-
-def gated_residual_modulate_layernorm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                                      shift: torch.Tensor, scale: torch.Tensor,
-                                      eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x', h) with x' = x + gate[:, None] * y and h = LN(x') * (1 + scale) + shift, in one pass.
-
-    x, y (N, T, D); gate, shift, scale (N, D); any strides. Differentiable in all five tensor
-    inputs; the backward takes the gradients of both x' and h. Raises TypeError/ValueError for
-    inputs the kernels do not take (see kernels/_common.py).
-    """
-    check_residual_modulate_layernorm(x, y, gate, shift, scale)
-    xnew, h, _, _ = _grml_fwd_op(x, y, gate, shift, scale, float(eps))
-    return xnew, h
-
-
-def gated_residual_modulate_layernorm_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                                          shift: torch.Tensor, scale: torch.Tensor,
-                                          eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: x' = x + gate[:, None] * y; h = LN(x') * (1 + scale) + shift."""
-    xnew = gated_residual_ref(x, y, gate)
-    return xnew, modulate_layernorm_ref(xnew, shift, scale, eps)

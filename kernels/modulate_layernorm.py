@@ -1,24 +1,32 @@
-"""adaLN modulate + LayerNorm in one pass: y = LayerNorm(x) * (1 + scale) + shift.
+"""adaLN modulate + LayerNorm in one pass, alone or fused with the gated residual before it.
 
-x is (N, T, D); shift and scale are (N, D), one vector per sample broadcast over the T tokens; the
-LayerNorm has no affine parameters and eps 1e-6, as in DiT's adaLN blocks and final layer.
+Two public ops, one pair of kernels (the HAS_RESIDUAL flag tells them apart):
+
+* `modulate_layernorm(x, shift, scale, eps) -> y = LayerNorm(x) * (1 + scale) + shift`
+  (the first block's input and the final layer);
+* `gated_residual_modulate_layernorm(x, y, gate, shift, scale, eps) -> (x', h)` with
+  x' = x + gate * y and h = LayerNorm(x') * (1 + scale) + shift in one pass (the step between a
+  block's attention and MLP halves, and from one block into the next); its backward takes the
+  gradients of both outputs.
+
+x, y are (N, T, D); shift, scale and gate are (N, D), one vector per sample broadcast over the T
+tokens; the LayerNorm has no affine parameters and eps 1e-6, as in DiT's adaLN blocks.
 
 Three layers, as in every fastdit kernel file:
-1. `@triton.jit` kernels. The forward and backward kernels here also serve the fused
-   "gated residual + modulate + LayerNorm" op of gated_residual.py through the HAS_RESIDUAL flag:
-   x' = x + gate * y is formed and stored in the same pass, then normalised.
-2. Launchers (`modulate_layernorm_fwd`, `modulate_layernorm_bwd`, `residual_modulate_layernorm_fwd`,
-   `residual_modulate_layernorm_bwd`) taking and returning plain tensors, checking their inputs.
-3. torch.library ops "fastdit::modulate_layernorm_fwd/_bwd" with fake (meta) functions and the
-   autograd formula, so torch.compile(fullgraph=True) traces them; `modulate_layernorm` is the
-   public function. `modulate_layernorm_ref` is the plain PyTorch definition the tests check against.
+1. `@triton.jit` kernels `_modln_fwd_kernel` / `_modln_bwd_kernel`.
+2. Launchers `<op>_fwd` / `<op>_bwd` taking and returning plain tensors, checking their inputs.
+3. torch.library ops "fastdit::<op>_fwd/_bwd" (`_<op>_fwd_op` ...) with fake (meta) functions and
+   the autograd formula, so torch.compile(fullgraph=True) traces them; `<op>` is the public
+   function and `<op>_ref` the plain PyTorch definition the tests check against.
 
 Numerics: every load is upcast to fp32, the variance is the centred two-pass one (mean first, then
-the mean of squared deviations, from the same register tile), and the (N, D) gradients dshift and
-dscale are fp32 partial sums per tile of tokens, reduced once over the tiles.
+the mean of squared deviations, from the same register tile), and the (N, D) gradients dshift,
+dscale and dgate are fp32 partial sums per tile of tokens, reduced once over the tiles. The fused
+op normalises the rounded x' it stores (as the unfused LN(x + g*y) does).
 
-Dtypes: x, shift and scale may each be float32, bfloat16 or float16 (mixed is allowed, as under
-autocast); y has PyTorch's promoted dtype of the three, each gradient has its input's dtype.
+Dtypes: each input may be float32, bfloat16 or float16 (mixed is allowed, as under autocast); y has
+PyTorch's promoted dtype of (x, shift, scale), x' that of (x, y, gate) and h that of (x', shift,
+scale); each gradient has its input's dtype.
 Any strides are taken (e.g. shift/scale as chunks of the (N, 6D) adaLN output, or x transposed).
 Raises TypeError/ValueError for the inputs listed in kernels/_common.py.
 """
@@ -31,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (alloc, alloc_out, check_rows, finish, promote, row_tile, token_tiles)
+from ._common import alloc, alloc_out, check_rows, finish, promote, row_tile, token_tiles
+from .gated_residual import gated_residual_ref
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +195,7 @@ def check_modulate_layernorm(x, shift, scale) -> None:
     check_rows("x", x, [("shift", shift, "ND"), ("scale", scale, "ND")])
 
 
-def check_residual_modulate_layernorm(x, y, gate, shift, scale) -> None:
+def check_gated_residual_modulate_layernorm(x, y, gate, shift, scale) -> None:
     """Raise TypeError/ValueError unless the fused residual + modulate + LN kernels take these."""
     check_rows("x", x, [("y", y, "NTD"), ("gate", gate, "ND"), ("shift", shift, "ND"),
                         ("scale", scale, "ND")])
@@ -285,22 +294,22 @@ def modulate_layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tenso
     return dx, dshift.to(shift_dtype), dscale
 
 
-def residual_modulate_layernorm_fwd(x, y, gate, shift, scale, eps: float = 1e-6, *,
-                                    block_t: Optional[int] = None):
+def gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, eps: float = 1e-6, *,
+                                          block_t: Optional[int] = None):
     """Launch the fused forward: (x' = x + gate * y, h = LN(x') * (1 + scale) + shift, mean, rstd).
 
     x' has the promoted dtype of (x, y, gate), h that of (x', shift, scale).
     """
-    check_residual_modulate_layernorm(x, y, gate, shift, scale)
+    check_gated_residual_modulate_layernorm(x, y, gate, shift, scale)
     res_dtype = promote(x.dtype, y.dtype, gate.dtype)
     out_dtype = promote(res_dtype, shift.dtype, scale.dtype)
     return _launch_fwd(x, y, gate, shift, scale, eps, res_dtype, out_dtype, block_t)
 
 
-def residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
-                                    x_dtype: torch.dtype, shift_dtype: torch.dtype, *,
-                                    tokens_per_tile: Optional[int] = None,
-                                    block_t: Optional[int] = None):
+def gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
+                                          x_dtype: torch.dtype, shift_dtype: torch.dtype, *,
+                                          tokens_per_tile: Optional[int] = None,
+                                          block_t: Optional[int] = None):
     """Launch the fused backward: (dx, dy, dgate, dshift, dscale), each in its input's dtype.
 
     dxnew (gradient reaching x' from its other uses) may be None. With dx' the total gradient of x':
@@ -316,15 +325,15 @@ def residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops + autograd
+# torch.library ops + autograd: modulate + LayerNorm
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastdit::modulate_layernorm_fwd", mutates_args=())
-def _modln_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _modulate_layernorm_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return modulate_layernorm_fwd(x, shift, scale, eps)
 
 
-@_modln_fwd_op.register_fake
+@_modulate_layernorm_fwd_op.register_fake
 def _(x, shift, scale, eps):
     check_modulate_layernorm(x, shift, scale)
     n, t, d = x.shape
@@ -333,20 +342,20 @@ def _(x, shift, scale, eps):
 
 
 @torch.library.custom_op("fastdit::modulate_layernorm_bwd", mutates_args=())
-def _modln_bwd_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
-                  rstd: torch.Tensor, shift_dtype: torch.dtype
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _modulate_layernorm_bwd_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                               mean: torch.Tensor, rstd: torch.Tensor, shift_dtype: torch.dtype
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return modulate_layernorm_bwd(dy, x, scale, mean, rstd, shift_dtype)
 
 
-@_modln_bwd_op.register_fake
+@_modulate_layernorm_bwd_op.register_fake
 def _(dy, x, scale, mean, rstd, shift_dtype):
     n, _, d = x.shape
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty((n, d), dtype=shift_dtype), x.new_empty((n, d), dtype=scale.dtype))
 
 
-def _modln_setup_context(ctx, inputs, output):
+def _modulate_layernorm_setup(ctx, inputs, output):
     x, shift, scale, eps = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, scale, mean, rstd)
@@ -354,13 +363,14 @@ def _modln_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _modln_backward(ctx, dy, dmean, drstd):
+def _modulate_layernorm_backward(ctx, dy, dmean, drstd):
     x, scale, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = _modln_bwd_op(dy, x, scale, mean, rstd, ctx.shift_dtype)
+    dx, dshift, dscale = _modulate_layernorm_bwd_op(dy, x, scale, mean, rstd, ctx.shift_dtype)
     return dx, dshift, dscale, None
 
 
-_modln_fwd_op.register_autograd(_modln_backward, setup_context=_modln_setup_context)
+_modulate_layernorm_fwd_op.register_autograd(_modulate_layernorm_backward,
+                                             setup_context=_modulate_layernorm_setup)
 
 
 def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -371,7 +381,7 @@ def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     Raises TypeError/ValueError for inputs the kernel does not take (see kernels/_common.py).
     """
     check_modulate_layernorm(x, shift, scale)
-    y, _, _ = _modln_fwd_op(x, shift, scale, float(eps))
+    y, _, _ = _modulate_layernorm_fwd_op(x, shift, scale, float(eps))
     return y
 
 
@@ -380,3 +390,85 @@ def modulate_layernorm_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     """Plain PyTorch: LayerNorm(x, no affine, eps) * (1 + scale[:, None]) + shift[:, None]."""
     h = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
     return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops + autograd: gated residual + modulate + LayerNorm (HAS_RESIDUAL)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdit::gated_residual_modulate_layernorm_fwd", mutates_args=())
+def _gated_residual_modulate_layernorm_fwd_op(
+        x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+        eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, eps)
+
+
+@_gated_residual_modulate_layernorm_fwd_op.register_fake
+def _(x, y, gate, shift, scale, eps):
+    check_gated_residual_modulate_layernorm(x, y, gate, shift, scale)
+    n, t, _ = x.shape
+    res_dtype = promote(x.dtype, y.dtype, gate.dtype)
+    return (x.new_empty(x.shape, dtype=res_dtype),
+            x.new_empty(x.shape, dtype=promote(res_dtype, shift.dtype, scale.dtype)),
+            x.new_empty((n, t), dtype=torch.float32), x.new_empty((n, t), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastdit::gated_residual_modulate_layernorm_bwd", mutates_args=())
+def _gated_residual_modulate_layernorm_bwd_op(
+        dh: torch.Tensor, dxnew: Optional[torch.Tensor], xnew: torch.Tensor, y: torch.Tensor,
+        gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+        x_dtype: torch.dtype, shift_dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
+                                                 x_dtype, shift_dtype)
+
+
+@_gated_residual_modulate_layernorm_bwd_op.register_fake
+def _(dh, dxnew, xnew, y, gate, scale, mean, rstd, x_dtype, shift_dtype):
+    n, _, d = xnew.shape
+    return (xnew.new_empty(xnew.shape, dtype=x_dtype),
+            xnew.new_empty(xnew.shape, dtype=y.dtype),
+            xnew.new_empty((n, d), dtype=gate.dtype),
+            xnew.new_empty((n, d), dtype=shift_dtype),
+            xnew.new_empty((n, d), dtype=scale.dtype))
+
+
+def _gated_residual_modulate_layernorm_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, eps = inputs
+    xnew, _, mean, rstd = output
+    ctx.save_for_backward(xnew, y, gate, scale, mean, rstd)
+    ctx.x_dtype = x.dtype
+    ctx.shift_dtype = shift.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _gated_residual_modulate_layernorm_backward(ctx, dxnew, dh, dmean, drstd):
+    xnew, y, gate, scale, mean, rstd = ctx.saved_tensors
+    dx, dy, dgate, dshift, dscale = _gated_residual_modulate_layernorm_bwd_op(
+        dh, dxnew, xnew, y, gate, scale, mean, rstd, ctx.x_dtype, ctx.shift_dtype)
+    return dx, dy, dgate, dshift, dscale, None
+
+
+_gated_residual_modulate_layernorm_fwd_op.register_autograd(
+    _gated_residual_modulate_layernorm_backward, setup_context=_gated_residual_modulate_layernorm_setup)
+
+
+def gated_residual_modulate_layernorm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                                      shift: torch.Tensor, scale: torch.Tensor,
+                                      eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x', h) with x' = x + gate[:, None] * y and h = LN(x') * (1 + scale) + shift, in one pass.
+
+    x, y (N, T, D); gate, shift, scale (N, D); any strides. Differentiable in all five tensor
+    inputs; the backward takes the gradients of both x' and h. Raises TypeError/ValueError for
+    inputs the kernels do not take (see kernels/_common.py).
+    """
+    check_gated_residual_modulate_layernorm(x, y, gate, shift, scale)
+    xnew, h, _, _ = _gated_residual_modulate_layernorm_fwd_op(x, y, gate, shift, scale, float(eps))
+    return xnew, h
+
+
+def gated_residual_modulate_layernorm_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                                          shift: torch.Tensor, scale: torch.Tensor,
+                                          eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: x' = x + gate[:, None] * y; h = LN(x') * (1 + scale) + shift."""
+    xnew = gated_residual_ref(x, y, gate)
+    return xnew, modulate_layernorm_ref(xnew, shift, scale, eps)

@@ -6,6 +6,24 @@ import sys
 import torch
 
 
+def assert_flash_rule(got: torch.Tensor, same_dtype: torch.Tensor, ref: torch.Tensor, atol: float,
+                      what: str = "") -> None:
+    """The flash-attention tolerance rule (DESIGN.md, Tests), on max absolute errors:
+
+        max|got - ref| <= 2 * max|same_dtype - ref| + atol
+
+    `got`: the fast path in low precision; `same_dtype`: the reference computed in that same dtype on the
+    same inputs; `ref`: the reference in fp32 (or fp64). Each caller states its atol. Non-finite values
+    fail (an output element a kernel never wrote is NaN under FASTDIT_KERNEL_POISON=1).
+    """
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten element?)"
+    ref = ref.float()
+    err = (got.float() - ref).abs().max().item()
+    base = (same_dtype.float() - ref).abs().max().item()
+    assert err <= 2 * base + atol, (f"{what}: error {err:.3e} > 2 * {base:.3e} (the reference in "
+                                    f"{same_dtype.dtype}) + atol {atol:.1e}")
+
+
 def randomize_weights_(model: torch.nn.Module, std: float, generator=None) -> torch.nn.Module:
     """Fill every parameter but the fixed sin-cos `pos_embed` with N(0, std^2), in place.
 
@@ -16,6 +34,72 @@ def randomize_weights_(model: torch.nn.Module, std: float, generator=None) -> to
             if name != "pos_embed":
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
     return model
+
+
+# A tiny DiT for the weight-format tests (fastdit.weights): random, non-zero weights everywhere.
+TINY_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=6)
+
+
+def random_dit(seed=0, **kw):
+    """Tiny reference DiT (TINY_DIT, updated by kw) with random non-zero weights, in eval mode
+    (adaLN-Zero's zero init would hide bugs)."""
+    from fastdit.models.reference import DiT
+
+    torch.manual_seed(seed)
+    model = DiT(**dict(TINY_DIT, **kw))
+    randomize_weights_(model, 0.1)
+    return model.eval()
+
+
+def dit_inputs(n=3, c=4, size=8, num_classes=6):
+    """Fixed (x, t, y) for a DiT; the labels include the null class."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, size, size, generator=g)
+    t = torch.tensor([0, 417, 999][:n])
+    y = torch.tensor([0, 3, num_classes][:n])
+    return x, t, y
+
+
+def assert_same_function(a, b, atol=1e-5):
+    """Two DiTs give the same outputs on dit_inputs."""
+    x, t, y = dit_inputs(c=a.in_channels, size=a.input_size, num_classes=a.num_classes)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, t, y), b(x, t, y), atol=atol, rtol=1e-5)
+
+
+def random_inception(seed=0, calibrate=False):
+    """Random weights; with `calibrate`, BatchNorm statistics from one random batch so that the
+    features are O(1) instead of vanishing through ~50 random layers."""
+    torch.manual_seed(seed)
+    from fastdit.evaluate.inception import FIDInceptionV3
+
+    model = FIDInceptionV3()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+            m.momentum = 1.0  # running stats = the calibration batch's
+    if calibrate:
+        model.train()
+        with torch.no_grad():
+            model(torch.rand(2, 3, 16, 16))
+    return model.eval()
+
+
+def brute_precision_recall(real, fake, k):
+    """Improved precision/recall by brute force (scipy distances): the reference fastdit.evaluate.fid's
+    batched k-NN version is checked against."""
+    import numpy as np
+    import scipy.spatial.distance
+
+    def radii(x):
+        d = scipy.spatial.distance.cdist(x, x, "sqeuclidean")
+        return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+    rr, rf = radii(real), radii(fake)
+    prec = np.mean((scipy.spatial.distance.cdist(fake, real, "sqeuclidean") <= rr[None]).any(1))
+    rec = np.mean((scipy.spatial.distance.cdist(real, fake, "sqeuclidean") <= rf[None]).any(1))
+    return prec, rec
 
 
 ATTENTION_LIBRARIES = ("flash_attn_interface", "flash_attn", "xformers.ops")
@@ -38,13 +122,13 @@ class _FailingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def fake_attention_probe(monkeypatch, libraries: dict, device="cpu"):
-    """Make fastdit.attention probe afresh, with fakes in place of the optional libraries.
+    """Make fastdit.models.attention probe afresh, with fakes in place of the optional libraries.
 
     libraries: import name -> fake module, or an exception its import raises (a broken install);
     a name not given is "not installed". device: where the probe's test calls run ("cpu" stands in
     for a CUDA device; None: no CUDA). Everything, the real probe cache included, is restored after.
     """
-    from fastdit import attention
+    from fastdit.models import attention
     monkeypatch.setattr(attention, "_MODULES", {})
     monkeypatch.setattr(attention, "_STATUS", {})
     monkeypatch.setattr(attention, "_IMPORT_ERRORS", {})

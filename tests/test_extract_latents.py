@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -11,17 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdit.data import center_crop_arr, image_to_tensor
+from fastdit.dist import free_port
+from fastdit.training.data import center_crop_arr, image_to_tensor
 from fastdit.extract_latents import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +55,7 @@ def _extract(args, world=2, timeout=240):
         env.pop(k, None)
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-               "--master_port", str(_free_port()), "-m", "fastdit.extract_latents"]
+               "--master_port", str(free_port()), "-m", "fastdit.extract_latents"]
     else:
         cmd = [sys.executable, "-m", "fastdit.extract_latents"]
     return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -138,7 +134,7 @@ def test_posterior_samples_resume_bit_for_bit(tmp_path, tiny_vae, image_folder, 
     np.testing.assert_array_equal(np.load(os.path.join(out, "latents.npy")), full)
     assert json.load(open(os.path.join(out, "meta.json")))["done"] == 7
 
-    from fastdit.data import LatentDataset
+    from fastdit.training.data import LatentDataset
 
     ds = LatentDataset(out)
     assert len(ds) == 7 and ds.channels == 4 and ds.latent_size == SIZE // 2

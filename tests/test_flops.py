@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from fastdit.flops import (count_params, forward_gflops, forward_macs, shape_of,
+from fastdit.flops import (forward_gflops, forward_macs, peak_flops, shape_of,
                            training_flops_per_image)
 from fastdit.models.reference import DiT_models
 
@@ -66,3 +66,14 @@ def test_cli_table_and_json():
     bad = subprocess.run([sys.executable, "-m", "fastdit.flops", "--image-size", "100"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "multiple of 8" in bad.stderr
+
+
+@pytest.mark.parametrize("name, precision, peak", [
+    ("NVIDIA H200", "bf16", 989e12), ("NVIDIA H200 NVL", "bf16", 835e12),
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12), ("NVIDIA H100 PCIe", "bf16", 756e12),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312e12), ("NVIDIA GeForce RTX 4090", "bf16", None), (None, "bf16", None),
+    ("", "bf16", None), ("NVIDIA H100 80GB HBM3", "tf32", 494.5e12), ("NVIDIA H100 PCIe", "tf32", 378e12),
+    ("NVIDIA L40S", "tf32", 183e12)])
+def test_peak_flops_lookup(name, precision, peak):
+    """The one table MFU divides by (training and benchmarks): longest name first, PCIe/NVL apart."""
+    assert peak_flops(name, precision) == peak

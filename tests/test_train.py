@@ -1,32 +1,95 @@
-"""fastdit/train.py end to end on 2 CPU ranks through the DeepSpeed launcher (gloo).
+"""fastdit/train.py: its checks before any work, and whole runs on 2 CPU ranks through the DeepSpeed
+launcher (gloo).
 
 A tiny DiT on the 8x8 digits, fp32 so that resumed and uninterrupted runs can be compared bit for bit.
 """
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from fastdit.dist import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "fastdit", "train.py")
 
-pytestmark = pytest.mark.slow
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tiny_config(out_dir, stage, **train):
+def _digits():
     with open(os.path.join(ROOT, "configs", "digits.json")) as f:
-        cfg = json.load(f)
+        return json.load(f)
+
+
+def _write(tmp_path, obj, name="cfg.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Before any work: bad configs and missing inputs are refused with what to pass
+# ----------------------------------------------------------------------------------------------
+def _run_train(args, timeout=120):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("RANK", None)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, TRAIN] + args, capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+    return proc, time.time() - t0
+
+
+def test_train_script_rejects_bad_config_before_any_work(tmp_path):
+    raw = _digits()
+    raw["train"]["output_dir"] = str(tmp_path / "out")
+    raw["model"]["depht"] = 3
+    path = _write(tmp_path, raw)
+    proc, _ = _run_train(["--config", path])
+    assert proc.returncode == 2, proc.stderr
+    assert "model.depht" in proc.stderr and path in proc.stderr and "depth" in proc.stderr
+    assert not os.path.exists(tmp_path / "out")  # nothing was created
+    proc, _ = _run_train(["--config", _write(tmp_path, _digits(), "ok.json"), "--set", "train.seed=x"])
+    assert proc.returncode == 2 and "train.seed" in proc.stderr
+
+
+def test_train_script_missing_inputs_fail_with_what_to_pass(tmp_path):
+    raw = _digits()
+    raw["train"]["output_dir"] = str(tmp_path / "out")
+    raw["data"] = {"kind": "latents", "path": str(tmp_path / "no-latents"), "image_size": 256}
+    proc, _ = _run_train(["--config", _write(tmp_path, raw)])
+    assert proc.returncode == 2
+    assert "extract_latents" in proc.stderr and "data.path" in proc.stderr
+    raw["data"] = {"kind": "imagefolder", "path": str(tmp_path), "image_size": 256,
+                   "vae": str(tmp_path / "no-vae")}
+    (tmp_path / "cls").mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "cls" / "a.png")
+    proc, _ = _run_train(["--config", _write(tmp_path, raw, "img.json")])
+    assert proc.returncode == 2
+    assert "no-vae" in proc.stderr and "data.vae" in proc.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_train_script_refuses_to_overwrite_a_run(tmp_path):
+    raw = _digits()
+    raw["train"]["output_dir"] = str(tmp_path / "out")
+    tag = tmp_path / "out" / "checkpoints" / "step_0000005"
+    tag.mkdir(parents=True)
+    (tag / "meta.json").write_text("{}")
+    (tag / "ema.pt").write_bytes(b"")
+    proc, _ = _run_train(["--config", _write(tmp_path, raw)])
+    assert proc.returncode == 2
+    assert "step_0000005" in proc.stderr and "--resume auto" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole runs on 2 CPU ranks
+# ----------------------------------------------------------------------------------------------
+def tiny_config(out_dir, stage, **train):
+    cfg = _digits()
     cfg["model"].update(depth=2, hidden_size=64, num_heads=2, patch_size=2, impl="auto", kernels="torch")
     cfg["data"].update(image_size=8, num_workers=0)
     cfg["diffusion"].update(sample_steps="ddim5", cfg_scale=1.5)
@@ -50,7 +113,7 @@ def launch(cfg, tmp_path, name, extra_env=None, extra_args=(), timeout=300):
         env.pop(k, None)
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-           "--master_port", str(_free_port()), TRAIN, "--config", str(path), *extra_args]
+           "--master_port", str(free_port()), TRAIN, "--config", str(path), *extra_args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     return proc
 
@@ -89,7 +152,7 @@ def assert_same(a, b, where=""):
 
 
 def raw_weights(out_dir, step):
-    from fastdit.export import export_state_dict
+    from fastdit.weights.export import export_state_dict
 
     sd, meta, _ = export_state_dict(ckpt_dir(out_dir, step), raw=True)
     return sd
@@ -122,6 +185,7 @@ def fast_step(cfg):
     return cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast", [False, True], ids=["deepspeed-checks", "fast-step"])
 def test_zero2_exact_resume_after_sigkill_during_save(tmp_path, fast):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
@@ -144,7 +208,7 @@ def test_zero2_exact_resume_after_sigkill_during_save(tmp_path, fast):
     assert open(os.path.join(ck, "latest")).read().strip() == "step_0000007"
     assert not os.path.exists(ckpt_dir(cut_dir, 8))
     assert os.path.isdir(os.path.join(ck, ".tmp", "step_0000008"))  # the torn save, never published
-    from fastdit.export import export_state_dict
+    from fastdit.weights.export import export_state_dict
     sd, meta, _ = export_state_dict(str(cut_dir))  # the last good checkpoint loads
     assert meta["step"] == 7 and len(sd) > 0
 
@@ -176,6 +240,7 @@ def test_zero2_exact_resume_after_sigkill_during_save(tmp_path, fast):
     assert all(la[s] == lb[s] for s in range(8, 17))
 
 
+@pytest.mark.slow
 def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
     out = tmp_path / "z3"
     cfg = tiny_config(out, stage=3, max_steps=14, ckpt_every=1, keep_last=2, final_sample=True,
@@ -208,15 +273,17 @@ def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
     assert os.path.isfile(os.path.join(out, "profile", "trace.json"))
     assert "phases, ms per step" in proc.stdout
     # the EMA of a ZeRO-3 run exports and loads into the official-layout model strictly
-    from fastdit.checkpoint import build_model_from_meta
-    from fastdit.export import main as export_main
+    from fastdit.models.build import build_dit
+    from fastdit.weights import layout
+    from fastdit.weights.export import main as export_main
     assert export_main([str(out), "--out", str(tmp_path / "ema.pt")]) == 0
-    model = build_model_from_meta(meta)
+    model = build_dit("reference", **layout.model_kwargs(meta))
     model.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
 
 
-# 2: DeepSpeed's ZeRO skip (its per-tensor checks, or fastdit.zero_checks' multi-tensor ones with the fast
+# 2: DeepSpeed's ZeRO skip (its per-tensor checks, or fastdit.training.zero_checks' multi-tensor ones with the fast
 # step); 0: fastdit's own check (torch AdamW)
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,fast", [(2, False), (2, True), (0, False)], ids=["zero2", "zero2-fast-step", "zero0"])
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, stage, fast):
     out = tmp_path / "nan"

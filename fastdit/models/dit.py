@@ -5,7 +5,7 @@ Same registry keys, constructor arguments, methods and state-dict layout as
 `fastdit.models.reference` (each loads the other's state dict strictly). Extra keyword arguments:
 
   kernels       "auto" (default: Triton on CUDA, PyTorch elsewhere) | "triton" | "torch"
-  attention     "auto" | "sdpa" | "flash_attn" | "xformers" | "math"   (see fastdit.attention)
+  attention     "auto" | "sdpa" | "flash_attn" | "xformers" | "math"   (see fastdit.models.attention)
   checkpointing per-block activation checkpointing (recompute each block in backward)
   nvtx          emit nvtx ranges around the block's parts (off by default; free when off)
 
@@ -26,21 +26,19 @@ block code (the paper found adaLN-Zero best, and it is the one official checkpoi
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .. import attention as attn_backends
-from . import reference as ref
-
-KERNEL_CHOICES = ("auto", "triton", "torch")
+from fastdit.dist import nvtx_range
+from fastdit.models import attention as attn_backends
+from fastdit.models import reference as ref
+from fastdit.models.registry import KERNEL_CHOICES, make_registry
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,12 +72,6 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
         return True, ""
     return False, (f"Triton kernels need a CUDA device (got {device.type}); set TRITON_INTERPRET=1 to run "
                    "them through the (slow) interpreter, or use kernels='torch'")
-
-
-def _nvtx_range(name: str, enabled: bool):
-    if not enabled or torch.compiler.is_compiling() or not torch.cuda.is_available():
-        return contextlib.nullcontext()
-    return torch.cuda.nvtx.range(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,13 +111,13 @@ class FastDiTBlock(nn.Module):
 
         Returns (x_out, h_next) with h_next = modulate(LN(x_out), next_shift, next_scale).
         """
-        with _nvtx_range("attention", nvtx):
+        with nvtx_range("attention", nvtx):
             a = self.attn(h)
-        with _nvtx_range("residual+ln", nvtx):
+        with nvtx_range("residual+ln", nvtx):
             x, h = ops["gated_residual_modulate_layernorm"](x, a, gate_msa, shift_mlp, scale_mlp)
-        with _nvtx_range("mlp", nvtx):
+        with nvtx_range("mlp", nvtx):
             m = self.mlp(h)
-        with _nvtx_range("residual+ln", nvtx):
+        with nvtx_range("residual+ln", nvtx):
             x, h = ops["gated_residual_modulate_layernorm"](x, m, gate_mlp, next_shift, next_scale)
         return x, h
 
@@ -179,17 +171,17 @@ class DiT(ref.DiT):
         if self.block_type != "adaln_zero":
             return super().forward(x, t, y)
         ops = self._ops_for(x)
-        with _nvtx_range("patch_embed", self.nvtx):
+        with nvtx_range("patch_embed", self.nvtx):
             pe = self.x_embedder.proj
             x = ops["patch_embed"](x, pe.weight, pe.bias, self.pos_embed, self.patch_size)  # (N, T, D)
-        with _nvtx_range("conditioning", self.nvtx):
+        with nvtx_range("conditioning", self.nvtx):
             c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
             c_act = F.silu(c)
             mods = [F.linear(c_act, b.adaLN_modulation[1].weight, b.adaLN_modulation[1].bias).chunk(6, 1)
                     for b in self.blocks]  # per block: shift_msa, scale_msa, gate_msa, shift_mlp, ...
             fl = self.final_layer.adaLN_modulation[1]
             final_shift, final_scale = F.linear(c_act, fl.weight, fl.bias).chunk(2, 1)
-        with _nvtx_range("modulate_ln", self.nvtx):
+        with nvtx_range("modulate_ln", self.nvtx):
             h = ops["modulate_layernorm"](x, mods[0][0], mods[0][1])
         for i, block in enumerate(self.blocks):
             _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
@@ -198,17 +190,17 @@ class DiT(ref.DiT):
             else:
                 next_shift, next_scale = final_shift, final_scale
             args = (x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale)
-            with _nvtx_range(f"block{i}", self.nvtx):
+            with nvtx_range(f"block{i}", self.nvtx):
                 if self.checkpointing and self.training and torch.is_grad_enabled():
                     x, h = _checkpoint(block, *args, ops, self.nvtx, use_reentrant=False)
                 else:
                     x, h = block(*args, ops, self.nvtx)
-        with _nvtx_range("final_layer", self.nvtx):
+        with nvtx_range("final_layer", self.nvtx):
             out = self.final_layer.linear(h)  # (N, T, p*p*C_out)
         return self.unpatchify(out)
 
 
-DiT_models = ref.make_registry(DiT)
+DiT_models = make_registry(DiT)
 
 
 def constructor_kwargs(model: ref.DiT) -> dict:

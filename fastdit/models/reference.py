@@ -11,12 +11,14 @@ selectable with `block_type`: "in_context", "cross_attention" and "adaln".
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from fastdit.models.registry import make_registry
+from fastdit.state_dict import check_state_dict_keys
 
 BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attention", "in_context")
 
@@ -390,34 +392,6 @@ def cfg_combine(model, x, t, y, cfg_scale: float, in_channels: int, guide_all_ch
     return torch.cat([eps, rest], dim=1)
 
 
-def check_state_dict_keys(model: nn.Module, state_dict: Dict[str, torch.Tensor],
-                          what: str = "state dict", may_be_missing=lambda key: False) -> None:
-    """Raise a KeyError naming every missing/unexpected key and a ValueError on shape mismatches.
-
-    `what` names the weights in the messages; `may_be_missing(key)` exempts keys that may be absent.
-    """
-    own = model.state_dict()
-    missing = sorted(k for k in set(own) - set(state_dict) if not may_be_missing(k))
-    extra = sorted(set(state_dict) - set(own))
-    if missing or extra:
-        msg = [f"{what} does not match the model"]
-        if missing:
-            msg.append(f"missing keys ({len(missing)}): {_short(missing)}")
-        if extra:
-            msg.append(f"unexpected keys ({len(extra)}): {_short(extra)}")
-        raise KeyError("; ".join(msg))
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state_dict.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise ValueError(f"{what} shape mismatch ({len(bad)}): {_short(bad)}")
-
-
-def _short(items: Iterable[str], limit: int = 20) -> str:
-    items = list(items)
-    text = ", ".join(items[:limit])
-    return text + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
 def _check_config(input_size, patch_size, hidden_size, num_heads, block_type):
     if block_type not in BLOCK_TYPES:
         raise ValueError(f"unknown block_type {block_type!r}; choose one of {BLOCK_TYPES}")
@@ -432,41 +406,6 @@ def _check_config(input_size, patch_size, hidden_size, num_heads, block_type):
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry: the paper's 12 configurations (Table 1 sizes x patch 2/4/8)
+# Registry: the paper's 12 configurations (Table 1 sizes x patch 2/4/8; fastdit.models.registry)
 # ----------------------------------------------------------------------------------------------
-MODEL_SIZES = {  # name: (depth, hidden_size, num_heads)
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
-PATCH_SIZES = (2, 4, 8)
-
-
-class _Registry(dict):
-    """dict whose missing-key error lists the valid model names."""
-
-    def __missing__(self, key):
-        raise KeyError(f"unknown DiT model {key!r}; valid names: {', '.join(self)}")
-
-
-def make_registry(model_cls) -> Dict[str, callable]:
-    reg = _Registry()
-    for size, (depth, hidden, heads) in MODEL_SIZES.items():
-        for p in PATCH_SIZES:
-            def ctor(_d=depth, _h=hidden, _n=heads, _p=p, **kwargs):
-                return model_cls(depth=_d, hidden_size=_h, patch_size=_p, num_heads=_n, **kwargs)
-            ctor.__name__ = f"DiT_{size}_{p}"
-            reg[f"DiT-{size}/{p}"] = ctor
-    return reg
-
-
 DiT_models = make_registry(DiT)
-
-
-def model_config(name: str) -> dict:
-    """depth / hidden_size / patch_size / num_heads of a registry name (error lists valid names)."""
-    DiT_models[name]  # raises the listing KeyError for unknown names
-    size, p = name[len("DiT-"):].split("/")
-    depth, hidden, heads = MODEL_SIZES[size]
-    return dict(depth=depth, hidden_size=hidden, patch_size=int(p), num_heads=heads)

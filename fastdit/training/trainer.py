@@ -1,0 +1,379 @@
+"""The DeepSpeed training engine built from a config, and one training step on it.
+
+    init_distributed(); device = device_for_rank()
+    setup = build_engine(cfg, in_channels, input_size, num_classes, device)  # model, DeepSpeed, EMA, diffusion
+    trainer = Trainer(setup, batches)          # batches: an iterator of (x, y) micro-batches
+    result = trainer.train_step()              # data -> loss -> backward -> optimizer -> EMA
+
+fastdit/train.py trains with this step, benchmarks/throughput.py (row `deepspeed`) times it and
+benchmarks/step_profile.py profiles it: the step that is measured is the step that trains.
+
+One optimizer step is `ga` (gradient accumulation) micro-batches of: data (next batch, to the device,
+VAE-encoded when `encode` is given), forward (t ~ U{0..T-1}, `training_losses(...)["loss"].mean()`),
+backward (`engine.backward`), optimizer (`engine.step`: DeepSpeed applies the update after the last
+micro-batch); then, when the update was applied, the EMA. A non-finite loss or gradient makes
+DeepSpeed skip the update (no weight, optimizer, lr or EMA change); the step is counted in
+`nonfinite_total` and `nonfinite_in_a_row`. A plain torch optimizer (ZeRO-0 in fp32) has no such
+check, so build_engine gives it one (`own_grad_check`: one host sync per optimizer step).
+
+Each phase runs inside `phase(name)`, a context factory: nvtx ranges by default; a profiler passes a
+timer that synchronises the device at the boundaries (fastdit.training.step_profile.PhaseTimer).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
+
+import torch
+
+from fastdit.dist import free_port, nvtx_range, say
+from fastdit.generate.vae import DOWNSAMPLE, LATENT_CHANNELS
+from fastdit.models.build import build_dit, resolve_impl
+from fastdit.training.config import Config, ConfigError, is_registry_architecture, resolved_architecture
+
+PHASES = ("data", "forward", "backward", "optimizer", "ema")
+
+def no_phase(name: str) -> ContextManager:
+    """Phase hook that marks nothing."""
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup
+# ----------------------------------------------------------------------------------------------
+def init_distributed(shm_comm: bool = False) -> None:
+    """torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU ranks.
+
+    Without a launcher (no RANK/WORLD_SIZE in the environment) this is one rank on a free local port.
+    A no-op when the process group already exists. On CPU, DeepSpeed's JIT build of a shared-memory
+    all-reduce op (minutes on a fresh machine) is skipped unless `shm_comm`.
+    """
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    backend = None
+    if get_accelerator().device_name() == "cpu":
+        backend = "gloo"
+        if not shm_comm:
+            import importlib
+            ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # not deepspeed.comm's `torch`
+            if hasattr(ds_torch_comm, "build_shm_op"):
+                ds_torch_comm.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def device_for_rank() -> torch.device:
+    """This rank's device: DeepSpeed's accelerator at LOCAL_RANK (selected), or the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    acc.set_device(local)
+    return torch.device(acc.device_name(local))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model of a config
+# ----------------------------------------------------------------------------------------------
+def fast_options(cfg: Config, impl: str) -> Dict[str, Any]:
+    """The fast model's constructor options from model.kernels / attention / checkpointing ({} for the
+    reference, which says that it ignores model.checkpointing)."""
+    if impl == "fast":
+        return dict(kernels=cfg.model.kernels, attention=cfg.model.attention,
+                    checkpointing=cfg.model.checkpointing)
+    if cfg.model.checkpointing:
+        say("model.checkpointing is a fast-model option; the reference DiT ignores it")
+    return {}
+
+
+def model_kwargs_for(cfg: Config, input_size: int, in_channels: int, num_classes: int):
+    """(meta 'model', meta 'model_kwargs', all constructor kwargs) for this config.
+
+    A registry architecture gives its name and the extra kwargs (`DiT_models[name](**model_kwargs)`);
+    a custom one (depth/width/heads/patch overridden) gives None and every constructor kwarg.
+    """
+    common = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                  learn_sigma=cfg.model.learn_sigma, class_dropout_prob=cfg.model.class_dropout_prob,
+                  mlp_ratio=cfg.model.mlp_ratio, block_type=cfg.model.block_type)
+    arch = resolved_architecture(cfg)
+    full = dict(common, **arch)
+    if is_registry_architecture(cfg):
+        return cfg.model.name, common, full
+    return None, full, full  # a custom architecture: meta "model" is null, model_kwargs complete
+
+
+def data_geometry(cfg: Config, dataset, vae=None) -> Tuple[int, int, int]:
+    """(in_channels, input_size, num_classes) of the model that trains on `dataset`.
+
+    Digits train in pixel space, latents at the extracted size, images (and synthetic latents) at
+    image_size / (the VAE's downsampling, 8 without a VAE). ConfigError when model.num_classes is
+    smaller than the data's class count.
+    """
+    kind = cfg.data.kind
+    if kind == "digits":
+        in_channels, input_size = 1, cfg.data.image_size
+    elif kind == "latents":
+        in_channels, input_size = dataset.channels, dataset.latent_size
+    elif vae is not None:
+        in_channels = int(vae.config.latent_channels)
+        input_size = cfg.data.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    else:
+        in_channels, input_size = LATENT_CHANNELS, cfg.data.image_size // DOWNSAMPLE
+    num_classes = cfg.model.num_classes or dataset.num_classes
+    if num_classes < dataset.num_classes:
+        raise ConfigError(f"{cfg.path}: model.num_classes={num_classes} but the data has "
+                          f"{dataset.num_classes} classes")
+    return in_channels, input_size, num_classes
+
+
+def run_peak_flops(cfg: Config, bf16: bool) -> Optional[float]:
+    """Peak FLOP/s per device for this run's MFU: train.peak_flops, else the GPU's dense bf16/TF32 figure
+    (fastdit.flops.peak_flops); None on CPU."""
+    if cfg.train.peak_flops:
+        return cfg.train.peak_flops
+    if not torch.cuda.is_available():
+        return None
+    from fastdit.flops import peak_flops
+    return peak_flops(torch.cuda.get_device_name(), "bf16" if bf16 else "tf32")
+
+
+def training_flops(cfg: Config, full_kwargs: Dict[str, Any]) -> Optional[float]:
+    """Training FLOPs per image (2 x MACs x 3, fastdit.flops) of the model actually trained."""
+    try:
+        from fastdit.flops import DiTShape, training_flops_per_image, training_flops_per_sample
+        if cfg.data.kind != "digits" and is_registry_architecture(cfg):
+            kw = {k: full_kwargs[k] for k in ("in_channels", "num_classes", "learn_sigma", "mlp_ratio",
+                                              "class_dropout_prob", "block_type")}
+            return float(training_flops_per_image(cfg.model.name, cfg.data.image_size, **kw))
+        return float(training_flops_per_sample(DiTShape(**full_kwargs)))
+    except Exception as e:  # noqa: BLE001 - MFU is optional
+        say(f"MFU disabled: fastdit.flops could not count this model ({e})")
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainingSetup:
+    """What build_engine built: the DeepSpeed engine, the EMA, the diffusion, and the model's description."""
+    cfg: Config
+    engine: Any                      # deepspeed.DeepSpeedEngine
+    ema: Any                         # fastdit.training.ema.ShardedEMA
+    diffusion: Any
+    device: torch.device
+    model_dtype: torch.dtype         # what the model's inputs are cast to (bf16 / fp16 / fp32)
+    own_grad_check: bool             # a plain torch optimizer: fastdit checks the gradients itself
+    impl: str                        # "fast" | "reference" (fastdit.models.build.resolve_impl)
+    fast_options: Dict[str, Any]     # the fast model's kernels / attention / checkpointing ({} for the reference)
+    meta_name: Optional[str]         # registry name, None for a custom architecture
+    meta_kwargs: Dict[str, Any]
+    full_kwargs: Dict[str, Any]      # every DiT constructor kwarg
+    n_params: int
+    flops_per_image: Optional[float]
+    peak_flops: Optional[float]
+
+    @property
+    def bf16(self) -> bool:
+        return self.engine.bfloat16_enabled()
+
+    @property
+    def micro_batch(self) -> int:
+        return self.engine.train_micro_batch_size_per_gpu()
+
+    @property
+    def grad_accum(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    @property
+    def global_batch(self) -> int:
+        return self.engine.train_batch_size()
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    def describe(self, world_size: int = 1) -> Dict[str, Any]:
+        """What this setup runs: model, kernels, ZeRO stage, precision, optimizer, batch geometry."""
+        cfg, engine = self.cfg, self.engine
+        opt = cfg.deepspeed.get("optimizer") or {}
+        return dict(config=cfg.path, model=self.meta_name or "custom DiT",
+                    arch={k: self.full_kwargs[k] for k in ("depth", "hidden_size", "num_heads", "patch_size",
+                                                            "input_size", "in_channels")},
+                    params=self.n_params, impl=self.impl, kernels=self.fast_options.get("kernels"),
+                    attention=self.fast_options.get("attention"), zero_stage=self.zero_stage, bf16=self.bf16,
+                    optimizer=dict(type=opt.get("type"), params=opt.get("params"),
+                                   engine_optimizer=type(engine.optimizer).__name__,
+                                   base_optimizer=_base_optimizer(engine.optimizer)),
+                    gradient_clipping=engine.gradient_clipping(), micro_batch=self.micro_batch,
+                    grad_accum=self.grad_accum, world_size=world_size, global_batch=self.global_batch,
+                    ema_decay=cfg.train.ema_decay, compile=cfg.train.compile,
+                    fused_grad_checks=cfg.train.fused_grad_checks, ema_one_pass=cfg.train.ema_one_pass)
+
+    def destroy(self) -> None:
+        """Release the engine (DeepSpeed's own teardown) and drop every reference this setup holds."""
+        if hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        self.engine = self.ema = self.diffusion = None
+
+
+def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: int,
+                 device: torch.device) -> TrainingSetup:
+    """The config's model (seeded by train.seed: identical on every rank) inside
+    `deepspeed.initialize(config=cfg.deepspeed)`, compiled when train.compile, with its fp32 EMA
+    (train.ema_decay) and the training diffusion. torch.distributed must be initialised."""
+    import deepspeed
+
+    from fastdit.diffusion import create_diffusion
+    from fastdit.training.ema import ShardedEMA
+
+    impl = resolve_impl(cfg.model.impl, cfg.model.block_type)
+    options = fast_options(cfg, impl)
+    meta_name, meta_kwargs, full_kwargs = model_kwargs_for(cfg, input_size, in_channels, num_classes)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    try:
+        model = build_dit(impl, **full_kwargs, **options)
+    except ImportError as e:
+        raise ConfigError(f"{cfg.path}: model.impl={cfg.model.impl!r} runs the fast model, which cannot be "
+                          f"imported ({e}); repair the install or set model.impl=reference") from None
+    n_params = sum(p.numel() for p in model.parameters())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=cfg.deepspeed)
+    del model
+    if cfg.train.compile:
+        engine.compile()
+    bf16 = engine.bfloat16_enabled()
+    model_dtype = torch.bfloat16 if bf16 else (torch.float16 if engine.fp16_enabled() else torch.float32)
+    own_grad_check = not hasattr(engine.optimizer, "overflow")  # plain torch optimizer (ZeRO-0, fp32)
+    if own_grad_check:
+        _install_skip_guard(engine.optimizer)
+    if cfg.train.fused_grad_checks:
+        from fastdit.training import zero_checks
+        why = zero_checks.install(engine.optimizer)
+        if why:
+            say(f"train.fused_grad_checks: DeepSpeed's own gradient checks kept: {why}")
+    ema = ShardedEMA(engine.module, cfg.train.ema_decay, one_pass=cfg.train.ema_one_pass)
+    diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
+                                 noise_schedule=cfg.diffusion.noise_schedule,
+                                 learn_sigma=cfg.model.learn_sigma,
+                                 diffusion_steps=cfg.diffusion.diffusion_steps)
+    return TrainingSetup(cfg=cfg, engine=engine, ema=ema, diffusion=diffusion, device=device,
+                         model_dtype=model_dtype, own_grad_check=own_grad_check, impl=impl,
+                         fast_options=options, meta_name=meta_name, meta_kwargs=meta_kwargs,
+                         full_kwargs=full_kwargs, n_params=n_params,
+                         flops_per_image=training_flops(cfg, full_kwargs), peak_flops=run_peak_flops(cfg, bf16))
+
+
+def _base_optimizer(optimizer) -> Optional[Dict[str, Any]]:
+    """The torch optimizer that DeepSpeed's wrapper steps: its class and fused/foreach settings."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    defaults = getattr(base, "defaults", None)
+    if not isinstance(defaults, dict):
+        return None
+    return dict(type=type(base).__name__, fused=defaults.get("fused"), foreach=defaults.get("foreach"))
+
+
+def _install_skip_guard(optimizer) -> None:
+    """Give a plain torch optimizer DeepSpeed's overflow protocol: while `optimizer.overflow` is True
+    its step() does nothing, and the engine then counts a skipped step (no update, no lr step)."""
+    optimizer.overflow = False
+    step = optimizer.step
+
+    def guarded_step(*args, **kwargs):
+        if optimizer.overflow:
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.step = guarded_step
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    step: int              # the optimizer step just run (1-based)
+    applied: bool          # False: non-finite loss or gradient, the update was skipped
+    loss: torch.Tensor     # mean loss over the step's micro-batches: a float64 scalar on the device
+
+
+class Trainer:
+    """Runs optimizer steps of `setup` on micro-batches drawn from `batches`; see the module docstring.
+
+    step: optimizer steps done so far (the resume point at start). encode: x -> latents inside the
+    data phase (no grad), e.g. a VAE for raw images. poison_steps: optimizer steps (1-based) whose loss
+    is turned into NaN (the FASTDIT_TEST_NAN_STEPS test hook). phase: the phase context factory; it
+    may be replaced between steps.
+    """
+
+    def __init__(self, setup: TrainingSetup, batches: Iterator, *, step: int = 0,
+                 nonfinite_total: int = 0, nonfinite_in_a_row: int = 0,
+                 encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 poison_steps: Iterable[int] = (),
+                 phase: Callable[[str], ContextManager] = nvtx_range):
+        self.setup = setup
+        self.engine = setup.engine
+        self.batches = batches
+        self.step = step
+        self.nonfinite_total = nonfinite_total
+        self.nonfinite_in_a_row = nonfinite_in_a_row
+        self.encode = encode
+        self.poison_steps = frozenset(poison_steps)
+        self.phase = phase
+        self._grad_params = ([p for p in self.engine.module.parameters() if p.requires_grad]
+                             if setup.own_grad_check else [])
+
+    def _model_fn(self, x, t, **kw):
+        return self.engine(x.to(self.setup.model_dtype), t, **kw).float()
+
+    def _grads_finite(self) -> bool:
+        """All gradients finite (one host sync); gradients are all-reduced, so every rank agrees."""
+        flags = [torch.isfinite(p.grad).all() for p in self._grad_params if p.grad is not None]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: `grad_accum` micro-batches, the update (or its skip), the EMA."""
+        setup, engine, phase = self.setup, self.engine, self.phase
+        device, ga = setup.device, setup.grad_accum
+        target = self.step + 1
+        total = torch.zeros((), device=device, dtype=torch.float64)
+        for m in range(ga):
+            with phase("data"):
+                x, y = next(self.batches)
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                if self.encode is not None:
+                    with torch.no_grad():
+                        x = self.encode(x)
+            with phase("forward"):
+                t = torch.randint(0, setup.diffusion.num_timesteps, (x.shape[0],), device=device)
+                loss = setup.diffusion.training_losses(self._model_fn, x, t, model_kwargs=dict(y=y))["loss"].mean()
+                if target in self.poison_steps:
+                    loss = loss * float("nan")
+            with phase("backward"):
+                engine.backward(loss)
+            with phase("optimizer"):
+                if setup.own_grad_check and m == ga - 1:
+                    engine.optimizer.overflow = not self._grads_finite()
+                engine.step()
+                if setup.own_grad_check:
+                    engine.optimizer.overflow = False
+            total += loss.detach().double()
+        applied = engine.was_step_applied()
+        self.step = target
+        if applied:
+            with phase("ema"):
+                setup.ema.update()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+        return StepResult(target, applied, total / ga)

@@ -1,0 +1,68 @@
+"""Export a training checkpoint as a plain official-layout state dict.
+
+    python -m fastdit.export runs/xl2/checkpoints/step_0400000 --out DiT-XL-2-256.pt        # EMA weights
+    python -m fastdit.export runs/xl2 --out raw.pt --raw                                   # training weights
+
+CKPT is a checkpoint folder, a `checkpoints/` folder or a run's output_dir (then `latest` is used).
+The file is `torch.save` of {parameter name: fp32 tensor} with the official DiT keys, which the
+official code loads with `model.load_state_dict(torch.load(path))`. The EMA weights come from the
+checkpoint's ema.pt; --raw reassembles the fp32 master weights from DeepSpeed's ZeRO shards
+(fastdit.weights.load.raw_training_weights; without ZeRO, the module weights). A
+`<out>.json` next to the file records the model name and constructor kwargs (meta.json's fields).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from fastdit import atomic
+from fastdit.models.build import build_dit
+from fastdit.weights import layout
+from fastdit.state_dict import check_state_dict_keys
+from fastdit.weights.load import load_checkpoint
+
+
+def export_state_dict(ckpt: str, raw: bool = False):
+    """(official-layout fp32 state dict, meta, tag folder) of a training checkpoint, read by
+    fastdit.weights.load; keys and shapes checked against the architecture its meta.json describes."""
+    root, tag = layout.resolve_checkpoint(ckpt, need_ema=not raw)
+    loaded = load_checkpoint(os.path.join(root, tag), weights="model" if raw else "ema")
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    sd = {k: v.detach().float().contiguous() for k, v in loaded.state_dict.items()}
+    with torch.device("meta"):
+        model = build_dit("reference", **layout.model_kwargs(loaded.meta))
+    check_state_dict_keys(model, sd)
+    return sd, loaded.meta, loaded.path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="checkpoint -> plain official-layout state dict (.pt)")
+    p.add_argument("ckpt", help="checkpoint folder, checkpoints/ folder or a run's output_dir")
+    p.add_argument("--out", required=True, help="output .pt file")
+    p.add_argument("--raw", action="store_true", help="the training weights instead of the EMA")
+    args = p.parse_args(argv)
+    try:
+        sd, meta, tag_dir = export_state_dict(args.ckpt, args.raw)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"fastdit.export: error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic.torch_save(sd, args.out)
+    side = {k: meta.get(k) for k in ("model", "model_kwargs", "arch", "step", "vae", "latent_scale",
+                                     "image_size", "ema_decay")}
+    side["weights"] = "raw" if args.raw else "ema"
+    side["source"] = os.path.abspath(tag_dir)
+    stem = args.out[:-3] if args.out.endswith(".pt") else args.out
+    atomic.write_json(stem + ".json", side)
+    n = sum(v.numel() for v in sd.values())
+    print(f"wrote {'raw' if args.raw else 'EMA'} weights of {tag_dir} (step {meta['step']}, {len(sd)} tensors, "
+          f"{n:,} parameters) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

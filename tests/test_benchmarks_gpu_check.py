@@ -1,0 +1,149 @@
+"""`make gpu-check` (benchmarks/gpu_check.py): the CPU rehearsal of every stage, deadlines, bad input."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+gc = importlib.import_module("benchmarks.gpu_check")
+
+
+def test_smoke_runs_every_stage_on_cpu(tmp_path):
+    out = tmp_path / "res"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == list(gc.STAGES)
+    for s in summary["stages"]:
+        assert s["status"] == "ok", s
+        assert s["result"] and "no result" not in s["result"], s
+    st = {s["name"]: s for s in summary["stages"]}
+    assert st["tests"]["detail"]["passed"] >= 2 and st["tests"]["detail"]["failures"] == 0
+    assert st["train"]["detail"]["img_per_s_median"] > 0
+    assert all(v["img_per_s"] > 0 for v in st["throughput"]["detail"].values())
+    for name in ("env.json", "parity.json", "throughput.json", "throughput_compile.json", "kernels.json",
+                 "kernels.png", "train_metrics.jsonl", "README.md", "log.txt"):
+        assert (out / name).is_file(), name
+    # the summary table is the last thing printed
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("gpu_tests")
+    assert "smoke" in (out / "README.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_without_cuda_says_so_in_one_line():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == gc.EXIT_BAD_INPUT
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0] and "--smoke" in lines[0], proc.stderr
+
+
+def test_real_stages_are_built_without_a_gpu(tmp_path):
+    """The GPU-mode commands (what `make gpu-check` runs on a GPU), built here without running them."""
+    stages = gc.build_stages(gc.parse_args([]), str(tmp_path), 128, sys.executable, dict(os.environ))
+    by = {s.name: [" ".join(c) for c in s.commands] for s in stages}
+    assert list(by) == list(gc.STAGES)
+    assert "tests/test_kernels.py tests/test_models_dit.py tests/test_models_attention.py" in by["tests"][0]
+    assert "--model DiT-XL/2" in by["parity"][0]
+    assert "--batch 128" in by["throughput"][0] and "fused+compile" not in by["throughput"][0]
+    assert "deepspeed" in by["throughput"][0] and "--rows compile,fused+compile" in by["compile"][0]
+    assert "--dims 1152 --tokens-per-sample 256" in by["kernels"][0]
+    assert "configs/xl2_zero2.json" in by["train"][0] and "train_micro_batch_size_per_gpu=128" in by["train"][0]
+    assert "-m gpu" in by["gpu_tests"][0] and "--ignore=tests/test_models_dit.py" in by["gpu_tests"][0]
+    for path in gc.GPU_TEST_FILES:  # the files the GPU stages name exist
+        assert os.path.isfile(os.path.join(ROOT, path)), path
+    rows = gc.build_stages(gc.parse_args(["--rows", "fused,deepspeed"]), str(tmp_path), 64, sys.executable,
+                           dict(os.environ))[3].commands[0]
+    assert rows[rows.index("--rows") + 1] == "fused,deepspeed" and rows[rows.index("--batch") + 1] == "64"
+
+
+def test_unknown_rows_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        gc.main(["--smoke", "--rows", "fused,turbo"])
+    assert e.value.code == gc.EXIT_BAD_INPUT and "turbo" in capsys.readouterr().err
+
+
+def _missing_needed(monkeypatch):
+    monkeypatch.setattr(gc, "NEEDED", {"fastdit_surely_not_a_module": "not-a-wheel"})
+
+
+def test_missing_wheel_folder_is_named(monkeypatch, tmp_path, capsys):
+    _missing_needed(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        gc.install_wheels(str(tmp_path / "nowheels"), dict(os.environ), print)
+    assert e.value.code == gc.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "nowheels" in err and "does not exist" in err
+
+
+def test_a_wheel_that_does_not_install_is_named(monkeypatch, tmp_path, capsys):
+    _missing_needed(monkeypatch)
+    monkeypatch.setattr(gc, "SITE", str(tmp_path / "site"))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "broken-0.1-py3-none-any.whl").write_bytes(b"not a zip file")
+    with pytest.raises(SystemExit) as e:
+        gc.install_wheels(str(tmp_path / "w"), dict(os.environ), print)
+    assert e.value.code == gc.EXIT_BAD_INPUT
+    assert "broken-0.1-py3-none-any.whl" in capsys.readouterr().err
+
+
+def test_already_importable_needs_no_wheels(tmp_path):
+    notes = gc.install_wheels(str(tmp_path / "absent"), dict(os.environ), print)  # deepspeed is installed here
+    assert "already importable" in notes[0]
+
+
+def _stage(name, seconds, cap, floor):
+    code = f"import time; time.sleep({seconds}); print('slept')"
+    return gc.Stage(name, [[sys.executable, "-c", code]], cap, floor, lambda s: "done")
+
+
+def test_deadline_times_out_a_slow_stage_and_keeps_time_for_the_next(tmp_path):
+    log = gc.Log(str(tmp_path / "log.txt"))
+    slow, quick = _stage("slow", 30, cap=20, floor=1), _stage("quick", 0, cap=20, floor=2)
+    t0 = time.time()
+    gc.run_stages([slow, quick], t0 + gc.FINISH_S + 6, dict(os.environ), log)
+    assert slow.status == "timeout" and slow.returncodes == [124] and slow.wall < 6
+    assert quick.status == "ok" and quick.result == "done"
+    assert time.time() - t0 < 10  # FINISH_S of the budget stays for the summaries
+
+
+def test_stage_skipped_when_budget_is_spent_and_failed_when_output_missing(tmp_path):
+    log = gc.Log(str(tmp_path / "log.txt"))
+    first = _stage("first", 0, cap=5, floor=1)
+    first.summarize = lambda s: json.load(open(tmp_path / "missing.json"))
+    late = _stage("late", 0, cap=5, floor=100)
+    gc.run_stages([first, late], time.time() + gc.FINISH_S + 5, dict(os.environ), log)
+    assert first.status == "failed" and "no result" in first.result
+    assert late.status == "skipped" and "left of the budget" in late.result
+
+
+@pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                       ("NVIDIA A100-SXM4-80GB", "a100sxm480gb"), (None, "gpu")])
+def test_gpu_slug(name, slug):
+    assert gc.gpu_slug(name) == slug
+
+
+def test_default_batch_scales_with_memory():
+    assert gc.default_batch(79.2) == 128  # H100 80GB: the batch of the committed baseline
+    assert gc.default_batch(139.8) == 128
+    assert gc.default_batch(40.0) == 64
+    assert gc.default_batch(8.0) == 16
+
+
+def test_junit_counts(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text('<testsuites><testsuite tests="4" failures="1" errors="0" skipped="1">'
+                   '<testcase classname="a" name="ok"/><testcase classname="a" name="bad"><failure/></testcase>'
+                   '<testcase classname="a" name="s"><skipped/></testcase><testcase classname="a" name="ok2"/>'
+                   '</testsuite></testsuites>')
+    c = gc.junit_counts([str(xml), str(tmp_path / "absent.xml")])
+    assert (c["passed"], c["failures"], c["skipped"], c["failed_tests"]) == (2, 1, 1, ["a::bad"])

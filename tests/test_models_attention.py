@@ -1,0 +1,111 @@
+"""fastdit.models.attention: every backend computes the math attention; the probe decides what can run.
+
+Tensors live on DEV (the CUDA device where there is one, else the CPU). The probe tests replace the
+optional libraries with fakes (tests/_helpers.py): a backend that imports but cannot run is unavailable,
+with its reason; "auto" never picks it; asking for it is a one-line error.
+"""
+import types
+
+import pytest
+import torch
+from _helpers import assert_flash_rule, fake_attention_probe
+
+from fastdit.models import DiT
+from fastdit.models import attention as attn_backends
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TINY = dict(hidden_size=72, num_heads=2, depth=2, input_size=6, patch_size=2)  # a fast DiT to construct
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash_attn", "xformers"])
+def test_attention_backends_match_math(backend):
+    ok, why = attn_backends.backend_status()[backend]
+    if not ok:
+        pytest.skip(f"{backend} cannot run here: {why}")
+    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    for t, hd in ((16, 72), (7, 64), (256, 72)):
+        qkv = torch.randn(2, t, 3, 3, hd, device=DEV, dtype=torch.float32)
+        ref = attn_backends.attention(qkv.double(), "math").float()
+        got = attn_backends.attention(qkv.to(dtype), backend).float()
+        same = attn_backends.attention(qkv.to(dtype), "math").float()
+        # atol 1e-5 absolute: softmax(q k^T) v of unit-scale inputs, one op deep
+        assert_flash_rule(got, same, ref, 1e-5, f"T={t} hd={hd}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The probe, with fake libraries
+# ----------------------------------------------------------------------------------------------
+XFORMERS_WITHOUT_CUDA_OPS = NotImplementedError(
+    "No operator found for `memory_efficient_attention_forward` with inputs:\n"
+    "     query       : shape=(1, 16, 1, 72) (torch.bfloat16)\n"
+    "`cutlassF-pt` is not supported because:\n"
+    "    xFormers wasn't build with CUDA support")
+
+
+def _fake_flash2(calls, error=None):
+    """A flash_attn module whose qkv-packed call computes attention (or raises `error`)."""
+    def flash_attn_qkvpacked_func(qkv):
+        calls.append(qkv.shape)
+        if error is not None:
+            raise error
+        n, t, _, h, hd = qkv.shape
+        return attn_backends._math(qkv).view(n, t, h, hd)
+    return types.SimpleNamespace(flash_attn_qkvpacked_func=flash_attn_qkvpacked_func)
+
+
+def _fake_xformers(calls, error):
+    def memory_efficient_attention(q, k, v):
+        calls.append(q.shape)
+        raise error
+    return types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+
+
+def test_probe_xformers_without_cuda_ops_is_unavailable(monkeypatch):
+    """xformers 0.0.35 on torch 2.11 (seen on an H100): it imports, but no operator can run."""
+    calls = []
+    attn = fake_attention_probe(monkeypatch, {"xformers.ops": _fake_xformers(calls, XFORMERS_WITHOUT_CUDA_OPS)})
+    status = attn.backend_status()
+    ok, why = status["xformers"]
+    assert not ok and "NotImplementedError" in why and "wasn't build with CUDA support" in why, why
+    assert "\n" not in why
+    assert status["flash_attn"] == (False, f"not installed ({attn._INSTALL_HINT['flash_attn']})")
+    assert attn.available_backends() == {"math": True, "sdpa": True, "flash_attn": False, "xformers": False}
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
+    with pytest.raises(ImportError, match="'xformers' cannot run here: a test call failed") as e:
+        DiT(**TINY, attention="xformers")
+    assert "\n" not in str(e.value) and "wasn't build with CUDA support" in str(e.value)
+    with pytest.raises(ImportError, match="cannot run here"):
+        attn.attention(torch.randn(1, 4, 3, 1, 8, device=DEV), "xformers")
+    assert len(calls) == 1, "the probe runs its test call once per process"
+
+
+def test_probe_flash_attn(monkeypatch):
+    """auto picks flash_attn for CUDA half inputs when a test call ran, and never when it failed."""
+    calls = []
+    attn = fake_attention_probe(monkeypatch, {"flash_attn": _fake_flash2(calls)})
+    assert attn.backend_status()["flash_attn"] == (True, "")
+    assert calls == [(1, 16, 3, 1, 72)]
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "flash_attn"
+    assert attn.resolve_backend("auto", "cuda", torch.float32) == "sdpa"
+    assert attn.resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert attn.resolve_backend("flash_attn") == "flash_attn"
+
+    attn = fake_attention_probe(monkeypatch, {"flash_attn": _fake_flash2(
+        [], RuntimeError("CUDA error: no kernel image is available for execution on the device"))})
+    ok, why = attn.backend_status()["flash_attn"]
+    assert not ok and "RuntimeError: CUDA error: no kernel image" in why, why
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
+    with pytest.raises(ImportError, match="no kernel image"):
+        attn.resolve_backend("flash_attn")
+
+
+def test_probe_broken_import_and_no_cuda(monkeypatch):
+    """An import that fails is not "not installed"; without CUDA an importable library cannot run."""
+    attn = fake_attention_probe(monkeypatch, {
+        "flash_attn": ImportError("libcudart.so.12: cannot open shared object file"),
+        "xformers.ops": _fake_xformers([], AssertionError("must not be called"))}, device=None)
+    status = attn.backend_status()
+    assert status["flash_attn"] == (False, "import failed: flash_attn: ImportError: libcudart.so.12: "
+                                           "cannot open shared object file")
+    assert status["xformers"] == (False, "needs a CUDA device and none is visible to torch")
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"

@@ -1,0 +1,203 @@
+"""fastdit.models.dit: the fast DiT is the reference DiT: same state dict, same forward, same gradients.
+
+Models and inputs live on DEV: the CUDA device where there is one (the Triton kernels then run as
+compiled GPU code, fp32 with TF32 off: see tests/conftest.py), else the CPU, where the Triton path
+runs through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1). Weights, inputs and the
+output projection are drawn on the CPU from seeded generators and moved to DEV, so both places test
+the same values. Weights are random and non-zero everywhere (adaLN-Zero's zero init would hide
+gradient bugs).
+"""
+import pytest
+import torch
+from _helpers import assert_flash_rule
+
+from fastdit.models import attention as attn_backends
+from fastdit.models import DiT, DiT_models, ReferenceDiT, ReferenceDiT_models, from_reference
+from fastdit.models.reference import BLOCK_TYPES
+
+# (hidden, heads, depth, input_size, patch): S- and B-width models at small inputs, patch 2 and 4
+CONFIGS = {
+    "S-width/p2": dict(hidden_size=384, num_heads=6, depth=2, input_size=8, patch_size=2),
+    "B-width/p4": dict(hidden_size=768, num_heads=12, depth=1, input_size=16, patch_size=4),
+    "odd/p2": dict(hidden_size=72, num_heads=2, depth=2, input_size=6, patch_size=2),
+}
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_pair(cfg, seed=0, **fast_kw):
+    torch.manual_seed(seed)
+    ref = ReferenceDiT(in_channels=4, num_classes=10, **cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name == "pos_embed":
+                continue
+            # unit-gain random weights (std 1/sqrt(fan_in)) so errors are not amplified layer by layer
+            std = 1.0 / (p[0].numel() ** 0.5) if p.dim() > 1 and "embedding" not in name else 0.1
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    ref = ref.to(DEV)
+    fast = from_reference(ref, **fast_kw)  # on ref's device
+    return ref.train(), fast.train()
+
+
+def inputs(cfg, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = cfg["input_size"]
+    x = torch.randn(n, 4, s, s, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x.to(DEV), t.to(DEV), y.to(DEV)
+
+
+def run(model, x, t, y, seed=0):
+    """Forward + backward of a fixed random projection of the output; returns (out, grads by name)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # label dropout draws the same ids in both models (seeds CUDA too)
+    out = model(x, t, y)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(123)).to(out.device, out.dtype)
+    (out * w).sum().backward()
+    grads = {k: p.grad.detach().float().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return out.detach().float(), grads
+
+
+def assert_close_rel(a, b, rtol, what):
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item() + 1e-12
+    assert err <= rtol * scale, f"{what}: max err {err:.3e} vs scale {scale:.3e}"
+
+
+@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+def test_fp32_forward_and_every_gradient(cfg_name, kernels):
+    cfg = CONFIGS[cfg_name]
+    ref, fast = make_pair(cfg, kernels=kernels, attention="sdpa")
+    x, t, y = inputs(cfg)
+    out_r, g_r = run(ref, x, t, y)
+    out_f, g_f = run(fast, x, t, y)
+    assert_close_rel(out_f, out_r, 2e-5, "output")
+    assert set(g_f) == set(g_r)
+    for k in g_r:
+        assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cfg_name", ["S-width/p2", "B-width/p4"])
+def test_bf16_by_the_flash_attention_rule(cfg_name):
+    """|fast_bf16 - ref_fp32| <= 2 |ref_bf16 - ref_fp32| + atol, for the output and every gradient."""
+    cfg = CONFIGS[cfg_name]
+    ref, fast = make_pair(cfg, kernels="triton", attention="sdpa")
+    x, t, y = inputs(cfg)
+    out_32, g_32 = run(ref, x, t, y)
+    out_rb, g_rb = run(ref.to(torch.bfloat16), x.bfloat16(), t, y)
+    out_fb, g_fb = run(fast.to(torch.bfloat16), x.bfloat16(), t, y)
+
+    def check(fb, rb, r32, what):
+        # atol: 1e-2 of the tensor's scale (a whole model's depth of bf16 roundings), + 1e-6 for zeros
+        assert_flash_rule(fb, rb, r32, 1e-2 * r32.abs().max().item() + 1e-6, what)
+
+    check(out_fb, out_rb, out_32, "output")
+    for k in g_32:
+        check(g_fb[k], g_rb[k], g_32[k], f"grad {k}")
+
+
+def test_state_dicts_load_both_ways_strictly():
+    cfg = CONFIGS["odd/p2"]
+    ref, fast = make_pair(cfg, kernels="torch")
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    ref2 = ReferenceDiT(in_channels=4, num_classes=10, **cfg).to(DEV)
+    ref2.load_state_dict(fast.state_dict())  # strict
+    x, t, y = inputs(cfg)
+    ref.eval(), ref2.eval()
+    torch.testing.assert_close(ref2(x, t, y), ref(x, t, y))
+    bad = fast.state_dict()
+    bad.pop("blocks.0.attn.qkv.weight")
+    with pytest.raises(KeyError, match="blocks.0.attn.qkv.weight"):
+        fast.load_state_dict(bad)
+
+
+def test_xl2_loads_an_official_layout_state_dict_strictly():
+    with torch.device("meta"):
+        official = ReferenceDiT_models["DiT-XL/2"]()
+        fast = DiT_models["DiT-XL/2"]()
+    assert list(official.state_dict()) == list(fast.state_dict())
+    fast.load_state_dict(official.state_dict(), assign=True)
+    assert sum(p.numel() for p in fast.parameters()) == 675_129_632
+
+
+@pytest.mark.triton
+def test_cfg_matches_reference():
+    cfg = CONFIGS["odd/p2"]
+    ref, fast = make_pair(cfg, kernels="triton")
+    ref.eval(), fast.eval()
+    x, t, _ = inputs(cfg)
+    xx, tt = torch.cat([x, x]), torch.cat([t, t])
+    yy = torch.tensor([1, 2, 10, 10], device=DEV)
+    for all_ch in (False, True):
+        torch.testing.assert_close(fast.forward_with_cfg(xx, tt, yy, 1.5, guide_all_channels=all_ch),
+                                   ref.forward_with_cfg(xx, tt, yy, 1.5, guide_all_channels=all_ch),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_activation_checkpointing_same_gradients():
+    cfg = CONFIGS["odd/p2"]
+    _, fast = make_pair(cfg, kernels="torch")
+    x, t, y = inputs(cfg)
+    out_a, g_a = run(fast, x, t, y)
+    fast.checkpointing = True
+    out_b, g_b = run(fast, x, t, y)
+    torch.testing.assert_close(out_a, out_b)
+    for k in g_a:
+        torch.testing.assert_close(g_a[k], g_b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_type", [b for b in BLOCK_TYPES if b != "adaln_zero"])
+def test_other_conditioning_blocks_match_reference(block_type):
+    cfg = dict(CONFIGS["odd/p2"], block_type=block_type)
+    ref, fast = make_pair(cfg, kernels="torch", attention="sdpa")
+    x, t, y = inputs(cfg)
+    out_r, g_r = run(ref, x, t, y)
+    out_f, g_f = run(fast, x, t, y)
+    assert_close_rel(out_f, out_r, 2e-5, "output")
+    for k in g_r:
+        assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("attention", ["sdpa", "auto"])
+def test_torch_compile_fullgraph_matches_eager(attention):
+    cfg = CONFIGS["odd/p2"]
+    _, fast = make_pair(cfg, kernels="triton", attention=attention)
+    x, t, y = inputs(cfg)
+    out_e, g_e = run(fast, x, t, y)
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    out_c, g_c = run(compiled, x, t, y)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    g_c = {k.removeprefix("_orig_mod."): v for k, v in g_c.items()}
+    assert set(g_c) == set(g_e)
+    for k in g_e:
+        torch.testing.assert_close(g_c[k], g_e[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_switches():
+    with pytest.raises(ValueError, match="kernels"):
+        DiT(**CONFIGS["odd/p2"], kernels="cuda")
+    with pytest.raises(ValueError, match="attention"):
+        DiT(**CONFIGS["odd/p2"], attention="flash")
+    for backend, (ok, why) in attn_backends.backend_status().items():
+        if not ok:
+            with pytest.raises(ImportError, match=f"{backend!r} cannot run here") as e:
+                DiT(**CONFIGS["odd/p2"], attention=backend)
+            assert why in str(e.value)
+    with pytest.raises(ValueError, match="qkv"):
+        attn_backends.attention(torch.randn(2, 4, 8), "sdpa")
+
+
+def test_triton_without_device_or_interpreter_is_a_clear_error(monkeypatch):
+    """CPU tensors without the interpreter (on every machine: the model is moved to the CPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = CONFIGS["odd/p2"]
+    fast = make_pair(cfg, kernels="triton")[1].cpu()
+    with pytest.raises(ValueError, match="kernels='torch'"):
+        fast(*[a.cpu() for a in inputs(cfg)])
+    fast.kernels = "auto"  # documented fallback: the PyTorch path
+    assert torch.isfinite(fast(*[a.cpu() for a in inputs(cfg)])).all()
