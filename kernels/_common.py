@@ -249,7 +249,10 @@ def token_tiles(n: int, t: int, block_t: int, device: torch.device,
 
     Returns (tokens_per_tile, n_iters, n_tiles): each program loops n_iters times over BLOCK_T rows
     of one sample, so tokens_per_tile = n_iters * block_t. By default aims at ~4 programs per SM.
+    With no tokens (t = 0) there are no tiles: (block_t, 1, 0), and the launchers skip the kernel.
     """
+    if t <= 0:
+        return block_t, 1, 0
     if tokens_per_tile is None:
         want_tiles = max(1, triton.cdiv(4 * num_sms(device), max(n, 1)))
         want_tiles = min(want_tiles, triton.cdiv(t, block_t))

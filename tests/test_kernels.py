@@ -238,6 +238,26 @@ def test_gated_residual_modulate_layernorm_h_only_and_transposed(dtype):
              [xt, yt, c], build, [None, dh], ["x_new", "h", "dx", "dy", "dc"], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_ops_with_no_tokens_forward_and_backward(dtype):
+    """T = 0 (an empty token axis): outputs and every gradient are empty or zero, as the references'
+    (the backward launchers' tiling divided by zero)."""
+    n, t, d = 2, 0, 37
+    x, y = randn(n, t, d, dtype=dtype), randn(n, t, d, dtype=dtype)
+    c = rand_mod(n, d, 6, dtype)
+    cases = [(K.modulate_layernorm, K.modulate_layernorm_ref, [x, c], _modln_build, 1),
+             (K.gated_residual, K.gated_residual_ref, [x, y, c], _gr_build, 1),
+             (K.gated_residual_modulate_layernorm, K.gated_residual_modulate_layernorm_ref, [x, y, c],
+              _grml_build, 2)]
+    for fn, ref, leaves, build, n_out in cases:
+        grad_outs = [randn(n, t, d, dtype=dtype) for _ in range(n_out)]
+        outs, grads = _run(fn, leaves, build, grad_outs)
+        r_outs, r_grads = _run(ref, leaves, build, grad_outs)
+        for got, want in zip(outs + grads, r_outs + r_grads):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert torch.equal(got, torch.zeros_like(want)) and torch.equal(want, torch.zeros_like(want))
+
+
 def test_residual_tilings_and_mixed():
     """Fused residual launchers at small tiles; gated residual with fp32 x and bf16 y/gate."""
     n, t, d = 2, 9, 37
