@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from fastdit import atomic, dist
 from fastdit.training.data import (LABELS_FILE, LATENTS_FILE, META_FILE, STATUS_CORRUPT, STATUS_DONE,
-                          STATUS_FILE, STATUS_PENDING, image_to_tensor, list_image_folder, load_image)
+                          STATUS_FILE, STATUS_PENDING, check_no_empty_class, image_to_tensor, list_image_folder,
+                          load_image)
 from fastdit.generate.vae import LATENT_SCALE, VAENotFoundError, encode_distribution, load_vae, resolve_vae
 
 FILES_LIST = "files.json"
@@ -129,6 +130,7 @@ def _share_listing(args, rank: int) -> Optional[dict]:
     if rank == 0:
         try:
             paths, labels, classes = list_image_folder(args.data_path)
+            check_no_empty_class(args.data_path, labels, classes)
             listing = {"root": os.path.abspath(args.data_path), "paths": paths, "labels": labels,
                        "classes": classes, "digest": _listing_digest(paths, labels)}
             old = None

@@ -106,6 +106,41 @@ def test_latent_dataset_reads_flips_and_skips_unfinished_rows(tmp_path):
         LatentDataset(str(tmp_path / "missing"))
 
 
+def _latents_folder(path, n=6, num_classes=3, **meta):
+    path.mkdir(exist_ok=True)
+    np.lib.format.open_memmap(path / "latents.npy", mode="w+", dtype=np.float16, shape=(n, 2, 4, 2, 2)).flush()
+    np.save(path / "labels.npy", np.arange(n, dtype=np.int64) % num_classes)
+    np.save(path / "status.npy", np.ones(n, dtype=np.uint8))
+    (path / "meta.json").write_text(json.dumps(dict({"complete": True, "num_classes": num_classes,
+                                                      "image_size": 16, "count": n, "done": n}, **meta)))
+    return path
+
+
+@pytest.mark.parametrize("damage,file,message", [
+    (lambda p: np.save(p / "labels.npy", np.array([0, 1, 2, 3, 0, 1])), "labels.npy",
+     r"labels \[3\] outside \[0, 3\).*null class"),
+    (lambda p: np.save(p / "labels.npy", np.array([0, 1, -1, 0, 1, 2])), "labels.npy", r"labels \[-1\]"),
+    (lambda p: np.save(p / "status.npy", np.ones(2, dtype=np.uint8)), "status.npy", r"shape \(2,\).*expected \(6,\)"),
+    (lambda p: np.save(p / "labels.npy", np.zeros(4, dtype=np.int64)), "labels.npy", r"shape \(4,\)"),
+    (lambda p: np.save(p / "status.npy", np.array([1, 1, 1, 1, 1, 7], dtype=np.uint8)), "status.npy", "values \\[7\\]"),
+    (lambda p: (p / "latents.npy").write_bytes((p / "latents.npy").read_bytes()[:100]), "latents.npy", "unreadable"),
+    (lambda p: np.save(p / "latents.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True), "latents.npy",
+     "unreadable"),
+    (lambda p: np.save(p / "latents.npy", np.zeros((6, 4, 2, 2), np.float16)), "latents.npy", r"shape \(6, 4, 2, 2\)"),
+    (lambda p: os.remove(p / "labels.npy"), "labels.npy", "missing"),
+    (lambda p: (p / "meta.json").write_text('{"complete": true, "num_cl'), "meta.json", "not valid JSON"),
+])
+def test_latent_folder_is_checked_and_errors_name_the_file(tmp_path, damage, file, message):
+    """Shapes, label range and completeness are checked before training, each error naming its file
+    (labels == num_classes would train the guidance's null class; a short status.npy dropped items)."""
+    folder = _latents_folder(tmp_path / "lat")
+    assert len(LatentDataset(str(folder))) == 6
+    damage(folder)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+        LatentDataset(str(folder))
+    assert os.path.join(str(folder), file) in str(err.value)
+
+
 # ----------------------------------------------------------------------------------------------
 # Batch order
 # ----------------------------------------------------------------------------------------------
@@ -173,3 +208,7 @@ def test_image_folder_dataset_flip_and_corrupt_file(tmp_path):
     assert y == 0
     with pytest.raises(RuntimeError, match="bad.png"):
         ds[(1, 0)]
+    (tmp_path / "c").mkdir()  # an empty class folder would be a label without images
+    (tmp_path / "c" / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"class folder\(s\) c hold no images"):
+        ImageFolderDataset(str(tmp_path), 8)

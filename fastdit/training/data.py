@@ -75,6 +75,17 @@ def list_image_folder(root: str) -> Tuple[List[str], List[int], List[str]]:
     return paths, labels, classes
 
 
+def check_no_empty_class(root: str, labels: List[int], classes: List[str]) -> None:
+    """Every class folder holds at least one image (an empty one would be a label with no data)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    empty = [classes[i] for i in np.nonzero(counts == 0)[0]]
+    if empty:
+        raise FileNotFoundError(
+            f"image folder {root!r}: class folder(s) {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} "
+            f"hold no images ({', '.join(IMAGE_EXTENSIONS)}); each class folder is a label, so remove the "
+            f"empty ones or add their images")
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Raw images for on-the-fly VAE encoding (the official DiT way). key (i, flip) -> (x, y).
 
@@ -83,6 +94,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str, image_size: int):
         self.paths, self.labels, self.classes = list_image_folder(root)
+        check_no_empty_class(root, self.labels, self.classes)
         self.image_size = image_size
         self.num_classes = len(self.classes)
         self.channels = 3
@@ -127,17 +139,22 @@ class LatentDataset(torch.utils.data.Dataset):
                 f"{path!r} is not a latents folder (no {META_FILE}); create it with "
                 f"`python -m fastdit.extract_latents --data-path IMAGENET/train --out {path}` "
                 f"or pass --set data.path=<folder written by extract_latents>")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path} is damaged (not valid JSON: {e}); rerun extract_latents") from None
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"{meta_path} is not a JSON object; rerun extract_latents")
         if not self.meta.get("complete", False):
             raise RuntimeError(f"latents in {path!r} are incomplete ({self.meta.get('done', '?')} of "
                                f"{self.meta.get('count', '?')} images); rerun extract_latents to finish")
-        self.latents = np.load(os.path.join(path, LATENTS_FILE), mmap_mode="r")
-        labels = np.load(os.path.join(path, LABELS_FILE))
-        status = np.load(os.path.join(path, STATUS_FILE))
+        self.latents = _load_npy(path, LATENTS_FILE, mmap_mode="r")
+        labels = _load_npy(path, LABELS_FILE)
+        status = _load_npy(path, STATUS_FILE)
+        self.num_classes = _check_latent_folder(path, self.meta, self.latents, labels, status)
         self.valid = np.nonzero(status == STATUS_DONE)[0]
         self.labels = labels
-        self.num_classes = int(self.meta["num_classes"])
         self.channels = int(self.latents.shape[2])
         self.latent_size = int(self.latents.shape[3])
 
@@ -149,6 +166,58 @@ class LatentDataset(torch.utils.data.Dataset):
         row = int(self.valid[index])
         z = torch.from_numpy(np.array(self.latents[row, flip], dtype=np.float32))
         return z, int(self.labels[row])
+
+
+def _load_npy(folder: str, name: str, mmap_mode: Optional[str] = None) -> np.ndarray:
+    """One array of a latents folder, never unpickled; ValueError naming the file when unreadable."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; rerun `python -m fastdit.extract_latents` for this folder")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is unreadable ({' '.join(str(e).split())}): it must be the plain array "
+                         f"that fastdit.extract_latents writes; rerun it for this folder") from None
+
+
+def _check_latent_folder(path: str, meta: dict, latents: np.ndarray, labels: np.ndarray,
+                         status: np.ndarray) -> int:
+    """Shapes, dtypes, counts and label range of a latents folder (ValueError naming the file);
+    returns meta's class count."""
+    lat_path, lab_path, st_path = (os.path.join(path, f) for f in (LATENTS_FILE, LABELS_FILE, STATUS_FILE))
+    fix = "; rerun `python -m fastdit.extract_latents` for this folder"
+    if latents.ndim != 5 or latents.shape[1] != 2 or not np.issubdtype(latents.dtype, np.floating):
+        raise ValueError(f"{lat_path} has shape {latents.shape} ({latents.dtype}); expected float "
+                         f"(N, 2, C, h, w) latents (unflipped, flipped){fix}")
+    n = latents.shape[0]
+    count = meta.get("count")
+    if count is not None and count != n:
+        raise ValueError(f"{lat_path} holds {n} rows but {os.path.join(path, META_FILE)} says count={count}{fix}")
+    for file, arr in ((lab_path, labels), (st_path, status)):
+        if arr.ndim != 1 or arr.shape[0] != n or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{file} has shape {arr.shape} ({arr.dtype}); expected ({n},) integers, one per row "
+                             f"of {LATENTS_FILE}{fix}")
+    odd = np.setdiff1d(np.unique(status), [STATUS_PENDING, STATUS_DONE, STATUS_CORRUPT])
+    if odd.size:
+        raise ValueError(f"{st_path} holds values {odd[:5].tolist()}; expected 0 (pending), 1 (done), "
+                         f"2 (corrupt){fix}")
+    done = status == STATUS_DONE
+    if "done" in meta and int(done.sum()) != meta["done"]:
+        raise ValueError(f"{st_path} marks {int(done.sum())} rows done but {os.path.join(path, META_FILE)} "
+                         f"says done={meta['done']}{fix}")
+    if not done.any():
+        raise ValueError(f"{st_path} marks no row done: there are no latents to train on{fix}")
+    num_classes = meta.get("num_classes")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"{os.path.join(path, META_FILE)}: num_classes must be a positive integer, got "
+                         f"{num_classes!r}{fix}")
+    used = labels[done]
+    bad = used[(used < 0) | (used >= num_classes)]
+    if bad.size:
+        raise ValueError(f"{lab_path} holds labels {np.unique(bad)[:5].tolist()} outside [0, {num_classes}) "
+                         f"(num_classes of {META_FILE}; label {num_classes} would train the guidance's null "
+                         f"class){fix}")
+    return num_classes
 
 
 class SyntheticLatentDataset(torch.utils.data.Dataset):
