@@ -77,3 +77,29 @@ def test_evaluate_images_end_to_end(tmp_path, monkeypatch):
                           "--device", "cpu"]) == 0
     with np.load(stats) as d:
         np.testing.assert_allclose(d["mu"], rp[:2].mean(0), rtol=1e-4, atol=1e-6)
+
+
+class _Plant:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.makedirs, (self.marker, 0o777, True))
+
+
+def test_evaluate_errors_name_the_file_and_never_unpickle(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    good = tmp_path / "good.npz"
+    np.savez(good, mu=np.zeros(4), sigma=np.eye(4))
+    marker = tmp_path / "MARKER"
+    np.savez(tmp_path / "pickled.npz", mu=np.array([_Plant(str(marker))], dtype=object), sigma=np.eye(4))
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:60])
+    np.savez(tmp_path / "small.npz", mu=np.zeros(3), sigma=np.eye(3))
+    for name, words in (("pickled.npz", "allow_pickle"), ("cut.npz", "zip"), ("small.npz", "differ in shape"),
+                        ("missing.npz", "no such")):
+        path = str(tmp_path / name)
+        assert evaluate.main([str(good), path, "--no-progress"]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and path in err[0] and words in err[0].lower(), (name, err)
+    assert not marker.exists()

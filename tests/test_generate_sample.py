@@ -129,7 +129,7 @@ def _digits_like(seed=8):
     return random_dit(seed, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2)
 
 
-def test_cli_from_an_exported_file(tmp_path):
+def test_cli_from_an_exported_file(tmp_path, capsys):
     """A plain state dict (+ sibling json) -> grid PNG and npz equal to a direct computation."""
     from PIL import Image
 
@@ -150,10 +150,27 @@ def test_cli_from_an_exported_file(tmp_path):
     np.testing.assert_array_equal(labels, [3, 3, 7, 7])
     x0 = S.sample_latents(model, [3, 3, 7, 7], [4, 5, 6, 7], cfg_scale=2.0, num_steps=5)
     np.testing.assert_allclose(images.astype(int), to_uint8(x0).astype(int), atol=1)
-    # without the head count the error says what to pass
+    # without the head count the error says what to pass (one line, exit 2)
     os.remove(tmp_path / "digits.json")
-    with pytest.raises(ValueError, match="--num-heads"):
-        S.main(argv)
+    capsys.readouterr()
+    assert S.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--num-heads" in err[-1] and err[-1].startswith("python -m fastdit.sample: error: ")
+
+
+def test_cli_counts_and_labels_are_checked(tmp_path, capsys):
+    """--num-steps 0 is refused (it used to run 250 steps), and so are labels the model does not have."""
+    ckpt = tmp_path / "d.pt"
+    torch.save(_digits_like().state_dict(), ckpt)
+    for flag, value in (("--num-steps", "0"), ("--samples-per-class", "0")):
+        with pytest.raises(SystemExit) as e:
+            S.main(["--ckpt", str(ckpt), flag, value])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        S.main(["--ckpt", str(ckpt), "--num-heads", "2", "--class-labels", "3", "12", "--num-steps", "1",
+                "--out", str(tmp_path / "g.png"), "--device", "cpu"])
+    assert e.value.code == 2 and "[12] are outside [0, 10)" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_cli_from_a_training_checkpoint_directory(tmp_path):

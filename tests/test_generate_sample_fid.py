@@ -112,6 +112,17 @@ def test_corrupt_or_foreign_shards_are_reported(tmp_path, reference_run):
 
 
 
+@pytest.mark.parametrize("flag,value", [("--num-steps", "0"), ("--per-proc-batch-size", "0"), ("--shard-size", "-2"),
+                                        ("--num-samples", "0")])
+def test_bad_counts_are_refused_before_any_work(tmp_path, capsys, flag, value):
+    """Refused by the argument parser (exit 2): --num-steps 0 no longer means 250, and nothing (run.json
+    with -2 in it) is written that would refuse the corrected rerun."""
+    with pytest.raises(SystemExit) as e:
+        F.main(["--ckpt", str(tmp_path / "none.pt"), "--sample-dir", str(tmp_path / "s"), flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def _cli(ckpt, sample_dir, out, num_samples=N, steps=STEPS):
     return ["-m", "fastdit.sample_fid", "--ckpt", str(ckpt), "--num-heads", "2",
             "--impl", "reference", "--num-samples", str(num_samples),

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdit.state_dict import check_state_dict_keys
+from fastdit.weights.safe_load import load_file
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "FASTDIT_INCEPTION_WEIGHTS"
@@ -276,7 +277,7 @@ def load_fid_inception(path: Optional[str] = None, device="cpu", check_hash: boo
     path = resolve_weights_path(path)
     if check_hash:
         _check_hash_prefix(path)
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = load_file(path)  # weights_only=True; errors name the file
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
     model = FIDInceptionV3()

@@ -18,9 +18,11 @@ FIDs computed with the same feature extractor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import zipfile
 from typing import Dict, Optional
 
 import numpy as np
@@ -28,6 +30,7 @@ import torch
 
 from fastdit.evaluate import fid as fidlib
 from fastdit.evaluate.inception import load_fid_inception
+from fastdit.weights.safe_load import CheckpointFileError
 
 
 class _LazyInception:
@@ -46,12 +49,37 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_READ_ERRORS = (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError)
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+    """Errors while reading `path` say which file (ValueError '<path>: ...')."""
+    try:
+        yield
+    except _READ_ERRORS as e:
+        text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        if path in text:
+            raise
+        raise ValueError(f"{path}: {text or type(e).__name__} (an .npz of uint8 NHWC images 'arr_0' and/or "
+                         f"float statistics 'mu', 'sigma'; object arrays are never loaded)") from None
+
+
+def _named_batches(path: str, batch_size: int):
+    with _naming(path):
+        yield from fidlib.iter_npz_batches(path, "arr_0", batch_size)
+
+
 def describe_set(path: str, inception: _LazyInception, batch_size: int = 100,
                  need_features: bool = False, progress: bool = True) -> Dict[str, np.ndarray]:
-    """mu/sigma (stored or computed), plus pool features and logits when images were run."""
+    """mu/sigma (stored or computed), plus pool features and logits when images were run.
+
+    Nothing is unpickled (np.load with allow_pickle=False; images are streamed as plain arrays); an
+    unreadable file raises ValueError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such .npz: {path}")
-    keys = fidlib.npz_keys(path)
+    with _naming(path):
+        keys = fidlib.npz_keys(path)
     has_images = "arr_0" in keys
     has_stats = "mu" in keys and "sigma" in keys
     if not has_images and not has_stats:
@@ -59,16 +87,17 @@ def describe_set(path: str, inception: _LazyInception, batch_size: int = 100,
                          f"it has {keys}")
     out: Dict[str, np.ndarray] = {}
     if has_images and (need_features or not has_stats):
-        shape, dtype = fidlib.npz_array_shape(path, "arr_0")
+        with _naming(path):
+            shape, dtype = fidlib.npz_array_shape(path, "arr_0")
         if dtype != np.uint8 or len(shape) not in (3, 4):
             raise ValueError(f"{path}: arr_0 must be uint8 NHWC images, got {dtype} {shape}")
         feats = fidlib.extract_features(
-            fidlib.iter_npz_batches(path, "arr_0", batch_size), inception.get(),
+            _named_batches(path, batch_size), inception.get(),
             device=inception.device, progress=progress, total=shape[0])
         out.update(feats)
         out["mu"], out["sigma"] = fidlib.feature_statistics(feats["pool"])
     if has_stats:  # stored statistics win (e.g. ADM reference batches: full-train-set stats)
-        with np.load(path) as data:
+        with _naming(path), np.load(path, allow_pickle=False) as data:
             out["mu"], out["sigma"] = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     return out
 
@@ -78,13 +107,19 @@ def evaluate(ref_path: str, sample_path: str, inception_weights: Optional[str] =
              split_size: int = 5000, progress: bool = True) -> Dict[str, float]:
     """FID of sample vs reference, IS of the sample images, optional precision/recall."""
     inception = _LazyInception(inception_weights, device or _default_device())
-    sample_keys = fidlib.npz_keys(sample_path)
+    if not os.path.isfile(sample_path):
+        raise FileNotFoundError(f"no such .npz: {sample_path}")
+    with _naming(sample_path):
+        sample_keys = fidlib.npz_keys(sample_path)
     ref = describe_set(ref_path, inception, batch_size, need_features=with_precision_recall,
                        progress=progress)
     sample = describe_set(sample_path, inception, batch_size,
                           need_features="arr_0" in sample_keys, progress=progress)
-    result: Dict[str, float] = {"fid": fidlib.frechet_distance(ref["mu"], ref["sigma"],
-                                                               sample["mu"], sample["sigma"])}
+    try:
+        fid_value = fidlib.frechet_distance(ref["mu"], ref["sigma"], sample["mu"], sample["sigma"])
+    except ValueError as e:
+        raise ValueError(f"{ref_path} vs {sample_path}: {e}") from None
+    result: Dict[str, float] = {"fid": fid_value}
     if "logits" in sample:
         result["inception_score"], result["inception_score_std"] = fidlib.inception_score(
             sample["logits"], split_size)
@@ -124,15 +159,22 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     progress = not args.no_progress
-    if args.save_stats:
-        save_statistics(args.ref, args.save_stats, args.inception_weights, args.batch_size,
-                        args.device, progress)
-        print(f"wrote statistics of {args.ref} to {args.save_stats}")
-        return 0
-    if args.sample is None:
-        p.error("give REF and SAMPLE .npz files (or --save-stats OUT.npz IMAGES.npz)")
-    result = evaluate(args.ref, args.sample, args.inception_weights, args.batch_size, args.device,
-                      args.precision_recall, args.split_size, progress)
+    if args.batch_size < 1 or args.split_size < 1:
+        p.error("--batch-size and --split-size must be >= 1")
+    try:
+        if args.save_stats:
+            save_statistics(args.ref, args.save_stats, args.inception_weights, args.batch_size,
+                            args.device, progress)
+            print(f"wrote statistics of {args.ref} to {args.save_stats}")
+            return 0
+        if args.sample is None:
+            p.error("give REF and SAMPLE .npz files (or --save-stats OUT.npz IMAGES.npz)")
+        result = evaluate(args.ref, args.sample, args.inception_weights, args.batch_size, args.device,
+                          args.precision_recall, args.split_size, progress)
+    except (FileNotFoundError, ValueError, KeyError, CheckpointFileError) as e:
+        text = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{p.prog}: error: {' '.join(str(text).split())}", file=sys.stderr)
+        return 2
     for k, v in result.items():
         print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
     if args.json:

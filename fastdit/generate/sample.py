@@ -34,6 +34,7 @@ from fastdit.generate.images import decode_images, make_grid, save_image
 from fastdit.generate.vae import LATENT_SCALE, load_vae
 from fastdit.models.build import IMPLS
 from fastdit.weights.load import WEIGHT_CHOICES, build_model, load_checkpoint
+from fastdit.weights.safe_load import CheckpointFileError
 
 OFFICIAL_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sample.py grid
 
@@ -206,9 +207,10 @@ def sample_latents(model, class_labels: Sequence[int], seeds: Sequence[int], cfg
 # ----------------------------------------------------------------------------------------------
 def load_model(ckpt: str, model_name: Optional[str] = None, weights: str = "ema",
                impl: str = "auto", num_heads: Optional[int] = None, device="cpu",
-               impl_kwargs: Optional[dict] = None, verbose: bool = False):
-    """(model in eval mode on `device`, info dict) from any checkpoint layout fastdit loads."""
-    loaded = load_checkpoint(ckpt, weights=weights)
+               impl_kwargs: Optional[dict] = None, verbose: bool = False, trust: bool = False):
+    """(model in eval mode on `device`, info dict) from any checkpoint layout fastdit loads (read without
+    running code unless `trust`: fastdit.weights.safe_load)."""
+    loaded = load_checkpoint(ckpt, weights=weights, trust=trust)
     overrides = {"num_heads": num_heads} if num_heads else None
     model, name, kwargs, used = build_model(
         loaded.state_dict, model_name, loaded.meta, overrides, impl, **(impl_kwargs or {}))
@@ -265,7 +267,7 @@ def add_model_args(p: argparse.ArgumentParser, cfg_default: Optional[float] = No
                    help="CFG channels: first3 = official; all = every eps channel; auto = first3 "
                         "for 4-channel latents, all otherwise")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    p.add_argument("--num-steps", type=int, default=None, help="default 250 (ddpm) / 50 (ddim)")
+    p.add_argument("--num-steps", type=positive_int, default=None, help="default 250 (ddpm) / 50 (ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder "
@@ -274,6 +276,37 @@ def add_model_args(p: argparse.ArgumentParser, cfg_default: Optional[float] = No
     p.add_argument("--bf16", action="store_true", help="run the DiT under bf16 autocast")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint fully, also objects outside fastdit's allowlist: this runs any "
+                        "code the file contains, so only for files you wrote yourself")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def num_steps_for(args) -> int:
+    """--num-steps, or the sampler's default (250 DDPM steps, 50 DDIM steps)."""
+    if args.num_steps is not None:
+        return args.num_steps
+    return 50 if args.sampler == "ddim" else 250
+
+
+LOAD_ERRORS = (FileNotFoundError, KeyError, ValueError, CheckpointFileError)  # what the commands report
+
+
+def error_line(prog: str, e: BaseException) -> int:
+    """Print `prog: error: <message>` (one line) to stderr; returns exit code 2."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"{prog}: error: {' '.join(str(text).split())}", file=sys.stderr)
+    return 2
 
 
 def default_cfg_scale(info: dict, fallback: float = 4.0) -> float:
@@ -297,7 +330,7 @@ def main(argv=None) -> int:
     add_model_args(p)
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="default: the official demo labels for 1000 classes, else every class")
-    p.add_argument("--samples-per-class", type=int, default=1,
+    p.add_argument("--samples-per-class", type=positive_int, default=1,
                    help="samples per label; the grid then has one row per label")
     p.add_argument("--out", default="sample.png", help="output grid image")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
@@ -307,17 +340,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, info = load_model(args.ckpt, args.model, args.weights, args.impl, args.num_heads, device,
-                             impl_kwargs_from(args), verbose=True)
+    try:
+        model, info = load_model(args.ckpt, args.model, args.weights, args.impl, args.num_heads, device,
+                                 impl_kwargs_from(args), verbose=True, trust=args.trust_checkpoint)
+        vae_path = resolve_vae(args.vae, info, model.in_channels)
+    except LOAD_ERRORS as e:
+        return error_line(p.prog, e)
     labels = args.class_labels
     if labels is None:
         labels = OFFICIAL_DEMO_LABELS if model.num_classes == 1000 else list(range(model.num_classes))
+    bad = [c for c in labels if not 0 <= c < model.num_classes]
+    if bad:
+        p.error(f"--class-labels {bad} are outside [0, {model.num_classes}) (the model has "
+                f"{model.num_classes} classes)")
     k = args.samples_per_class
-    if k < 1:
-        p.error("--samples-per-class must be >= 1")
     labels = [c for c in labels for _ in range(k)]  # label-major: one grid row per label
-    num_steps = args.num_steps or (50 if args.sampler == "ddim" else 250)
-    vae_path = resolve_vae(args.vae, info, model.in_channels)
+    num_steps = num_steps_for(args)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else default_cfg_scale(info)
 
     x0 = sample_latents(model, labels, [args.seed + j for j in range(len(labels))],

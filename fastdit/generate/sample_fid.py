@@ -160,8 +160,9 @@ def generate(model, *, num_samples: int, sample_dir: str, seed: int = 0, batch_s
     `run_info`: extra settings pinned in run.json (checkpoint, model...). `on_shard_done(k)` is
     called after each finished shard (tests use it to simulate a crash).
     """
-    if num_samples <= 0:
-        raise ValueError("num_samples must be positive")
+    if num_samples <= 0 or batch_size <= 0 or num_steps <= 0 or (shard_size is not None and shard_size <= 0):
+        raise ValueError(f"num_samples ({num_samples}), batch_size ({batch_size}), num_steps ({num_steps}) and "
+                         f"shard_size ({shard_size}) must be positive")
     shard_size = shard_size or batch_size
     num_shards = math.ceil(num_samples / shard_size)
     config = dict(run_info or {}, num_samples=num_samples, shard_size=shard_size, seed=seed,
@@ -212,9 +213,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastdit.sample_fid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     S.add_model_args(p, cfg_default=1.5)  # the paper's FID-50K setting
-    p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=None, help="samples per shard file "
+    p.add_argument("--num-samples", type=S.positive_int, default=50_000)
+    p.add_argument("--per-proc-batch-size", type=S.positive_int, default=32)
+    p.add_argument("--shard-size", type=S.positive_int, default=None, help="samples per shard file "
                    "(default: the batch size; must stay the same across restarts)")
     p.add_argument("--sample-dir", required=True, help="shards, run.json and (default) the npz")
     p.add_argument("--out", default=None, help="final npz (default <sample-dir>/samples_<N>.npz)")
@@ -225,11 +226,17 @@ def main(argv=None) -> int:
     rank, world, device = dist.init_process_group()
     if args.device:
         device = torch.device(args.device)
-    model, info = S.load_model(args.ckpt, args.model, args.weights, args.impl, args.num_heads,
-                               device, S.impl_kwargs_from(args), verbose=rank == 0)
-    vae_path = S.resolve_vae(args.vae, info, model.in_channels)
+    try:
+        model, info = S.load_model(args.ckpt, args.model, args.weights, args.impl, args.num_heads,
+                                   device, S.impl_kwargs_from(args), verbose=rank == 0,
+                                   trust=args.trust_checkpoint)
+        vae_path = S.resolve_vae(args.vae, info, model.in_channels)
+    except S.LOAD_ERRORS as e:
+        code = S.error_line(p.prog, e) if rank == 0 else 2
+        dist.destroy_process_group()
+        return code
     vae = load_vae(vae_path, device) if vae_path else None
-    num_steps = args.num_steps or (50 if args.sampler == "ddim" else 250)
+    num_steps = S.num_steps_for(args)
     run_info = {"ckpt": os.path.abspath(args.ckpt), "weights": args.weights,
                 "model": info["model"], "model_kwargs": info["model_kwargs"], "vae": vae_path}
     out = generate(model, num_samples=args.num_samples, sample_dir=args.sample_dir, seed=args.seed,

@@ -23,13 +23,15 @@ from fastdit.models.build import build_dit
 from fastdit.weights import layout
 from fastdit.state_dict import check_state_dict_keys
 from fastdit.weights.load import load_checkpoint
+from fastdit.weights.safe_load import CheckpointFileError
 
 
-def export_state_dict(ckpt: str, raw: bool = False):
+def export_state_dict(ckpt: str, raw: bool = False, trust: bool = False):
     """(official-layout fp32 state dict, meta, tag folder) of a training checkpoint, read by
-    fastdit.weights.load; keys and shapes checked against the architecture its meta.json describes."""
+    fastdit.weights.load (without running code from it unless `trust`); keys and shapes checked against
+    the architecture its meta.json describes."""
     root, tag = layout.resolve_checkpoint(ckpt, need_ema=not raw)
-    loaded = load_checkpoint(os.path.join(root, tag), weights="model" if raw else "ema")
+    loaded = load_checkpoint(os.path.join(root, tag), weights="model" if raw else "ema", trust=trust)
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
     sd = {k: v.detach().float().contiguous() for k, v in loaded.state_dict.items()}
@@ -44,11 +46,15 @@ def main(argv=None) -> int:
     p.add_argument("ckpt", help="checkpoint folder, checkpoints/ folder or a run's output_dir")
     p.add_argument("--out", required=True, help="output .pt file")
     p.add_argument("--raw", action="store_true", help="the training weights instead of the EMA")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint fully, also objects outside fastdit's allowlist: this runs any "
+                        "code the files contain, so only for checkpoints you wrote yourself")
     args = p.parse_args(argv)
     try:
-        sd, meta, tag_dir = export_state_dict(args.ckpt, args.raw)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"fastdit.export: error: {e}", file=sys.stderr)
+        sd, meta, tag_dir = export_state_dict(args.ckpt, args.raw, args.trust_checkpoint)
+    except (FileNotFoundError, KeyError, ValueError, CheckpointFileError) as e:
+        text = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"fastdit.export: error: {' '.join(str(text).split())}", file=sys.stderr)
         return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic.torch_save(sd, args.out)

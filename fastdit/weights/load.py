@@ -11,9 +11,11 @@ Layouts (`load_checkpoint`):
    `deepspeed.utils.zero_to_fp32`, the frozen pos_embed rebuilt where ZeRO-1 left it out; without
    ZeRO, the module of mp_rank_00_model_states.pt).
 
-Every file fastdit reads itself is opened with `torch.load(..., weights_only=True)` (the official
-training dict's `args` Namespace is allow-listed). The raw weights of a DeepSpeed directory are read
-by unpickling DeepSpeed's files fully: use them on checkpoints you trust.
+Every file, fastdit's own and DeepSpeed's (zero_to_fp32 included), is read with
+`torch.load(..., weights_only=True)` and the short allowlist of fastdit.weights.safe_load (the official
+training dict's `args` Namespace, DeepSpeed's loss scaler ...): loading a checkpoint never runs code
+from it. `trust=True` (the commands' --trust-checkpoint) unpickles fully, for files you wrote yourself
+that need more.
 
 `build_model` turns a state dict (+ optional metadata) into a model: the architecture is read off
 the tensor shapes (input size, patch, channels, width, depth, classes, learn_sigma, block type);
@@ -35,7 +37,7 @@ import torch
 from fastdit.models.reference import get_2d_sincos_pos_embed
 from fastdit.models.build import build_dit, resolve_impl
 from fastdit.models.registry import MODEL_NAMES, model_config
-from fastdit.weights import layout
+from fastdit.weights import layout, safe_load
 from fastdit.state_dict import check_state_dict_keys, strip_prefixes
 
 WEIGHT_CHOICES = ("ema", "model")
@@ -55,16 +57,10 @@ class LoadedCheckpoint:
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
-def torch_load_safe(path: str):
-    """torch.load with weights_only=True; argparse.Namespace (official `args`) is allowed."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - rewrap with the file name and the reason
-            raise RuntimeError(
-                f"could not load {path} with weights_only=True ({type(e).__name__}: {e}). "
-                "fastdit only reads tensor checkpoints (state dicts, the official training dict, "
-                "fastdit exports, DeepSpeed checkpoint directories).") from e
+def torch_load_safe(path: str, trust: bool = False):
+    """fastdit.weights.safe_load.load_file: weights_only=True with the allowlist (argparse.Namespace
+    for the official `args`, ...); CheckpointFileError naming the file otherwise."""
+    return safe_load.load_file(path, trust=trust)
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -83,13 +79,14 @@ def _read_json(path: str) -> Optional[dict]:
 # Training checkpoint directories (layout: fastdit.weights.layout)
 # ----------------------------------------------------------------------------------------------
 def raw_training_weights(ckpt_root: str, tag: str, meta: Optional[dict],
-                         notes: list) -> Dict[str, torch.Tensor]:
+                         notes: list, trust: bool = False) -> Dict[str, torch.Tensor]:
     """The training (non-EMA) weights of a checkpoint, fp32, official keys.
 
     Under ZeRO they are the fp32 master weights, reassembled from the partitions by DeepSpeed's
     zero_to_fp32 (any world size); ZeRO-1 does not save frozen parameters, so the fixed pos_embed is
     rebuilt. Without ZeRO they are the module of mp_rank_00_model_states.pt (the bf16 copies under
-    bf16: said in `notes`). Both readers unpickle fully: use them on checkpoints you trust.
+    bf16: said in `notes`). DeepSpeed's reader runs inside safe_load.restricted_torch_load (`trust`: full
+    unpickling).
     """
     tag_dir = os.path.join(ckpt_root, tag)
     if layout.has_zero_shards(tag_dir):
@@ -98,10 +95,14 @@ def raw_training_weights(ckpt_root: str, tag: str, meta: Optional[dict],
         except ImportError as e:
             raise ImportError("raw (non-EMA) weights of a DeepSpeed checkpoint need deepspeed; "
                               "install it or load the EMA weights (ema.pt) instead") from e
-        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_root, tag=tag)
+        with safe_load.restricted_torch_load(trust):
+            sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_root, tag=tag)
     else:
-        sd = torch.load(os.path.join(tag_dir, layout.MODEL_STATES), map_location="cpu",
-                        weights_only=False)["module"]
+        path = os.path.join(tag_dir, layout.MODEL_STATES)
+        states = torch_load_safe(path, trust)
+        if not isinstance(states, dict) or not _is_tensor_dict(states.get("module")):
+            raise ValueError(f"{path} holds no module state dict (a DeepSpeed model-states file has 'module')")
+        sd = states["module"]
         if (meta or {}).get("bf16"):
             notes.append("ZeRO-0 bf16 checkpoint: the module weights are the bf16 copies")
     sd = {k: v.float() for k, v in strip_prefixes(dict(sd)).items()}
@@ -126,26 +127,26 @@ def _fill_pos_embed(sd: Dict[str, torch.Tensor], meta: Optional[dict], notes: li
                  "rebuilt as the fixed 2-D sin-cos table")
 
 
-def _load_training_checkpoint(path: str, weights: str) -> LoadedCheckpoint:
+def _load_training_checkpoint(path: str, weights: str, trust: bool = False) -> LoadedCheckpoint:
     ckpt_root, tag = layout.resolve_checkpoint(path, need_ema=weights == "ema")
     tag_dir = os.path.join(ckpt_root, tag)
     meta = layout.read_meta(tag_dir)
     notes: list = []
     if weights == "model":
-        sd = raw_training_weights(ckpt_root, tag, meta, notes)
+        sd = raw_training_weights(ckpt_root, tag, meta, notes, trust)
         return LoadedCheckpoint(sd, f"training checkpoint {tag} (raw weights)", tag_dir, meta, notes)
     ema_path = os.path.join(tag_dir, layout.EMA)
     if not os.path.isfile(ema_path):
         raise FileNotFoundError(f"{tag_dir} has no {layout.EMA}; load the raw weights with weights='model' "
                                 "(--weights model; fastdit.export --raw) instead")
-    obj = torch_load_safe(ema_path)
+    obj = torch_load_safe(ema_path, trust)
     if not _is_tensor_dict(obj):
         raise ValueError(f"{ema_path} is not a plain state dict of tensors")
     return LoadedCheckpoint(strip_prefixes(obj), f"training checkpoint {tag} (ema.pt)", tag_dir, meta, notes)
 
 
-def _load_file(path: str, weights: str) -> LoadedCheckpoint:
-    obj = torch_load_safe(path)
+def _load_file(path: str, weights: str, trust: bool = False) -> LoadedCheckpoint:
+    obj = torch_load_safe(path, trust)
     meta = None
     for candidate in (path + ".json", os.path.splitext(path)[0] + ".json"):
         meta = _read_json(candidate)
@@ -177,19 +178,20 @@ def _load_file(path: str, weights: str) -> LoadedCheckpoint:
 # ----------------------------------------------------------------------------------------------
 # The loader
 # ----------------------------------------------------------------------------------------------
-def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
+def load_checkpoint(path: str, weights: str = "ema", trust: bool = False) -> LoadedCheckpoint:
     """Load DiT weights from any supported layout (see the module docstring).
 
     :param weights: "ema" (default, as the official sample.py) or "model" (raw weights). Plain
         state-dict files hold a single set and are returned as they are.
+    :param trust: unpickle fully (runs any code in the files; only for files you wrote yourself).
     """
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
-        return _load_training_checkpoint(path, weights)
-    return _load_file(path, weights)
+        return _load_training_checkpoint(path, weights, trust)
+    return _load_file(path, weights, trust)
 
 
 # ----------------------------------------------------------------------------------------------
