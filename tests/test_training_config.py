@@ -130,6 +130,18 @@ def test_semantic_errors_say_what_to_pass():
         config_from_dict(raw, "x.json")
 
 
+@pytest.mark.parametrize("override,message", [
+    ("diffusion.sample_steps=fifty", "diffusion.sample_steps='fifty'.*not an integer step count"),
+    ("diffusion.sample_steps=ddim0", "diffusion.sample_steps='ddim0'.*need >= 1"),
+    ("diffusion.timestep_respacing=x", "diffusion.timestep_respacing='x'"),
+])
+def test_respacings_used_later_are_checked_at_load(tmp_path, override, message):
+    """The grids' respacing is first used when a grid is drawn (maybe hours in): checked before any work."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, _digits()), [override])
+    load_config(_write(tmp_path, _digits()), ["diffusion.sample_steps=ddim7"])
+
+
 def test_parse_override_values():
     assert parse_override("a.b=1e-4") == (["a", "b"], 1e-4)
     assert parse_override("a.b=DiT-S/2") == (["a", "b"], "DiT-S/2")

@@ -309,6 +309,7 @@ def _check_semantics(cfg: Config, where: str) -> None:
     if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
         raise ConfigError(f"{where}: model.class_dropout_prob must be in [0, 1)")
     _check_data(cfg.data, where)
+    _check_respacing(cfg.diffusion, where)
     if cfg.train.profile_steps is not None:
         first, last = parse_step_range(cfg.train.profile_steps, f"{where}: train.profile_steps")
         if last > cfg.train.max_steps:
@@ -333,6 +334,22 @@ def _check_data(data: DataConfig, where: str) -> None:
     if kind in ("latents", "imagefolder", "synthetic") and data.image_size % DOWNSAMPLE:
         raise ConfigError(f"{where}: data.image_size must be a multiple of {DOWNSAMPLE} (the VAE downsamples "
                           f"{DOWNSAMPLE}x), got {data.image_size}")
+
+
+def _check_respacing(diffusion: DiffusionConfig, where: str) -> None:
+    """timestep_respacing (training) and sample_steps (the sample grids, maybe hours in) are valid
+    respacings of the diffusion_steps chain."""
+    from fastdit.diffusion.respace import space_timesteps
+
+    for key in ("timestep_respacing", "sample_steps"):
+        value = getattr(diffusion, key)
+        if key == "timestep_respacing" and value == "":
+            continue
+        try:
+            space_timesteps(diffusion.diffusion_steps, value)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: diffusion.{key}={value!r} does not respace the "
+                              f"{diffusion.diffusion_steps}-step chain: {e}") from None
 
 
 def parse_step_range(text: str, what: str = "step range") -> Tuple[int, int]:

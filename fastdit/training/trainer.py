@@ -22,6 +22,8 @@ timer that synchronises the device at the boundaries (fastdit.training.step_prof
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
@@ -159,6 +161,172 @@ def training_flops(cfg: Config, full_kwargs: Dict[str, Any]) -> Optional[float]:
 
 
 # ----------------------------------------------------------------------------------------------
+# The deepspeed section, checked before any work
+# ----------------------------------------------------------------------------------------------
+class _KeysRead(dict):
+    """A dict that records every key looked up in it (get, [], in, in .keys(), pop, setdefault)."""
+
+    def __init__(self, data, read: set):
+        super().__init__(data)
+        self._read = read
+
+    def _saw(self, key):
+        self._read.add(key)
+        return key
+
+    def get(self, key, *default):
+        return super().get(self._saw(key), *default)
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._saw(key))
+
+    def __contains__(self, key):
+        return super().__contains__(self._saw(key))
+
+    def pop(self, key, *default):
+        return super().pop(self._saw(key), *default)
+
+    def setdefault(self, key, *default):
+        return super().setdefault(self._saw(key), *default)
+
+    def keys(self):
+        outer = self
+
+        class _Keys:
+            def __contains__(self, key):
+                return dict.__contains__(outer, outer._saw(key))
+
+            def __iter__(self):
+                return iter(list(dict.keys(outer)))
+
+            def __len__(self):
+                return dict.__len__(outer)
+
+        return _Keys()
+
+    def __copy__(self):
+        return _KeysRead(self, self._read)
+
+
+def _pydantic_message(e, ds: Dict[str, Any]) -> str:
+    """One line from a pydantic ValidationError of one of DeepSpeed's config sections."""
+    parts = []
+    for err in e.errors():
+        loc = [str(x) for x in err.get("loc", ())]
+        section = next((k for k, v in ds.items() if isinstance(v, dict) and loc and loc[0] in v), None)
+        if section is None and loc and err.get("type") == "extra_forbidden":
+            section = next((k for k, v in ds.items() if isinstance(v, dict)), None)
+        where = ".".join(["deepspeed"] + ([section] if section else [f"<{e.title}>"]) + loc)
+        got = f" (got {json.dumps(err['input'])})" if err.get("type") != "extra_forbidden" and _jsonable(
+            err.get("input")) else ""
+        msg = "unknown key" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
+        parts.append(f"{where}: {msg}{got}")
+    return "; ".join(parts)
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def check_deepspeed_config(cfg: Config, world_size: int) -> None:
+    """The deepspeed section against DeepSpeed's own config model, before any work; ConfigError naming
+    the key otherwise.
+
+    DeepSpeed silently ignores a top-level key it never reads (a misspelled `zero_optimisation` ran
+    ZeRO-0), so the section is parsed by DeepSpeed's DeepSpeedConfig (with `world_size` ranks) through a
+    dict that records the keys it reads, and any other key is refused. DeepSpeed's own checks (the batch
+    arithmetic, its pydantic sections: ZeRO stage, bf16, ...) are turned into one line each. Learning
+    rates of the optimizer and the scheduler must be >= 0, the scheduler's parameters those of its class.
+    """
+    import deepspeed.runtime.config as ds_config
+    from deepspeed.runtime import lr_schedules
+
+    where, ds = cfg.path, cfg.deepspeed
+    batch = {k: ds.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                    "gradient_accumulation_steps") if ds.get(k) is not None}
+    for k, v in batch.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{where}: deepspeed.{k} must be a positive integer, got {json.dumps(v)}")
+    tb, mb, ga = (batch.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                        "gradient_accumulation_steps"))
+    if tb and mb and ga and tb != mb * ga * world_size:
+        raise ConfigError(f"{where}: deepspeed.train_batch_size={tb} must equal train_micro_batch_size_per_gpu "
+                          f"({mb}) x gradient_accumulation_steps ({ga}) x ranks ({world_size}) = "
+                          f"{mb * ga * world_size}; fix one of them or drop gradient_accumulation_steps")
+    for per, name, other in ((mb, "train_micro_batch_size_per_gpu", ga), (ga, "gradient_accumulation_steps", mb)):
+        if tb and per and not other and tb % (per * world_size):
+            raise ConfigError(f"{where}: deepspeed.train_batch_size={tb} is not a multiple of {name} ({per}) x "
+                              f"ranks ({world_size}); pick sizes with train_batch_size = micro batch x gradient "
+                              f"accumulation x ranks")
+    read: set = set()
+    saved = ds_config.dist
+    ds_config.dist = _FixedWorld(world_size)  # DeepSpeedConfig asks deepspeed.comm for the world size
+    try:
+        ds_config.DeepSpeedConfig(_KeysRead(copy.deepcopy(ds), read))
+    except Exception as e:  # noqa: BLE001 - DeepSpeed raises AssertionError, ValueError, pydantic errors...
+        if hasattr(e, "errors") and hasattr(e, "title"):
+            raise ConfigError(f"{where}: {_pydantic_message(e, ds)}") from None
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"{where}: the deepspeed section is invalid: {text}") from None
+    finally:
+        ds_config.dist = saved
+    unknown = sorted(set(ds) - read)
+    if unknown:
+        import difflib
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(read), n=1)
+            hints.append(f"deepspeed.{k}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{where}: DeepSpeed does not know {', '.join(hints)}; it would ignore "
+                          f"{'it' if len(unknown) == 1 else 'them'} silently")
+    _check_learning_rates(where, ds, lr_schedules)
+
+
+class _FixedWorld:
+    """Stands in for deepspeed.comm while DeepSpeedConfig is parsed before the process group exists."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def get_rank(self, *args, **kwargs) -> int:
+        return 0
+
+    def get_world_size(self, *args, **kwargs) -> int:
+        return self.world_size
+
+
+def _check_learning_rates(where: str, ds: Dict[str, Any], lr_schedules) -> None:
+    import inspect
+
+    opt = ds.get("optimizer") or {}
+    lr = (opt.get("params") or {}).get("lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr < 0:
+        raise ConfigError(f"{where}: deepspeed.optimizer.params.lr must be >= 0, got {lr}")
+    sched = ds.get("scheduler") or {}
+    name, params = sched.get("type"), sched.get("params") or {}
+    if not name:
+        return
+    cls = getattr(lr_schedules, name, None) or getattr(torch.optim.lr_scheduler, name, None)
+    if cls is None or not inspect.isclass(cls):
+        raise ConfigError(f"{where}: deepspeed.scheduler.type {name!r} is not a DeepSpeed scheduler "
+                          f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) nor one of torch.optim.lr_scheduler")
+    sig = inspect.signature(cls.__init__).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in sig.values()):
+        unknown = sorted(set(params) - set(sig) - {"self", "optimizer"})
+        if unknown:
+            raise ConfigError(f"{where}: deepspeed.scheduler.params of {name} has no {', '.join(unknown)}; "
+                              f"its parameters: {', '.join(k for k in sig if k not in ('self', 'optimizer'))}")
+    for k, v in params.items():
+        if (k.endswith("lr") or k.endswith("_lr_rate") or "num_steps" in k) and isinstance(v, (int, float)) \
+                and not isinstance(v, bool) and v < 0:
+            raise ConfigError(f"{where}: deepspeed.scheduler.params.{k} must be >= 0, got {v}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -243,6 +411,8 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
     except ImportError as e:
         raise ConfigError(f"{cfg.path}: model.impl={cfg.model.impl!r} runs the fast model, which cannot be "
                           f"imported ({e}); repair the install or set model.impl=reference") from None
+    except ValueError as e:  # the model's own checks (patch size, heads ...)
+        raise ConfigError(f"{cfg.path}: model: {e}") from None
     n_params = sum(p.numel() for p in model.parameters())
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
