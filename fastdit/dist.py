@@ -37,6 +37,15 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] (any picklable object; [obj] without a process group)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def env_rank() -> int:
     """The launcher's RANK (0 when none): usable before the process group exists."""
     return int(os.environ.get("RANK", "0"))

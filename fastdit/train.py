@@ -11,7 +11,11 @@ without oneCCL installed the CPU accelerator's backend is gloo, which this scrip
 train.shm_comm=true to keep it). Add `--master_port P` to run two jobs side by side.
 
 `--set section.key=value` (repeatable) overrides any config value; `--resume auto` continues from the
-newest complete checkpoint of train.output_dir (a fresh start when there is none). Writes to
+newest intact checkpoint of train.output_dir (a fresh start when there is none; a damaged one is set
+aside as <tag>.damaged, with a warning). `--resume PATH` continues another checkpoint; into an output_dir
+that holds another run only with `--replace-run` (which moves that run to <output_dir>/replaced-N/).
+Checkpoint files are read without running code from them (fastdit/weights/safe_load.py);
+`--trust-checkpoint` unpickles them fully, for files you wrote yourself. Writes to
 train.output_dir: checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples/*.png, loss_curve.png, and
 profile/ (trace.json, profile.json) when train.profile_steps=A-B asks for a profile of those steps.
 
@@ -19,7 +23,18 @@ One optimizer step is fastdit.training.trainer.Trainer.train_step(), the step be
 `deepspeed`) times and benchmarks/step_profile.py profiles; this script adds resume, data order,
 logging, checkpoints, sample grids and the non-finite stop around it.
 
-Exit codes: 0 done, 2 bad config or missing input, 3 stopped after too many non-finite steps in a row.
+Exit codes:
+  0  done (a sample grid that fails is reported as a warning; the run and its checkpoints go on)
+  2  bad input, said in one line before the first training step: the config or an override (keys, types,
+     ranges, the respacings of the grids, the sample classes), the deepspeed section (checked against
+     DeepSpeed's own config model: unknown keys, batch arithmetic, ZeRO stage, learning rates), the
+     model's geometry (patch size, heads), missing or invalid data (latent folders file by file, empty
+     class folders, data.num_classes), a missing VAE, an unwritable train.output_dir, another run in
+     train.output_dir, and a checkpoint that cannot be resumed (a damaged file, named with the newest
+     intact older checkpoint; pickled objects outside the allowlist; another global batch; weights that do
+     not fit the model)
+  3  stopped after too many non-finite steps in a row (train.max_nonfinite_in_a_row; checkpoint saved)
+Anything else (1 with a traceback) is a bug or the environment (out of memory, a killed rank).
 Test hooks (environment): FASTDIT_TEST_NAN_STEPS="3,6,7" turns the loss of those optimizer steps
 (1-based) into NaN on rank FASTDIT_TEST_NAN_RANK (default: the last rank);
 FASTDIT_TEST_KILL_DURING_SAVE=N SIGKILLs rank 0 in the middle of saving the checkpoint of step N.
@@ -71,6 +86,7 @@ from fastdit.training import checkpoint as ckpt  # noqa: E402
 from fastdit.training import metrics  # noqa: E402
 from fastdit.training.config import ConfigError, load_config, parse_step_range, resolved_architecture  # noqa: E402
 from fastdit.training.data import LATENTS_FILE, RankBatchSampler, build_dataset, rank_batches  # noqa: E402
+from fastdit.weights.safe_load import CheckpointFileError  # noqa: E402
 from fastdit.training.trainer import (StepResult, Trainer, TrainingSetup, build_engine,  # noqa: E402
                                       data_geometry, device_for_rank, init_distributed)
 from fastdit.weights import layout  # noqa: E402
@@ -97,6 +113,14 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None,
                    help="'auto' (newest complete checkpoint of output_dir, else a fresh start) or a "
                         "checkpoint folder; overrides train.resume")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the resumed checkpoint's files fully, also objects outside fastdit's allowlist: "
+                        "this runs any code they contain, so only for checkpoints you wrote yourself (e.g. with "
+                        "another DeepSpeed version); see fastdit/weights/safe_load.py")
+    p.add_argument("--replace-run", action="store_true",
+                   help="with --resume PATH: when train.output_dir already holds another run (or newer "
+                        "checkpoints of this one), move its checkpoints, metrics and images to "
+                        "<output_dir>/replaced-N/ (nothing is deleted) and continue from PATH there")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -112,12 +136,20 @@ def _vae_for(cfg, dataset) -> Optional[str]:
     return None
 
 
-def preflight(cfg):
-    """Every check that can fail on user input, before distributed init or any heavy work.
+RUN_PRODUCTS = ("checkpoints", "metrics.jsonl", "tb", "samples", "loss_curve.png", "profile")  # --replace-run
 
-    Returns (dataset, vae_spec). Exits with a message saying what to pass when something is missing.
+
+def preflight(cfg, replace_run: bool = False):
+    """Every check that can fail on user input, before distributed init or any heavy work: the data, the
+    deepspeed section, the model's geometry, the settings used later (sample grids), another run in
+    train.output_dir, and that train.output_dir is writable.
+
+    Returns (dataset, vae_spec, folder to move the existing run to (--replace-run) or None). Exits with
+    EXIT_CONFIG and a message saying what to pass when something is wrong.
     """
     from fastdit.generate.vae import VAENotFoundError, resolve_vae
+    from fastdit.models.build import build_dit
+    from fastdit.training.trainer import check_deepspeed_config, model_kwargs_for
 
     try:
         dataset = build_dataset(cfg.data)
@@ -129,12 +161,28 @@ def preflight(cfg):
             fail(f"{cfg.path}: data.image_size is {cfg.data.image_size} but the latents in "
                  f"{os.path.join(cfg.data.path, LATENTS_FILE)} were extracted at {size} "
                  f"({dataset.latent_size}x{dataset.latent_size}); pass --set data.image_size={size}")
-    existing = layout.latest_tag(os.path.join(cfg.train.output_dir, "checkpoints"))
-    if existing and not cfg.train.resume:
-        fail(f"{cfg.train.output_dir} already holds a run (checkpoint {existing}); pass --resume auto to "
-             f"continue it, or another --set train.output_dir=... to start a new one")
+    try:
+        check_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        in_channels, input_size, num_classes = data_geometry(cfg, dataset)
+        _, _, full_kwargs = model_kwargs_for(cfg, input_size, in_channels, num_classes)
+    except ConfigError as e:
+        fail(str(e))
+    try:
+        with torch.device("meta"):
+            build_dit("reference", **full_kwargs)  # the model's own checks (patch size, heads ...)
+    except (ValueError, TypeError, AssertionError) as e:
+        fail(f"{cfg.path}: model: {e} (the model's input is {input_size}x{input_size}x{in_channels})")
+    replace_to = _check_existing_run(cfg, replace_run)
     vae = _vae_for(cfg, dataset)
     wants_grid = cfg.train.final_sample or cfg.train.sample_every > 0
+    if wants_grid:  # settings first used when a grid is drawn, maybe hours in: checked now
+        classes = cfg.train.sample_classes or list(range(min(num_classes, 10)))
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            fail(f"{cfg.path}: train.sample_classes {bad} are outside [0, {num_classes}) (the model has "
+                 f"{num_classes} classes); pass class indices below {num_classes}")
+        if not classes:
+            fail(f"{cfg.path}: train.sample_classes is empty; list classes or pass --set train.sample_classes=null")
     if cfg.data.kind == "imagefolder" or (vae and wants_grid) or (cfg.data.kind == "latents" and wants_grid):
         try:
             resolve_vae(vae)
@@ -143,7 +191,80 @@ def preflight(cfg):
                      " (the VAE decodes the sample grids; or turn them off with --set train.final_sample=false "
                      "--set train.sample_every=0)")
             fail(f"{cfg.path}: {e}{extra}")
-    return dataset, vae
+    if cfg.data.kind == "imagefolder" and dataset.num_classes != cfg.data.num_classes:
+        fail(f"{cfg.path}: {cfg.data.path} has {dataset.num_classes} class folders but data.num_classes is "
+             f"{cfg.data.num_classes}; pass --set data.num_classes={dataset.num_classes} if that is right, or "
+             f"check the folder")
+    _check_writable(cfg.train.output_dir)
+    return dataset, vae, replace_to
+
+
+def _describe_run(ckpt_root: str, tag: str) -> str:
+    """'checkpoint step_0000020 (config configs/digits.json)': which run is there."""
+    try:
+        config = layout.read_meta(os.path.join(ckpt_root, tag)).get("config_path")
+    except (OSError, ValueError):
+        config = None
+    return f"checkpoint {tag}" + (f" of config {config}" if config else "")
+
+
+def _check_existing_run(cfg, replace_run: bool) -> Optional[str]:
+    """A run already in train.output_dir is never overwritten by accident: without --resume it is refused;
+    --resume PATH from another run (or from an older checkpoint of this one) is refused unless
+    --replace-run, which moves the run's files to <output_dir>/replaced-N/. Returns that folder or None.
+    Rewrites cfg.train.resume when PATH lies inside what is moved."""
+    out = cfg.train.output_dir
+    own_root = os.path.abspath(os.path.join(out, "checkpoints"))
+    existing = layout.latest_tag(own_root)
+    resume = cfg.train.resume
+    if existing and not resume:
+        fail(f"{out} already holds a run ({_describe_run(own_root, existing)}); pass --resume auto to "
+             f"continue it, or another --set train.output_dir=... to start a new one")
+    if not resume or resume == "auto":
+        return None
+    try:
+        root, tag = layout.resolve_checkpoint(resume)
+    except FileNotFoundError as e:
+        fail(f"--resume {resume}: {e}")
+    if not existing or (root == own_root and layout.step_of(tag) >= layout.step_of(existing)):
+        return None
+    what = (f"another run ({_describe_run(own_root, existing)})" if root != own_root else
+            f"newer checkpoints of this run (up to {_describe_run(own_root, existing)})")
+    if not replace_run:
+        fail(f"{out} already holds {what}; continuing from {os.path.join(root, tag)} there would overwrite "
+             f"its checkpoints and metrics. Pass --resume auto to continue the run in {out}, set another "
+             f"train.output_dir for the run from {os.path.join(root, tag)}, or pass --replace-run to move the "
+             f"run in {out} to {out}/replaced-N/ first")
+    n = 1
+    while os.path.exists(os.path.join(out, f"replaced-{n}")):
+        n += 1
+    aside = os.path.join(out, f"replaced-{n}")
+    if root == own_root:  # the checkpoint resumed from moves along with the run
+        cfg.train.resume = os.path.join(aside, "checkpoints", tag)
+    return aside
+
+
+def _check_writable(out_dir: str) -> None:
+    """train.output_dir can be created and written (checked with a probe file, removed at once)."""
+    probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"train.output_dir {out_dir} is not writable ({e.strerror or e}); pass --set "
+             f"train.output_dir=<a folder you can write>")
+
+
+def _replace_run(out_dir: str, aside: str) -> None:
+    """--replace-run (rank 0): move the run products of out_dir into `aside` (nothing is deleted)."""
+    os.makedirs(aside)
+    for name in RUN_PRODUCTS:
+        src = os.path.join(out_dir, name)
+        if os.path.exists(src):
+            os.rename(src, os.path.join(aside, name))
+    say(f"--replace-run: the run that was in {out_dir} is now in {aside}")
 
 
 def set_cpu_threads(cfg) -> None:
@@ -187,45 +308,66 @@ def sample_grid(cfg, setup: TrainingSetup, meta: Dict[str, Any], vae_spec: Optio
 
     fastdit.generate.sample's loop with the config's respacing, guidance and seed (sample j seeded
     train.seed + 12345 + j); pixel-space runs clip x_0 to [-1, 1] at every step. All ranks call this
-    (the EMA gather is a collective); the training RNG is not touched.
+    (the EMA gather is a collective); the training RNG is not touched. A failure while drawing raises
+    SamplingError on rank 0 once every rank has left the collectives (Run.grid reports it and the run
+    goes on).
     """
+    sd = setup.ema.full_state_dict(dst=0)
+    raise_after = None
+    path = None
+    if dist.rank() == 0:
+        cuda = [setup.device] if setup.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=cuda):  # building the model draws from the global RNG
+                path = _draw_grid(cfg, setup, sd, meta, vae_spec, out_path, writer, step)
+        except Exception as e:  # noqa: BLE001 - a grid must never cost the run (the caller says what failed)
+            raise_after = SamplingError(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+    dist.barrier()
+    if dist.rank() == 0 and raise_after is not None:
+        raise raise_after
+    return path
+
+
+class SamplingError(RuntimeError):
+    """A sample grid failed (rank 0, after every rank left sample_grid's collectives)."""
+
+
+def _draw_grid(cfg, setup: TrainingSetup, sd, meta: Dict[str, Any], vae_spec: Optional[str], out_path: str,
+               writer, step: int) -> str:
+    """Rank 0's part of sample_grid."""
     from fastdit.diffusion import create_diffusion
     from fastdit.generate.images import decode_images, save_class_grid, to_rgb
     from fastdit.generate.sample import sample_latents
     from fastdit.generate.vae import load_vae
     from fastdit.models.build import build_dit
 
-    sd = setup.ema.full_state_dict(dst=0)
-    path = None
-    if dist.rank() == 0:
-        kwargs, device = setup.full_kwargs, setup.device
-        model = build_dit(setup.impl, **kwargs, **sampling_options(setup))
-        model.load_state_dict(sd)
-        model.to(device).eval()
-        nc = kwargs["num_classes"]
-        classes = cfg.train.sample_classes or list(range(min(nc, 10)))
-        bad = [c for c in classes if not 0 <= c < nc]
-        if bad:
-            raise ValueError(f"train.sample_classes {bad} are outside [0, {nc})")
-        labels = [c for c in classes for _ in range(cfg.train.samples_per_class)]
-        respacing = cfg.diffusion.sample_steps
-        diffusion = create_diffusion(timestep_respacing=respacing, noise_schedule=cfg.diffusion.noise_schedule,
-                                     learn_sigma=kwargs["learn_sigma"],
-                                     diffusion_steps=cfg.diffusion.diffusion_steps)
-        x0 = sample_latents(model, labels, [cfg.train.seed + 12345 + j for j in range(len(labels))],
-                            cfg_scale=cfg.diffusion.cfg_scale,
-                            sampler="ddim" if respacing.startswith("ddim") else "ddpm",
-                            eta=cfg.diffusion.ddim_eta, device=device,
-                            guide_all_channels=cfg.diffusion.guide_all_channels,
-                            use_cfg=cfg.diffusion.cfg_scale != 1.0 and kwargs["class_dropout_prob"] > 0,
-                            diffusion=diffusion, clip_denoised=vae_spec is None)
-        del model
-        vae = load_vae(vae_spec, device) if vae_spec else None
-        images = decode_images(x0, vae, meta["latent_scale"], batch_size=16)
-        path = save_class_grid(images, len(classes), out_path, row_labels=[str(c) for c in classes])
-        if writer is not None:
-            writer.add_images("samples/ema", to_rgb(images), step, dataformats="NHWC")
-    dist.barrier()
+    kwargs, device = setup.full_kwargs, setup.device
+    model = build_dit(setup.impl, **kwargs, **sampling_options(setup))
+    model.load_state_dict(sd)
+    model.to(device).eval()
+    nc = kwargs["num_classes"]
+    classes = cfg.train.sample_classes or list(range(min(nc, 10)))
+    bad = [c for c in classes if not 0 <= c < nc]
+    if bad:
+        raise ValueError(f"train.sample_classes {bad} are outside [0, {nc})")
+    labels = [c for c in classes for _ in range(cfg.train.samples_per_class)]
+    respacing = cfg.diffusion.sample_steps
+    diffusion = create_diffusion(timestep_respacing=respacing, noise_schedule=cfg.diffusion.noise_schedule,
+                                 learn_sigma=kwargs["learn_sigma"],
+                                 diffusion_steps=cfg.diffusion.diffusion_steps)
+    x0 = sample_latents(model, labels, [cfg.train.seed + 12345 + j for j in range(len(labels))],
+                        cfg_scale=cfg.diffusion.cfg_scale,
+                        sampler="ddim" if respacing.startswith("ddim") else "ddpm",
+                        eta=cfg.diffusion.ddim_eta, device=device,
+                        guide_all_channels=cfg.diffusion.guide_all_channels,
+                        use_cfg=cfg.diffusion.cfg_scale != 1.0 and kwargs["class_dropout_prob"] > 0,
+                        diffusion=diffusion, clip_denoised=vae_spec is None)
+    del model
+    vae = load_vae(vae_spec, device) if vae_spec else None
+    images = decode_images(x0, vae, meta["latent_scale"], batch_size=16)
+    path = save_class_grid(images, len(classes), out_path, row_labels=[str(c) for c in classes])
+    if writer is not None:
+        writer.add_images("samples/ema", to_rgb(images), step, dataformats="NHWC")
     return path
 
 
@@ -249,6 +391,7 @@ class Run:
         self.loss_n = 0
         self.window_t0, self.window_steps, self.excluded = time.time(), 0, 0.0
         self.final_loss = None
+        self.sampling_failures = 0
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:
@@ -294,9 +437,18 @@ class Run:
                                         self.meta(s, stopped), self.trainer_state(s), self.cfg.train.keep_last)
 
     def grid(self, s: int) -> Optional[str]:
+        """The sample grid of step `s`; a failure is reported (rank 0) and training goes on."""
         path = os.path.join(self.out_dir, "samples", f"{layout.tag_for(s)}.png")
-        return sample_grid(self.cfg, self.setup, self.meta(s), self.vae_spec if self.kind != "digits" else None,
-                           path, self.writer, s)
+        try:
+            return sample_grid(self.cfg, self.setup, self.meta(s),
+                               self.vae_spec if self.kind != "digits" else None, path, self.writer, s)
+        except SamplingError as e:
+            self.sampling_failures += 1
+            saved = layout.latest_tag(self.ckpt_root)
+            say(f"warning: the sample grid of step {s} failed ({e}); training is not affected"
+                + (f" (newest checkpoint: {os.path.join(self.ckpt_root, saved)}; draw a grid from it with "
+                   f"python -m fastdit.sample --ckpt {os.path.join(self.ckpt_root, saved)})" if saved else ""))
+            return None
 
     def account(self, result: StepResult, bar) -> Optional[str]:
         """Count the step's loss, or report its skip; returns the reason to stop, or None."""
@@ -388,6 +540,8 @@ class Run:
             say(f"done: step {step}, final loss {fl:.4f}" if fl is not None else f"done: step {step}")
             if self.trainer.nonfinite_total:
                 say(f"non-finite steps skipped: {self.trainer.nonfinite_total}")
+            if self.sampling_failures:
+                say(f"sample grids that failed: {self.sampling_failures} (see the warnings above)")
             say(f"checkpoint: {os.path.join(self.ckpt_root, layout.latest_tag(self.ckpt_root) or '')}")
             if grid_path:
                 say(f"samples (one row per class): {grid_path}")
@@ -399,15 +553,19 @@ class Run:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def setup_run(cfg, dataset, vae_spec):
+def setup_run(cfg, dataset, vae_spec, trust: bool = False, replace_to: Optional[str] = None):
     """Distributed init, the engine (fastdit.training.trainer.build_engine), the resumed state and the
-    data loader positioned at it. Returns (Run, step, tag or None)."""
+    data loader positioned at it. Returns (Run, step, tag or None).
+
+    trust: --trust-checkpoint (full unpickling of the resumed files); replace_to: --replace-run's folder."""
     init_distributed(cfg.train.shm_comm)
     set_cpu_threads(cfg)
     rank, world = dist.rank(), dist.world_size()
     device = device_for_rank()
     ckpt_root = os.path.join(cfg.train.output_dir, "checkpoints")
     if rank == 0:
+        if replace_to:
+            _replace_run(cfg.train.output_dir, replace_to)
         os.makedirs(ckpt_root, exist_ok=True)
         ckpt.clean_tmp(ckpt_root)
     dist.barrier()
@@ -423,8 +581,9 @@ def setup_run(cfg, dataset, vae_spec):
     except ConfigError as e:
         fail(str(e))
     try:
-        step, tag, state = ckpt.resume(cfg.train.resume, ckpt_root, setup.engine, setup.ema, cfg.train.seed)
-    except FileNotFoundError as e:
+        step, tag, state = ckpt.resume(cfg.train.resume, ckpt_root, setup.engine, setup.ema, cfg.train.seed,
+                                       global_batch=setup.global_batch, trust=trust)
+    except (FileNotFoundError, ValueError, ckpt.ResumeError, CheckpointFileError) as e:
         fail(str(e))
     if rank == 0:
         metrics.trim(os.path.join(cfg.train.output_dir, "metrics.jsonl"), step)
@@ -481,8 +640,10 @@ def main(argv=None) -> int:
         fail(str(e))
     if args.resume is not None:
         cfg.train.resume = args.resume
-    dataset, vae_spec = preflight(cfg)
-    run, step, tag = setup_run(cfg, dataset, vae_spec)
+    if args.replace_run and cfg.train.resume in (None, "auto"):
+        fail("--replace-run goes with --resume PATH (the checkpoint to continue from)")
+    dataset, vae_spec, replace_to = preflight(cfg, args.replace_run)
+    run, step, tag = setup_run(cfg, dataset, vae_spec, trust=args.trust_checkpoint, replace_to=replace_to)
     trainer, max_steps = run.trainer, cfg.train.max_steps
     profiler = _step_profiler(cfg, run.setup) if cfg.train.profile_steps and run.rank == 0 else None
     if run.rank == 0:

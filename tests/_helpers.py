@@ -141,3 +141,29 @@ def fake_attention_probe(monkeypatch, libraries: dict, device="cpu"):
         else:
             monkeypatch.setitem(sys.modules, name, libraries.get(name))  # None: ModuleNotFoundError
     return attention
+
+
+# Scenarios of fastdit/train.py on one CPU rank (tests/_train_scenarios.py), run once per session in one
+# subprocess and shared by the modules that read them (checkpoints, safe loading).
+_SCENARIOS = {}
+
+
+def train_scenarios(tmp_path_factory):
+    """(work folder, {scenario: {rc, out, err, markers, files}}) of tests/_train_scenarios.py."""
+    import json
+    import os
+    import subprocess
+
+    if "result" not in _SCENARIOS:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        work = tmp_path_factory.mktemp("train_scenarios")
+        env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
+            env.pop(k, None)
+        proc = subprocess.run([sys.executable, os.path.join(root, "tests", "_train_scenarios.py"), str(work)],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with open(os.path.join(work, "results.json")) as f:
+            _SCENARIOS["result"] = (work, json.load(f))
+    return _SCENARIOS["result"]

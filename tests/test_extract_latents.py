@@ -173,7 +173,8 @@ def test_train_on_extracted_latents_and_on_raw_images(tmp_path, tiny_vae, image_
     shutil.copytree(image_folder, clean, ignore=shutil.ignore_patterns("broken.jpg"))
     for kind, path in (("latents", lat), ("imagefolder", clean)):
         cfg = json.loads(json.dumps(base))
-        cfg["data"] = {"kind": kind, "path": path, "image_size": SIZE, "vae": vae_path, "num_workers": 0}
+        cfg["data"] = {"kind": kind, "path": path, "image_size": SIZE, "vae": vae_path, "num_workers": 0,
+                       "num_classes": 3}
         cfg["train"]["output_dir"] = str(tmp_path / f"run-{kind}")
         proc = _train_one_process(cfg, tmp_path, kind)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

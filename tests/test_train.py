@@ -85,6 +85,85 @@ def test_train_script_refuses_to_overwrite_a_run(tmp_path):
     assert "step_0000005" in proc.stderr and "--resume auto" in proc.stderr
 
 
+_TRAIN_MODULE = []
+
+
+def train_main(argv):
+    """fastdit/train.py's main() in this process (the checks below all stop before distributed init)."""
+    if not _TRAIN_MODULE:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("fastdit_train_script", TRAIN)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _TRAIN_MODULE.append(module)
+    return _TRAIN_MODULE[0].main(argv)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("deepspeed.zero_optimization.stage=4", "deepspeed.zero_optimization.stage: Input should be 0, 1, 2, 3"),
+    ("deepspeed.train_micro_batch_size_per_gpu=0", "train_micro_batch_size_per_gpu must be a positive integer"),
+    ("deepspeed.train_batch_size=63", "train_batch_size=63 is not a multiple of train_micro_batch_size_per_gpu"),
+    ("deepspeed.gradient_accumulation_steps=3", "must equal train_micro_batch_size_per_gpu (32) x "
+                                                "gradient_accumulation_steps (3) x ranks (1) = 96"),
+    ('deepspeed.zero_optimisation={"stage": 3}', "DeepSpeed does not know deepspeed.zero_optimisation (did you "
+                                                 "mean 'zero_optimization'?)"),
+    ("deepspeed.bf16.enabeld=true", "deepspeed.bf16.enabeld: unknown key"),
+    ("deepspeed.optimizer.params.lr=-0.001", "deepspeed.optimizer.params.lr must be >= 0"),
+    ("deepspeed.scheduler.params.warmup_max_lr=-0.001", "deepspeed.scheduler.params.warmup_max_lr must be >= 0"),
+    ("model.patch_size=3", "model: input_size 16 is not divisible by patch_size 3"),
+    ("model.num_heads=3", "hidden_size 128 is not divisible by num_heads 3"),
+    ("train.sample_classes=[0,12]", "train.sample_classes [12] are outside [0, 10)"),
+])
+def test_bad_settings_stop_before_any_work_with_one_line(tmp_path, capsys, override, words):
+    """DeepSpeed's and the model's own checks, and the settings first used by the sample grids, are checked
+    before distributed init: exit 2 and one line (they used to be tracebacks, exit 1, or hours later)."""
+    raw = _digits()
+    raw["train"]["output_dir"] = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", _write(tmp_path, raw), "--set", override])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("fastdit.train: error: "), err
+    assert words in err[0], err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_unwritable_output_dir_and_image_folder_classes_are_checked(tmp_path, capsys):
+    raw = _digits()
+    (tmp_path / "a-file").write_text("x")
+    raw["train"]["output_dir"] = str(tmp_path / "a-file" / "out")
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", _write(tmp_path, raw)])
+    assert e.value.code == 2 and "is not writable" in capsys.readouterr().err
+    from PIL import Image
+    images = tmp_path / "images"
+    for cls in ("a", "b"):
+        (images / cls).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(images / "a" / "x.png")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    raw["train"]["output_dir"] = str(tmp_path / "out")
+    raw["data"] = {"kind": "imagefolder", "path": str(images), "image_size": 16, "vae": str(tmp_path / "vae")}
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", _write(tmp_path, raw)])
+    assert e.value.code == 2 and "class folder(s) b hold no images" in capsys.readouterr().err
+    Image.new("RGB", (8, 8)).save(images / "b" / "y.png")
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", _write(tmp_path, raw)])
+    assert e.value.code == 2 and ("has 2 class folders but data.num_classes is 1000; pass --set "
+                                  "data.num_classes=2") in capsys.readouterr().err
+
+
+def test_deepspeed_errors_exit_2_from_the_command_line(tmp_path):
+    raw = _digits()
+    raw["train"]["output_dir"] = str(tmp_path / "out")
+    proc, _ = _run_train(["--config", _write(tmp_path, raw), "--set", "deepspeed.zero_optimization.stage=4"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "error" in line] == [
+        f"fastdit.train: error: {tmp_path / 'cfg.json'}: deepspeed.zero_optimization.stage: Input should be "
+        f"0, 1, 2, 3 or 3 (got 4)"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole runs on 2 CPU ranks
 # ----------------------------------------------------------------------------------------------

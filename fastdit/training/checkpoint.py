@@ -10,7 +10,11 @@ Assumes the checkpoint folder is on a file system every rank shares (as DeepSpee
 
 `resume` restores the engine (weights, optimizer, scheduler), the EMA, every RNG and the data position,
 so a resumed run continues bit for bit (with the same world size; with another one the data order is
-kept and the RNG streams are reseeded).
+kept and the RNG streams are reseeded; another global batch is refused). Before anything is restored
+every file the rank reads is checked and read without running code (fastdit.weights.safe_load): a
+damaged checkpoint is named, file by file, with the newest older one that is intact (`--resume auto`
+sets the damaged one aside and falls back to it, with a warning); a file holding pickled objects
+outside the allowlist is refused unless the caller trusts it (train.py --trust-checkpoint).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import random
 import shutil
 import signal
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +31,8 @@ import torch
 from fastdit import atomic, dist
 from fastdit.weights import layout
 from fastdit.weights.layout import EMA, META, TMP
+from fastdit.weights.safe_load import (CheckpointFileError, UnsafeCheckpointError, load_file,
+                                       restricted_torch_load)
 
 KILL_HOOK_ENV = "FASTDIT_TEST_KILL_DURING_SAVE"  # test hook: SIGKILL rank 0 mid-save at this step
 
@@ -142,47 +148,183 @@ def clean_tmp(ckpt_root: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Resume
 # ----------------------------------------------------------------------------------------------
-def restore(engine, ckpt_root: str, tag: str, ema) -> Optional[Dict[str, Any]]:
-    """Restore DeepSpeed state (weights, optimizer, scheduler), the EMA, and return this rank's
-    trainer state (None when it was saved with another world size; the caller then reseeds)."""
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed; the message names the file or the setting and what to do."""
+
+
+def _check_tag(ckpt_root: str, tag: str, trust: bool) -> Tuple[List[str], bool, Dict[str, Any], Optional[dict]]:
+    """This rank's check of one checkpoint before anything is restored: meta.json, ema.pt, the DeepSpeed
+    files this rank reads and its trainer state, each file loaded once through fastdit.weights.safe_load.
+
+    Returns (problems, unsafe, preloaded {absolute path: object}, meta). `unsafe`: a file holds pickled
+    objects outside the allowlist (not a damage that an older checkpoint repairs)."""
     tag_dir = os.path.join(ckpt_root, tag)
-    if not layout.is_complete(tag_dir):
-        raise FileNotFoundError(f"checkpoint {tag_dir!r} is incomplete or missing")
-    load_path, _ = engine.load_checkpoint(ckpt_root, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir!r}")
-    ema.load_full_state_dict(torch.load(os.path.join(tag_dir, EMA), map_location="cpu", weights_only=True))
-    path = os.path.join(tag_dir, layout.trainer_state_file(dist.rank()))
-    if not os.path.isfile(path):
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("world_size") != dist.world_size():
-        return None
-    return state
+    rank, world = dist.rank(), dist.world_size()
+    problems: List[str] = []
+    unsafe = False
+    meta = None
+    if not os.path.isdir(tag_dir):
+        return [f"{tag_dir} is missing"], False, {}, None
+    try:
+        meta = layout.read_meta(tag_dir)
+    except FileNotFoundError:
+        problems.append(f"{os.path.join(tag_dir, META)} is missing (a checkpoint is complete once it is written)")
+    except ValueError as e:
+        problems.append(str(e))
+    files = [os.path.join(tag_dir, EMA)] + layout.rank_files(tag_dir, rank)
+    if meta is not None and meta.get("world_size") == world:
+        # same world size: this rank's own files must all be there
+        files.append(os.path.join(tag_dir, layout.trainer_state_file(rank)))
+        names = set(os.listdir(tag_dir))
+        stage = meta.get("zero_stage") or 0
+        if stage >= 1 and not any(n.endswith("optim_states.pt") and f"{layout.ZERO_SHARD_PREFIX}{rank}_" in n
+                                  for n in names):
+            problems.append(f"{tag_dir}: the ZeRO optimizer partition of rank {rank} "
+                            f"({layout.ZERO_SHARD_PREFIX}{rank}_mp_rank_00_optim_states.pt) is missing")
+        if stage < 3 and layout.MODEL_STATES not in names:
+            problems.append(f"{os.path.join(tag_dir, layout.MODEL_STATES)} is missing")
+    preloaded: Dict[str, Any] = {}
+    for path in files:
+        try:
+            preloaded[os.path.abspath(path)] = load_file(path, trust=trust)
+        except UnsafeCheckpointError as e:
+            problems.append(str(e))
+            unsafe = True
+        except CheckpointFileError as e:
+            problems.append(str(e))
+    return problems, unsafe, preloaded, meta
 
 
-def resume(resume_from: Optional[str], ckpt_root: str, engine, ema, seed: int) -> Tuple[int, Optional[str], Dict]:
-    """train.resume: "auto" (the newest complete checkpoint under ckpt_root, if any), a checkpoint
-    folder, or None (a fresh start). Restores the engine, the EMA and every RNG (reseeded from `seed`
-    when the checkpoint has no state for this rank and world size).
+def _agree(problems: List[str], unsafe: bool) -> Tuple[List[str], bool]:
+    """Every rank's problems with a checkpoint, so that all ranks take the same decision."""
+    merged: List[str] = []
+    any_unsafe = False
+    for probs, uns in dist.all_gather_object((problems, unsafe)):
+        merged += [p for p in probs if p not in merged]
+        any_unsafe = any_unsafe or uns
+    return merged, any_unsafe
 
-    Returns (step, tag or None, trainer state: nonfinite_total / nonfinite_in_a_row counters).
-    Raises FileNotFoundError when an explicit checkpoint folder holds no checkpoint.
+
+def _describe(problems: List[str]) -> str:
+    more = f" (and {len(problems) - 1} more problem(s): {'; '.join(problems[1:3])})" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
+def _intact_older(ckpt_root: str, tag: str, trust: bool) -> Optional[str]:
+    """The newest checkpoint older than `tag` under ckpt_root whose files all load (collective)."""
+    for older in reversed(layout.complete_tags(ckpt_root)):
+        if layout.step_of(older) >= layout.step_of(tag):
+            continue
+        problems, unsafe, _, _ = _check_tag(ckpt_root, older, trust)
+        problems, unsafe = _agree(problems, unsafe)
+        if not problems:
+            return os.path.join(ckpt_root, older)
+    return None
+
+
+def _set_aside(ckpt_root: str, tag: str) -> str:
+    """Rename a damaged checkpoint to <tag>.damaged (rank 0): kept for inspection, never pruned or resumed."""
+    target = os.path.join(ckpt_root, f"{tag}.damaged")
+    n = 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(ckpt_root, f"{tag}.damaged{n}")
+    if dist.rank() == 0:
+        os.rename(os.path.join(ckpt_root, tag), target)
+        atomic.fsync_dir(ckpt_root)
+    dist.barrier()
+    return target
+
+
+def _choose(resume_from: str, ckpt_root: str, trust: bool):
+    """(checkpoints root, tag, meta, preloaded files) of the checkpoint to resume, or None (auto: none).
+
+    --resume auto tries the newest checkpoint folder first; a damaged one is set aside (<tag>.damaged) with
+    a warning and the next older one is tried. An explicit checkpoint that is damaged, and any checkpoint
+    holding objects outside the allowlist, raise ResumeError naming the file (and the newest older
+    checkpoint that is intact)."""
+    if resume_from == "auto":
+        root, candidates, explicit = ckpt_root, layout.tag_dirs(ckpt_root)[::-1], False
+    else:
+        root, tag = layout.resolve_checkpoint(resume_from)
+        candidates, explicit = [tag], True
+    for tag in candidates:
+        problems, unsafe, preloaded, meta = _check_tag(root, tag, trust)
+        problems, unsafe = _agree(problems, unsafe)
+        if not problems:
+            return root, tag, meta, preloaded
+        tag_dir = os.path.join(root, tag)
+        if unsafe or explicit:
+            older = None if unsafe else _intact_older(root, tag, trust)
+            hint = ""
+            if older:
+                hint = (f". The older checkpoint {older} is intact: resume from it with --resume {older}"
+                        + (" (or --resume auto, which falls back to it)" if root == os.path.abspath(ckpt_root)
+                           else ""))
+            elif not unsafe:
+                hint = ". No older checkpoint there is intact"
+            raise ResumeError(f"cannot resume from {tag_dir}: {_describe(problems)}{hint}")
+        aside = _set_aside(root, tag)
+        dist.say(f"warning: checkpoint {tag_dir} is damaged: {_describe(problems)}. It was moved to {aside}; "
+                 f"trying the next older checkpoint")
+    if candidates:
+        raise ResumeError(f"--resume auto: no intact checkpoint is left in {ckpt_root} (the damaged ones were "
+                          f"moved to <tag>.damaged); run again to start from scratch, or resume from a copy "
+                          f"with --resume PATH")
+    return None
+
+
+def resume(resume_from: Optional[str], ckpt_root: str, engine, ema, seed: int,
+           global_batch: Optional[int] = None, trust: bool = False) -> Tuple[int, Optional[str], Dict]:
+    """train.resume: "auto" (the newest intact checkpoint under ckpt_root, if any), a checkpoint folder,
+    or None (a fresh start). Restores the engine (weights, optimizer, scheduler), the EMA and every RNG
+    (reseeded from `seed` when the checkpoint was written with another world size).
+
+    Every file is checked and read without running code (fastdit.weights.safe_load; `trust`: full
+    unpickling) before anything is restored. Returns (step, tag or None, trainer state: the
+    nonfinite_total / nonfinite_in_a_row counters). Raises FileNotFoundError when an explicit folder
+    holds no checkpoint, ResumeError when the checkpoint is damaged, holds objects outside the allowlist,
+    was trained with another global batch (`global_batch`), or does not fit this engine.
     """
     rank, world = dist.rank(), dist.world_size()
-    tag = None
-    if resume_from == "auto":
-        load_root, tag = ckpt_root, layout.latest_tag(ckpt_root)
-        if tag is None:
+    chosen = None
+    if resume_from:
+        chosen = _choose(resume_from, ckpt_root, trust)
+        if chosen is None:
             dist.say(f"--resume auto: no checkpoint in {ckpt_root}; starting from scratch")
-    elif resume_from:
-        load_root, tag = layout.resolve_checkpoint(resume_from)
-    step, state = 0, None
-    if tag is not None:
-        state = restore(engine, load_root, tag, ema)
-        step = layout.read_meta(os.path.join(load_root, tag))["step"]
-        dist.say(f"resumed from {os.path.join(load_root, tag)} at step {step}")
+    step, tag, state = 0, None, None
+    if chosen is not None:
+        root, tag, meta, preloaded = chosen
+        tag_dir = os.path.join(root, tag)
+        was = meta.get("global_batch")
+        if global_batch is not None and was is not None and was != global_batch:
+            raise ResumeError(
+                f"{tag_dir} was trained with a global batch of {was} images per step; this run's is "
+                f"{global_batch}. Resuming would shift the data order and miscount samples_seen: resume with "
+                f"the same global batch (deepspeed.train_batch_size={was}, micro batch x gradient accumulation "
+                f"x ranks), or start a new run in another train.output_dir")
+        with restricted_torch_load(trust, preloaded):
+            try:
+                load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+            except CheckpointFileError as e:
+                raise ResumeError(f"cannot resume from {tag_dir}: {e}") from None
+            except (RuntimeError, KeyError, ValueError, AssertionError, TypeError, IndexError) as e:
+                raise ResumeError(
+                    f"cannot restore {tag_dir} into this run ({type(e).__name__}: {str(e).strip()[:300]}); "
+                    f"resume with the model and optimizer settings it was written with (its config: "
+                    f"{meta.get('config_path')}, also stored in its {META})") from None
+        if load_path is None:
+            raise ResumeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+        ema_path = os.path.join(tag_dir, EMA)
+        try:
+            ema.load_full_state_dict(preloaded.pop(os.path.abspath(ema_path)))
+        except (KeyError, ValueError, AttributeError) as e:
+            raise ResumeError(f"{ema_path} does not fit this run's model: {e}") from None
+        if meta.get("world_size") == world:
+            state = preloaded.pop(os.path.abspath(os.path.join(tag_dir, layout.trainer_state_file(rank))))
+        step = int(meta["step"])
+        dist.say(f"resumed from {tag_dir} at step {step}")
     if state is not None:
         set_rng_state(state["rng"])
         return step, tag, state

@@ -52,9 +52,27 @@ def is_complete(tag_dir: str, need_ema: bool = True) -> bool:
             and (not need_ema or os.path.isfile(os.path.join(tag_dir, EMA))))
 
 
+def rank_files(tag_dir: str, rank: int) -> List[str]:
+    """DeepSpeed's files of `tag_dir` that rank `rank` reads on resume: the module file (every rank)
+    and its own ZeRO partitions (optimizer states; under ZeRO-3 also its module partition)."""
+    own = re.compile(rf"^(bf16_)?{ZERO_SHARD_PREFIX}{rank}_mp_rank_\d+_(optim|model)_states\.pt$")
+    names = sorted(f for f in os.listdir(tag_dir) if own.match(f)) if os.path.isdir(tag_dir) else []
+    if os.path.isfile(os.path.join(tag_dir, MODEL_STATES)):
+        names.insert(0, MODEL_STATES)
+    return [os.path.join(tag_dir, f) for f in names]
+
+
 def has_zero_shards(tag_dir: str) -> bool:
     """Whether DeepSpeed wrote ZeRO partition files here (ZeRO-1/2/3; not ZeRO-0)."""
     return any(f.startswith(ZERO_SHARD_PREFIX) for f in os.listdir(tag_dir))
+
+
+def tag_dirs(ckpt_root: str) -> List[str]:
+    """Every checkpoint tag folder under ckpt_root, complete or not, oldest first."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    return sorted((d for d in os.listdir(ckpt_root) if TAG_RE.match(d)
+                   and os.path.isdir(os.path.join(ckpt_root, d))), key=step_of)
 
 
 def complete_tags(ckpt_root: str, need_ema: bool = True) -> List[str]:
@@ -88,6 +106,13 @@ def resolve_checkpoint(path: str, need_ema: bool = True) -> Tuple[str, str]:
     path = os.path.abspath(path.rstrip("/"))
     if os.path.isfile(os.path.join(path, META)):
         return os.path.dirname(path), os.path.basename(path)
+    if TAG_RE.match(os.path.basename(path)) and os.path.isdir(path):
+        step = step_of(os.path.basename(path))
+        older = [t for t in complete_tags(os.path.dirname(path), need_ema) if step_of(t) < step]
+        hint = (f"; the older checkpoint {os.path.join(os.path.dirname(path), older[-1])} is complete"
+                if older else "")
+        raise FileNotFoundError(f"{path} is an incomplete checkpoint: {META} is missing (a checkpoint is "
+                                f"complete once {META} is written){hint}")
     for root in (path, os.path.join(path, "checkpoints")):
         if os.path.isdir(root):
             tag = latest_tag(root, need_ema)
@@ -99,8 +124,17 @@ def resolve_checkpoint(path: str, need_ema: bool = True) -> Tuple[str, str]:
 
 
 def read_meta(tag_dir: str) -> Dict[str, Any]:
-    with open(os.path.join(tag_dir, META)) as f:
-        return json.load(f)
+    """meta.json of a tag folder; ValueError naming the file when it is damaged."""
+    path = os.path.join(tag_dir, META)
+    with open(path) as f:
+        text = f.read()
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is damaged or truncated (not valid JSON: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object)")
+    return meta
 
 
 def model_kwargs(meta: Dict[str, Any]) -> Dict[str, Any]:
