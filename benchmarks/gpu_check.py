@@ -12,7 +12,8 @@ that would not get its minimum time is skipped and says so. Stages, most importa
   throughput  benchmarks/throughput.py, every row but the compiled ones, at a batch that fits the card
   kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
   train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
-  compile     benchmarks/throughput.py rows compile and fused+compile (compilation takes minutes)
+  compile     benchmarks/throughput.py rows compile, fused+compile and deepspeed+compile (train.compile)
+              (compilation takes minutes)
   gpu_tests   every other test marked `gpu` (the deepspeed row, the step profiler, a small throughput run);
               last, as the least needed: on an H100 the stages above take ~7 minutes (estimated from
               their measured parts), so the default budget usually leaves this one out and says so
@@ -68,7 +69,7 @@ if ROOT not in sys.path:
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
 STAGES = ("env", "tests", "parity", "throughput", "kernels", "train", "compile", "gpu_tests")
-COMPILE_ROWS = ("compile", "fused+compile")
+COMPILE_ROWS = ("compile", "fused+compile", "deepspeed+compile")
 GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/test_models_attention.py")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.
 NEEDED = {"deepspeed": "deepspeed", "pydantic": "pydantic", "hjson": "hjson"}

@@ -89,7 +89,7 @@ from fastdit.models.attention import BACKENDS  # noqa: E402
 
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
-BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "deepspeed")
+BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "deepspeed", "deepspeed+compile")
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 NUM_CLASSES = 1000
@@ -254,6 +254,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", True, "auto"))
         elif name == "deepspeed":
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
+        elif name == "deepspeed+compile":  # train.compile: the engine's model under engine.compile()
+            specs.append(RowSpec(name, "deepspeed", True, "auto"))
         elif name.startswith("fused/"):
             backend = name.split("/", 1)[1]
             ok, reason = status.get(backend, (False, "unknown attention backend"))
@@ -384,10 +386,13 @@ def deepspeed_row_config(args):
     return cfg
 
 
-def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any]):
+def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any],
+                         compile: bool = False):
     """The deepspeed row: fastdit.training.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
     Trainer cycling the harness's batches. Records what it runs in `row`; returns (step, setup), where
-    step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update)."""
+    step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update).
+    `compile` (row deepspeed+compile) sets train.compile, so build_engine calls engine.compile() as
+    fastdit/train.py does, with the harness's --compile-backend / --compile-mode."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     if os.environ.get("WORLD_SIZE", "1") != "1":
@@ -400,17 +405,22 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
         raise RuntimeError(f"DeepSpeed's accelerator is {ds_device.type!r} but this run is on {device.type!r}")
     cfg = deepspeed_row_config(args)
     cfg.model.kernels = kernels
+    if compile:
+        cfg.train.compile = True
     attention = cfg.model.attention
     if attention == "auto":  # resolved once, as for the fused row
         cfg.model.attention = resolve_backend(
             "auto", device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     arch = architecture(args)
-    setup = build_engine(cfg, arch["in_channels"], arch["input_size"], NUM_CLASSES, ds_device)
+    compile_kwargs = dict(backend=args.compile_backend,
+                          compile_kwargs=({"mode": args.compile_mode} if args.compile_backend == "inductor" else {}))
+    setup = build_engine(cfg, arch["in_channels"], arch["input_size"], NUM_CLASSES, ds_device,
+                         compile_kwargs=compile_kwargs)
     info = setup.describe()
     row.update(model_class=("fastdit.models.DiT" if setup.impl == "fast" else "fastdit.models.reference.DiT"),
                kernels=info["kernels"],
                attention=(f"{cfg.model.attention} (auto)" if attention == "auto" else info["attention"]),
-               compile=(dict(backend="engine.compile()", mode=None) if cfg.train.compile else None),
+               compile=(dict(compile_info(args), via="engine.compile()") if cfg.train.compile else None),
                deepspeed=info)
     trainer = Trainer(setup, itertools.cycle(batches), phase=nvtx_range if args.nvtx else no_phase)
 
@@ -506,7 +516,7 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
             row["attention"] = f"{spec.attention} (auto)"
         t0 = time.perf_counter()
         if spec.impl == "deepspeed":
-            step, setup = build_deepspeed_step(args, device, ctx["kernels"], ctx["batches"], row)
+            step, setup = build_deepspeed_step(args, device, ctx["kernels"], ctx["batches"], row, spec.compile)
             if device.type == "cuda":  # the peak counts the engine's resident state, not its construction
                 free_memory(device)
                 torch.cuda.reset_peak_memory_stats(device)

@@ -393,10 +393,11 @@ class TrainingSetup:
 
 
 def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: int,
-                 device: torch.device) -> TrainingSetup:
+                 device: torch.device, compile_kwargs: Optional[Dict[str, Any]] = None) -> TrainingSetup:
     """The config's model (seeded by train.seed: identical on every rank) inside
-    `deepspeed.initialize(config=cfg.deepspeed)`, compiled when train.compile, with its fp32 EMA
-    (train.ema_decay) and the training diffusion. torch.distributed must be initialised."""
+    `deepspeed.initialize(config=cfg.deepspeed)`, compiled when train.compile (`engine.compile()`, with
+    `compile_kwargs` for it when given, e.g. a benchmark's backend), with its fp32 EMA (train.ema_decay)
+    and the training diffusion. torch.distributed must be initialised."""
     import deepspeed
 
     from fastdit.diffusion import create_diffusion
@@ -419,7 +420,7 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
         config=cfg.deepspeed)
     del model
     if cfg.train.compile:
-        engine.compile()
+        engine.compile(**(compile_kwargs or {}))
     bf16 = engine.bfloat16_enabled()
     model_dtype = torch.bfloat16 if bf16 else (torch.float16 if engine.fp16_enabled() else torch.float32)
     own_grad_check = not hasattr(engine.optimizer, "overflow")  # plain torch optimizer (ZeRO-0, fp32)
