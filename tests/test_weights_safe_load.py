@@ -11,24 +11,9 @@ import torch
 from fastdit.weights import safe_load as SL
 
 from _helpers import random_dit, train_scenarios
+from _train_scenarios import Plant, plant  # the planted object: unpickling it creates a folder
 
 STEP2, STEP4 = "step_0000002", "step_0000004"
-
-
-class Plant:
-    """Unpickling this creates the folder `marker`: the code a hostile checkpoint would run."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker, 0o777, True))
-
-
-def plant(path, marker):
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    obj["planted"] = Plant(str(marker))
-    torch.save(obj, path)
 
 
 @pytest.fixture(scope="module")
