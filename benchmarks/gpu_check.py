@@ -11,6 +11,8 @@ that would not get its minimum time is skipped and says so. Stages, most importa
   parity      benchmarks/parity.py: DiT-XL/2 fast vs reference, forward + every gradient, fp32 and bf16
   throughput  benchmarks/throughput.py, every row but the compiled ones, at a batch that fits the card
   kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
+  attention   benchmarks/attention.py: SDPA's kernels (cuDNN, flash, efficient) and the optional libraries
+              at the DiT-XL/2 attention shape, in the model's packed qkv layout and contiguous
   train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
   compile     benchmarks/throughput.py rows compile, fused+compile and deepspeed+compile (train.compile)
               (compilation takes minutes)
@@ -68,7 +70,7 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
-STAGES = ("env", "tests", "parity", "throughput", "kernels", "train", "compile", "gpu_tests")
+STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "train", "compile", "gpu_tests")
 COMPILE_ROWS = ("compile", "fused+compile", "deepspeed+compile")
 GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/test_models_attention.py")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.
@@ -334,6 +336,14 @@ def summarize_kernels(out: str, st: Stage) -> str:
         f"{op} {100 * v.get('fwd', 0):.0f}/{100 * v.get('bwd', 0):.0f}" for op, v in share.items())
 
 
+def summarize_attention(out: str, st: Stage) -> str:
+    d = _load(os.path.join(out, "attention.json"))
+    ok = {(r["name"], r["layout"]): r["fwd+bwd"]["ms"]["median"] for r in d["rows"] if r["status"] == "ok"}
+    st.detail = dict(fwd_bwd_ms={f"{n} {lay}": ms for (n, lay), ms in ok.items()}, fastest_packed=d["fastest_packed"])
+    packed = sorted((ms, n) for (n, lay), ms in ok.items() if lay == "packed")
+    return "fwd+bwd ms (packed): " + ", ".join(f"{n} {ms:.2f}" for ms, n in packed[:4])
+
+
 def summarize_train(run_dir: str, out: str, skip_windows: int, st: Stage) -> str:
     """img/s of the run's metrics.jsonl (copied into `out`), then the run folder (checkpoint) is deleted."""
     src = os.path.join(run_dir, "metrics.jsonl")
@@ -447,6 +457,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         compile_rows = ["compile"]
         par = ["--smoke"]
         kern = ["--smoke"]
+        att = ["--smoke"]
         train_cfg = ["--config", "configs/digits.json", "--set", "train.max_steps=4", "--set", "train.log_every=1"]
         skip_windows = 1
     else:
@@ -457,6 +468,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         par = ["--model", "DiT-XL/2", "--batch", "4"]
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "eager", "compile",
                 "--rep", "60", "--warmup", "15"]
+        att = ["--batch", str(batch)]
         train_cfg = ["--config", "configs/xl2_zero2.json", "--set", "data.kind=synthetic",
                      "--set", "data.synthetic_size=4096", "--set", "data.num_workers=4",
                      "--set", "train.max_steps=16", "--set", "train.log_every=2",
@@ -486,6 +498,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
               lambda s: summarize_throughput(j("throughput.json"), s)),
         Stage("kernels", [[py, "benchmarks/kernels.py", *kern, "--json", j("kernels.json"),
                            "--plot", j("kernels.png")]], 100, 15, lambda s: summarize_kernels(out, s)),
+        Stage("attention", [[py, "benchmarks/attention.py", *att, "--json", j("attention.json")]], 60, 10,
+              lambda s: summarize_attention(out, s)),
         Stage("train", [train_cmd], 120, 30,
               lambda s: summarize_train(run_dir, out, skip_windows, s)),
         Stage("compile", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(compile_rows),
@@ -512,7 +526,7 @@ def write_readme(out: str, info: Dict[str, Any], stages: List[Stage], table: str
 Written by `{info['command']}` ({'smoke rehearsal on CPU: the numbers say nothing about a GPU' if info['smoke']
 else 'make gpu-check'}); budget {info['budget_s']:.0f} s, {info['wall_s']:.0f} s used. Training batch {info['batch']}.
 Files: env.json (versions, measured ceilings), tests_*.xml (pytest), parity.json, throughput.json,
-throughput_compile.json, kernels.json / kernels.png, train_metrics.jsonl, summary.json, log.txt (everything printed).
+throughput_compile.json, kernels.json / kernels.png, attention.json, train_metrics.jsonl, summary.json, log.txt (everything printed).
 
 ```
 {table}

@@ -29,8 +29,9 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     assert st["tests"]["detail"]["passed"] >= 2 and st["tests"]["detail"]["failures"] == 0
     assert st["train"]["detail"]["img_per_s_median"] > 0
     assert all(v["img_per_s"] > 0 for v in st["throughput"]["detail"].values())
+    assert st["attention"]["detail"]["fastest_packed"]
     for name in ("env.json", "parity.json", "throughput.json", "throughput_compile.json", "kernels.json",
-                 "kernels.png", "train_metrics.jsonl", "README.md", "log.txt"):
+                 "kernels.png", "attention.json", "train_metrics.jsonl", "README.md", "log.txt"):
         assert (out / name).is_file(), name
     # the summary table is the last thing printed
     assert proc.stdout.rstrip().splitlines()[-1].startswith("gpu_tests")
@@ -57,6 +58,7 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "--batch 128" in by["throughput"][0] and "fused+compile" not in by["throughput"][0]
     assert "deepspeed" in by["throughput"][0] and "--rows compile,fused+compile,deepspeed+compile" in by["compile"][0]
     assert "--dims 1152 --tokens-per-sample 256" in by["kernels"][0]
+    assert "benchmarks/attention.py --batch 128" in by["attention"][0]
     assert "configs/xl2_zero2.json" in by["train"][0] and "train_micro_batch_size_per_gpu=128" in by["train"][0]
     assert "-m gpu" in by["gpu_tests"][0] and "--ignore=tests/test_models_dit.py" in by["gpu_tests"][0]
     for path in gc.GPU_TEST_FILES:  # the files the GPU stages name exist
