@@ -89,7 +89,8 @@ from fastdit.models.attention import BACKENDS  # noqa: E402
 
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
-BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "deepspeed", "deepspeed+compile")
+BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "deepspeed",
+             "deepspeed+compile")
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 NUM_CLASSES = 1000
@@ -233,6 +234,7 @@ class RowSpec:
     compile: bool
     attention: Optional[str] = None  # "auto" or a backend name; reference: None = its own math attention
     unavailable: Optional[str] = None
+    mlp: str = "plain"               # the fast model's mlp= option (fastdit.models.mlp)
 
 
 def row_specs(names: List[str]) -> List[RowSpec]:
@@ -252,6 +254,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", False, "auto"))
         elif name == "fused+compile":
             specs.append(RowSpec(name, "fast", True, "auto"))
+        elif name == "fused+mlp-recompute":  # GELU recomputed in backward: one 4D-wide activation less
+            specs.append(RowSpec(name, "fast", False, "auto", mlp="recompute"))
         elif name == "deepspeed":
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
         elif name == "deepspeed+compile":  # train.compile: the engine's model under engine.compile()
@@ -287,7 +291,7 @@ def build_model(spec: RowSpec, args, device: torch.device, kernels: str) -> torc
     """A freshly initialised model of the row's kind (seeded), on `device`, in the run's param dtype."""
     from fastdit.models.build import build_dit
     torch.manual_seed(args.seed)
-    options = dict(kernels=kernels, attention=spec.attention, nvtx=args.nvtx)  # the reference drops them
+    options = dict(kernels=kernels, attention=spec.attention, nvtx=args.nvtx, mlp=spec.mlp)  # the reference drops them
     with torch.device(device):
         model = build_dit(spec.impl, **architecture(args), num_classes=NUM_CLASSES, **options)
         if spec.impl == "reference" and spec.attention is not None:
@@ -421,6 +425,7 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
                kernels=info["kernels"],
                attention=(f"{cfg.model.attention} (auto)" if attention == "auto" else info["attention"]),
                compile=(dict(compile_info(args), via="engine.compile()") if cfg.train.compile else None),
+               mlp=cfg.model.mlp if setup.impl == "fast" else None,
                deepspeed=info)
     trainer = Trainer(setup, itertools.cycle(batches), phase=nvtx_range if args.nvtx else no_phase)
 
@@ -488,6 +493,7 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
         step=("fastdit.training.trainer.Trainer.train_step (DeepSpeed engine + EMA)" if spec.impl == "deepspeed"
               else "harness: training_losses, backward, AdamW"),
         kernels=ctx["kernels"] if spec.impl != "reference" else None,
+        mlp=spec.mlp if spec.impl == "fast" else None,
         attention=(spec.attention or "math (reference Attention)"),
         compile=compile_info(args) if spec.compile else None, batch=args.batch, precision=args.precision)
     if spec.compile and args.compile_backend != "inductor":

@@ -24,7 +24,8 @@ from benchmarks import common  # noqa: E402
 from benchmarks import throughput as tp  # noqa: E402
 from fastdit.models import attention as attn_backends  # noqa: E402
 
-EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "deepspeed", "deepspeed+compile",
+EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "deepspeed",
+                 "deepspeed+compile",
                  "fused/math", "fused/sdpa", "fused/flash_attn", "fused/xformers"]
 
 
@@ -55,7 +56,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert data["benchmark"] == "throughput" and data["complete"] is True
     rows = {r["name"]: r for r in data["rows"]}
     assert [r["name"] for r in data["rows"]] == EXPECTED_ROWS
-    for name in EXPECTED_ROWS[:9]:
+    for name in EXPECTED_ROWS[:10]:
         assert rows[name]["status"] == "ok", (name, rows[name]["error"])
         assert rows[name]["error"] is None
     # flash-attn / xformers rows: a backend that cannot run here (not installed, no CUDA, a failed test
@@ -95,6 +96,12 @@ def test_smoke_rows_and_statuses(smoke_run):
     # after the optimizer steps, so the engine's step trains what the harness's step trains.
     for key in ("loss_first", "loss_last"):
         assert ds[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
+    # fused+mlp-recompute: the fused model with mlp="recompute" trains the same (same losses, fp32)
+    rec = rows["fused+mlp-recompute"]
+    assert rec["mlp"] == "recompute" and rows["fused"]["mlp"] == "plain" and rows["eager"]["mlp"] is None
+    for key in ("loss_first", "loss_last"):
+        assert rec[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
+    assert ds["mlp"] == "plain"
     # deepspeed+compile: the same engine with train.compile (engine.compile() with the harness's backend)
     dsc = rows["deepspeed+compile"]
     assert dsc["step"] == ds["step"] and dsc["deepspeed"]["zero_stage"] == 2

@@ -80,12 +80,28 @@ def test_fp32_forward_and_every_gradient(cfg_name, kernels):
         assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
 
 
+@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
+def test_mlp_recompute_forward_and_every_gradient(kernels):
+    """mlp="recompute" (GELU recomputed in backward, fastdit.models.mlp) is the reference, fp32."""
+    cfg = CONFIGS["S-width/p2"]
+    ref, fast = make_pair(cfg, kernels=kernels, attention="sdpa", mlp="recompute")
+    assert all(b.mlp_mode == "recompute" for b in fast.blocks)
+    x, t, y = inputs(cfg)
+    out_r, g_r = run(ref, x, t, y)
+    out_f, g_f = run(fast, x, t, y)
+    assert_close_rel(out_f, out_r, 2e-5, "output")
+    assert set(g_f) == set(g_r)
+    for k in g_r:
+        assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
+
+
 @pytest.mark.triton
-@pytest.mark.parametrize("cfg_name", ["S-width/p2", "B-width/p4"])
-def test_bf16_by_the_flash_attention_rule(cfg_name):
+@pytest.mark.parametrize("cfg_name,mlp", [("S-width/p2", "plain"), ("B-width/p4", "plain"),
+                                          ("S-width/p2", "recompute")])
+def test_bf16_by_the_flash_attention_rule(cfg_name, mlp):
     """|fast_bf16 - ref_fp32| <= 2 |ref_bf16 - ref_fp32| + atol, for the output and every gradient."""
     cfg = CONFIGS[cfg_name]
-    ref, fast = make_pair(cfg, kernels="triton", attention="sdpa")
+    ref, fast = make_pair(cfg, kernels="triton", attention="sdpa", mlp=mlp)
     x, t, y = inputs(cfg)
     out_32, g_32 = run(ref, x, t, y)
     out_rb, g_rb = run(ref.to(torch.bfloat16), x.bfloat16(), t, y)
@@ -183,6 +199,8 @@ def test_bad_switches():
         DiT(**CONFIGS["odd/p2"], kernels="cuda")
     with pytest.raises(ValueError, match="attention"):
         DiT(**CONFIGS["odd/p2"], attention="flash")
+    with pytest.raises(ValueError, match="mlp='fused'; choose one of"):
+        DiT(**CONFIGS["odd/p2"], mlp="fused")
     for backend, (ok, why) in attn_backends.backend_status().items():
         if not ok:
             with pytest.raises(ImportError, match=f"{backend!r} cannot run here") as e:

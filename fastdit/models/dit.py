@@ -8,6 +8,8 @@ Same registry keys, constructor arguments, methods and state-dict layout as
   attention     "auto" | "sdpa" | "flash_attn" | "xformers" | "math"   (see fastdit.models.attention)
   checkpointing per-block activation checkpointing (recompute each block in backward)
   nvtx          emit nvtx ranges around the block's parts (off by default; free when off)
+  mlp           "plain" (default) | "recompute": keep only fc1's input and output for the backward and
+                recompute GELU there (fastdit.models.mlp; one 4D-wide activation less per block)
 
 Data flow of the adaLN-Zero stack (D = hidden size); each arrow is one fused kernel:
 
@@ -37,6 +39,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from fastdit.dist import nvtx_range
 from fastdit.models import attention as attn_backends
+from fastdit.models.mlp import MLP_CHOICES, recompute_gelu_mlp
 from fastdit.models import reference as ref
 from fastdit.models.registry import KERNEL_CHOICES, make_registry
 
@@ -99,10 +102,11 @@ class Attention(nn.Module):
 class FastDiTBlock(nn.Module):
     """adaLN-Zero DiT block whose forward takes and returns the (residual, modulated-LN) pair."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attention: str):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attention: str, mlp: str = "plain"):
         super().__init__()
         self.attn = Attention(hidden_size, num_heads, attention)
         self.mlp = ref.Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp_mode = mlp
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale,
@@ -116,7 +120,7 @@ class FastDiTBlock(nn.Module):
         with nvtx_range("residual+ln", nvtx):
             x, h = ops["gated_residual_modulate_layernorm"](x, a, gate_msa, shift_mlp, scale_mlp)
         with nvtx_range("mlp", nvtx):
-            m = self.mlp(h)
+            m = recompute_gelu_mlp(self.mlp, h) if self.mlp_mode == "recompute" else self.mlp(h)
         with nvtx_range("residual+ln", nvtx):
             x, h = ops["gated_residual_modulate_layernorm"](x, m, gate_mlp, next_shift, next_scale)
         return x, h
@@ -126,11 +130,14 @@ class DiT(ref.DiT):
     """Fast DiT; see the module docstring. State dict identical to fastdit.models.reference.DiT."""
 
     def __init__(self, *args, kernels: str = "auto", attention: str = "auto",
-                 checkpointing: bool = False, nvtx: bool = False, **kwargs):
+                 checkpointing: bool = False, nvtx: bool = False, mlp: str = "plain", **kwargs):
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"unknown kernels={kernels!r}; choose one of {KERNEL_CHOICES}")
         if attention not in attn_backends.BACKENDS:
             raise ValueError(f"unknown attention={attention!r}; choose one of {attn_backends.BACKENDS}")
+        if mlp not in MLP_CHOICES:
+            raise ValueError(f"unknown mlp={mlp!r}; choose one of {MLP_CHOICES}")
+        self.mlp_mode = mlp
         attn_backends.probe()  # import and check the optional backends now, not in a compiled forward
         if attention != "auto":
             attn_backends.resolve_backend(attention)  # fail now if the backend cannot run here
@@ -144,7 +151,8 @@ class DiT(ref.DiT):
     def make_block(self) -> nn.Module:
         attention_cls = functools.partial(Attention, backend=self._attention_choice)
         if self.block_type == "adaln_zero":
-            return FastDiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self._attention_choice)
+            return FastDiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self._attention_choice,
+                                self.mlp_mode)
         # other conditioning blocks: the reference block code with the chosen attention backend
         return ref.DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.block_type,
                             attention_cls=attention_cls)

@@ -24,6 +24,7 @@ from fastdit.generate.vae import DOWNSAMPLE, LATENT_SCALE
 from fastdit.models.attention import BACKENDS
 from fastdit.models.reference import BLOCK_TYPES
 from fastdit.models.build import IMPLS
+from fastdit.models.mlp import MLP_CHOICES
 from fastdit.models.registry import KERNEL_CHOICES, MODEL_NAMES, model_config
 
 
@@ -43,6 +44,7 @@ class ModelConfig:
     kernels: Literal[KERNEL_CHOICES] = "auto"   # fast model only; auto = Triton on CUDA
     attention: Literal[BACKENDS] = "auto"       # fast model only (fastdit.models.attention)
     checkpointing: bool = False                 # activation checkpointing (fast model only)
+    mlp: Literal[MLP_CHOICES] = "plain"         # fast model only; recompute = GELU recomputed in backward
     # Architecture overrides; null = the registry value of `name`.
     depth: Optional[int] = None
     hidden_size: Optional[int] = None
