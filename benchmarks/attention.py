@@ -8,7 +8,8 @@ and forward+backward (median over --rep calls, CUDA events on a GPU):
   sdpa:flash      a kernel that cannot run this input is recorded as unavailable with the reason
   sdpa:efficient
   sdpa:math
-  flash_attn      fastdit's flash_attn / xformers backends (fastdit.models.attention), when they run here
+  sdpa_packed     fastdit's backends (fastdit.models.attention), when they run here; sdpa_packed is SDPA
+  flash_attn      with dq, dk, dv written into dqkv by one copy
   xformers
 
 each in two input layouts:
@@ -40,7 +41,7 @@ if ROOT not in sys.path:
 from benchmarks.common import IntervalTimer, environment, summarize, synchronize, write_json  # noqa: E402
 
 SDPA_KERNELS = ("default", "cudnn", "flash", "efficient", "math")
-LIBRARIES = ("flash_attn", "xformers")
+BACKENDS = ("sdpa_packed", "flash_attn", "xformers")  # fastdit.models.attention backends
 LAYOUTS = ("packed", "contiguous")
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -92,7 +93,7 @@ def make_call(kind: str, layout: str, qkv) -> Callable[[], Any]:
     from fastdit.models import attention as A
 
     n, t, _, h, hd = qkv.shape
-    if kind in LIBRARIES:  # fastdit's backend calls take (N, T, 3, H, hd); contiguous = unbound (N, T, H, hd)
+    if kind in BACKENDS:  # fastdit's backend calls take (N, T, 3, H, hd); contiguous: restacked per call
         if layout == "packed":
             return lambda: A.attention(qkv, kind)
         q, k, v = (x.detach().contiguous().requires_grad_() for x in qkv.unbind(2))
@@ -150,7 +151,7 @@ def run_row(kind: str, layout: str, a, device, dtype) -> Dict[str, Any]:
     from fastdit.models import attention as A
     row: Dict[str, Any] = dict(name=f"{'sdpa:' if kind in SDPA_KERNELS else ''}{kind}", layout=layout,
                                status="ok", error=None)
-    if kind in LIBRARIES:
+    if kind in BACKENDS:
         ok, why = A.backend_status()[kind]
         if not ok:
             return dict(row, status="unavailable", error=why)
@@ -175,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
     device = resolve_device(a)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    kinds = list(SDPA_KERNELS) + list(LIBRARIES)
+    kinds = list(SDPA_KERNELS) + list(BACKENDS)
     rows = []
     print(f"attention N={a.batch} H={a.heads} hd={a.head_dim} T={a.tokens} {a.dtype} on {device}"
           + (" (smoke: CPU, tiny; times say nothing about a GPU)" if a.smoke else ""), flush=True)

@@ -26,7 +26,7 @@ from fastdit.models import attention as attn_backends  # noqa: E402
 
 EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "deepspeed",
                  "deepspeed+compile",
-                 "fused/math", "fused/sdpa", "fused/flash_attn", "fused/xformers"]
+                 "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert data["benchmark"] == "throughput" and data["complete"] is True
     rows = {r["name"]: r for r in data["rows"]}
     assert [r["name"] for r in data["rows"]] == EXPECTED_ROWS
-    for name in EXPECTED_ROWS[:10]:
+    for name in EXPECTED_ROWS[:11]:
         assert rows[name]["status"] == "ok", (name, rows[name]["error"])
         assert rows[name]["error"] is None
     # flash-attn / xformers rows: a backend that cannot run here (not installed, no CUDA, a failed test
@@ -74,7 +74,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert rows["eager/sdpa"]["attention"] == "sdpa" and rows["eager/sdpa"]["kernels"] is None
     assert rows["compile"]["compile"] == {"backend": "aot_eager", "mode": None}
     assert "aot_eager" in rows["compile"]["note"] and "aot_eager" in rows["fused+compile"]["note"]
-    for name in ("fused", "fused+compile", "fused/math", "fused/sdpa"):
+    for name in ("fused", "fused+compile", "fused/math", "fused/sdpa", "fused/sdpa_packed"):
         assert rows[name]["model_class"] == "fastdit.models.DiT"
         assert rows[name]["kernels"] == "triton"  # TRITON_INTERPRET=1 -> the interpreter
     assert rows["fused/math"]["attention"] == "math" and rows["fused/sdpa"]["attention"] == "sdpa"
@@ -96,6 +96,8 @@ def test_smoke_rows_and_statuses(smoke_run):
     # after the optimizer steps, so the engine's step trains what the harness's step trains.
     for key in ("loss_first", "loss_last"):
         assert ds[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
+    for key in ("loss_first", "loss_last"):  # sdpa_packed: sdpa's gradients, so the same training
+        assert rows["fused/sdpa_packed"][key] == pytest.approx(rows["fused/sdpa"][key], rel=1e-5, abs=1e-6), key
     # fused+mlp-recompute: the fused model with mlp="recompute" trains the same (same losses, fp32)
     rec = rows["fused+mlp-recompute"]
     assert rec["mlp"] == "recompute" and rows["fused"]["mlp"] == "plain" and rows["eager"]["mlp"] is None

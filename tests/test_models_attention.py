@@ -17,7 +17,7 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TINY = dict(hidden_size=72, num_heads=2, depth=2, input_size=6, patch_size=2)  # a fast DiT to construct
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flash_attn", "xformers"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_packed", "flash_attn", "xformers"])
 def test_attention_backends_match_math(backend):
     ok, why = attn_backends.backend_status()[backend]
     if not ok:
@@ -30,6 +30,27 @@ def test_attention_backends_match_math(backend):
         same = attn_backends.attention(qkv.to(dtype), "math").float()
         # atol 1e-5 absolute: softmax(q k^T) v of unit-scale inputs, one op deep
         assert_flash_rule(got, same, ref, 1e-5, f"T={t} hd={hd}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_packed_gradient_is_sdpas_in_qkvs_layout(dtype):
+    """sdpa_packed: the same output and dqkv as sdpa (autograd through the views), dqkv contiguous in qkv's
+    (N, T, 3, H, hd) layout, so the qkv projection's backward reads it without another copy."""
+    if dtype == torch.bfloat16 and DEV.type != "cuda":
+        pytest.skip("bf16 SDPA kernels: CUDA")
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 256, 3, 4, 72, generator=g).to(DEV, dtype).requires_grad_()
+    dout = torch.randn(2, 256, 4 * 72, generator=g).to(DEV, dtype)
+    out_a = attn_backends.attention(qkv, "sdpa")
+    (d_a,) = torch.autograd.grad(out_a, qkv, dout)
+    out_b = attn_backends.attention(qkv, "sdpa_packed")
+    (d_b,) = torch.autograd.grad(out_b, qkv, dout)
+    assert d_b.shape == qkv.shape and d_b.is_contiguous()
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)  # the same kernel on the same views
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    torch.testing.assert_close(d_b, d_a, **tol)
+    with torch.no_grad():  # inference runs the plain path
+        torch.testing.assert_close(attn_backends.attention(qkv, "sdpa_packed"), out_a, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,7 +90,8 @@ def test_probe_xformers_without_cuda_ops_is_unavailable(monkeypatch):
     assert not ok and "NotImplementedError" in why and "wasn't build with CUDA support" in why, why
     assert "\n" not in why
     assert status["flash_attn"] == (False, f"not installed ({attn._INSTALL_HINT['flash_attn']})")
-    assert attn.available_backends() == {"math": True, "sdpa": True, "flash_attn": False, "xformers": False}
+    assert attn.available_backends() == {"math": True, "sdpa": True, "sdpa_packed": True, "flash_attn": False,
+                                         "xformers": False}
     assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
     with pytest.raises(ImportError, match="'xformers' cannot run here: a test call failed") as e:
         DiT(**TINY, attention="xformers")

@@ -95,6 +95,17 @@ def test_mlp_recompute_forward_and_every_gradient(kernels):
         assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
 
 
+def test_sdpa_packed_attention_forward_and_every_gradient():
+    cfg = CONFIGS["odd/p2"]
+    ref, fast = make_pair(cfg, kernels="torch", attention="sdpa_packed")
+    x, t, y = inputs(cfg)
+    out_r, g_r = run(ref, x, t, y)
+    out_f, g_f = run(fast, x, t, y)
+    assert_close_rel(out_f, out_r, 2e-5, "output")
+    for k in g_r:
+        assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("cfg_name,mlp", [("S-width/p2", "plain"), ("B-width/p4", "plain"),
                                           ("S-width/p2", "recompute")])

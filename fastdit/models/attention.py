@@ -5,6 +5,8 @@ Every backend computes softmax(q k^T / sqrt(hd)) v from the fused qkv projection
 
   math        the reference: explicit scores, softmax, matmul (what fastdit.models.reference does)
   sdpa        torch.nn.functional.scaled_dot_product_attention (flash / cuDNN / memory-efficient on CUDA)
+  sdpa_packed the same kernels; its backward writes dq, dk, dv into dqkv (N, T, 3, H, hd) with one copy
+              (autograd's unbind + permute + reshape of `sdpa` make two: a stack, then a contiguous copy)
   flash_attn  FlashAttention 3 (flash_attn_interface) or 2 (flash_attn), fp16/bf16 on CUDA
   xformers    xformers.ops.memory_efficient_attention
   auto        flash_attn where it can run and the input is CUDA fp16/bf16, else sdpa
@@ -24,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "math", "sdpa", "flash_attn", "xformers")
+BACKENDS = ("auto", "math", "sdpa", "sdpa_packed", "flash_attn", "xformers")
 _INSTALL_HINT = {
     "flash_attn": "pip install 'fastdit[flash]' (flash-attn 2) or install flash-attn 3 (flash_attn_interface)",
     "xformers": "pip install 'fastdit[xformers]'",
@@ -104,6 +106,7 @@ def probe() -> Dict[str, object]:
         _STATUS["math"] = (True, "")
         _STATUS["sdpa"] = ((True, "") if hasattr(F, "scaled_dot_product_attention")
                            else (False, f"torch {torch.__version__} has no scaled_dot_product_attention"))
+        _STATUS["sdpa_packed"] = _STATUS["sdpa"]
         for backend, modules in (("flash_attn", ("flash_attn_interface", "flash_attn")),
                                  ("xformers", ("xformers.ops",))):
             if any(_MODULES[m] is not None for m in modules):
@@ -148,6 +151,35 @@ def _sdpa(qkv: torch.Tensor) -> torch.Tensor:
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, hd), strided views
     out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, hd)
     return out.transpose(1, 2).reshape(n, t, h * hd)
+
+
+class _PackedSDPA(torch.autograd.Function):
+    """SDPA of the strided q, k, v views of qkv (N, T, 3, H, hd); the backward returns dqkv in qkv's own
+    layout, written by one stack of dq, dk, dv (an inner autograd graph gives SDPA's own backward)."""
+
+    @staticmethod
+    def forward(ctx, qkv):
+        n, t, _, h, hd = qkv.shape
+        with torch.enable_grad():
+            leaf = qkv.detach().requires_grad_(qkv.requires_grad)
+            q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, hd) views
+            out = F.scaled_dot_product_attention(q, k, v)   # (N, H, T, hd)
+        ctx.inner = (q, k, v, out)
+        return out.detach().transpose(1, 2).reshape(n, t, h * hd)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out = ctx.inner
+        del ctx.inner
+        n, h, t, hd = out.shape
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.view(n, t, h, hd).transpose(1, 2))
+        return torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2)  # (N, T, 3, H, hd), one copy
+
+
+def _sdpa_packed(qkv: torch.Tensor) -> torch.Tensor:
+    if not qkv.requires_grad or not torch.is_grad_enabled():
+        return _sdpa(qkv)
+    return _PackedSDPA.apply(qkv)
 
 
 def _check_half_cuda(qkv: torch.Tensor, backend: str):
@@ -195,7 +227,7 @@ def _xformers(qkv: torch.Tensor) -> torch.Tensor:
 
 
 _IMPLS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "math": _math, "sdpa": _sdpa, "flash_attn": _flash, "xformers": _xformers,
+    "math": _math, "sdpa": _sdpa, "sdpa_packed": _sdpa_packed, "flash_attn": _flash, "xformers": _xformers,
 }
 
 
