@@ -34,13 +34,12 @@ Exit codes:
   0  done (a sample grid that fails is reported as a warning; the run and its checkpoints go on)
   2  bad input, said in one line before the first training step: the config or an override (keys, types,
      ranges, the respacings of the grids, the sample classes, the quality evaluation's settings and
-     files), the deepspeed section (checked against
-     DeepSpeed's own config model: unknown keys, batch arithmetic, ZeRO stage, learning rates), the
-     model's geometry (patch size, heads), missing or invalid data (latent folders file by file, empty
-     class folders, data.num_classes), a missing VAE, an unwritable train.output_dir, another run in
-     train.output_dir, and a checkpoint that cannot be resumed (a damaged file, named with the newest
-     intact older checkpoint; pickled objects outside the allowlist; another global batch; weights that do
-     not fit the model)
+     files), the deepspeed section (checked against DeepSpeed's own config model: unknown keys, batch
+     arithmetic, ZeRO stage, learning rates), the model's geometry (patch size, heads), missing or invalid
+     data (latent folders file by file, empty class folders, data.num_classes), a missing VAE, an
+     unwritable train.output_dir, another run in train.output_dir, and a checkpoint that cannot be resumed
+     (a damaged file, named with the newest intact older checkpoint; pickled objects outside the allowlist;
+     another global batch; weights that do not fit the model)
   3  stopped after too many non-finite steps in a row (train.max_nonfinite_in_a_row; checkpoint saved)
 Anything else (1 with a traceback) is a bug or the environment (out of memory, a killed rank).
 Test hooks (environment): FASTDIT_TEST_NAN_STEPS="3,6,7" turns the loss of those optimizer steps
