@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: install test digits gpu-check
+.PHONY: install test digits experiments gpu-check
 
 # Installs fastdit and its test tools. A machine without torch gets the 2.13.0 build first, so that
 # pip does not resolve torch itself while installing the dependencies.
@@ -13,9 +13,18 @@ test: install
 
 # The main job: a small DiT on scikit-learn's bundled 8x8 digits (upsampled to 16x16, pixel space),
 # trained through the same DeepSpeed train.py as ImageNet, on 2 ranks (CPU ranks over gloo without a GPU).
-# Writes runs/digits/samples/step_0001000.png (one row per class) and runs/digits/loss_curve.png.
+# Writes runs/digits/samples/step_0001000.png (one row per class) and runs/digits/loss_curve.png, and ends
+# with the quality line (fastdit/evaluate/digits_quality.py: class-conditional accuracy and digits FD of 50 EMA
+# samples per class at CFG 1 and 2, real-vs-real FD, the classifier's test accuracy), saved in
+# runs/digits/samples/step_0001000_quality.json and metrics.jsonl.
 digits: install
 	$(PY) -m deepspeed.launcher.runner --num_gpus 2 fastdit/train.py --config configs/digits.json --resume auto
+
+# The paper's conditioning-block and scaling studies in miniature on the digits (docs/experiments.md), each
+# <= 15 minutes on 2 CPU cores (BUDGET=medium: about an hour each); resumable, figures in runs/experiments/.
+experiments: install
+	$(PY) -m fastdit.experiments blocks --budget $(or $(BUDGET),small)
+	$(PY) -m fastdit.experiments scaling --budget $(or $(BUDGET),small)
 
 # A GPU at hand for a few minutes: run this first (<= 8 minutes on one H100; no network needed). GPU tests,
 # full-size parity, every throughput row, kernel bandwidth and a real DeepSpeed run, each time-boxed under one

@@ -19,6 +19,13 @@ Checkpoint files are read without running code from them (fastdit/weights/safe_l
 train.output_dir: checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples/*.png, loss_curve.png, and
 profile/ (trace.json, profile.json) when train.profile_steps=A-B asks for a profile of those steps.
 
+Sample quality (fastdit/training/quality.py): every train.eval_every steps and at the end (train.final_eval,
+default: with the final grid) the EMA is sampled and scored: digits runs by a classifier trained on digits
+the DiT never sees (accuracy, digits FD, real-vs-real FD; fastdit/evaluate/digits_quality.py), latent runs
+by FID when train.eval_fid_ref and train.eval_inception_weights are given. The records go to metrics.jsonl
+and TensorBoard; the final one is printed (the quality line) and saved as samples/<tag>_quality.json. A
+failed evaluation is logged and training goes on.
+
 One optimizer step is fastdit.training.trainer.Trainer.train_step(), the step benchmarks/throughput.py (row
 `deepspeed`) times and benchmarks/step_profile.py profiles; this script adds resume, data order,
 logging, checkpoints, sample grids and the non-finite stop around it.
@@ -26,13 +33,13 @@ logging, checkpoints, sample grids and the non-finite stop around it.
 Exit codes:
   0  done (a sample grid that fails is reported as a warning; the run and its checkpoints go on)
   2  bad input, said in one line before the first training step: the config or an override (keys, types,
-     ranges, the respacings of the grids, the sample classes), the deepspeed section (checked against
-     DeepSpeed's own config model: unknown keys, batch arithmetic, ZeRO stage, learning rates), the
-     model's geometry (patch size, heads), missing or invalid data (latent folders file by file, empty
-     class folders, data.num_classes), a missing VAE, an unwritable train.output_dir, another run in
-     train.output_dir, and a checkpoint that cannot be resumed (a damaged file, named with the newest
-     intact older checkpoint; pickled objects outside the allowlist; another global batch; weights that do
-     not fit the model)
+     ranges, the respacings of the grids, the sample classes, the quality evaluation's settings and
+     files), the deepspeed section (checked against DeepSpeed's own config model: unknown keys, batch
+     arithmetic, ZeRO stage, learning rates), the model's geometry (patch size, heads), missing or invalid
+     data (latent folders file by file, empty class folders, data.num_classes), a missing VAE, an
+     unwritable train.output_dir, another run in train.output_dir, and a checkpoint that cannot be resumed
+     (a damaged file, named with the newest intact older checkpoint; pickled objects outside the allowlist;
+     another global batch; weights that do not fit the model)
   3  stopped after too many non-finite steps in a row (train.max_nonfinite_in_a_row; checkpoint saved)
 Anything else (1 with a traceback) is a bug or the environment (out of memory, a killed rank).
 Test hooks (environment): FASTDIT_TEST_NAN_STEPS="3,6,7" turns the loss of those optimizer steps
@@ -172,6 +179,10 @@ def preflight(cfg, replace_run: bool = False):
             build_dit("reference", **full_kwargs)  # the model's own checks (patch size, heads ...)
     except (ValueError, TypeError, AssertionError) as e:
         fail(f"{cfg.path}: model: {e} (the model's input is {input_size}x{input_size}x{in_channels})")
+    from fastdit.training.quality import check_files as check_quality_files
+    problem = check_quality_files(cfg)
+    if problem:
+        fail(problem)
     replace_to = _check_existing_run(cfg, replace_run)
     vae = _vae_for(cfg, dataset)
     wants_grid = cfg.train.final_sample or cfg.train.sample_every > 0
@@ -376,7 +387,8 @@ def _draw_grid(cfg, setup: TrainingSetup, sd, meta: Dict[str, Any], vae_spec: Op
 # ----------------------------------------------------------------------------------------------
 class Run:
     """What main's loop does around each optimizer step: the non-finite stop, the metrics window
-    (metrics.jsonl, TensorBoard, the progress bar), checkpoints with their meta.json, sample grids."""
+    (metrics.jsonl, TensorBoard, the progress bar), checkpoints with their meta.json, sample grids, the
+    quality evaluations (fastdit.training.quality)."""
 
     def __init__(self, cfg, setup: TrainingSetup, trainer: Trainer, vae_spec: Optional[str],
                  steps_per_epoch: int):
@@ -392,6 +404,25 @@ class Run:
         self.window_t0, self.window_steps, self.excluded = time.time(), 0, 0.0
         self.final_loss = None
         self.sampling_failures = 0
+        self.quality = self._quality_evaluator()
+
+    def _quality_evaluator(self):
+        """Sample quality along the way and at the end (fastdit.training.quality): digits or FID."""
+        from fastdit.models.build import build_dit
+        from fastdit.training.quality import QualityEvaluator
+
+        setup = self.setup
+        return QualityEvaluator(self.cfg, setup,
+                                lambda: build_dit(setup.impl, **setup.full_kwargs, **sampling_options(setup)),
+                                out_dir=self.out_dir, vae_spec=self.vae_spec if self.kind != "digits" else None,
+                                metrics_path=self.metrics_path, writer=self.writer, log=say)
+
+    def evaluate(self, step: int, bar) -> None:
+        """A quality evaluation along the way (all ranks); rank 0 prints its line."""
+        with nvtx_range("quality"):
+            recs = self.quality.evaluate(step)
+        if recs:
+            bar.write(f"step {step}: " + self.quality.summary(recs))
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:
@@ -529,6 +560,7 @@ class Run:
         grid_path = curve_path = None
         if self.cfg.train.final_sample:
             grid_path = self.grid(step)
+        final_quality = self.quality.evaluate(step) if self.quality.final else None
         if self.rank == 0:
             if self.cfg.train.plots:
                 curve_path = metrics.plot_loss_curve(
@@ -547,6 +579,10 @@ class Run:
                 say(f"samples (one row per class): {grid_path}")
             if curve_path:
                 say(f"loss curve: {curve_path}")
+            if final_quality:
+                path = os.path.join(self.out_dir, "samples", f"{layout.tag_for(step)}_quality.json")
+                say(self.quality.summary(final_quality))
+                say(f"quality: {self.quality.write_json(final_quality, path)}")
         dist.barrier()
 
 
@@ -666,6 +702,8 @@ def main(argv=None) -> int:
         if profiler is not None and profiler.complete:
             profiler.finish()
             profiler = None
+        if run.quality.due(step) and step != max_steps:  # before the save: a resume redoes a lost one
+            run.evaluate(step, bar)
         if step % cfg.train.ckpt_every == 0 or step == max_steps:
             run.save(step)
             last_saved = step

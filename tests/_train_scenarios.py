@@ -61,7 +61,7 @@ def base_config(out_dir, **train):
     cfg["diffusion"].update(sample_steps="ddim3")
     cfg["train"].update(dict(output_dir=str(out_dir), max_steps=4, log_every=1, ckpt_every=2, keep_last=5,
                              final_sample=False, sample_every=0, samples_per_class=1, plots=False,
-                             tensorboard=False, progress=False, cpu_threads=1), **train)
+                             tensorboard=False, progress=False, cpu_threads=1, final_eval=False), **train)
     cfg["deepspeed"].update(train_batch_size=16, train_micro_batch_size_per_gpu=16,
                             zero_optimization={"stage": 2}, bf16={"enabled": False})
     return cfg

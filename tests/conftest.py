@@ -15,6 +15,19 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _classifier_cache(tmp_path_factory):
+    """The digits quality classifier (fastdit.evaluate.digits_quality) is trained once per session into a
+    temporary cache that every test and subprocess shares, never into the user's ~/.cache."""
+    saved = os.environ.get("FASTDIT_CACHE_DIR")
+    os.environ["FASTDIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("fastdit-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("FASTDIT_CACHE_DIR", None)
+    else:
+        os.environ["FASTDIT_CACHE_DIR"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -114,6 +114,9 @@ def train_main(argv):
     ("model.patch_size=3", "model: input_size 16 is not divisible by patch_size 3"),
     ("model.num_heads=3", "hidden_size 128 is not divisible by num_heads 3"),
     ("train.sample_classes=[0,12]", "train.sample_classes [12] are outside [0, 10)"),
+    ("train.eval_every=-5", "train.eval_every must be >= 0 (0 = only at the end), got -5"),
+    ("train.eval_samples_per_class=1", "train.eval_samples_per_class=1 is too small to evaluate"),
+    ("train.eval_sample_steps=ddim0", "train.eval_sample_steps='ddim0'"),
 ])
 def test_bad_settings_stop_before_any_work_with_one_line(tmp_path, capsys, override, words):
     """DeepSpeed's and the model's own checks, and the settings first used by the sample grids, are checked
@@ -324,7 +327,7 @@ def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
     out = tmp_path / "z3"
     cfg = tiny_config(out, stage=3, max_steps=14, ckpt_every=1, keep_last=2, final_sample=True,
                       plots=True, tensorboard=True, samples_per_class=1, sample_classes=[0, 3, 7],
-                      profile_steps="3-6")
+                      profile_steps="3-6", eval_every=7, eval_samples_per_class=2, eval_sample_steps="ddim3")
     proc = launch(cfg, tmp_path, "z3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first, last = falling(metrics(out))
@@ -341,6 +344,12 @@ def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
     assert os.path.isfile(os.path.join(out, "loss_curve.png"))
     assert os.listdir(os.path.join(out, "tb"))
     assert f"samples (one row per class): {grid}" in proc.stdout
+    # the quality of the sharded EMA, along the way (step 7) and at the end (the quality line and its JSON)
+    assert "step 7: quality (EMA, 20 samples, ddim3, seed 0): CFG 1: accuracy" in proc.stdout
+    assert "quality (EMA, 20 samples, ddim3, seed 0): CFG 1: accuracy" in proc.stdout.split("done: step 14")[1]
+    q = [(r["step"], r["cfg_scale"]) for r in metrics(out) if r.get("quality") == "digits"]
+    assert q == [(7, 1.0), (7, 1.5), (14, 1.0), (14, 1.5)]
+    assert os.path.isfile(os.path.join(out, "samples", "step_0000014_quality.json"))
     # train.profile_steps=3-6 on rank 0: step 3 timed whole, 4-5 by phase, 6 traced
     prof = json.load(open(os.path.join(out, "profile", "profile.json")))
     assert prof["step"]["steps"] == [3] and prof["phases"]["steps"] == [4, 5]
@@ -391,3 +400,37 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, stage, f
     logged = [r for r in recs if "loss" in r]
     assert [r["step"] for r in logged if r["loss"] is None] == [3, 6, 7]  # nothing applied to average (8 stops)
     assert all(r["loss"] > 0 for r in logged if r["loss"] is not None)  # logged losses stay finite
+
+
+@pytest.mark.slow
+def test_train_prints_quality_and_survives_a_failed_evaluation(tmp_path):
+    """2 CPU ranks: quality every 2 steps (step 2's evaluation fails on rank 1: logged, training goes on),
+    the final quality line, metrics.jsonl records, the JSON beside the grid; the same numbers from the
+    checkpoint in one process (the samples do not depend on the ranks)."""
+    from fastdit.evaluate import digits_quality as dq
+    from fastdit.generate.sample import load_model
+
+    out = tmp_path / "run"
+    cfg = tiny_config(out, stage=2, max_steps=4, ckpt_every=4, final_sample=True, samples_per_class=1,
+                      eval_every=2, eval_samples_per_class=2, eval_sample_steps="ddim3", eval_batch_size=7)
+    cfg["model"].update(depth=1, hidden_size=32)
+    cfg["diffusion"].update(cfg_scale=2.0)
+    proc = launch(cfg, tmp_path, "quality", extra_env={"FASTDIT_TEST_QUALITY_FAIL_STEPS": "2"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 2: quality evaluation failed (rank 1: RuntimeError" in proc.stdout
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip() and not ln.startswith("[")]  # not the launcher's
+    line = next(ln for ln in lines if ln.startswith("quality (EMA"))
+    assert line.startswith("quality (EMA, 20 samples, ddim3, seed 0): CFG 1: accuracy") and "CFG 2: accuracy" in line
+    assert "real-vs-real FD" in line and "classifier test accuracy 97.7%" in line
+    recs = metrics(out)
+    assert [r["step"] for r in recs if "quality_error" in r] == [2]
+    q = [r for r in recs if r.get("quality") == "digits"]
+    assert [(r["step"], r["cfg_scale"]) for r in q] == [(4, 1.0), (4, 2.0)]
+    saved = json.load(open(out / "samples" / "step_0000004_quality.json"))
+    assert saved["records"][0]["fd"] == q[0]["fd"] and saved["classifier"]["num_test"] == 1258
+    assert saved["digits_split"] == "dit" and os.path.isfile(out / "samples" / "step_0000004.png")
+    model, _ = load_model(str(out), impl="reference")
+    again = dq.evaluate_model(model, dq.DigitsJudge.load(), 2, [1.0, 2.0], "ddim3", seed=0, batch_size=7,
+                              guide_all_channels=True)
+    for a, b in zip(again, q):
+        assert a["accuracy"] == b["accuracy"] and a["fd"] == pytest.approx(b["fd"], rel=1e-3, abs=1e-3)

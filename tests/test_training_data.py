@@ -212,3 +212,19 @@ def test_image_folder_dataset_flip_and_corrupt_file(tmp_path):
     (tmp_path / "c" / "notes.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"class folder\(s\) c hold no images"):
         ImageFolderDataset(str(tmp_path), 8)
+
+
+def test_digits_runs_train_on_the_split_the_quality_classifier_never_sees():
+    """data.digits_split: "dit" (default) = the 70% the classifier of fastdit.evaluate.digits_quality never
+    sees; "all" = the 1797 digits."""
+    from fastdit.training.config import config_from_dict
+    from fastdit.training.data import build_dataset, digits_split
+
+    raw = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      "configs", "digits.json")))
+    ds = build_dataset(config_from_dict(raw).data)
+    _, y = load_digits_images(8)
+    assert ds.split == "dit" and len(ds) == 1258 and torch.equal(ds.y, y[digits_split(y, "dit")])
+    raw["data"]["digits_split"] = "all"
+    assert len(build_dataset(config_from_dict(raw).data)) == 1797
+

@@ -23,7 +23,7 @@ import argparse
 import contextlib
 import math
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -176,6 +176,16 @@ def respacing(sampler: str, num_steps: int) -> str:
     if num_steps <= 0:
         raise ValueError(f"num_steps must be positive, got {num_steps}")
     return f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
+
+
+def parse_sample_steps(text: str) -> Tuple[str, int]:
+    """"ddim50" -> ("ddim", 50); "250" -> ("ddpm", 250): the inverse of respacing(); ValueError otherwise."""
+    t = text.strip()
+    sampler = "ddim" if t.startswith("ddim") else "ddpm"
+    num = t[4:] if sampler == "ddim" else t
+    if not num.isdigit() or int(num) <= 0:
+        raise ValueError(f"sample steps must look like 'ddim50' or '250', got {text!r}")
+    return sampler, int(num)
 
 
 def sample_latents(model, class_labels: Sequence[int], seeds: Sequence[int], cfg_scale: float = 1.0,

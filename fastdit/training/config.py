@@ -68,6 +68,8 @@ class DataConfig:
     num_workers: int = 4
     synthetic_size: int = 100000                # kind=synthetic: number of random latents
     num_classes: int = 1000                     # kind=synthetic / imagefolder label count check
+    # kind=digits: "dit" = the 70% the quality classifier never sees (fastdit.evaluate.digits_quality); "all"
+    digits_split: Literal["dit", "all"] = "dit"
 
 
 @dataclass
@@ -112,6 +114,18 @@ class TrainConfig:
     # "A-B": profile optimizer steps A..B (1-based, at least 3) on rank 0 into output_dir/profile/
     # (fastdit.training.step_profile: step times, phase times, a torch.profiler trace); null = off
     profile_steps: Optional[str] = None
+    # Sample quality (fastdit.training.quality): digits accuracy + digits FD, or FID for latent runs
+    eval_every: int = 0                         # optimizer steps between evaluations; 0 = only at the end
+    final_eval: Optional[bool] = None           # evaluate after the last step; null = as train.final_sample
+    eval_cfg: Literal["both", "unguided", "guided"] = "both"  # CFG 1 and/or diffusion.cfg_scale
+    eval_sample_steps: str = "ddim25"           # "ddimN" or "N" (DDPM); DDIM 25 vs 50: the same digits numbers
+    eval_samples_per_class: int = 50            # digits
+    eval_num_samples: int = 50000               # FID (latent runs)
+    eval_fid_ref: Optional[str] = None          # ADM reference batch .npz (images or mu/sigma)
+    eval_inception_weights: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth
+    eval_batch_size: int = 125                  # samples per chunk; chunks are dealt to the ranks
+    eval_seed: Optional[int] = None             # null = train.seed
+    eval_cache_dir: Optional[str] = None        # digits classifier cache; null = $FASTDIT_CACHE_DIR or ~/.cache/fastdit
 
 
 SCHEMA = {"model": ModelConfig, "data": DataConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
@@ -312,6 +326,7 @@ def _check_semantics(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: model.class_dropout_prob must be in [0, 1)")
     _check_data(cfg.data, where)
     _check_respacing(cfg.diffusion, where)
+    _check_eval(cfg, where)
     if cfg.train.profile_steps is not None:
         first, last = parse_step_range(cfg.train.profile_steps, f"{where}: train.profile_steps")
         if last > cfg.train.max_steps:
@@ -352,6 +367,46 @@ def _check_respacing(diffusion: DiffusionConfig, where: str) -> None:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{where}: diffusion.{key}={value!r} does not respace the "
                               f"{diffusion.diffusion_steps}-step chain: {e}") from None
+
+
+def final_eval(cfg: Config) -> bool:
+    """train.final_eval, or (null) the same as train.final_sample: the last grid and its number go together."""
+    return cfg.train.final_sample if cfg.train.final_eval is None else cfg.train.final_eval
+
+
+def _check_eval(cfg: Config, where: str) -> None:
+    """The quality evaluation's settings (fastdit.training.quality), first used maybe hours in: checked
+    at load. Whether its files exist is checked before training (fastdit.training.quality.check_files)."""
+    from fastdit.diffusion.respace import space_timesteps
+    from fastdit.generate.sample import parse_sample_steps, respacing
+
+    t = cfg.train
+    if t.eval_every < 0:
+        raise ConfigError(f"{where}: train.eval_every must be >= 0 (0 = only at the end), got {t.eval_every}")
+    if t.eval_batch_size < 1:
+        raise ConfigError(f"{where}: train.eval_batch_size must be positive, got {t.eval_batch_size}")
+    try:
+        spacing = respacing(*parse_sample_steps(t.eval_sample_steps))
+        space_timesteps(cfg.diffusion.diffusion_steps, spacing)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: train.eval_sample_steps={t.eval_sample_steps!r}: {e}") from None
+    evaluating = final_eval(cfg) or t.eval_every > 0
+    if cfg.data.kind == "digits":
+        if evaluating and t.eval_samples_per_class < 2:
+            raise ConfigError(f"{where}: train.eval_samples_per_class={t.eval_samples_per_class} is too small to "
+                              f"evaluate: the digits FD needs at least 2 samples per class (50 gives a stable "
+                              f"number)")
+        if t.eval_every > t.max_steps and not final_eval(cfg):
+            raise ConfigError(f"{where}: train.eval_every={t.eval_every} is beyond train.max_steps={t.max_steps} "
+                              f"and train.final_eval is off: the budget is too small to evaluate anything")
+        return
+    given = [k for k in ("eval_fid_ref", "eval_inception_weights") if getattr(t, k)]
+    if len(given) == 1:
+        missing = ({"eval_fid_ref", "eval_inception_weights"} - set(given)).pop()
+        raise ConfigError(f"{where}: FID during training needs both train.eval_fid_ref and "
+                          f"train.eval_inception_weights; train.{missing} is missing")
+    if given and t.eval_num_samples < 2:
+        raise ConfigError(f"{where}: train.eval_num_samples must be >= 2 for an FID, got {t.eval_num_samples}")
 
 
 def parse_step_range(text: str, what: str = "step range") -> Tuple[int, int]:

@@ -246,22 +246,66 @@ def load_digits_images(image_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
     Returns x (N, 1, S, S) float32 and y (N,) int64 (the digit).
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    images, target = _bundled_digits()
+    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
     if image_size != 8:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     x = (x.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
-    y = torch.from_numpy(digits.target.astype(np.int64))
+    y = torch.from_numpy(target.astype(np.int64))
     return x, y
 
 
-class DigitsDataset(torch.utils.data.Dataset):
-    """The embedded default in pixel space: key (i, flip) -> (x (1, S, S) in [-1, 1], digit)."""
+def _bundled_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8), target (1797,)): scikit-learn's digits.csv.gz read straight from its package
+    folder (importing sklearn costs seconds per process, which every digits run and study member paid);
+    sklearn's own load_digits when the file is not where it always was."""
+    import importlib.util
 
-    def __init__(self, image_size: int = 16):
-        self.x, self.y = load_digits_images(image_size)
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec else ""
+    if os.path.isfile(path):
+        data = np.loadtxt(path, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+# The digits a quality classifier learns from (fastdit.evaluate.digits_quality) are held out from the DiT:
+# a fixed, class-stratified 30% of each class ("classifier"); the DiT trains on the other 70% ("dit").
+DIGITS_CLASSIFIER_FRACTION = 0.3
+DIGITS_SPLIT_SEED = 0
+DIGITS_SPLITS = ("dit", "classifier", "all")
+
+
+def digits_split(labels: torch.Tensor, part: str) -> torch.Tensor:
+    """Sorted indices of one part of the digits: "classifier" (round(30%) of each class, picked by a
+    fixed permutation), "dit" (the rest) or "all". Depends on the labels only, never on a run's seed."""
+    if part not in DIGITS_SPLITS:
+        raise ValueError(f"unknown digits split {part!r}; valid: {', '.join(DIGITS_SPLITS)}")
+    if part == "all":
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in sorted(set(labels.tolist())):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        held[idx[: round(len(idx) * DIGITS_CLASSIFIER_FRACTION)]] = True
+    return (held if part == "classifier" else ~held).nonzero().flatten()
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """The embedded default in pixel space: key (i, flip) -> (x (1, S, S) in [-1, 1], digit).
+
+    split: "all" (1797 digits), "dit" (the 70% a DiT trains on) or "classifier" (see digits_split).
+    """
+
+    def __init__(self, image_size: int = 16, split: str = "all"):
+        x, y = load_digits_images(image_size)
+        keep = digits_split(y, split)
+        self.x, self.y = x[keep].contiguous(), y[keep].contiguous()
+        self.split = split
         self.num_classes = 10
         self.channels = 1
 
@@ -351,7 +395,7 @@ def build_dataset(data_cfg, model_in_channels: Optional[int] = None):
 
     kind = data_cfg.kind
     if kind == "digits":
-        return DigitsDataset(data_cfg.image_size)
+        return DigitsDataset(data_cfg.image_size, data_cfg.digits_split)
     if kind == "latents":
         return LatentDataset(data_cfg.path)
     if kind == "imagefolder":
