@@ -14,8 +14,10 @@ test: install
 # The main job: a small DiT on scikit-learn's bundled 8x8 digits (upsampled to 16x16, pixel space),
 # trained through the same DeepSpeed train.py as ImageNet, on 2 ranks (CPU ranks over gloo without a GPU).
 # Writes runs/digits/samples/step_0001000.png (one row per class) and runs/digits/loss_curve.png.
+# The rendezvous port is one the OS says is free (fastdit/training/launch.py), so a job already on 29500
+# does not stop it. ARGS go to train.py: make digits ARGS="--set train.max_steps=200".
 digits: install
-	$(PY) -m deepspeed.launcher.runner --num_gpus 2 fastdit/train.py --config configs/digits.json --resume auto
+	$(PY) -m fastdit.training.launch --num_gpus 2 --config configs/digits.json --resume auto $(ARGS)
 
 # A GPU at hand for a few minutes: run this first (<= 8 minutes on one H100; no network needed). GPU tests,
 # full-size parity, every throughput row, kernel bandwidth and a real DeepSpeed run, each time-boxed under one
