@@ -107,7 +107,8 @@ def fail(msg: str, code: int = EXIT_CONFIG) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="JSON config (configs/*.json)")
+    p.add_argument("--config", required=True,
+                   help="JSON config: a path, or the name of a shipped one (digits, xl2_zero2, ...: fastdit/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set train.max_steps=1000")
     p.add_argument("--resume", default=None,
