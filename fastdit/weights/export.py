@@ -41,6 +41,24 @@ def export_state_dict(ckpt: str, raw: bool = False, trust: bool = False):
     return sd, loaded.meta, loaded.path
 
 
+SIDE_FIELDS = ("model", "model_kwargs", "arch", "step", "vae", "latent_scale", "image_size", "ema_decay")
+
+
+def side_meta_path(weights_path: str) -> str:
+    """`<file without suffix>.json`, the metadata beside an exported weights file (fastdit.weights.load
+    reads it, so fastdit.sample needs no --model / --num-heads)."""
+    return os.path.splitext(weights_path)[0] + ".json"
+
+
+def write_side_meta(weights_path: str, meta: dict, **extra) -> str:
+    """Write the metadata file beside `weights_path` (meta.json's model fields, plus `extra`)."""
+    side = {k: (meta or {}).get(k) for k in SIDE_FIELDS}
+    side.update(extra)
+    path = side_meta_path(weights_path)
+    atomic.write_json(path, side)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="checkpoint -> plain official-layout state dict (.pt)")
     p.add_argument("ckpt", help="checkpoint folder, checkpoints/ folder or a run's output_dir")
@@ -58,12 +76,7 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic.torch_save(sd, args.out)
-    side = {k: meta.get(k) for k in ("model", "model_kwargs", "arch", "step", "vae", "latent_scale",
-                                     "image_size", "ema_decay")}
-    side["weights"] = "raw" if args.raw else "ema"
-    side["source"] = os.path.abspath(tag_dir)
-    stem = args.out[:-3] if args.out.endswith(".pt") else args.out
-    atomic.write_json(stem + ".json", side)
+    write_side_meta(args.out, meta, weights="raw" if args.raw else "ema", source=os.path.abspath(tag_dir))
     n = sum(v.numel() for v in sd.values())
     print(f"wrote {'raw' if args.raw else 'EMA'} weights of {tag_dir} (step {meta['step']}, {len(sd)} tensors, "
           f"{n:,} parameters) to {args.out}")
