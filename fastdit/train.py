@@ -18,6 +18,8 @@ Checkpoint files are read without running code from them (fastdit/weights/safe_l
 `--trust-checkpoint` unpickles them fully, for files you wrote yourself. Writes to
 train.output_dir: checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples/*.png, loss_curve.png, and
 profile/ (trace.json, profile.json) when train.profile_steps=A-B asks for a profile of those steps.
+After a resume, metrics.jsonl and tb/ keep only the steps up to the checkpoint resumed from. DeepSpeed's
+INFO/WARNING log lines are hidden unless FASTDIT_DEEPSPEED_LOG=info (fastdit/training/ds_logging.py).
 
 One optimizer step is fastdit.training.trainer.Trainer.train_step(), the step benchmarks/throughput.py (row
 `deepspeed`) times and benchmarks/step_profile.py profiles; this script adds resume, data order,
@@ -80,6 +82,9 @@ from typing import Any, Dict, Optional  # noqa: E402
 import torch  # noqa: E402
 
 import fastdit  # noqa: E402
+from fastdit.training.ds_logging import quiet_deepspeed  # noqa: E402
+with contextlib.suppress(ValueError):  # before anything imports deepspeed; a bad value is said in main()
+    quiet_deepspeed()
 from fastdit import dist  # noqa: E402
 from fastdit.dist import nvtx_range, say  # noqa: E402
 from fastdit.training import checkpoint as ckpt  # noqa: E402
@@ -398,8 +403,7 @@ class Run:
         if not self.cfg.train.tensorboard:
             return None
         try:
-            from torch.utils.tensorboard import SummaryWriter
-            return SummaryWriter(os.path.join(self.out_dir, "tb"))
+            return metrics.tensorboard_writer(os.path.join(self.out_dir, "tb"), self.trainer.step)
         except Exception as e:  # noqa: BLE001
             say(f"TensorBoard disabled ({e})")
             return None
@@ -434,8 +438,12 @@ class Run:
 
     def save(self, s: int, stopped: Optional[str] = None) -> str:
         with nvtx_range("checkpoint"):
-            return ckpt.save_checkpoint(self.setup.engine, self.ckpt_root, s, self.setup.ema,
+            path = ckpt.save_checkpoint(self.setup.engine, self.ckpt_root, s, self.setup.ema,
                                         self.meta(s, stopped), self.trainer_state(s), self.cfg.train.keep_last)
+        if self.rank == 0:
+            from tqdm import tqdm
+            tqdm.write(f"checkpoint saved: {path} (step {s})", file=sys.stdout)
+        return path
 
     def grid(self, s: int) -> Optional[str]:
         """The sample grid of step `s`; a failure is reported (rank 0) and training goes on."""
@@ -636,8 +644,9 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
+        quiet_deepspeed()  # DeepSpeed's INFO/WARNING lines: FASTDIT_DEEPSPEED_LOG=info shows them
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+    except ValueError as e:  # ConfigError, or a bad FASTDIT_DEEPSPEED_LOG
         fail(str(e))
     if args.resume is not None:
         cfg.train.resume = args.resume
