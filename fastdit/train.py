@@ -36,10 +36,14 @@ Exit codes:
      intact older checkpoint; pickled objects outside the allowlist; another global batch; weights that do
      not fit the model)
   3  stopped after too many non-finite steps in a row (train.max_nonfinite_in_a_row; checkpoint saved)
+SIGTERM (to the ranks, or to the deepspeed/torchrun launcher, which passes it on) stops the run after the
+current step with a checkpoint; the ranks exit 0 and `--resume auto` continues exactly (DeepSpeed's launcher
+itself reports 1 when it was the one signalled, and kills ranks still running 30 s later).
 Anything else (1 with a traceback) is a bug or the environment (out of memory, a killed rank).
 Test hooks (environment): FASTDIT_TEST_NAN_STEPS="3,6,7" turns the loss of those optimizer steps
 (1-based) into NaN on rank FASTDIT_TEST_NAN_RANK (default: the last rank);
-FASTDIT_TEST_KILL_DURING_SAVE=N SIGKILLs rank 0 in the middle of saving the checkpoint of step N.
+FASTDIT_TEST_KILL_DURING_SAVE=N SIGKILLs rank 0 in the middle of saving the checkpoint of step N;
+FASTDIT_TEST_SIGTERM_AFTER_STEP=N sends SIGTERM to one rank after step N (fastdit/training/preemption.py).
 """
 import os
 import sys
@@ -89,6 +93,7 @@ from fastdit import dist  # noqa: E402
 from fastdit.dist import nvtx_range, say  # noqa: E402
 from fastdit.training import checkpoint as ckpt  # noqa: E402
 from fastdit.training import metrics  # noqa: E402
+from fastdit.training.preemption import StopOnSignal  # noqa: E402
 from fastdit.training.config import ConfigError, load_config, parse_step_range, resolved_architecture  # noqa: E402
 from fastdit.training.data import LATENTS_FILE, RankBatchSampler, build_dataset, rank_batches  # noqa: E402
 from fastdit.weights.safe_load import CheckpointFileError  # noqa: E402
@@ -98,6 +103,7 @@ from fastdit.weights import layout  # noqa: E402
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 0  # SIGTERM: checkpoint saved at the next step boundary (fastdit.training.preemption)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,6 +539,17 @@ class Run:
         dist.barrier()
         return EXIT_NONFINITE
 
+    def preempted(self, step: int, save: bool, bar) -> int:
+        """SIGTERM: save the checkpoint of `step` (unless just saved), say so, return EXIT_PREEMPTED."""
+        path = self.save(step) if save else os.path.join(self.ckpt_root, layout.tag_for(step))
+        bar.close()
+        say(f"fastdit.train: stopped by SIGTERM after step {step}; checkpoint: {path}. "
+            f"Continue with --resume auto.")
+        if self.writer is not None:
+            self.writer.close()
+        dist.barrier()
+        return EXIT_PREEMPTED
+
     def finish(self, step: int) -> None:
         """The final grid and loss curve, and where everything is."""
         grid_path = curve_path = None
@@ -661,6 +678,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=max_steps, initial=step, disable=(run.rank != 0 or not cfg.train.progress),
                dynamic_ncols=True, desc="train", file=sys.stdout, mininterval=1.0)
     last_saved = step if tag is not None else None
+    stop_signal = StopOnSignal()  # SIGTERM: checkpoint at the next step boundary, exit 0
     while trainer.step < max_steps:
         with profiler.around(trainer.step + 1, trainer) if profiler else contextlib.nullcontext():
             result = trainer.train_step()
@@ -683,6 +701,8 @@ def main(argv=None) -> int:
             with nvtx_range("sample"):
                 run.grid(step)
         run.excluded += time.time() - t_aux
+        if stop_signal.requested(run.setup.device, step) and step < max_steps:
+            return run.preempted(step, last_saved != step, bar)
     bar.close()
     if profiler is not None and profiler.steps_done:
         profiler.finish()  # a run resumed inside the profiled range: what was profiled

@@ -391,3 +391,32 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, stage, f
     logged = [r for r in recs if "loss" in r]
     assert [r["step"] for r in logged if r["loss"] is None] == [3, 6, 7]  # nothing applied to average (8 stops)
     assert all(r["loss"] > 0 for r in logged if r["loss"] is not None)  # logged losses stay finite
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(tmp_path):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    cfg = tiny_config(full_dir, stage=2, max_steps=8, ckpt_every=100, keep_last=3, tensorboard=True)
+    proc = launch(cfg, tmp_path, "full")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    cut = copy.deepcopy(cfg)
+    cut["train"]["output_dir"] = str(cut_dir)
+    # SIGTERM reaches one rank only (the last) after step 3: both stop after step 3, with a checkpoint
+    proc = launch(cut, tmp_path, "cut", extra_env={"FASTDIT_TEST_SIGTERM_AFTER_STEP": "3"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "stopped by SIGTERM after step 3" in proc.stdout
+    assert "checkpoint saved: " in proc.stdout and "(step 3)" in proc.stdout
+    ck = os.path.join(cut_dir, "checkpoints")
+    assert open(os.path.join(ck, "latest")).read().strip() == "step_0000003"
+    assert [r["step"] for r in metrics(cut_dir)] == [1, 2, 3]
+
+    proc = launch(cut, tmp_path, "cut", extra_args=["--resume", "auto"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = ckpt_dir(full_dir, 8), ckpt_dir(cut_dir, 8)
+    assert_same(torch.load(os.path.join(a, "ema.pt"), weights_only=True),
+                torch.load(os.path.join(b, "ema.pt"), weights_only=True), "ema")
+    assert_same(raw_weights(full_dir, 8), raw_weights(cut_dir, 8), "raw")
+    la = {r["step"]: r["loss"] for r in metrics(full_dir)}
+    lb = {r["step"]: r["loss"] for r in metrics(cut_dir)}
+    assert la == lb and sorted(lb) == list(range(1, 9))

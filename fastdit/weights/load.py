@@ -146,7 +146,16 @@ def _load_training_checkpoint(path: str, weights: str, trust: bool = False) -> L
 
 
 def _load_file(path: str, weights: str, trust: bool = False) -> LoadedCheckpoint:
-    obj = torch_load_safe(path, trust)
+    if path.lower().endswith(".safetensors"):  # fastdit.export's default: tensors only, nothing to unpickle
+        from safetensors import SafetensorsError
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(path)
+        except (SafetensorsError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from e
+    else:
+        obj = torch_load_safe(path, trust)
     meta = None
     for candidate in (path + ".json", os.path.splitext(path)[0] + ".json"):
         meta = _read_json(candidate)
