@@ -94,6 +94,7 @@ from fastdit.dist import nvtx_range, say  # noqa: E402
 from fastdit.training import checkpoint as ckpt  # noqa: E402
 from fastdit.training import metrics  # noqa: E402
 from fastdit.training.preemption import StopOnSignal  # noqa: E402
+from fastdit.training.completion import completed_message  # noqa: E402
 from fastdit.training.config import ConfigError, load_config, parse_step_range, resolved_architecture  # noqa: E402
 from fastdit.training.data import LATENTS_FILE, RankBatchSampler, build_dataset, rank_batches  # noqa: E402
 from fastdit.weights.safe_load import CheckpointFileError  # noqa: E402
@@ -669,6 +670,11 @@ def main(argv=None) -> int:
         cfg.train.resume = args.resume
     if args.replace_run and cfg.train.resume in (None, "auto"):
         fail("--replace-run goes with --resume PATH (the checkpoint to continue from)")
+    done = completed_message(cfg.train.output_dir, cfg.train.max_steps, cfg.train.resume)
+    if done:
+        if dist.env_rank() == 0:
+            print(f"fastdit.train: {done}", flush=True)
+        return 0
     dataset, vae_spec, replace_to = preflight(cfg, args.replace_run)
     run, step, tag = setup_run(cfg, dataset, vae_spec, trust=args.trust_checkpoint, replace_to=replace_to)
     trainer, max_steps = run.trainer, cfg.train.max_steps

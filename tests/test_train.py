@@ -420,3 +420,22 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(tmp_path):
     la = {r["step"]: r["loss"] for r in metrics(full_dir)}
     lb = {r["step"]: r["loss"] for r in metrics(cut_dir)}
     assert la == lb and sorted(lb) == list(range(1, 9))
+
+
+def test_rerunning_a_finished_run_says_complete_and_does_nothing(tmp_path, capsys):
+    from fastdit.training.completion import completed_message
+
+    out = tmp_path / "done"
+    tag = out / "checkpoints" / "step_0000005"
+    tag.mkdir(parents=True)
+    (tag / "meta.json").write_text("{}")
+    (tag / "ema.pt").write_bytes(b"")
+    (out / "checkpoints" / "latest").write_text("step_0000005")
+    rc = train_main(["--config", "digits", "--set", f"train.output_dir={out}", "--set", "train.max_steps=5",
+                     "--resume", "auto"])
+    assert rc == 0
+    said = capsys.readouterr().out
+    assert f"{out} is already complete at step 5" in said and "--set train.max_steps=" in said
+    assert sorted(os.listdir(out)) == ["checkpoints"]  # no metrics, samples or tb written
+    assert completed_message(str(out), 6, "auto") is None  # steps left: trains on
+    assert completed_message(str(out), 5, None) is None  # without --resume auto: train.py refuses instead
