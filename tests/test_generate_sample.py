@@ -144,7 +144,7 @@ def test_cli_from_an_exported_file(tmp_path, capsys):
             "--save-npz", str(tmp_path / "s.npz"), "--no-progress", "--device", "cpu"]
     assert S.main(argv) == 0
     with Image.open(out) as im:
-        assert im.size == (2 * (64 + 2) + 2, 2 * (64 + 2) + 2)  # 8 px images zoomed 8x, 2 per row
+        assert im.size == (40 + 2 * (64 + 2) + 2, 2 * (64 + 2) + 2)  # 8 px images zoomed 8x, 2 per row, labels
     with np.load(tmp_path / "s.npz") as d:
         images, labels = d["arr_0"], d["arr_1"]
     np.testing.assert_array_equal(labels, [3, 3, 7, 7])
