@@ -150,3 +150,6 @@ def test_cli_outputs_carry_their_metadata_for_sampling(tmp_path, capsys):
     assert interop.main(["to-official", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastdit.interop: error: checkpoint not found") and err.count("\n") == 1
+    assert interop.main(["from-diffusers", "--src", str(tmp_path / "none"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fastdit.interop: error: {tmp_path / 'none'} is not a DiTTransformer2DModel folder (no config.json in it)\n"

@@ -311,7 +311,10 @@ def load_diffusers(folder: str, **from_pretrained_kwargs):
     (match_official_timesteps), in eval mode: it computes what fastdit computes."""
     from diffusers import DiTTransformer2DModel
 
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder} is not a DiTTransformer2DModel folder (no config.json in it)")
     from_pretrained_kwargs.setdefault("local_files_only", True)
+    from_pretrained_kwargs.setdefault("low_cpu_mem_usage", False)  # no "install accelerate" notice
     dmodel = DiTTransformer2DModel.from_pretrained(folder, **from_pretrained_kwargs)
     match_official_timesteps(dmodel)
     return dmodel.eval()
