@@ -4,6 +4,8 @@
     deepspeed fastdit/train.py --config configs/xl2_zero2.json
     deepspeed --num_gpus 2 fastdit/train.py --config configs/digits.json      # CPU: 2 ranks over gloo
     deepspeed --hostfile hosts fastdit/train.py --config configs/xl2_zero3.json --resume auto
+    torchrun --standalone --nproc_per_node 8 -m fastdit.train --config xl2_zero2    # or fastdit-train
+    python -m fastdit.training.launch --num_gpus 2 --config digits    # local ranks on a free port
 
 On a machine without a GPU, DeepSpeed picks its CPU accelerator and `--num_gpus N` starts N CPU ranks;
 without oneCCL installed the CPU accelerator's backend is gloo, which this script requests explicitly
