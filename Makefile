@@ -17,8 +17,10 @@ test: install
 # with the quality line (fastdit/evaluate/digits_quality.py: class-conditional accuracy and digits FD of 50 EMA
 # samples per class at CFG 1 and 2, real-vs-real FD, the classifier's test accuracy), saved in
 # runs/digits/samples/step_0001000_quality.json and metrics.jsonl.
+# The rendezvous port is one the OS says is free (fastdit/training/launch.py), so a job already on 29500
+# does not stop it. ARGS go to train.py: make digits ARGS="--set train.max_steps=200".
 digits: install
-	$(PY) -m deepspeed.launcher.runner --num_gpus 2 fastdit/train.py --config configs/digits.json --resume auto
+	$(PY) -m fastdit.training.launch --num_gpus 2 --config configs/digits.json --resume auto $(ARGS)
 
 # The paper's conditioning-block and scaling studies in miniature on the digits (docs/experiments.md), each
 # <= 15 minutes on 2 CPU cores (BUDGET=medium: about an hour each); resumable, figures in runs/experiments/.

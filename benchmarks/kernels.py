@@ -69,7 +69,8 @@ def _parse(argv=None):
     p.add_argument("--json", help="write the rows and run metadata here")
     p.add_argument("--plot", help="write a PNG of copy_share per op, pass and impl here")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on CPU through the Triton interpreter (fused + eager only)")
+                   help="tiny shapes on CPU through the Triton interpreter (fused + eager only): checks the "
+                        "harness runs; its timings are the interpreter's, not a GPU's")
     return p.parse_args(argv)
 
 
@@ -214,9 +215,14 @@ def _copy_gbps(device, mib, timer):
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
+SMOKE_NOTE = ("--smoke: every timing below comes from the Triton interpreter on the CPU (TRITON_INTERPRET=1), "
+              "not from a GPU; it shows the harness runs and says nothing about kernel speed")
+
+
 def run(args):
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        print(SMOKE_NOTE, flush=True)
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -276,7 +282,7 @@ def run(args):
         r["speedup_vs_eager"] = base[0]["ms"] / r["ms"] if base else None
 
     meta = dict(environment(device), interpreter=os.environ.get("TRITON_INTERPRET") == "1",
-                smoke=bool(args.smoke), copy_gbps=copy_gbps, copy_mib=copy_mib, tokens=tokens,
+                smoke=bool(args.smoke), note=SMOKE_NOTE if args.smoke else None, copy_gbps=copy_gbps, copy_mib=copy_mib, tokens=tokens,
                 timer="triton.testing.do_bench median, L2 flushed" if device.type == "cuda"
                 else "wall clock median of 3")
     if args.json:

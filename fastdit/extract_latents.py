@@ -2,7 +2,7 @@
 
     python -m fastdit.extract_latents --data-path /data/imagenet/train --out latents/in256 \\
         --image-size 256 --vae stabilityai/sd-vae-ft-ema
-    torchrun --nproc_per_node 8 -m fastdit.extract_latents ...            # or
+    torchrun --standalone --nproc_per_node 8 -m fastdit.extract_latents ...            # or
     deepspeed --num_gpus 8 --module fastdit.extract_latents ...
 
 Each image is centre-cropped as ADM/the official DiT, encoded unflipped and horizontally flipped, and

@@ -4,6 +4,8 @@
     deepspeed fastdit/train.py --config configs/xl2_zero2.json
     deepspeed --num_gpus 2 fastdit/train.py --config configs/digits.json      # CPU: 2 ranks over gloo
     deepspeed --hostfile hosts fastdit/train.py --config configs/xl2_zero3.json --resume auto
+    torchrun --standalone --nproc_per_node 8 -m fastdit.train --config xl2_zero2    # or fastdit-train
+    python -m fastdit.training.launch --num_gpus 2 --config digits    # local ranks on a free port
 
 On a machine without a GPU, DeepSpeed picks its CPU accelerator and `--num_gpus N` starts N CPU ranks;
 without oneCCL installed the CPU accelerator's backend is gloo, which this script requests explicitly
@@ -18,6 +20,8 @@ Checkpoint files are read without running code from them (fastdit/weights/safe_l
 `--trust-checkpoint` unpickles them fully, for files you wrote yourself. Writes to
 train.output_dir: checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples/*.png, loss_curve.png, and
 profile/ (trace.json, profile.json) when train.profile_steps=A-B asks for a profile of those steps.
+After a resume, metrics.jsonl and tb/ keep only the steps up to the checkpoint resumed from. DeepSpeed's
+INFO/WARNING log lines are hidden unless FASTDIT_DEEPSPEED_LOG=info (fastdit/training/ds_logging.py).
 
 Sample quality (fastdit/training/quality.py): every train.eval_every steps and at the end (train.final_eval,
 default: with the final grid) the EMA is sampled and scored: digits runs by a classifier trained on digits
@@ -41,10 +45,14 @@ Exit codes:
      (a damaged file, named with the newest intact older checkpoint; pickled objects outside the allowlist;
      another global batch; weights that do not fit the model)
   3  stopped after too many non-finite steps in a row (train.max_nonfinite_in_a_row; checkpoint saved)
+SIGTERM (to the ranks, or to the deepspeed/torchrun launcher, which passes it on) stops the run after the
+current step with a checkpoint; the ranks exit 0 and `--resume auto` continues exactly (DeepSpeed's launcher
+itself reports 1 when it was the one signalled, and kills ranks still running 30 s later).
 Anything else (1 with a traceback) is a bug or the environment (out of memory, a killed rank).
 Test hooks (environment): FASTDIT_TEST_NAN_STEPS="3,6,7" turns the loss of those optimizer steps
 (1-based) into NaN on rank FASTDIT_TEST_NAN_RANK (default: the last rank);
-FASTDIT_TEST_KILL_DURING_SAVE=N SIGKILLs rank 0 in the middle of saving the checkpoint of step N.
+FASTDIT_TEST_KILL_DURING_SAVE=N SIGKILLs rank 0 in the middle of saving the checkpoint of step N;
+FASTDIT_TEST_SIGTERM_AFTER_STEP=N sends SIGTERM to one rank after step N (fastdit/training/preemption.py).
 """
 import os
 import sys
@@ -87,10 +95,15 @@ from typing import Any, Dict, Optional  # noqa: E402
 import torch  # noqa: E402
 
 import fastdit  # noqa: E402
+from fastdit.training.ds_logging import quiet_deepspeed  # noqa: E402
+with contextlib.suppress(ValueError):  # before anything imports deepspeed; a bad value is said in main()
+    quiet_deepspeed()
 from fastdit import dist  # noqa: E402
 from fastdit.dist import nvtx_range, say  # noqa: E402
 from fastdit.training import checkpoint as ckpt  # noqa: E402
 from fastdit.training import metrics  # noqa: E402
+from fastdit.training.preemption import StopOnSignal  # noqa: E402
+from fastdit.training.completion import completed_message  # noqa: E402
 from fastdit.training.config import ConfigError, load_config, parse_step_range, resolved_architecture  # noqa: E402
 from fastdit.training.data import LATENTS_FILE, RankBatchSampler, build_dataset, rank_batches  # noqa: E402
 from fastdit.weights.safe_load import CheckpointFileError  # noqa: E402
@@ -100,6 +113,7 @@ from fastdit.weights import layout  # noqa: E402
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 0  # SIGTERM: checkpoint saved at the next step boundary (fastdit.training.preemption)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +128,8 @@ def fail(msg: str, code: int = EXIT_CONFIG) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="JSON config (configs/*.json)")
+    p.add_argument("--config", required=True,
+                   help="JSON config: a path, or the name of a shipped one (digits, xl2_zero2, ...: fastdit/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set train.max_steps=1000")
     p.add_argument("--resume", default=None,
@@ -428,8 +443,7 @@ class Run:
         if not self.cfg.train.tensorboard:
             return None
         try:
-            from torch.utils.tensorboard import SummaryWriter
-            return SummaryWriter(os.path.join(self.out_dir, "tb"))
+            return metrics.tensorboard_writer(os.path.join(self.out_dir, "tb"), self.trainer.step)
         except Exception as e:  # noqa: BLE001
             say(f"TensorBoard disabled ({e})")
             return None
@@ -464,8 +478,12 @@ class Run:
 
     def save(self, s: int, stopped: Optional[str] = None) -> str:
         with nvtx_range("checkpoint"):
-            return ckpt.save_checkpoint(self.setup.engine, self.ckpt_root, s, self.setup.ema,
+            path = ckpt.save_checkpoint(self.setup.engine, self.ckpt_root, s, self.setup.ema,
                                         self.meta(s, stopped), self.trainer_state(s), self.cfg.train.keep_last)
+        if self.rank == 0:
+            from tqdm import tqdm
+            tqdm.write(f"checkpoint saved: {path} (step {s})", file=sys.stdout)
+        return path
 
     def grid(self, s: int) -> Optional[str]:
         """The sample grid of step `s`; a failure is reported (rank 0) and training goes on."""
@@ -554,6 +572,17 @@ class Run:
             self.writer.close()
         dist.barrier()
         return EXIT_NONFINITE
+
+    def preempted(self, step: int, save: bool, bar) -> int:
+        """SIGTERM: save the checkpoint of `step` (unless just saved), say so, return EXIT_PREEMPTED."""
+        path = self.save(step) if save else os.path.join(self.ckpt_root, layout.tag_for(step))
+        bar.close()
+        say(f"fastdit.train: stopped by SIGTERM after step {step}; checkpoint: {path}. "
+            f"Continue with --resume auto.")
+        if self.writer is not None:
+            self.writer.close()
+        dist.barrier()
+        return EXIT_PREEMPTED
 
     def finish(self, step: int) -> None:
         """The final grid and loss curve, and where everything is."""
@@ -671,13 +700,19 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
+        quiet_deepspeed()  # DeepSpeed's INFO/WARNING lines: FASTDIT_DEEPSPEED_LOG=info shows them
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+    except ValueError as e:  # ConfigError, or a bad FASTDIT_DEEPSPEED_LOG
         fail(str(e))
     if args.resume is not None:
         cfg.train.resume = args.resume
     if args.replace_run and cfg.train.resume in (None, "auto"):
         fail("--replace-run goes with --resume PATH (the checkpoint to continue from)")
+    done = completed_message(cfg.train.output_dir, cfg.train.max_steps, cfg.train.resume)
+    if done:
+        if dist.env_rank() == 0:
+            print(f"fastdit.train: {done}", flush=True)
+        return 0
     dataset, vae_spec, replace_to = preflight(cfg, args.replace_run)
     run, step, tag = setup_run(cfg, dataset, vae_spec, trust=args.trust_checkpoint, replace_to=replace_to)
     trainer, max_steps = run.trainer, cfg.train.max_steps
@@ -687,6 +722,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=max_steps, initial=step, disable=(run.rank != 0 or not cfg.train.progress),
                dynamic_ncols=True, desc="train", file=sys.stdout, mininterval=1.0)
     last_saved = step if tag is not None else None
+    stop_signal = StopOnSignal()  # SIGTERM: checkpoint at the next step boundary, exit 0
     while trainer.step < max_steps:
         with profiler.around(trainer.step + 1, trainer) if profiler else contextlib.nullcontext():
             result = trainer.train_step()
@@ -711,6 +747,8 @@ def main(argv=None) -> int:
             with nvtx_range("sample"):
                 run.grid(step)
         run.excluded += time.time() - t_aux
+        if stop_signal.requested(run.setup.device, step) and step < max_steps:
+            return run.preempted(step, last_saved != step, bar)
     bar.close()
     if profiler is not None and profiler.steps_done:
         profiler.finish()  # a run resumed inside the profiled range: what was profiled

@@ -144,7 +144,7 @@ def test_cli_from_an_exported_file(tmp_path, capsys):
             "--save-npz", str(tmp_path / "s.npz"), "--no-progress", "--device", "cpu"]
     assert S.main(argv) == 0
     with Image.open(out) as im:
-        assert im.size == (2 * (64 + 2) + 2, 2 * (64 + 2) + 2)  # 8 px images zoomed 8x, 2 per row
+        assert im.size == (40 + 2 * (64 + 2) + 2, 2 * (64 + 2) + 2)  # 8 px images zoomed 8x, 2 per row, labels
     with np.load(tmp_path / "s.npz") as d:
         images, labels = d["arr_0"], d["arr_1"]
     np.testing.assert_array_equal(labels, [3, 3, 7, 7])
@@ -188,3 +188,27 @@ def test_cli_from_a_training_checkpoint_directory(tmp_path):
         assert S.main(["--ckpt", str(path), "--num-steps", "2", "--sampler", "ddim", "--class-labels", "1",
                        "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
         assert out.is_file()
+
+
+def test_cli_grid_has_a_labelled_row_per_class(tmp_path):
+    from PIL import Image
+
+    model = _digits_like(11)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    common = ["--ckpt", str(tmp_path / "m.pt"), "--num-heads", "2", "--num-steps", "2", "--sampler", "ddim",
+              "--class-labels", "1", "7", "--no-progress", "--device", "cpu", "--upscale", "8"]
+    assert S.main(common + ["--samples-per-class", "3", "--out", str(tmp_path / "rows.png")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "rows.png").convert("RGB"))
+    # save_class_grid: a 40 px label column, 3 cells of 64 px (+2 px padding) per row, 2 rows
+    assert grid.shape[:2] == (2 * 66 + 2, 40 + 3 * 66 + 2)
+    assert (grid[:, :40] < 128).any()  # the labels are drawn in the left column
+    assert S.main(common + ["--out", str(tmp_path / "plain.png")]) == 0  # one sample per class: plain grid
+    assert np.asarray(Image.open(tmp_path / "plain.png")).shape[1] == 2 * 64 + 3 * 2
+
+
+def test_cli_step_count_that_cannot_be_respaced_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        S.main(["--ckpt", str(tmp_path / "absent.pt"), "--sampler", "ddim", "--num-steps", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--num-steps 1: timestep respacing 'ddim1'" in err[-1] and "Traceback" not in "\n".join(err)

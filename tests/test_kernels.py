@@ -563,6 +563,12 @@ def test_benchmark_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert data["meta"]["smoke"] is (DEV == "cpu") and data["meta"]["command"]
     assert data["meta"]["device"].startswith(DEV) and data["meta"]["interpreter"] is (DEV == "cpu")
+    if DEV == "cpu":  # the first line and the JSON say where the timings come from
+        assert proc.stdout.splitlines()[0].startswith("--smoke: every timing below comes from the Triton "
+                                                      "interpreter")
+        assert "Triton interpreter" in data["meta"]["note"]
+    else:
+        assert "interpreter" not in proc.stdout and data["meta"]["note"] is None
     assert {r["impl"] for r in data["rows"]} == {"fused", "eager"}
     ops = {r["op"] for r in data["rows"]}
     assert ops == {"modulate_layernorm", "gated_residual", "gated_residual_modulate_layernorm",

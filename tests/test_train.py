@@ -434,3 +434,51 @@ def test_train_prints_quality_and_survives_a_failed_evaluation(tmp_path):
                               guide_all_channels=True)
     for a, b in zip(again, q):
         assert a["accuracy"] == b["accuracy"] and a["fd"] == pytest.approx(b["fd"], rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(tmp_path):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    cfg = tiny_config(full_dir, stage=2, max_steps=8, ckpt_every=100, keep_last=3, tensorboard=True)
+    proc = launch(cfg, tmp_path, "full")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    cut = copy.deepcopy(cfg)
+    cut["train"]["output_dir"] = str(cut_dir)
+    # SIGTERM reaches one rank only (the last) after step 3: both stop after step 3, with a checkpoint
+    proc = launch(cut, tmp_path, "cut", extra_env={"FASTDIT_TEST_SIGTERM_AFTER_STEP": "3"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "stopped by SIGTERM after step 3" in proc.stdout
+    assert "checkpoint saved: " in proc.stdout and "(step 3)" in proc.stdout
+    ck = os.path.join(cut_dir, "checkpoints")
+    assert open(os.path.join(ck, "latest")).read().strip() == "step_0000003"
+    assert [r["step"] for r in metrics(cut_dir)] == [1, 2, 3]
+
+    proc = launch(cut, tmp_path, "cut", extra_args=["--resume", "auto"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = ckpt_dir(full_dir, 8), ckpt_dir(cut_dir, 8)
+    assert_same(torch.load(os.path.join(a, "ema.pt"), weights_only=True),
+                torch.load(os.path.join(b, "ema.pt"), weights_only=True), "ema")
+    assert_same(raw_weights(full_dir, 8), raw_weights(cut_dir, 8), "raw")
+    la = {r["step"]: r["loss"] for r in metrics(full_dir)}
+    lb = {r["step"]: r["loss"] for r in metrics(cut_dir)}
+    assert la == lb and sorted(lb) == list(range(1, 9))
+
+
+def test_rerunning_a_finished_run_says_complete_and_does_nothing(tmp_path, capsys):
+    from fastdit.training.completion import completed_message
+
+    out = tmp_path / "done"
+    tag = out / "checkpoints" / "step_0000005"
+    tag.mkdir(parents=True)
+    (tag / "meta.json").write_text("{}")
+    (tag / "ema.pt").write_bytes(b"")
+    (out / "checkpoints" / "latest").write_text("step_0000005")
+    rc = train_main(["--config", "digits", "--set", f"train.output_dir={out}", "--set", "train.max_steps=5",
+                     "--resume", "auto"])
+    assert rc == 0
+    said = capsys.readouterr().out
+    assert f"{out} is already complete at step 5" in said and "--set train.max_steps=" in said
+    assert sorted(os.listdir(out)) == ["checkpoints"]  # no metrics, samples or tb written
+    assert completed_message(str(out), 6, "auto") is None  # steps left: trains on
+    assert completed_message(str(out), 5, None) is None  # without --resume auto: train.py refuses instead

@@ -164,3 +164,25 @@ def test_profile_steps_config():
     assert parse_step_range(cfg.train.profile_steps) == (10, 14)
     with pytest.raises(ConfigError, match="ends after train.max_steps=12"):
         load_config(path, ["train.profile_steps=10-14", "train.max_steps=12"])
+
+
+def test_config_by_packaged_name_or_path_and_unknown_names_listed(tmp_path, monkeypatch):
+    from fastdit.training.config import PACKAGED_CONFIGS, packaged_config_names
+
+    monkeypatch.chdir(tmp_path)  # outside the repository: no configs/ folder here
+    assert {"digits", "xl2_zero2", "xl2_zero3"} <= set(packaged_config_names())
+    for name in ("xl2_zero2", "xl2_zero2.json", "configs/xl2_zero2.json"):
+        cfg = load_config(name)
+        assert os.path.samefile(cfg.path, os.path.join(PACKAGED_CONFIGS, "xl2_zero2.json"))
+    own = _write(tmp_path, _digits(), "xl2_zero2.json")  # a path that exists wins over the packaged name
+    assert load_config(own).path == own
+    with pytest.raises(ConfigError, match="does not exist") as e:
+        load_config("xl9_zero7")
+    assert "packaged configs: b2_zero2, digits" in str(e.value)
+
+
+def test_repository_configs_folder_is_the_packaged_one():
+    # one copy only: configs/ at the root is a link to fastdit/configs/ (no duplicates that can drift)
+    from fastdit.training.config import PACKAGED_CONFIGS
+
+    assert os.path.islink(CONFIGS) and os.path.samefile(CONFIGS, PACKAGED_CONFIGS)

@@ -9,9 +9,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from _helpers import random_dit
 from fastdit.dist import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,3 +81,61 @@ def test_export_ema_of_the_same_run(zero1_run):
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     proc = _export(zero1_run / "nowhere", zero1_run / "x.pt")
     assert proc.returncode == 2 and "not a fastdit checkpoint directory" in proc.stderr
+
+
+def _fake_run(tmp_path, seed=9):
+    """A training checkpoint folder holding only what export reads (ema.pt, meta.json, latest)."""
+    model = random_dit(seed, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2)
+    tag = tmp_path / "run" / "checkpoints" / "step_0000500"
+    tag.mkdir(parents=True)
+    torch.save(model.state_dict(), tag / "ema.pt")
+    kwargs = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                  num_classes=10, learn_sigma=True)
+    (tag / "meta.json").write_text(json.dumps({"model": None, "model_kwargs": kwargs, "step": 500,
+                                               "vae": None, "latent_scale": None, "image_size": 8}))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_0000500")
+    return model, tag
+
+
+def test_safetensors_is_the_default_and_sample_reads_both_formats(tmp_path, capsys):
+    """export writes <run>/export/<tag>_ema.safetensors by default (.pt on request); both files hold the
+    checkpoint's EMA weights exactly, and fastdit.sample draws the same images from either."""
+    from safetensors.torch import load_file
+
+    from fastdit.generate import sample as S
+    from fastdit.weights import export as E
+
+    model, tag = _fake_run(tmp_path)
+    assert E.main([str(tmp_path / "run")]) == 0
+    st = tmp_path / "run" / "export" / "step_0000500_ema.safetensors"
+    assert st.is_file() and (tmp_path / "run" / "export" / "step_0000500_ema.json").is_file()
+    assert E.main([str(tag), "--out", str(tmp_path / "w.pt")]) == 0
+    want = model.state_dict()
+    for got in (load_file(st), torch.load(tmp_path / "w.pt", weights_only=True)):
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k].float()) for k in want)
+    with open(st, "rb") as f:  # really safetensors: an 8-byte header length, then the JSON header
+        assert f.read(9)[8:] == b"{"
+    grids = {}
+    for path in (st, tmp_path / "w.pt"):
+        npz = tmp_path / f"{path.suffix[1:]}.npz"
+        assert S.main(["--ckpt", str(path), "--num-steps", "2", "--sampler", "ddim", "--class-labels", "1", "4",
+                       "--out", str(tmp_path / "g.png"), "--save-npz", str(npz), "--no-progress",
+                       "--device", "cpu"]) == 0
+        with np.load(npz) as d:
+            grids[path.suffix] = d["arr_0"]
+    np.testing.assert_array_equal(grids[".safetensors"], grids[".pt"])
+
+
+def test_export_refuses_an_unknown_suffix_and_a_broken_safetensors_file(tmp_path, capsys):
+    from fastdit.weights import export as E
+    from fastdit.weights.load import load_checkpoint
+
+    _fake_run(tmp_path)
+    assert E.main([str(tmp_path / "run"), "--out", str(tmp_path / "w.bin")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".safetensors" in err[0] and ".pt" in err[0]
+    assert not (tmp_path / "w.bin").exists()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_checkpoint(str(bad))

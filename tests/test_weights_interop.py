@@ -103,3 +103,53 @@ def test_interop_cli_round_trip(tmp_path):
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(back[k], v), k
+
+
+def test_exported_diffusers_folder_loads_matched_with_a_model_card(tmp_path):
+    model = random_dit(13)
+    interop.export_diffusers(model, str(tmp_path / "d"), {"num_heads": 2})
+    x, t, y = inputs()
+    matched = interop.load_diffusers(str(tmp_path / "d"))  # one call: no match_official_timesteps needed
+    assert interop.compare_with_diffusers(model, matched, x, t, y)["rel_diff"] < 1e-5
+    from diffusers import DiTTransformer2DModel
+    plain = DiTTransformer2DModel.from_pretrained(str(tmp_path / "d"))
+    designed = interop.compare_with_diffusers(model, plain, x, t, y)["rel_diff"]
+    assert designed > 1e-3
+    card = (tmp_path / "d" / "README.md").read_text()
+    assert "load_diffusers" in card and "127" in card and "128" in card
+    measured = interop.measure_difference(model, plain)
+    assert f"**{measured['as_designed']:.1e}**" in card and f"**{measured['matched']:.1e}**" in card
+    # a pixel-space model (TINY_DIT: in_channels 4, but no VAE) cannot go through DiTPipeline: said why
+    assert "`DiTPipeline` cannot run this model" in card and "no VAE" in card
+    with pytest.raises(ValueError, match="DiTPipeline cannot run this model.*pixel space"):
+        interop.load_diffusers_pipeline(str(tmp_path / "d"), vae=None)
+
+
+def test_pipeline_problem_names_pixel_space_and_class_count():
+    digits = dict(in_channels=1, num_classes=10)
+    why = interop.pipeline_problem(digits, None)
+    assert "pixel space" in why and "10 classes" in why and "1000" in why
+    assert interop.pipeline_problem(dict(in_channels=4, num_classes=1000), "/models/vae") is None
+
+
+def test_cli_outputs_carry_their_metadata_for_sampling(tmp_path, capsys):
+    model = random_dit(14)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    assert interop.main(["to-diffusers", "--ckpt", str(tmp_path / "m.pt"), "--num-heads", "2",
+                         "--out", str(tmp_path / "d")]) == 0
+    assert "DiTPipeline cannot run this model" in capsys.readouterr().out
+    assert interop.main(["from-diffusers", "--src", str(tmp_path / "d"), "--out", str(tmp_path / "back.pt")]) == 0
+    loaded = C.load_checkpoint(str(tmp_path / "back.pt"))
+    assert loaded.meta["model_kwargs"]["num_heads"] == 2
+    _, kwargs = C.resolve_model_config(loaded.state_dict, None, loaded.meta)  # no --num-heads needed
+    assert kwargs["num_heads"] == 2 and kwargs["num_classes"] == KW["num_classes"]
+    # to-official from a file with metadata keeps it
+    assert interop.main(["to-official", "--ckpt", str(tmp_path / "back.pt"), "--out", str(tmp_path / "o.pt")]) == 0
+    assert C.load_checkpoint(str(tmp_path / "o.pt")).meta["model_kwargs"]["num_heads"] == 2
+    # a bad path: one line, exit 2
+    assert interop.main(["to-official", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdit.interop: error: checkpoint not found") and err.count("\n") == 1
+    assert interop.main(["from-diffusers", "--src", str(tmp_path / "none"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fastdit.interop: error: {tmp_path / 'none'} is not a DiTTransformer2DModel folder (no config.json in it)\n"

@@ -30,7 +30,7 @@ import torch
 
 from fastdit.diffusion import create_diffusion
 from fastdit.diffusion.gaussian_diffusion import _extract_into_tensor
-from fastdit.generate.images import decode_images, make_grid, save_image
+from fastdit.generate.images import decode_images, make_grid, save_class_grid, save_image
 from fastdit.generate.vae import LATENT_SCALE, load_vae
 from fastdit.models.build import IMPLS
 from fastdit.weights.load import WEIGHT_CHOICES, build_model, load_checkpoint
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="default: the official demo labels for 1000 classes, else every class")
     p.add_argument("--samples-per-class", type=positive_int, default=1,
-                   help="samples per label; the grid then has one row per label")
+                   help="samples per label; the grid then has one row per label, its class on the left")
     p.add_argument("--out", default="sample.png", help="output grid image")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
     p.add_argument("--upscale", type=int, default=None,
@@ -349,6 +349,11 @@ def main(argv=None) -> int:
     p.add_argument("--save-npz", default=None, help="also save the uint8 NHWC samples (arr_0) here")
     args = p.parse_args(argv)
 
+    num_steps = num_steps_for(args)
+    try:  # a step count the 1000-step schedule cannot be respaced to (e.g. DDIM 1): said before any work
+        create_diffusion(respacing(args.sampler, num_steps))
+    except ValueError as e:
+        p.error(f"--num-steps {num_steps}: {e}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, info = load_model(args.ckpt, args.model, args.weights, args.impl, args.num_heads, device,
@@ -365,7 +370,6 @@ def main(argv=None) -> int:
                 f"{model.num_classes} classes)")
     k = args.samples_per_class
     labels = [c for c in labels for _ in range(k)]  # label-major: one grid row per label
-    num_steps = num_steps_for(args)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else default_cfg_scale(info)
 
     x0 = sample_latents(model, labels, [args.seed + j for j in range(len(labels))],
@@ -375,9 +379,13 @@ def main(argv=None) -> int:
                         progress=not args.no_progress)
     vae = load_vae(vae_path, device) if vae_path else None
     images = decode_images(x0, vae, _latent_scale(args.latent_scale, info))
-    nrow = args.nrow or (k if k > 1 else math.ceil(math.sqrt(len(labels))))
     upscale = args.upscale or max(1, 64 // images.shape[1])
-    save_image(make_grid(images, nrow, upscale=upscale), args.out)
+    if k > 1 and args.nrow is None:  # one row per label, labelled on the left like train.py's grids
+        save_class_grid(images, len(labels) // k, args.out, row_labels=[str(c) for c in labels[::k]],
+                        min_cell=images.shape[1] * upscale)
+    else:
+        nrow = args.nrow or math.ceil(math.sqrt(len(labels)))
+        save_image(make_grid(images, nrow, upscale=upscale), args.out)
     if args.save_npz:
         np.savez(args.save_npz, arr_0=images, arr_1=np.array(labels))
     print(f"wrote {len(labels)} samples ({args.sampler}, {num_steps} steps, cfg {cfg_scale}) "

@@ -1,6 +1,6 @@
 """Generate exactly N samples for FID on any number of ranks, resumably, into an ADM `.npz`.
 
-    torchrun --nproc_per_node 8 -m fastdit.sample_fid --ckpt CKPT --model DiT-XL/2 --vae VAE_DIR \\
+    torchrun --standalone --nproc_per_node 8 -m fastdit.sample_fid --ckpt CKPT --model DiT-XL/2 --vae VAE_DIR \\
         --num-samples 50000 --cfg-scale 1.5 --num-steps 250 --sample-dir samples/xl2-cfg1.5
     python -m fastdit.sample_fid ...            # single process (gloo/no process group)
     deepspeed --num_gpus 8 -m fastdit.sample_fid ...   # the DeepSpeed launcher works too

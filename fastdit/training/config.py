@@ -293,10 +293,35 @@ def config_from_dict(raw: Dict[str, Any], where: str = "<dict>",
     return cfg
 
 
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def packaged_config_names() -> List[str]:
+    """Names of the configs shipped in fastdit/configs/ (the repository's configs/ links there)."""
+    if not os.path.isdir(PACKAGED_CONFIGS):
+        return []
+    return sorted(f[:-5] for f in os.listdir(PACKAGED_CONFIGS) if f.endswith(".json"))
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A config file: an existing path as given, else a packaged config by name (`xl2_zero2` or
+    `xl2_zero2.json`, found in fastdit/configs/). Anything else raises ConfigError listing the names."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    base = os.path.basename(name_or_path)
+    if base and os.path.dirname(name_or_path) in ("", "configs"):
+        candidate = os.path.join(PACKAGED_CONFIGS, base if base.endswith(".json") else base + ".json")
+        if os.path.isfile(candidate):
+            return candidate
+    raise ConfigError(f"config {name_or_path!r} does not exist (no such file, no packaged config of that name); "
+                      f"packaged configs: "
+                      f"{', '.join(packaged_config_names()) or '(none found)'} (pass --config <name> or a path)")
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
-    """Read a JSON config file, apply `section.key=value` overrides, validate; see module docstring."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist (pass --config configs/<name>.json)")
+    """Read a JSON config file (a path, or a packaged config's name: resolve_config_path), apply
+    `section.key=value` overrides, validate; see module docstring."""
+    path = resolve_config_path(path)
     with open(path) as f:
         try:
             raw = json.load(f)

@@ -36,6 +36,15 @@ def trim(path: str, step: int) -> None:
     atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
+def tensorboard_writer(log_dir: str, resume_step: int):
+    """A SummaryWriter for a run that continues from `resume_step` (0: a fresh start). Events of later
+    steps, written before the run was stopped and resumed, are purged (purge_step), so TensorBoard shows
+    every step once and in order, as metrics.jsonl does after `trim`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir, purge_step=resume_step + 1)
+
+
 def plot_loss_curve(metrics_path: str, out_path: str, title: str = "training loss") -> Optional[str]:
     """Loss per logged step (and its running mean) from metrics.jsonl -> PNG; None if nothing logged."""
     import matplotlib

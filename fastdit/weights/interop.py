@@ -28,7 +28,9 @@ tests, which measure them):
    (by O(1) for large t), so outputs differ noticeably. `match_official_timesteps(model)` sets the
    shift to 0 in every block of a loaded diffusers model, which makes the two agree to float
    rounding; the attribute is not part of the diffusers config and must be set again after each
-   `from_pretrained`.
+   `from_pretrained`: `load_diffusers(folder)` does both in one call. Exported folders carry a model
+   card (README.md) with the difference measured on their weights and this fix; diffusers' DiTPipeline
+   (a VAE, 1000 classes) cannot run pixel-space or non-1000-class models (`pipeline_problem` says why).
 2. LayerNorm eps of the MLP branch: official 1e-6; diffusers' `norm_eps` defaults to 1e-5 (the
    attention branch and final layer use 1e-6 in both). Exports set norm_eps=1e-6; imports of a
    model with another eps warn, since fastdit always uses 1e-6.
@@ -51,6 +53,8 @@ size of the first column will differ; it is not a rounding effect and does not v
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -208,11 +212,127 @@ def to_diffusers(model_or_sd, model_kwargs: Optional[dict] = None, model_name: O
 
 
 def export_diffusers(model_or_sd, out_dir: str, model_kwargs: Optional[dict] = None,
-                     model_name: Optional[str] = None, safe_serialization: bool = True):
-    """Save a DiTTransformer2DModel folder (`from_pretrained`-loadable) with these weights."""
+                     model_name: Optional[str] = None, safe_serialization: bool = True,
+                     vae: Optional[str] = None):
+    """Save a DiTTransformer2DModel folder (`from_pretrained`-loadable) with these weights, and a model
+    card (README.md) with the output difference measured on these weights, how to load the model so that
+    it matches fastdit (`load_diffusers`), and whether diffusers' DiTPipeline can run it (`vae`: the
+    VAE the latents belong to; None for a pixel-space model)."""
     dmodel = to_diffusers(model_or_sd, model_kwargs, model_name)
     dmodel.save_pretrained(out_dir, safe_serialization=safe_serialization)
+    sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else model_or_sd
+    if model_kwargs is None and hasattr(model_or_sd, "num_heads"):
+        model_kwargs = {"num_heads": model_or_sd.num_heads}
+    _, kwargs = weights_load.resolve_model_config(_clean(sd), model_name, {"model_kwargs": model_kwargs or {}})
+    model = build_dit("reference", **kwargs)
+    model.load_state_dict(_clean(sd))
+    diff = measure_difference(model.eval(), dmodel)
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(model_card(kwargs, diff, pipeline_problem(kwargs, vae)))
+    match_official_timesteps(dmodel)
     return dmodel
+
+
+@torch.no_grad()
+def measure_difference(model, dmodel, seed: int = 0) -> Dict[str, float]:
+    """Relative L2 output difference fastdit vs diffusers on these weights (random inputs, t in
+    {0, 250, 500, 999}, 2 samples per t), as diffusers designs it and with match_official_timesteps.
+    Leaves dmodel as it was."""
+    cfg = dmodel.config
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor([0, 250, 500, 999]).repeat_interleave(2)
+    x = torch.randn(len(t), cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    y = torch.randint(0, cfg.num_embeds_ada_norm, (len(t),), generator=g)
+    shifts = [b.norm1.emb.time_proj.downscale_freq_shift for b in dmodel.transformer_blocks]
+    for b in dmodel.transformer_blocks:
+        b.norm1.emb.time_proj.downscale_freq_shift = 1
+    designed = compare_with_diffusers(model, dmodel, x, t, y)["rel_diff"]
+    match_official_timesteps(dmodel)
+    matched = compare_with_diffusers(model, dmodel, x, t, y)["rel_diff"]
+    for b, s in zip(dmodel.transformer_blocks, shifts):
+        b.norm1.emb.time_proj.downscale_freq_shift = s
+    return {"as_designed": designed, "matched": matched}
+
+
+def pipeline_problem(kwargs: Dict[str, Any], vae: Optional[str]) -> Optional[str]:
+    """Why diffusers' DiTPipeline cannot run this model, or None when it can."""
+    why = []
+    if vae is None or kwargs.get("in_channels", 4) != 4:
+        why.append(f"the model works in pixel space ({kwargs.get('in_channels')} channel(s), no VAE) and "
+                   "DiTPipeline always decodes its output with a VAE")
+    if kwargs.get("num_classes", 1000) != 1000:
+        why.append(f"the model has {kwargs.get('num_classes')} classes and DiTPipeline's null class for "
+                   "guidance is fixed at label 1000 (ImageNet's 1000 classes)")
+    return "; ".join(why) or None
+
+
+def model_card(kwargs: Dict[str, Any], diff: Dict[str, float], problem: Optional[str]) -> str:
+    """README.md of an exported diffusers folder."""
+    pipe = (f"diffusers' `DiTPipeline` cannot run this model: {problem}. Sample it with fastdit instead "
+            "(`python -m fastdit.interop from-diffusers --src THIS_FOLDER --out model.pt`, then "
+            "`python -m fastdit.sample --ckpt model.pt ...`)." if problem else
+            "diffusers' `DiTPipeline(transformer, vae, scheduler)` can run it; build it with "
+            "`fastdit.interop.load_diffusers_pipeline(THIS_FOLDER, VAE_FOLDER)`, which matches the timesteps. "
+            "Note: DiTPipeline guides every latent channel with classifier-free guidance, the official DiT only "
+            "the first 3.")
+    return f"""---
+library_name: diffusers
+tags: [dit, fastdit]
+---
+# DiT exported by fastdit
+
+A `DiTTransformer2DModel` (diffusers) holding fastdit/official-DiT weights: depth {kwargs['depth']}, width
+{kwargs['hidden_size']}, {kwargs['num_heads']} heads, patch {kwargs['patch_size']}, input
+{kwargs['input_size']}x{kwargs['input_size']}x{kwargs['in_channels']}, {kwargs['num_classes']} classes.
+
+## Load it so that it matches fastdit
+
+diffusers' DiT divides its timestep frequencies by 127 where DiT divides by 128. Loaded with plain
+`DiTTransformer2DModel.from_pretrained`, this model's outputs differ from fastdit's by a relative L2
+difference of **{diff['as_designed']:.1e}** (measured at export on these weights: random inputs,
+t in {{0, 250, 500, 999}}). With the official frequencies the difference is **{diff['matched']:.1e}**
+(float rounding). The setting is not part of the diffusers config, so load the model with
+
+```python
+from fastdit.interop import load_diffusers
+transformer = load_diffusers("THIS_FOLDER")   # from_pretrained + match_official_timesteps
+```
+
+or call `fastdit.interop.match_official_timesteps(model)` after every `from_pretrained`.
+
+## Pipeline
+
+{pipe}
+"""
+
+
+def load_diffusers(folder: str, **from_pretrained_kwargs):
+    """A DiTTransformer2DModel from a local folder, with the official timestep frequencies
+    (match_official_timesteps), in eval mode: it computes what fastdit computes."""
+    from diffusers import DiTTransformer2DModel
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder} is not a DiTTransformer2DModel folder (no config.json in it)")
+    from_pretrained_kwargs.setdefault("local_files_only", True)
+    from_pretrained_kwargs.setdefault("low_cpu_mem_usage", False)  # no "install accelerate" notice
+    dmodel = DiTTransformer2DModel.from_pretrained(folder, **from_pretrained_kwargs)
+    match_official_timesteps(dmodel)
+    return dmodel.eval()
+
+
+def load_diffusers_pipeline(folder: str, vae: Optional[str], scheduler=None):
+    """diffusers' DiTPipeline around load_diffusers(folder) and the AutoencoderKL in `vae` (a local folder).
+    Raises ValueError saying why when DiTPipeline cannot run the model (pixel space, not 1000 classes)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    transformer = load_diffusers(folder)
+    cfg = transformer.config
+    kwargs = {"in_channels": cfg.in_channels, "num_classes": cfg.num_embeds_ada_norm}
+    problem = pipeline_problem(kwargs, vae)
+    if problem:
+        raise ValueError(f"{folder}: diffusers' DiTPipeline cannot run this model: {problem}")
+    return DiTPipeline(transformer=transformer, vae=AutoencoderKL.from_pretrained(vae, local_files_only=True),
+                       scheduler=scheduler or DDIMScheduler(num_train_timesteps=1000))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,44 +451,70 @@ def main(argv=None) -> int:
         python -m fastdit.interop to-diffusers --ckpt CKPT [--model DiT-XL/2] --out DIR
         python -m fastdit.interop from-diffusers --src DIR --out model.pt
         python -m fastdit.interop to-official --ckpt CKPT_DIR --out model.pt
+
+    Weights files are written with `<out>.json` beside them (model name and constructor kwargs), so
+    `python -m fastdit.sample --ckpt model.pt` needs no --model / --num-heads. A diffusers folder gets a
+    README.md model card: the measured difference to fastdit and how to load it matched
+    (fastdit.interop.load_diffusers).
     """
+    from fastdit.weights.export import write_side_meta
+    from fastdit.weights.safe_load import CheckpointFileError
+
     p = argparse.ArgumentParser(prog="python -m fastdit.interop", description=main.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("to-diffusers")
-    a.add_argument("--ckpt", required=True)
-    a.add_argument("--model", default=None)
-    a.add_argument("--num-heads", type=int, default=None)
-    a.add_argument("--weights", choices=weights_load.WEIGHT_CHOICES, default="ema")
-    a.add_argument("--out", required=True)
-    b = sub.add_parser("from-diffusers")
-    b.add_argument("--src", required=True)
-    b.add_argument("--out", required=True)
-    c = sub.add_parser("to-official")
-    c.add_argument("--ckpt", required=True)
-    c.add_argument("--weights", choices=weights_load.WEIGHT_CHOICES, default="ema")
-    c.add_argument("--out", required=True)
+    ckpt_help = "a fastdit checkpoint (folder, checkpoints/ or output_dir) or a weights file"
+    weights_help = "ema (default) or model: which weights of a training checkpoint"
+    a = sub.add_parser("to-diffusers", help="fastdit/official weights -> a DiTTransformer2DModel folder")
+    a.add_argument("--ckpt", required=True, help=ckpt_help)
+    a.add_argument("--model", default=None, help="registry name (e.g. DiT-XL/2) when the file has no metadata")
+    a.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads when the file has no metadata (weights do not tell)")
+    a.add_argument("--weights", choices=weights_load.WEIGHT_CHOICES, default="ema", help=weights_help)
+    a.add_argument("--vae", default=None,
+                   help="the VAE of a latent-space model (default: the checkpoint's); only written into the "
+                        "model card (whether DiTPipeline can run it)")
+    a.add_argument("--out", required=True, help="output folder (config.json, weights, README.md)")
+    b = sub.add_parser("from-diffusers", help="a DiTTransformer2DModel folder -> official-layout weights file")
+    b.add_argument("--src", required=True, help="local DiTTransformer2DModel folder")
+    b.add_argument("--out", required=True, help="output weights file (.pt), with <out>.json beside it")
+    c = sub.add_parser("to-official", help="a fastdit checkpoint -> official-layout weights file")
+    c.add_argument("--ckpt", required=True, help=ckpt_help)
+    c.add_argument("--weights", choices=weights_load.WEIGHT_CHOICES, default="ema", help=weights_help)
+    c.add_argument("--out", required=True, help="output weights file (.pt), with <out>.json beside it")
     args = p.parse_args(argv)
-    if args.cmd == "to-diffusers":
-        loaded = weights_load.load_checkpoint(args.ckpt, args.weights)
-        overrides = {"num_heads": args.num_heads} if args.num_heads else None
-        _, kwargs = weights_load.resolve_model_config(loaded.state_dict, args.model, loaded.meta,
-                                                       overrides)
-        export_diffusers(loaded.state_dict, args.out, kwargs)
-    elif args.cmd == "from-diffusers":
-        from diffusers import DiTTransformer2DModel
-
-        dmodel = DiTTransformer2DModel.from_pretrained(args.src, local_files_only=True)
-        sd, _ = diffusers_to_fastdit_state_dict(dmodel.state_dict(), dict(dmodel.config))
-        torch.save(sd, args.out)
-    else:
-        loaded = weights_load.load_checkpoint(args.ckpt, args.weights)
-        save_official(from_official(loaded.state_dict), args.out)
+    try:
+        if args.cmd == "to-diffusers":
+            loaded = weights_load.load_checkpoint(args.ckpt, args.weights)
+            overrides = {"num_heads": args.num_heads} if args.num_heads else None
+            _, kwargs = weights_load.resolve_model_config(loaded.state_dict, args.model, loaded.meta,
+                                                           overrides)
+            vae = args.vae or (loaded.meta or {}).get("vae")
+            export_diffusers(loaded.state_dict, args.out, kwargs, vae=vae)
+            problem = pipeline_problem(kwargs, vae)
+            if problem:
+                print(f"note: diffusers' DiTPipeline cannot run this model ({problem}); "
+                      f"see {os.path.join(args.out, 'README.md')}")
+        elif args.cmd == "from-diffusers":
+            dmodel = load_diffusers(args.src)
+            sd, kwargs = diffusers_to_fastdit_state_dict(dmodel.state_dict(), dict(dmodel.config))
+            torch.save(sd, args.out)
+            write_side_meta(args.out, {"model_kwargs": kwargs, "image_size": None}, weights="ema",
+                            source=os.path.abspath(args.src))
+        else:
+            loaded = weights_load.load_checkpoint(args.ckpt, args.weights)
+            sd = from_official(loaded.state_dict, (loaded.meta or {}).get("model_kwargs"))
+            save_official(sd, args.out)
+            kwargs = dict(weights_load.infer_model_kwargs(sd), **((loaded.meta or {}).get("model_kwargs") or {}))
+            meta = dict(loaded.meta or {}, model_kwargs=kwargs)  # num_heads only when the source knew it
+            write_side_meta(args.out, meta, weights=args.weights, source=os.path.abspath(args.ckpt))
+    except (FileNotFoundError, KeyError, ValueError, OSError, CheckpointFileError) as e:
+        text = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"fastdit.interop: error: {' '.join(str(text).split())}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

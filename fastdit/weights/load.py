@@ -3,7 +3,7 @@
 Layouts (`load_checkpoint`):
 1. official raw state dict `.pt` (e.g. `DiT-XL-2-256x256.pt`): {param name: tensor};
 2. official training checkpoint `.pt`: {"model", "ema", "opt", "args"} (EMA weights by default);
-3. a `fastdit.export` file: a plain state dict like 1 (metadata, when given, in a sibling
+3. a `fastdit.export` file: a plain state dict like 1, `.safetensors` (read with safetensors) or `.pt` (metadata, when given, in a sibling
    `<file>.json` or `<file-without-suffix>.json`);
 4. a training checkpoint directory: `<output_dir>`, `<output_dir>/checkpoints` or a tag directory
    `<output_dir>/checkpoints/<tag>` (fastdit.weights.layout). EMA weights come from `ema.pt`; raw
@@ -146,7 +146,16 @@ def _load_training_checkpoint(path: str, weights: str, trust: bool = False) -> L
 
 
 def _load_file(path: str, weights: str, trust: bool = False) -> LoadedCheckpoint:
-    obj = torch_load_safe(path, trust)
+    if path.lower().endswith(".safetensors"):  # fastdit.export's default: tensors only, nothing to unpickle
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from e
+    else:
+        obj = torch_load_safe(path, trust)
     meta = None
     for candidate in (path + ".json", os.path.splitext(path)[0] + ".json"):
         meta = _read_json(candidate)
