@@ -92,7 +92,7 @@ def test_probe_xformers_without_cuda_ops_is_unavailable(monkeypatch):
     assert status["flash_attn"] == (False, f"not installed ({attn._INSTALL_HINT['flash_attn']})")
     assert attn.available_backends() == {"math": True, "sdpa": True, "sdpa_packed": True, "flash_attn": False,
                                          "xformers": False}
-    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa_packed"
     with pytest.raises(ImportError, match="'xformers' cannot run here: a test call failed") as e:
         DiT(**TINY, attention="xformers")
     assert "\n" not in str(e.value) and "wasn't build with CUDA support" in str(e.value)
@@ -108,7 +108,7 @@ def test_probe_flash_attn(monkeypatch):
     assert attn.backend_status()["flash_attn"] == (True, "")
     assert calls == [(1, 16, 3, 1, 72)]
     assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "flash_attn"
-    assert attn.resolve_backend("auto", "cuda", torch.float32) == "sdpa"
+    assert attn.resolve_backend("auto", "cuda", torch.float32) == "sdpa_packed"
     assert attn.resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
     assert attn.resolve_backend("flash_attn") == "flash_attn"
 
@@ -116,7 +116,7 @@ def test_probe_flash_attn(monkeypatch):
         [], RuntimeError("CUDA error: no kernel image is available for execution on the device"))})
     ok, why = attn.backend_status()["flash_attn"]
     assert not ok and "RuntimeError: CUDA error: no kernel image" in why, why
-    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa_packed"
     with pytest.raises(ImportError, match="no kernel image"):
         attn.resolve_backend("flash_attn")
 
@@ -130,4 +130,4 @@ def test_probe_broken_import_and_no_cuda(monkeypatch):
     assert status["flash_attn"] == (False, "import failed: flash_attn: ImportError: libcudart.so.12: "
                                            "cannot open shared object file")
     assert status["xformers"] == (False, "needs a CUDA device and none is visible to torch")
-    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa_packed"

@@ -190,7 +190,7 @@ def test_other_conditioning_blocks_match_reference(block_type):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("attention", ["sdpa", "auto"])
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_packed", "auto"])
 def test_torch_compile_fullgraph_matches_eager(attention):
     cfg = CONFIGS["odd/p2"]
     _, fast = make_pair(cfg, kernels="triton", attention=attention)

@@ -9,7 +9,8 @@ Every backend computes softmax(q k^T / sqrt(hd)) v from the fused qkv projection
               (autograd's unbind + permute + reshape of `sdpa` make two: a stack, then a contiguous copy)
   flash_attn  FlashAttention 3 (flash_attn_interface) or 2 (flash_attn), fp16/bf16 on CUDA
   xformers    xformers.ops.memory_efficient_attention
-  auto        flash_attn where it can run and the input is CUDA fp16/bf16, else sdpa
+  auto        flash_attn where it can run and the input is CUDA fp16/bf16, else sdpa_packed on CUDA (measured
+              faster than sdpa: docs/performance.md) and sdpa on the CPU
 
 head_dim 72 (DiT-XL: 1152 / 16) works on all of them. probe() decides once per process which backends
 can run: flash_attn and xformers must import and, on CUDA, pass one tiny bf16 call (an import can
@@ -177,7 +178,10 @@ class _PackedSDPA(torch.autograd.Function):
 
 
 def _sdpa_packed(qkv: torch.Tensor) -> torch.Tensor:
-    if not qkv.requires_grad or not torch.is_grad_enabled():
+    # Inference needs no backward; under torch.compile the inner autograd graph cannot be traced (seen:
+    # "One of the differentiated Tensors appears to not have been used in the graph"), and compile
+    # removes the copies itself: both run plain sdpa.
+    if not qkv.requires_grad or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return _sdpa(qkv)
     return _PackedSDPA.apply(qkv)
 
@@ -242,7 +246,9 @@ def resolve_backend(name: str, device: torch.device | str | None = None,
         half = dtype in (torch.float16, torch.bfloat16)
         if is_cuda and half and status["flash_attn"][0]:
             return "flash_attn"
-        return "sdpa"
+        # sdpa_packed on CUDA: measured 587 vs 542 img/s for sdpa (DiT-XL/2, H100, batch 128, bf16;
+        # benchmarks/results/h100-2026-11-26-5843182); CPU keeps plain sdpa (not measured there)
+        return "sdpa_packed" if is_cuda else "sdpa"
     ok, why = status[name]
     if not ok:
         raise ImportError(f"attention backend {name!r} cannot run here: {why}")
