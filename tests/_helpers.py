@@ -167,3 +167,33 @@ def train_scenarios(tmp_path_factory):
         with open(os.path.join(work, "results.json")) as f:
             _SCENARIOS["result"] = (work, json.load(f))
     return _SCENARIOS["result"]
+
+
+def tiny_pixel_dit(seed=0, in_channels=1, size=8):
+    """A 1-block reference DiT (10 classes) with small random weights everywhere, in eval mode (adaLN-Zero's
+    zeros would make every sample the same function of its noise)."""
+    from fastdit.models.reference import DiT
+    torch.manual_seed(seed)
+    m = DiT(input_size=size, patch_size=2, in_channels=in_channels, hidden_size=32, depth=1, num_heads=2,
+            num_classes=10)
+    for p in m.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    return m.eval()
+
+
+DIGITS_LIKE_KWARGS = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                          num_classes=10, learn_sigma=True)
+
+
+def write_training_run(root, model, step=500):
+    """A training checkpoint folder `root` holding what export and sample read (ema.pt, meta.json, latest)
+    for a model of DIGITS_LIKE_KWARGS; returns the checkpoint tag's folder."""
+    import json
+    tag = root / "checkpoints" / f"step_{step:07d}"
+    tag.mkdir(parents=True)
+    torch.save(model.state_dict(), tag / "ema.pt")
+    (tag / "meta.json").write_text(json.dumps({"model": None, "model_kwargs": DIGITS_LIKE_KWARGS, "step": step,
+                                               "vae": None, "latent_scale": None, "image_size": 8}))
+    (root / "checkpoints" / "latest").write_text(f"step_{step:07d}")
+    return tag

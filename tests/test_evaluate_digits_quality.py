@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from _helpers import tiny_pixel_dit
 
 from fastdit.evaluate import digits_quality as dq
 from fastdit.training.data import DigitsDataset, digits_split, load_digits_images
@@ -97,14 +98,7 @@ def test_classifier_is_cached_by_recipe_and_read_without_unpickling_code(judge, 
 
 
 def _tiny_dit(seed=0, in_channels=1, size=8):
-    from fastdit.models.reference import DiT
-    torch.manual_seed(seed)
-    m = DiT(input_size=size, patch_size=2, in_channels=in_channels, hidden_size=32, depth=1, num_heads=2,
-            num_classes=10)
-    for p in m.parameters():  # adaLN-Zero's zeros would make every sample the same function of its noise
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)
-    return m.eval()
+    return tiny_pixel_dit(seed, in_channels, size)
 
 
 def test_evaluate_model_is_deterministic_for_a_fixed_seed(judge):

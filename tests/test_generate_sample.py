@@ -11,7 +11,7 @@ from fastdit.generate.images import to_uint8
 from fastdit.diffusion import create_diffusion
 from fastdit.models.reference import DiT
 
-from _helpers import randomize_weights_
+from _helpers import randomize_weights_, write_training_run
 
 
 
@@ -175,14 +175,7 @@ def test_cli_counts_and_labels_are_checked(tmp_path, capsys):
 
 def test_cli_from_a_training_checkpoint_directory(tmp_path):
     model = _digits_like(9)
-    tag = tmp_path / "run" / "checkpoints" / "step_0000500"
-    tag.mkdir(parents=True)
-    torch.save(model.state_dict(), tag / "ema.pt")
-    kwargs = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                  num_classes=10, learn_sigma=True)
-    (tag / "meta.json").write_text(json.dumps({"model": None, "model_kwargs": kwargs, "step": 500,
-                                               "vae": None, "latent_scale": None, "image_size": 8}))
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_0000500")
+    tag = write_training_run(tmp_path / "run", model)
     for path in (tmp_path / "run", tmp_path / "run" / "checkpoints", tag):
         out = tmp_path / f"{path.name}.png"
         assert S.main(["--ckpt", str(path), "--num-steps", "2", "--sampler", "ddim", "--class-labels", "1",

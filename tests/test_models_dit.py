@@ -66,11 +66,9 @@ def assert_close_rel(a, b, rtol, what):
     assert err <= rtol * scale, f"{what}: max err {err:.3e} vs scale {scale:.3e}"
 
 
-@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
-@pytest.mark.parametrize("cfg_name", list(CONFIGS))
-def test_fp32_forward_and_every_gradient(cfg_name, kernels):
-    cfg = CONFIGS[cfg_name]
-    ref, fast = make_pair(cfg, kernels=kernels, attention="sdpa")
+def assert_fp32_matches_reference(cfg, **fast_kw):
+    """The fast model built with fast_kw: the reference's output and every gradient, fp32; returns it."""
+    ref, fast = make_pair(cfg, **fast_kw)
     x, t, y = inputs(cfg)
     out_r, g_r = run(ref, x, t, y)
     out_f, g_f = run(fast, x, t, y)
@@ -78,32 +76,24 @@ def test_fp32_forward_and_every_gradient(cfg_name, kernels):
     assert set(g_f) == set(g_r)
     for k in g_r:
         assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
+    return fast
+
+
+@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+def test_fp32_forward_and_every_gradient(cfg_name, kernels):
+    assert_fp32_matches_reference(CONFIGS[cfg_name], kernels=kernels, attention="sdpa")
 
 
 @pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
 def test_mlp_recompute_forward_and_every_gradient(kernels):
     """mlp="recompute" (GELU recomputed in backward, fastdit.models.mlp) is the reference, fp32."""
-    cfg = CONFIGS["S-width/p2"]
-    ref, fast = make_pair(cfg, kernels=kernels, attention="sdpa", mlp="recompute")
+    fast = assert_fp32_matches_reference(CONFIGS["S-width/p2"], kernels=kernels, attention="sdpa", mlp="recompute")
     assert all(b.mlp_mode == "recompute" for b in fast.blocks)
-    x, t, y = inputs(cfg)
-    out_r, g_r = run(ref, x, t, y)
-    out_f, g_f = run(fast, x, t, y)
-    assert_close_rel(out_f, out_r, 2e-5, "output")
-    assert set(g_f) == set(g_r)
-    for k in g_r:
-        assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
 
 
 def test_sdpa_packed_attention_forward_and_every_gradient():
-    cfg = CONFIGS["odd/p2"]
-    ref, fast = make_pair(cfg, kernels="torch", attention="sdpa_packed")
-    x, t, y = inputs(cfg)
-    out_r, g_r = run(ref, x, t, y)
-    out_f, g_f = run(fast, x, t, y)
-    assert_close_rel(out_f, out_r, 2e-5, "output")
-    for k in g_r:
-        assert_close_rel(g_f[k], g_r[k], 1e-4, f"grad {k}")
+    assert_fp32_matches_reference(CONFIGS["odd/p2"], kernels="torch", attention="sdpa_packed")
 
 
 @pytest.mark.triton

@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from _helpers import tiny_pixel_dit
 
 from fastdit.evaluate import digits_quality as dq
 from fastdit.training.config import ConfigError, config_from_dict
@@ -59,14 +60,7 @@ class FakeInception(torch.nn.Module):
 
 
 def _tiny_dit(seed=0, in_channels=1, size=8):
-    from fastdit.models.reference import DiT
-    torch.manual_seed(seed)
-    m = DiT(input_size=size, patch_size=2, in_channels=in_channels, hidden_size=32, depth=1, num_heads=2,
-            num_classes=10)
-    for p in m.parameters():  # adaLN-Zero's zeros would make every sample the same function of its noise
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)
-    return m.eval()
+    return tiny_pixel_dit(seed, in_channels, size)
 
 
 def test_fid_moments_give_the_feature_statistics():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import random_dit
+from _helpers import random_dit, write_training_run
 from fastdit.dist import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,14 +86,7 @@ def test_export_ema_of_the_same_run(zero1_run):
 def _fake_run(tmp_path, seed=9):
     """A training checkpoint folder holding only what export reads (ema.pt, meta.json, latest)."""
     model = random_dit(seed, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2)
-    tag = tmp_path / "run" / "checkpoints" / "step_0000500"
-    tag.mkdir(parents=True)
-    torch.save(model.state_dict(), tag / "ema.pt")
-    kwargs = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                  num_classes=10, learn_sigma=True)
-    (tag / "meta.json").write_text(json.dumps({"model": None, "model_kwargs": kwargs, "step": 500,
-                                               "vae": None, "latent_scale": None, "image_size": 8}))
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_0000500")
+    tag = write_training_run(tmp_path / "run", model)
     return model, tag
 
 

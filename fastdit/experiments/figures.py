@@ -82,9 +82,14 @@ def plot_blocks(results: Dict[str, Any], path: str) -> str:
         for ax in axes[r]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+    return _save(fig, "Conditioning blocks: ", results, path)
+
+
+def _save(fig, title: str, results: Dict[str, Any], path: str) -> str:
+    """Title (with the failed members, if any), layout, write `path` (folders made), close; returns path."""
+    plt = _plt()
     failed = [m["label"] for m in results["members"] if m.get("status") != "done"]
-    fig.suptitle("Conditioning blocks: " + _title(results) + (f"; failed: {', '.join(failed)}" if failed else ""),
-                 fontsize=10)
+    fig.suptitle(title + _title(results) + (f"; failed: {', '.join(failed)}" if failed else ""), fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
@@ -144,11 +149,4 @@ def plot_scaling(results: Dict[str, Any], path: str) -> str:
         _real_line(axes[r][1], members, key) if key == metric else None
         axes[r][0].legend(fontsize=7, ncol=2)
         axes[r][1].legend(fontsize=7)
-    failed = [m["label"] for m in results["members"] if m.get("status") != "done"]
-    fig.suptitle("Model size x patch size: " + _title(results) + (f"; failed: {', '.join(failed)}" if failed else ""),
-                 fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, "Model size x patch size: ", results, path)
