@@ -155,9 +155,10 @@ def test_cfg_matches_reference():
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_activation_checkpointing_same_gradients():
+@pytest.mark.parametrize("attention", ["auto", "sdpa_packed"])  # sdpa_packed: its inner graph when recomputed
+def test_activation_checkpointing_same_gradients(attention):
     cfg = CONFIGS["odd/p2"]
-    _, fast = make_pair(cfg, kernels="torch")
+    _, fast = make_pair(cfg, kernels="torch", attention=attention)
     x, t, y = inputs(cfg)
     out_a, g_a = run(fast, x, t, y)
     fast.checkpointing = True

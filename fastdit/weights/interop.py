@@ -138,6 +138,20 @@ def diffusers_config(model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
     )
 
 
+# The key pairs (official layout, diffusers DiTTransformer2DModel), used in both directions. The embedders
+# are one module in the official DiT and a copy in every diffusers block; qkv is split into to_q/k/v.
+_EMBEDDER_KEYS = {
+    "t_embedder.mlp.0.weight": "norm1.emb.timestep_embedder.linear_1.weight",
+    "t_embedder.mlp.0.bias": "norm1.emb.timestep_embedder.linear_1.bias",
+    "t_embedder.mlp.2.weight": "norm1.emb.timestep_embedder.linear_2.weight",
+    "t_embedder.mlp.2.bias": "norm1.emb.timestep_embedder.linear_2.bias",
+    "y_embedder.embedding_table.weight": "norm1.emb.class_embedder.embedding_table.weight",
+}
+_BLOCK_LINEARS = (("adaLN_modulation.1", "norm1.linear"), ("attn.proj", "attn1.to_out.0"),
+                  ("mlp.fc1", "ff.net.0.proj"), ("mlp.fc2", "ff.net.2"))
+_FINAL_LINEARS = (("final_layer.adaLN_modulation.1", "proj_out_1"), ("final_layer.linear", "proj_out_2"))
+
+
 def fastdit_to_diffusers_state_dict(sd: Dict[str, torch.Tensor], depth: int
                                     ) -> Dict[str, torch.Tensor]:
     """Official-layout state dict -> DiTTransformer2DModel state dict (mapping in the docstring)."""
@@ -151,29 +165,19 @@ def fastdit_to_diffusers_state_dict(sd: Dict[str, torch.Tensor], depth: int
 
     out["pos_embed.proj.weight"] = take("x_embedder.proj.weight")
     out["pos_embed.proj.bias"] = take("x_embedder.proj.bias")
-    shared = {
-        "norm1.emb.timestep_embedder.linear_1.weight": take("t_embedder.mlp.0.weight"),
-        "norm1.emb.timestep_embedder.linear_1.bias": take("t_embedder.mlp.0.bias"),
-        "norm1.emb.timestep_embedder.linear_2.weight": take("t_embedder.mlp.2.weight"),
-        "norm1.emb.timestep_embedder.linear_2.bias": take("t_embedder.mlp.2.bias"),
-        "norm1.emb.class_embedder.embedding_table.weight": take("y_embedder.embedding_table.weight"),
-    }
+    shared = {theirs: take(ours) for ours, theirs in _EMBEDDER_KEYS.items()}
     for i in range(depth):
         b, d = f"blocks.{i}.", f"transformer_blocks.{i}."
         for k, v in shared.items():
             out[d + k] = v.clone()
         for kind in ("weight", "bias"):
-            out[d + f"norm1.linear.{kind}"] = take(b + f"adaLN_modulation.1.{kind}")
-            q, k_, v_ = take(b + f"attn.qkv.{kind}").chunk(3, dim=0)
-            out[d + f"attn1.to_q.{kind}"] = q.clone()
-            out[d + f"attn1.to_k.{kind}"] = k_.clone()
-            out[d + f"attn1.to_v.{kind}"] = v_.clone()
-            out[d + f"attn1.to_out.0.{kind}"] = take(b + f"attn.proj.{kind}")
-            out[d + f"ff.net.0.proj.{kind}"] = take(b + f"mlp.fc1.{kind}")
-            out[d + f"ff.net.2.{kind}"] = take(b + f"mlp.fc2.{kind}")
+            for ours, theirs in _BLOCK_LINEARS:
+                out[d + f"{theirs}.{kind}"] = take(b + f"{ours}.{kind}")
+            for n, part in zip("qkv", take(b + f"attn.qkv.{kind}").chunk(3, dim=0)):
+                out[d + f"attn1.to_{n}.{kind}"] = part.clone()
     for kind in ("weight", "bias"):
-        out[f"proj_out_1.{kind}"] = take(f"final_layer.adaLN_modulation.1.{kind}")
-        out[f"proj_out_2.{kind}"] = take(f"final_layer.linear.{kind}")
+        for ours, theirs in _FINAL_LINEARS:
+            out[f"{theirs}.{kind}"] = take(f"{ours}.{kind}")
     used.add("pos_embed")
     left = sorted(set(sd) - used)
     if left:
@@ -374,15 +378,8 @@ def diffusers_to_fastdit_state_dict(dsd: Dict[str, torch.Tensor], config: Dict[s
     sd["x_embedder.proj.bias"] = take("pos_embed.proj.bias")
     sd["pos_embed"] = torch.from_numpy(
         get_2d_sincos_pos_embed(hidden, input_size // p)).float().unsqueeze(0)
-    emb_names = {
-        "t_embedder.mlp.0.weight": "norm1.emb.timestep_embedder.linear_1.weight",
-        "t_embedder.mlp.0.bias": "norm1.emb.timestep_embedder.linear_1.bias",
-        "t_embedder.mlp.2.weight": "norm1.emb.timestep_embedder.linear_2.weight",
-        "t_embedder.mlp.2.bias": "norm1.emb.timestep_embedder.linear_2.bias",
-        "y_embedder.embedding_table.weight": "norm1.emb.class_embedder.embedding_table.weight",
-    }
     differ = []
-    for ours, theirs in emb_names.items():
+    for ours, theirs in _EMBEDDER_KEYS.items():
         first = take(f"transformer_blocks.0.{theirs}")
         for i in range(1, depth):
             other = take(f"transformer_blocks.{i}.{theirs}")
@@ -396,15 +393,12 @@ def diffusers_to_fastdit_state_dict(dsd: Dict[str, torch.Tensor], config: Dict[s
     for i in range(depth):
         b, d = f"blocks.{i}.", f"transformer_blocks.{i}."
         for kind in ("weight", "bias"):
-            sd[b + f"adaLN_modulation.1.{kind}"] = take(d + f"norm1.linear.{kind}")
-            sd[b + f"attn.qkv.{kind}"] = torch.cat([take(d + f"attn1.to_{n}.{kind}")
-                                                   for n in ("q", "k", "v")], dim=0)
-            sd[b + f"attn.proj.{kind}"] = take(d + f"attn1.to_out.0.{kind}")
-            sd[b + f"mlp.fc1.{kind}"] = take(d + f"ff.net.0.proj.{kind}")
-            sd[b + f"mlp.fc2.{kind}"] = take(d + f"ff.net.2.{kind}")
+            for ours, theirs in _BLOCK_LINEARS:
+                sd[b + f"{ours}.{kind}"] = take(d + f"{theirs}.{kind}")
+            sd[b + f"attn.qkv.{kind}"] = torch.cat([take(d + f"attn1.to_{n}.{kind}") for n in "qkv"], dim=0)
     for kind in ("weight", "bias"):
-        sd[f"final_layer.adaLN_modulation.1.{kind}"] = take(f"proj_out_1.{kind}")
-        sd[f"final_layer.linear.{kind}"] = take(f"proj_out_2.{kind}")
+        for ours, theirs in _FINAL_LINEARS:
+            sd[f"{ours}.{kind}"] = take(f"{theirs}.{kind}")
     left = sorted(set(dsd) - used)
     if left:
         raise KeyError(f"diffusers keys with no official counterpart: {left[:20]}")
