@@ -35,3 +35,71 @@ def test_ema_update_formula_and_round_trip(one_pass):
     bad.pop("0.weight")
     with pytest.raises(KeyError, match="0.weight"):
         other.load_full_state_dict(bad)
+
+
+def _net_on_one_buffer(pad: int = 3):
+    """A model whose parameters are views of one flat fp32 buffer with gaps, as DeepSpeed's ZeRO-1/2
+    partition holds the masters, plus one parameter outside it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.LayerNorm(2))
+    params = list(net.parameters())[:4]
+    flat = torch.full((sum(p.numel() for p in params) + pad * len(params) + pad,), float("nan"))
+    off = pad
+    for p in params:
+        flat[off: off + p.numel()] = p.detach().reshape(-1)
+        p.data = flat[off: off + p.numel()].view(p.shape)
+        off += p.numel() + pad
+    return net, flat
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_flat_ema_equals_the_per_piece_ema(one_pass):
+    net, flat = _net_on_one_buffer()
+    merged = ShardedEMA(net, decay=0.9, one_pass=one_pass, flat=True)
+    assert len(merged.flat) == 1 and len(merged.flat[0].members) == 4          # the LayerNorm is separate
+    net2, _ = _net_on_one_buffer()
+    x = ShardedEMA(net2, decay=0.9, one_pass=one_pass)
+    y = ShardedEMA(net2, decay=0.9, one_pass=one_pass, flat=True)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net2.parameters():
+                p.add_(torch.randn_like(p))
+        x.update()
+        y.update()
+    x.update(decay=0.5)
+    y.update(decay=0.5)
+    fx, fy = x.full_state_dict(), y.full_state_dict()
+    for k in fx:
+        assert torch.equal(fx[k], fy[k]), k                                      # the same arithmetic
+    # loading writes through the views into the flat buffer
+    z = ShardedEMA(net2, decay=0.9, flat=True)
+    z.load_full_state_dict(fx)
+    assert all(torch.equal(v, fx[k]) for k, v in z.full_state_dict().items())
+    assert torch.equal(z.flat[0].buffer[:12], fx["0.weight"].reshape(-1))         # starts at the first piece
+
+
+def test_flat_segment_and_done_groups():
+    net, flat = _net_on_one_buffer(pad=2)
+    ema = ShardedEMA(net, decay=0.5, flat=True)
+    k, buf, lo, hi = ema.flat_segment(flat)
+    assert (k, lo, hi) == (0, 2, flat.numel() - 2) and buf is ema.flat[0].buffer
+    assert ema.flat_segment(flat[1:])[2:] == (1, flat.numel() - 3)
+    assert ema.flat_segment(torch.zeros(5)) is None
+    before = buf.clone()
+    ln_before = ema.full_state_dict()["2.weight"].clone()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(done=[k])                          # the caller updated group k: only the LayerNorm moves
+    torch.testing.assert_close(buf, before, rtol=0, atol=0, equal_nan=True)  # gaps: NaN here, never read
+    torch.testing.assert_close(ema.full_state_dict()["2.weight"], ln_before + 0.5)
+
+
+def test_flat_ema_refuses_a_moved_master():
+    net, flat = _net_on_one_buffer()
+    ema = ShardedEMA(net, decay=0.5, flat=True)
+    ema.update()
+    first = next(net.parameters())
+    first.data = first.detach().clone()           # the master now lives elsewhere
+    with pytest.raises(RuntimeError, match="moved"):
+        ema.update()

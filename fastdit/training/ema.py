@@ -17,7 +17,7 @@ restores the average bit for bit, whatever the world size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as tdist
@@ -61,7 +61,7 @@ def _local_source(param: nn.Parameter):
 class ShardedEMA:
     """fp32 EMA of a (possibly DeepSpeed-wrapped) module's parameters; see the module docstring."""
 
-    def __init__(self, module: nn.Module, decay: float, one_pass: bool = False):
+    def __init__(self, module: nn.Module, decay: float, one_pass: bool = False, flat: bool = False):
         self.module = module
         self.decay = float(decay)
         # one_pass: ema += (1 - decay) * (master - ema) as one torch._foreach_lerp_ (read ema and master, write
@@ -75,16 +75,28 @@ class ShardedEMA:
             raise ValueError(f"EMA expects a model whose state dict holds only parameters; extra: {extra}")
         self.pieces: List[_Piece] = []
         self.shadow: List[torch.Tensor] = []
+        sources = []
         for name, p in module.named_parameters():
             (shape, numel, start, length, sharded), src = _local_source(p)
             self.pieces.append(_Piece(name, torch.Size(shape), numel, start, length, sharded))
+            sources.append(src)
             value = src.float().clone() if src is not None else torch.zeros(0)
             self.shadow.append(value)
+        # flat: pieces whose fp32 masters are views of one buffer (DeepSpeed's flat fp32 partition under
+        # ZeRO-1/2) get their shadows as views of one flat fp32 buffer, so an update is one lerp per buffer
+        # instead of a multi-tensor pass over ~300 tensors (the same elementwise arithmetic).
+        self.flat: List[_FlatGroup] = _flat_groups(self.shadow, sources) if flat else []
+        self._flat_members = {i for g in self.flat for i in g.members}
+        self._updates = 0
 
     # ------------------------------------------------------------------------------------------
-    def _sources(self) -> List[Optional[torch.Tensor]]:
+    def _sources(self, skip_flat: bool = False) -> List[Optional[torch.Tensor]]:
+        """This rank's current master of each piece (None for pieces of flat groups when skip_flat)."""
         out = []
-        for (name, p), piece in zip(self.module.named_parameters(), self.pieces):
+        for i, ((name, p), piece) in enumerate(zip(self.module.named_parameters(), self.pieces)):
+            if skip_flat and i in self._flat_members:
+                out.append(None)        # updated through its flat group; checked by _check_flat
+                continue
             (_, _, start, length, _), src = _local_source(p)
             if (start, length) != (piece.start, piece.length):
                 raise RuntimeError(f"the partition of {name} moved ({piece.start}+{piece.length} -> "
@@ -92,12 +104,48 @@ class ShardedEMA:
             out.append(src)
         return out
 
+    def _check_flat(self, full: bool) -> None:
+        """The masters behind each flat group are still where they were: every piece when `full`, else
+        the first piece of each group (DeepSpeed does not move its partition during training)."""
+        params = list(self.module.parameters()) if self.flat else []
+        for g in self.flat:
+            for i in (g.members if full else g.members[:1]):
+                _, src = _local_source(params[i])
+                if src is None or not _same_place(src, g.source, g.offsets[i]):
+                    raise RuntimeError(f"the fp32 master of {self.pieces[i].name} moved since the EMA was "
+                                       f"built; the EMA cannot follow a re-partitioned model")
+
+    def flat_segment(self, tensor: torch.Tensor):
+        """(group index, EMA buffer, lo, hi) when a flat group's masters are tensor[lo:hi] of this 1-D
+        contiguous tensor (e.g. DeepSpeed's fp32 partition), for an optimizer step that updates the EMA
+        itself (then `update(done=[group index])`); None when no flat group lies in it."""
+        if tensor.dim() != 1 or not tensor.is_contiguous():
+            return None
+        for k, g in enumerate(self.flat):
+            if g.source.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
+                continue
+            lo = g.source.storage_offset() - tensor.storage_offset()
+            hi = lo + g.source.numel()
+            if 0 <= lo <= hi <= tensor.numel():
+                return k, g.buffer, lo, hi
+        return None
+
     @torch.no_grad()
-    def update(self, decay: Optional[float] = None) -> None:
-        """ema = decay * ema + (1 - decay) * master, on this rank's pieces (the official formula)."""
+    def update(self, decay: Optional[float] = None, done: Iterable[int] = ()) -> None:
+        """ema = decay * ema + (1 - decay) * master, on this rank's pieces (the official formula).
+
+        done: flat groups (indices from flat_segment) the caller has already updated with this decay."""
         d = self.decay if decay is None else float(decay)
+        self._updates += 1
         emas, srcs = [], []
-        for ema, src in zip(self.shadow, self._sources()):
+        if self.flat:
+            self._check_flat(full=self._updates % 100 == 1)
+            skip = set(done)
+            for k, g in enumerate(self.flat):
+                if k not in skip:
+                    emas.append(g.buffer)
+                    srcs.append(g.source)
+        for ema, src in zip(self.shadow, self._sources(skip_flat=True)):
             if src is not None and ema.numel():
                 emas.append(ema)
                 srcs.append(src.float())
@@ -177,6 +225,47 @@ class ShardedEMA:
                 raise ValueError(f"EMA {pc.name}: checkpoint shape {tuple(full.shape)} vs model {tuple(pc.shape)}")
             if pc.length:
                 ema.copy_(full.reshape(-1)[pc.start: pc.start + pc.length].to(ema))
+
+
+@dataclass
+class _FlatGroup:
+    source: torch.Tensor          # 1-D view of the masters' buffer spanning every member piece
+    buffer: torch.Tensor          # fp32 EMA of `source`, element for element
+    members: List[int]            # indices of the pieces whose shadows are views of `buffer`
+    offsets: Dict[int, int]       # piece index -> its offset inside `source`
+
+
+def _same_place(src: torch.Tensor, base: torch.Tensor, offset: int) -> bool:
+    return (src.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+            and src.storage_offset() == base.storage_offset() + offset)
+
+
+def _flat_groups(shadow: List[torch.Tensor], sources: List[Optional[torch.Tensor]]) -> List[_FlatGroup]:
+    """Group the fp32 contiguous 1-D sources by the buffer (storage) they view. Each group of two or more
+    non-overlapping pieces gets one fp32 EMA buffer over the span of its pieces (gaps between them, e.g.
+    DeepSpeed's alignment padding, are averaged too and never read), and those pieces' shadows become
+    views of it, holding the values they had."""
+    by_storage: Dict[int, List[int]] = {}
+    for i, src in enumerate(sources):
+        if (src is not None and src.numel() and src.dtype == torch.float32 and src.dim() == 1
+                and src.is_contiguous()):
+            by_storage.setdefault(src.untyped_storage().data_ptr(), []).append(i)
+    groups = []
+    for members in by_storage.values():
+        spans = sorted((sources[i].storage_offset(), sources[i].numel()) for i in members)
+        if len(members) < 2 or any(a + n > b for (a, n), (b, _) in zip(spans, spans[1:])):
+            continue
+        lo, hi = spans[0][0], max(a + n for a, n in spans)
+        source = sources[members[0]].as_strided((hi - lo,), (1,), lo)
+        buffer = source.detach().clone()
+        offsets = {}
+        for i in members:
+            offsets[i] = sources[i].storage_offset() - lo
+            view = buffer.narrow(0, offsets[i], sources[i].numel())
+            view.copy_(shadow[i])
+            shadow[i] = view
+        groups.append(_FlatGroup(source, buffer, members, offsets))
+    return groups
 
 
 def _comm_device(dev: torch.device) -> torch.device:

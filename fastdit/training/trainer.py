@@ -385,7 +385,8 @@ class TrainingSetup:
                     gradient_clipping=engine.gradient_clipping(), micro_batch=self.micro_batch,
                     grad_accum=self.grad_accum, world_size=world_size, global_batch=self.global_batch,
                     ema_decay=cfg.train.ema_decay, compile=cfg.train.compile,
-                    fused_grad_checks=cfg.train.fused_grad_checks, ema_one_pass=cfg.train.ema_one_pass)
+                    fused_grad_checks=cfg.train.fused_grad_checks, ema_one_pass=cfg.train.ema_one_pass,
+                    fused_optimizer_step=cfg.train.fused_optimizer_step)
 
     def destroy(self) -> None:
         """Release the engine (DeepSpeed's own teardown) and drop every reference this setup holds."""
@@ -433,7 +434,13 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
         why = zero_checks.install(engine.optimizer)
         if why:
             say(f"train.fused_grad_checks: DeepSpeed's own gradient checks kept: {why}")
-    ema = ShardedEMA(engine.module, cfg.train.ema_decay, one_pass=cfg.train.ema_one_pass)
+    ema = ShardedEMA(engine.module, cfg.train.ema_decay, one_pass=cfg.train.ema_one_pass,
+                     flat=cfg.train.fused_optimizer_step)
+    if cfg.train.fused_optimizer_step:
+        from fastdit.training import zero_step
+        why = zero_step.install(engine.optimizer, ema)
+        if why:
+            say(f"train.fused_optimizer_step: DeepSpeed's own optimizer step kept: {why}")
     diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
                                  noise_schedule=cfg.diffusion.noise_schedule,
                                  learn_sigma=cfg.model.learn_sigma,
@@ -543,8 +550,10 @@ class Trainer:
         applied = engine.was_step_applied()
         self.step = target
         if applied:
-            with phase("ema"):
-                setup.ema.update()
+            fused = getattr(engine.optimizer, "fastdit_fused_step", None)
+            if fused is None or not fused.ema_updated:   # the fused optimizer step updates it itself
+                with phase("ema"):
+                    setup.ema.update()
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_total += 1

@@ -1,0 +1,92 @@
+"""fastdit.kernels.adamw: the one-pass AdamW (+ bf16 copy + EMA) against torch.optim.AdamW.
+
+On CPU the Triton kernel runs through the interpreter (tests/conftest.py); on CUDA it is the real kernel.
+"""
+import pytest
+import torch
+
+from fastdit.kernels.adamw import BLOCK, adamw_step_, adamw_step_ref_
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+HP = dict(lr=3e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05)
+
+
+def _torch_adamw(p0, grads, **hp):
+    """Masters and moments after torch.optim.AdamW (single-tensor path) on the fp32 upcast of `grads`."""
+    p = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.AdamW([p], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
+                            weight_decay=hp["weight_decay"], foreach=False)
+    for g in grads:
+        p.grad = g.float()
+        opt.step()
+    st = opt.state[p]
+    return p.detach(), st["exp_avg"], st["exp_avg_sq"]
+
+
+def _run(fn, p0, grads, lo, hi, ema_weight=0.1, **hp):
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    lp = torch.empty(p0.numel(), dtype=torch.bfloat16, device=p0.device)
+    ema = p0[lo:hi].clone()
+    for step, g in enumerate(grads, 1):
+        fn(p, g, m, v, step=step, lp=lp, ema=ema, ema_weight=ema_weight, ema_range=(lo, hi), **hp)
+    return p, m, v, lp, ema
+
+
+def test_reference_is_torch_adamw_bit_for_bit():
+    torch.manual_seed(0)
+    n = 777
+    p0 = torch.randn(n, device=DEV)
+    grads = [torch.randn(n, device=DEV).bfloat16() for _ in range(5)]
+    tp, tm, tv = _torch_adamw(p0, grads, **HP)
+    p, m, v, lp, ema = _run(adamw_step_ref_, p0, grads, 0, n, **HP)
+    assert torch.equal(p, tp) and torch.equal(m, tm) and torch.equal(v, tv)
+    assert torch.equal(lp, p.bfloat16())
+
+
+@pytest.mark.parametrize("gdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,lo,hi", [(2 * BLOCK + 37, 5, 2 * BLOCK + 30), (BLOCK, 0, BLOCK), (300, 0, 0)])
+def test_kernel_matches_the_reference(monkeypatch, gdtype, n, lo, hi):
+    monkeypatch.setenv("FASTDIT_KERNEL_POISON", "1")
+    torch.manual_seed(1)
+    p0 = torch.randn(n, device=DEV)
+    grads = [(torch.randn(n, device=DEV) * 10 ** k).to(gdtype) for k in (-3, 0, 2)]
+    want = _run(adamw_step_ref_, p0, grads, lo, hi, **HP)
+    got = _run(adamw_step_, p0, grads, lo, hi, **HP)
+    for name, a, b in zip(("p", "m", "v", "lp", "ema"), got, want):
+        if name == "lp":
+            assert torch.equal(a, got[0].bfloat16()), name          # the rounding of the new master
+        else:
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=name)
+
+
+def test_kernel_leaves_elements_outside_the_ema_range():
+    n = BLOCK + 5
+    p0 = torch.randn(n, device=DEV)
+    ema = torch.full((10,), 7.0, device=DEV)
+    p, m, v = p0.clone(), torch.zeros(n, device=DEV), torch.zeros(n, device=DEV)
+    adamw_step_(p, torch.ones(n, device=DEV), m, v, step=1, ema=ema, ema_weight=0.5, ema_range=(BLOCK - 5, BLOCK + 5),
+                **HP)
+    torch.testing.assert_close(ema, 0.5 * 7.0 + 0.5 * p[BLOCK - 5:BLOCK + 5], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [adamw_step_, adamw_step_ref_])
+def test_bad_inputs_raise_before_any_write(fn):
+    n = 16
+    p, m, v = torch.zeros(n, device=DEV), torch.zeros(n, device=DEV), torch.zeros(n, device=DEV)
+    g = torch.ones(n, device=DEV)
+    cases = [
+        (dict(p=p.double()), TypeError, "float32"),
+        (dict(g=g.int()), TypeError, "g must be"),
+        (dict(m=torch.zeros(n + 1, device=DEV)), ValueError, "m must be a contiguous 1-D"),
+        (dict(v=torch.zeros(2 * n, device=DEV)[::2]), ValueError, "v must be a contiguous 1-D"),
+        (dict(step=0), ValueError, "step must be >= 1"),
+        (dict(ema=torch.zeros(4, device=DEV), ema_range=(2, 5)), ValueError, "ema must be"),
+        (dict(ema=torch.zeros(4, device=DEV), ema_range=(14, 18)), ValueError, "ema_range"),
+    ]
+    for over, exc, msg in cases:
+        args = dict(p=p, g=g, m=m, v=v, step=1)
+        args.update(over)
+        kw = {k: args.pop(k) for k in list(args) if k not in ("p", "g", "m", "v")}
+        with pytest.raises(exc, match=msg):
+            fn(args["p"], args["g"], args["m"], args["v"], **{**HP, **kw})
+        assert not p.any() and not m.any() and not v.any()
