@@ -90,7 +90,7 @@ from fastdit.models.attention import BACKENDS  # noqa: E402
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "deepspeed",
-             "deepspeed+compile")
+             "deepspeed+compile", "deepspeed+fused-step")
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 NUM_CLASSES = 1000
@@ -235,6 +235,7 @@ class RowSpec:
     attention: Optional[str] = None  # "auto" or a backend name; reference: None = its own math attention
     unavailable: Optional[str] = None
     mlp: str = "plain"               # the fast model's mlp= option (fastdit.models.mlp)
+    fused_step: bool = False         # deepspeed rows: train.fused_optimizer_step
 
 
 def row_specs(names: List[str]) -> List[RowSpec]:
@@ -260,6 +261,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
         elif name == "deepspeed+compile":  # train.compile: the engine's model under engine.compile()
             specs.append(RowSpec(name, "deepspeed", True, "auto"))
+        elif name == "deepspeed+fused-step":  # train.fused_optimizer_step: AdamW + bf16 copy + EMA in one pass
+            specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=True))
         elif name.startswith("fused/"):
             backend = name.split("/", 1)[1]
             ok, reason = status.get(backend, (False, "unknown attention backend"))
@@ -391,12 +394,13 @@ def deepspeed_row_config(args):
 
 
 def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any],
-                         compile: bool = False):
+                         compile: bool = False, fused_step: bool = False):
     """The deepspeed row: fastdit.training.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
     Trainer cycling the harness's batches. Records what it runs in `row`; returns (step, setup), where
     step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update).
     `compile` (row deepspeed+compile) sets train.compile, so build_engine calls engine.compile() as
-    fastdit/train.py does, with the harness's --compile-backend / --compile-mode."""
+    fastdit/train.py does, with the harness's --compile-backend / --compile-mode. `fused_step` (row
+    deepspeed+fused-step) sets train.fused_optimizer_step."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     if os.environ.get("WORLD_SIZE", "1") != "1":
@@ -411,6 +415,8 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
     cfg.model.kernels = kernels
     if compile:
         cfg.train.compile = True
+    if fused_step:
+        cfg.train.fused_optimizer_step = True
     attention = cfg.model.attention
     if attention == "auto":  # resolved once, as for the fused row
         cfg.model.attention = resolve_backend(
@@ -426,6 +432,8 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
                attention=(f"{cfg.model.attention} (auto)" if attention == "auto" else info["attention"]),
                compile=(dict(compile_info(args), via="engine.compile()") if cfg.train.compile else None),
                mlp=cfg.model.mlp if setup.impl == "fast" else None,
+               fused_optimizer_step=("on" if getattr(setup.engine.optimizer, "fastdit_fused_step", None) else
+                                     "refused (the reason is in the log)" if cfg.train.fused_optimizer_step else "off"),
                deepspeed=info)
     trainer = Trainer(setup, itertools.cycle(batches), phase=nvtx_range if args.nvtx else no_phase)
 
@@ -522,7 +530,8 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
             row["attention"] = f"{spec.attention} (auto)"
         t0 = time.perf_counter()
         if spec.impl == "deepspeed":
-            step, setup = build_deepspeed_step(args, device, ctx["kernels"], ctx["batches"], row, spec.compile)
+            step, setup = build_deepspeed_step(args, device, ctx["kernels"], ctx["batches"], row, spec.compile,
+                                               spec.fused_step)
             if device.type == "cuda":  # the peak counts the engine's resident state, not its construction
                 free_memory(device)
                 torch.cuda.reset_peak_memory_stats(device)

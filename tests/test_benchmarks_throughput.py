@@ -25,7 +25,7 @@ from benchmarks import throughput as tp  # noqa: E402
 from fastdit.models import attention as attn_backends  # noqa: E402
 
 EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "deepspeed",
-                 "deepspeed+compile",
+                 "deepspeed+compile", "deepspeed+fused-step",
                  "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers"]
 
 
@@ -112,6 +112,15 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert dsc["compile_graph_breaks"] == 0, dsc
     for key in ("loss_first", "loss_last"):
         assert dsc[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
+    # deepspeed+fused-step: the smoke run trains in fp32, where the fused step (bf16 only) says why it is
+    # refused and DeepSpeed's step runs: the same losses as the deepspeed row
+    dsf = rows["deepspeed+fused-step"]
+    assert ds["fused_optimizer_step"] == "off" and dsf["fused_optimizer_step"].startswith("refused")
+    assert dsf["deepspeed"]["fused_optimizer_step"] is True
+    assert "train.fused_optimizer_step: DeepSpeed's own optimizer step kept: the model dtype is torch.float32" \
+        in smoke_run["stdout"]
+    for key in ("loss_first", "loss_last"):
+        assert dsf[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
     assert "ZeRO-2 fp32 AdamW (DeepSpeedZeroOptimizer)" in smoke_run["stdout"]
     assert data["config"]["deepspeed_config"] == eng["config"]
     # progress: one line per row, then the table

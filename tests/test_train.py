@@ -267,18 +267,30 @@ def fast_step(cfg):
     return cfg
 
 
+def fused_step(cfg):
+    """bf16 training with train.fused_optimizer_step (AdamW, bf16 copy and EMA in one pass) on top."""
+    cfg = fast_step(cfg)
+    cfg["deepspeed"]["bf16"] = {"enabled": True}
+    cfg["deepspeed"]["gradient_clipping"] = 0.0       # as the paper's recipe (the fused step refuses clipping)
+    cfg["train"]["fused_optimizer_step"] = True
+    return cfg
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fast", [False, True], ids=["deepspeed-checks", "fast-step"])
+@pytest.mark.parametrize("fast", [None, fast_step, fused_step], ids=["deepspeed-checks", "fast-step", "fused-step"])
 def test_zero2_exact_resume_after_sigkill_during_save(tmp_path, fast):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     cfg = tiny_config(full_dir, stage=2, ckpt_every=1, keep_last=3)
     if fast:
-        cfg = fast_step(cfg)
+        cfg = fast(cfg)
     proc = launch(cfg, tmp_path, "full")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if fast is fused_step:
+        assert "train.fused_optimizer_step: AdamW, the bf16 parameter copy and the EMA in one pass" in \
+            proc.stdout + proc.stderr
     first, last = falling(metrics(full_dir))
     assert last < first - 0.02, (first, last)
-    check_ema_recurrence(full_dir, 16, 0.9)
+    check_ema_recurrence(full_dir, 16, 0.9)           # under bf16: against the fp32 masters
 
     # Same run, SIGKILLed in the middle of saving step 8: step 7 stays the last good checkpoint.
     cut = copy.deepcopy(cfg)
@@ -303,8 +315,10 @@ def test_zero2_exact_resume_after_sigkill_during_save(tmp_path, fast):
     assert_same(torch.load(os.path.join(a, "ema.pt"), weights_only=True),
                 torch.load(os.path.join(b, "ema.pt"), weights_only=True), "ema")
     for r in range(2):
-        oa = load(os.path.join(a, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))["optimizer_state_dict"]
-        ob = load(os.path.join(b, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))["optimizer_state_dict"]
+        name = ("bf16_" if cfg["deepspeed"].get("bf16", {}).get("enabled") else "") + \
+            f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        oa = load(os.path.join(a, name))["optimizer_state_dict"]
+        ob = load(os.path.join(b, name))["optimizer_state_dict"]
         assert_same(oa, ob, f"optimizer rank {r}")  # fp32 master weights, exp_avg, exp_avg_sq, step
         ta = load(os.path.join(a, f"trainer_state_rank{r:05d}.pt"))
         tb = load(os.path.join(b, f"trainer_state_rank{r:05d}.pt"))

@@ -439,8 +439,8 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
     if cfg.train.fused_optimizer_step:
         from fastdit.training import zero_step
         why = zero_step.install(engine.optimizer, ema)
-        if why:
-            say(f"train.fused_optimizer_step: DeepSpeed's own optimizer step kept: {why}")
+        say(f"train.fused_optimizer_step: DeepSpeed's own optimizer step kept: {why}" if why else
+            "train.fused_optimizer_step: AdamW, the bf16 parameter copy and the EMA in one pass from step 2")
     diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
                                  noise_schedule=cfg.diffusion.noise_schedule,
                                  learn_sigma=cfg.model.learn_sigma,

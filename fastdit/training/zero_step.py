@@ -51,7 +51,8 @@ def _eligible(opt) -> Optional[str]:
     if getattr(opt, "has_moe_layers", False):
         return "MoE expert groups average their norms differently"
     if opt.dtype != torch.bfloat16:
-        return f"the model dtype is {opt.dtype}, not bfloat16 (fp16 needs dynamic loss scaling)"
+        return (f"the model dtype is {opt.dtype}: the fused step is for bf16 training (fp16 needs loss "
+                f"scaling, fp32 has no low-precision copy to write)")
     if getattr(opt, "gradient_accumulation_dtype", opt.dtype) != opt.dtype:
         return "gradients accumulate in a separate fp32 buffer (data_types.grad_accum_dtype)"
     if float(getattr(opt, "clip_grad", 0.0) or 0.0) != 0.0:

@@ -63,8 +63,10 @@ def rank_files(tag_dir: str, rank: int) -> List[str]:
 
 
 def has_zero_shards(tag_dir: str) -> bool:
-    """Whether DeepSpeed wrote ZeRO partition files here (ZeRO-1/2/3; not ZeRO-0)."""
-    return any(f.startswith(ZERO_SHARD_PREFIX) for f in os.listdir(tag_dir))
+    """Whether DeepSpeed wrote ZeRO partition files here (ZeRO-1/2/3; not ZeRO-0). Under bf16 DeepSpeed
+    names them bf16_zero_pp_rank_..."""
+    return any(f.startswith(ZERO_SHARD_PREFIX) or f.startswith("bf16_" + ZERO_SHARD_PREFIX)
+               for f in os.listdir(tag_dir))
 
 
 def tag_dirs(ckpt_root: str) -> List[str]:

@@ -1,0 +1,114 @@
+"""fastdit.training.zero_step against DeepSpeed's own ZeRO-1/2 bf16 step, on 2 CPU ranks (gloo).
+
+Two engines from the same seed train the same batches for 6 steps, one with DeepSpeed's step and one
+with the fused step (installed with a flat EMA); a NaN loss on one rank at step 4 must be skipped by both.
+On CPU the fused step runs its PyTorch reference of the kernel (tests/test_kernels_adamw.py checks the
+kernel against that reference), so the two must agree bit for bit: masters, moments, step count, the
+bf16 parameters and the EMA.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastdit.dist import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+SCRIPT = r'''
+import json, os, sys
+import torch
+sys.path.insert(0, os.environ["FASTDIT_ROOT"])
+import deepspeed
+from deepspeed import comm as dist
+import importlib
+torch_comm = importlib.import_module("deepspeed.comm.torch")
+if hasattr(torch_comm, "build_shm_op"):
+    torch_comm.build_shm_op = lambda: None          # no JIT build of DeepSpeed's CPU shm op
+from fastdit.training import zero_checks, zero_step
+from fastdit.training.ema import ShardedEMA
+
+deepspeed.init_distributed(dist_backend="gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+
+
+def engine_for(stage, clip=0.0, bf16=True):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8), torch.nn.LayerNorm(8))
+    net[3].weight.requires_grad_(False)             # frozen: outside the optimizer's partition, still in the EMA
+    cfg = {"train_batch_size": 4 * world, "train_micro_batch_size_per_gpu": 4,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.05, "torch_adam": True}},
+           "bf16": {"enabled": bf16}, "gradient_clipping": clip,
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    engine, opt, _, _ = deepspeed.initialize(model=net, model_parameters=[p for p in net.parameters() if p.requires_grad],
+                                             config=cfg)
+    return engine, opt
+
+
+out = {}
+for stage in (1, 2):
+    runs = {}
+    for fused in (False, True):
+        engine, opt = engine_for(stage)
+        zero_checks.install(opt)
+        ema = ShardedEMA(engine.module, 0.9, one_pass=True, flat=fused)
+        why = zero_step.install(opt, ema) if fused else None
+        applied = []
+        for step in range(6):
+            torch.manual_seed(100 + 10 * step + rank)
+            loss = engine(torch.randn(4, 8, dtype=torch.bfloat16)).float().square().mean()
+            if step == 3 and rank == world - 1:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()
+            applied.append(engine.was_step_applied())
+            f = getattr(opt, "fastdit_fused_step", None)
+            if applied[-1] and (f is None or not f.ema_updated):
+                ema.update()
+        st = opt.optimizer.state[opt.optimizer.param_groups[0]["params"][0]]
+        f = getattr(opt, "fastdit_fused_step", None)
+        runs["fused" if fused else "deepspeed"] = dict(
+            why=why, applied=applied, step=float(st["step"]), master=opt.single_partition_of_fp32_groups[0].tolist(),
+            exp_avg=st["exp_avg"].tolist(), exp_avg_sq=st["exp_avg_sq"].tolist(),
+            bf16=[p.detach().float().reshape(-1).tolist() for p in engine.module.parameters()],
+            ema={k: v.reshape(-1).tolist() for k, v in ema.full_state_dict().items()},
+            fused_steps=f.fused_steps if f else 0, views=f.flat_views if f else 0, copies=f.flat_copies if f else 0)
+    out[stage] = runs
+_, opt = engine_for(2, clip=1.0)
+out["refused_clip"] = zero_step.install(opt)
+_, opt = engine_for(2, bf16=False)
+out["refused_fp32"] = zero_step.install(opt)
+out["refused_torch"] = zero_step.install(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]))
+with open(f"result_{rank}.json", "w") as f:
+    json.dump(out, f)
+'''
+
+
+def test_fused_step_equals_deepspeed_step_zero1_zero2_with_a_skipped_step(tmp_path):
+    script = tmp_path / "zs.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, FASTDIT_ROOT=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                           str(free_port()), str(script)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"result_{rank}.json").read_text())
+        for stage in ("1", "2"):
+            ds, fu = res[stage]["deepspeed"], res[stage]["fused"]
+            assert fu["why"] is None
+            assert ds["applied"] == fu["applied"] == [True, True, True, False, True, True]
+            # the first step is DeepSpeed's (it creates torch's AdamW state), the next four are fused
+            assert fu["fused_steps"] == 4 and fu["views"] + fu["copies"] == 4
+            for key in ("step", "master", "exp_avg", "exp_avg_sq", "bf16", "ema"):
+                assert fu[key] == ds[key], (stage, key)
+        # ZeRO-1 keeps each rank's gradient partition in parameter order: used in place, no copy
+        assert res["1"]["fused"]["views"] == 4
+        assert "clipping" in res["refused_clip"]
+        assert "bf16 training" in res["refused_fp32"]
+        assert "ZeRO-1/2" in res["refused_torch"]
