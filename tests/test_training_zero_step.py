@@ -56,7 +56,7 @@ for stage in (1, 2):
         zero_checks.install(opt)
         ema = ShardedEMA(engine.module, 0.9, one_pass=True, flat=fused)
         why = zero_step.install(opt, ema) if fused else None
-        applied = []
+        applied, norms = [], []
         for step in range(6):
             torch.manual_seed(100 + 10 * step + rank)
             loss = engine(torch.randn(4, 8, dtype=torch.bfloat16)).float().square().mean()
@@ -65,13 +65,14 @@ for stage in (1, 2):
             engine.backward(loss)
             engine.step()
             applied.append(engine.was_step_applied())
+            norms.append(float(engine.get_global_grad_norm()) if applied[-1] else None)
             f = getattr(opt, "fastdit_fused_step", None)
             if applied[-1] and (f is None or not f.ema_updated):
                 ema.update()
         st = opt.optimizer.state[opt.optimizer.param_groups[0]["params"][0]]
         f = getattr(opt, "fastdit_fused_step", None)
         runs["fused" if fused else "deepspeed"] = dict(
-            why=why, applied=applied, step=float(st["step"]), master=opt.single_partition_of_fp32_groups[0].tolist(),
+            why=why, applied=applied, norms=norms, passes=f.norm_passes if f else None, step=float(st["step"]), master=opt.single_partition_of_fp32_groups[0].tolist(),
             exp_avg=st["exp_avg"].tolist(), exp_avg_sq=st["exp_avg_sq"].tolist(),
             bf16=[p.detach().float().reshape(-1).tolist() for p in engine.module.parameters()],
             ema={k: v.reshape(-1).tolist() for k, v in ema.full_state_dict().items()},
@@ -107,8 +108,15 @@ def test_fused_step_equals_deepspeed_step_zero1_zero2_with_a_skipped_step(tmp_pa
             assert fu["fused_steps"] == 4 and fu["views"] + fu["copies"] == 4
             for key in ("step", "master", "exp_avg", "exp_avg_sq", "bf16", "ema"):
                 assert fu[key] == ds[key], (stage, key)
-        # ZeRO-1 keeps each rank's gradient partition in parameter order: used in place, no copy
+            # the gradient norm from the one-pass checks (one sum of squares, one all-reduce) is DeepSpeed's
+            for a, b in zip(fu["norms"], ds["norms"]):
+                assert (a is None and b is None) or (b > 0 and abs(a - b) <= 1e-5 * b), (stage, a, b)
+            # steps 2, 3, 5, 6 fused; the NaN step 4 is found by the one-pass check and handed to DeepSpeed
+            assert sum(fu["passes"].values()) == 5, fu["passes"]
+        # ZeRO-1 keeps each rank's gradient partition in parameter order: used in place, no copy; ZeRO-2's
+        # gradients fill one buffer in hook order: summed in one pass, flattened by DeepSpeed's copy
         assert res["1"]["fused"]["views"] == 4
+        assert res["2"]["fused"]["passes"]["flat"] == 5 and res["2"]["fused"]["copies"] == 4
         assert "clipping" in res["refused_clip"]
         assert "bf16 training" in res["refused_fp32"]
         assert "ZeRO-1/2" in res["refused_torch"]

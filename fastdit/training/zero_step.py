@@ -34,6 +34,7 @@ Switch: `train.fused_optimizer_step` (off by default until a GPU run measures it
 """
 from __future__ import annotations
 
+import math
 import types
 from typing import List, Optional
 
@@ -93,6 +94,24 @@ def _flat_view(tensors: List[torch.Tensor], numel: int) -> Optional[torch.Tensor
     return first.as_strided((numel,), (1,), first.storage_offset())
 
 
+def _tiled_view(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """One 1-D view of the buffer region `tensors` fill exactly, in any order (contiguous, one dtype, one
+    storage, no gaps or overlaps), e.g. ZeRO-2's gradients, which lie in the order the backward hooks
+    fired; else None."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    if any(t.dtype != first.dtype or not t.is_contiguous() or t.untyped_storage().data_ptr() != storage
+           for t in tensors):
+        return None
+    spans = sorted((t.storage_offset(), t.numel()) for t in tensors)
+    if any(a + n != b for (a, n), (b, _) in zip(spans, spans[1:])):
+        return None
+    start, end = spans[0][0], spans[-1][0] + spans[-1][1]
+    return first.as_strided((end - start,), (1,), start)
+
+
 class FusedZeroStep:
     """State of the fused step on one optimizer (host copy of each group's step count, the EMA)."""
 
@@ -104,6 +123,11 @@ class FusedZeroStep:
         self.ema_updated = False        # whether the last step() also updated the EMA (all of it)
         self.flat_views = 0             # groups whose gradient partition was used as a view (no copy)
         self.flat_copies = 0            # groups flattened by DeepSpeed's copy
+        self.norm_passes = {"flat": 0, "per-tensor": 0}   # how the one-pass checks summed the squares
+        from deepspeed.runtime.constants import PIPE_REPLICATED
+        from deepspeed.runtime.utils import is_model_parallel_parameter
+        self.parallel_model = any(hasattr(p, PIPE_REPLICATED) or is_model_parallel_parameter(p)
+                                  for group in optimizer.bit16_groups for p in group)
         # group index -> (torch's step tensor, its value): the count is read from the device once, and
         # again whenever the tensor object changes (a state loaded from a checkpoint); holding the
         # tensor keeps its identity from being reused
@@ -125,6 +149,41 @@ class FusedZeroStep:
                 return False
         return _eligible(self.optimizer) is None
 
+    def _one_pass_checks(self, opt):
+        """(non-finite, norm) from one sum of squares of the rank's gradients, one all-reduce and one host
+        sync, where DeepSpeed computes the same two things in two passes with two collectives: the
+        overflow flag (any non-finite element on any rank) and the global L2 norm. None (DeepSpeed's, or
+        zero_checks', two passes run) unless both are wanted and the run is data-parallel only: model- or
+        pipeline-parallel runs count some gradients once per group, which the one sum does not."""
+        from deepspeed import comm as dist
+        from deepspeed.comm import pg_utils
+
+        if not (opt.check_grad_overflow and opt.compute_grad_norm) or self.parallel_model:
+            return None
+        if pg_utils.is_parallel(getattr(opt, "model_parallel_group", None)):
+            return None
+        grads = []
+        for i in range(len(opt.bit16_groups)):
+            group = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) else \
+                opt.averaged_gradients[i]
+            if group is not None:
+                grads.extend(t for t in group if t is not None and t.numel()
+                             and not getattr(t, "_zero_padding", False))    # padding: zeros
+        device = opt.single_partition_of_fp32_groups[0].device
+        tiled = _tiled_view(grads)
+        if tiled is not None:                       # one reduction over the buffer the gradients fill
+            self.norm_passes["flat"] += 1
+            total = torch.linalg.vector_norm(tiled, 2, dtype=torch.float32).square()
+        else:
+            from fastdit.training.zero_checks import _sum_of_squares
+            self.norm_passes["per-tensor"] += 1
+            total = _sum_of_squares(grads, device)
+        total = total.reshape(1)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
+        if not math.isfinite(float(total.item())):  # the one host sync (DeepSpeed's overflow check has it)
+            return True, None
+        return False, total.sqrt().reshape(())
+
     def step(self, closure=None):
         self.ema_updated = False
         if closure is not None or not self._ready():
@@ -139,15 +198,21 @@ class FusedZeroStep:
         if not opt.compute_grad_norm:
             opt._global_grad_norm = None
         opt.overflow = False
-        if opt.check_grad_overflow:
-            opt.check_overflow(partition_gradients=opt.partition_gradients)
-        if opt.overflow:
-            return self.orig_step()                 # DeepSpeed's skip path (it checks again: same verdict)
-        norm = None
-        if opt.compute_grad_norm:
-            norm = opt.scaled_global_norm()
-            if s12.is_invalid_grad_norm(norm):
-                return self.orig_step()             # its norm check turns this into a skipped step
+        checked = self._one_pass_checks(opt)
+        if checked is not None:
+            bad, norm = checked
+            if bad:
+                return self.orig_step()             # DeepSpeed's skip path (it checks again: same verdict)
+        else:
+            if opt.check_grad_overflow:
+                opt.check_overflow(partition_gradients=opt.partition_gradients)
+            if opt.overflow:
+                return self.orig_step()
+            norm = None
+            if opt.compute_grad_norm:
+                norm = opt.scaled_global_norm()
+                if s12.is_invalid_grad_norm(norm):
+                    return self.orig_step()         # its norm check turns this into a skipped step
         prev_scale = opt.loss_scale
         opt._update_scale(False)
         if hasattr(opt, "_commit_muon_momentum"):
