@@ -86,10 +86,12 @@ def test_fp32_forward_and_every_gradient(cfg_name, kernels):
 
 
 @pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
-def test_mlp_recompute_forward_and_every_gradient(kernels):
-    """mlp="recompute" (GELU recomputed in backward, fastdit.models.mlp) is the reference, fp32."""
-    fast = assert_fp32_matches_reference(CONFIGS["S-width/p2"], kernels=kernels, attention="sdpa", mlp="recompute")
-    assert all(b.mlp_mode == "recompute" for b in fast.blocks)
+@pytest.mark.parametrize("mlp", ["recompute", "fold", "recompute-fold"])
+def test_mlp_modes_forward_and_every_gradient(kernels, mlp):
+    """mlp="recompute" (GELU recomputed in backward) and "fold" / "recompute-fold" (GELU backward + fc1's
+    bias gradient in one pass, kernels/gelu.py; fastdit.models.mlp) are the reference, fp32."""
+    fast = assert_fp32_matches_reference(CONFIGS["S-width/p2"], kernels=kernels, attention="sdpa", mlp=mlp)
+    assert all(b.mlp_mode == mlp for b in fast.blocks)
 
 
 def test_sdpa_packed_attention_forward_and_every_gradient():
@@ -98,7 +100,8 @@ def test_sdpa_packed_attention_forward_and_every_gradient():
 
 @pytest.mark.triton
 @pytest.mark.parametrize("cfg_name,mlp", [("S-width/p2", "plain"), ("B-width/p4", "plain"),
-                                          ("S-width/p2", "recompute")])
+                                          ("S-width/p2", "recompute"), ("S-width/p2", "fold"),
+                                          ("S-width/p2", "recompute-fold")])
 def test_bf16_by_the_flash_attention_rule(cfg_name, mlp):
     """|fast_bf16 - ref_fp32| <= 2 |ref_bf16 - ref_fp32| + atol, for the output and every gradient."""
     cfg = CONFIGS[cfg_name]
@@ -181,10 +184,11 @@ def test_other_conditioning_blocks_match_reference(block_type):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("attention", ["sdpa", "sdpa_packed", "auto"])
-def test_torch_compile_fullgraph_matches_eager(attention):
+@pytest.mark.parametrize("attention,mlp", [("sdpa", "plain"), ("sdpa_packed", "plain"), ("auto", "plain"),
+                                           ("sdpa", "fold"), ("sdpa", "recompute-fold")])
+def test_torch_compile_fullgraph_matches_eager(attention, mlp):
     cfg = CONFIGS["odd/p2"]
-    _, fast = make_pair(cfg, kernels="triton", attention=attention)
+    _, fast = make_pair(cfg, kernels="triton", attention=attention, mlp=mlp)
     x, t, y = inputs(cfg)
     out_e, g_e = run(fast, x, t, y)
     compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)

@@ -2,8 +2,21 @@
 import pytest
 import torch
 
-from fastdit.models.mlp import recompute_gelu_mlp
+from fastdit.kernels.gelu import gelu_tanh_bwd_op, gelu_tanh_bwd_ref
+from fastdit.models.mlp import fold_gelu_mlp, recompute_gelu_mlp
 from fastdit.models.reference import Mlp
+
+# The MLP variants under test, each as fn(mlp, h). "fold" variants with the PyTorch reference of the
+# one-pass GELU backward run in fp64; with the Triton kernel (interpreter on CPU) in fp32/bf16 only.
+VARIANTS = {
+    "recompute": recompute_gelu_mlp,
+    "fold/torch": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_ref),
+    "recompute-fold/torch": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_ref, recompute=True),
+}
+TRITON_VARIANTS = {
+    "fold/triton": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_op),
+    "recompute-fold/triton": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_op, recompute=True),
+}
 
 
 def make(dim=24, hidden=96, dtype=torch.float64, seed=0):
@@ -22,23 +35,36 @@ def grads(mlp, h, fn):
     return y.detach(), [h.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
 
 
-def test_forward_and_every_gradient_match_the_reference_fp64():
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forward_and_every_gradient_match_the_reference_fp64(variant):
     mlp, h = make()
     y_ref, g_ref = grads(mlp, h, lambda m, x: m(x))
-    y, g = grads(mlp, h, recompute_gelu_mlp)
+    y, g = grads(mlp, h, VARIANTS[variant])
     torch.testing.assert_close(y, y_ref)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
 
 
-def test_bf16_error_is_the_plain_paths():
-    """In bf16 both paths round the same way: recompute's error vs fp64 is at most the plain path's (x1.5 slack)."""
+@pytest.mark.parametrize("variant", list(TRITON_VARIANTS))
+def test_triton_fold_matches_the_reference_fp32(variant):
+    mlp, h = make(dtype=torch.float32)
+    y_ref, g_ref = grads(mlp, h, lambda m, x: m(x))
+    y, g = grads(mlp, h, TRITON_VARIANTS[variant])
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("variant", ["recompute"] + list(TRITON_VARIANTS))
+def test_bf16_error_is_the_plain_paths(variant):
+    """In bf16 the variants round as the plain path does (the fold sums the bias gradient before rounding
+    dz): each one's error vs fp64 is at most the plain path's (x1.5 slack)."""
     mlp64, h64 = make()
     y64, g64 = grads(mlp64, h64, lambda m, x: m(x))
     mlp, _ = make(dtype=torch.bfloat16)
     h = h64.detach().bfloat16().requires_grad_()
     y_plain, g_plain = grads(mlp, h, lambda m, x: m(x))
-    y_rec, g_rec = grads(mlp, h, recompute_gelu_mlp)
+    y_rec, g_rec = grads(mlp, h, {**VARIANTS, **TRITON_VARIANTS}[variant])
     for a, p, r in zip([y_rec] + g_rec, [y_plain] + g_plain, [y64] + g64):
         err_rec = (a.double() - r).abs().max().item()
         err_plain = (p.double() - r).abs().max().item()
@@ -60,12 +86,13 @@ def _saved_activation_bytes(fn, mlp, h):
     return sum(seen.values())
 
 
-def test_keeps_one_hidden_wide_tensor_less():
+@pytest.mark.parametrize("variant,less", [("recompute", 1), ("fold/torch", 0), ("recompute-fold/torch", 1)])
+def test_keeps_one_hidden_wide_tensor_less(variant, less):
     mlp, h = make(dtype=torch.float32)
     plain = _saved_activation_bytes(lambda m, x: m(x), mlp, h)
-    rec = _saved_activation_bytes(recompute_gelu_mlp, mlp, h)
+    rec = _saved_activation_bytes(VARIANTS[variant], mlp, h)
     hidden_bytes = h.shape[0] * h.shape[1] * 96 * 4  # one (N, T, 4D) fp32 tensor
-    assert plain - rec == hidden_bytes, (plain, rec)
+    assert plain - rec == less * hidden_bytes, (plain, rec)
 
 
 def test_autocast_runs_the_plain_module():

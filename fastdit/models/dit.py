@@ -9,7 +9,9 @@ Same registry keys, constructor arguments, methods and state-dict layout as
   checkpointing per-block activation checkpointing (recompute each block in backward)
   nvtx          emit nvtx ranges around the block's parts (off by default; free when off)
   mlp           "plain" (default) | "recompute": keep only fc1's input and output for the backward and
-                recompute GELU there (fastdit.models.mlp; one 4D-wide activation less per block)
+                recompute GELU there (fastdit.models.mlp; one 4D-wide activation less per block) |
+                "fold" / "recompute-fold": the same, with GELU's backward and fc1's bias gradient in one
+                pass (kernels/gelu.py)
 
 Data flow of the adaLN-Zero stack (D = hidden size); each arrow is one fused kernel:
 
@@ -39,7 +41,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from fastdit.dist import nvtx_range
 from fastdit.models import attention as attn_backends
-from fastdit.models.mlp import MLP_CHOICES, recompute_gelu_mlp
+from fastdit.models.mlp import MLP_CHOICES, fold_gelu_mlp, recompute_gelu_mlp
 from fastdit.models import reference as ref
 from fastdit.models.registry import KERNEL_CHOICES, make_registry
 
@@ -50,17 +52,19 @@ from fastdit.models.registry import KERNEL_CHOICES, make_registry
 def _torch_ops():
     from fastdit.kernels import (gated_residual_modulate_layernorm_ref, gated_residual_ref,
                                  modulate_layernorm_ref, patch_embed_ref)
+    from fastdit.kernels.gelu import gelu_tanh_bwd_ref
     return dict(modulate_layernorm=modulate_layernorm_ref, gated_residual=gated_residual_ref,
                 gated_residual_modulate_layernorm=gated_residual_modulate_layernorm_ref,
-                patch_embed=patch_embed_ref)
+                patch_embed=patch_embed_ref, gelu_tanh_bwd=gelu_tanh_bwd_ref)
 
 
 def _triton_ops():
     from fastdit.kernels import (gated_residual, gated_residual_modulate_layernorm,
                                  modulate_layernorm, patch_embed)
+    from fastdit.kernels.gelu import gelu_tanh_bwd_op
     return dict(modulate_layernorm=modulate_layernorm, gated_residual=gated_residual,
                 gated_residual_modulate_layernorm=gated_residual_modulate_layernorm,
-                patch_embed=patch_embed)
+                patch_embed=patch_embed, gelu_tanh_bwd=gelu_tanh_bwd_op)
 
 
 def triton_usable(device: torch.device) -> tuple[bool, str]:
@@ -120,7 +124,12 @@ class FastDiTBlock(nn.Module):
         with nvtx_range("residual+ln", nvtx):
             x, h = ops["gated_residual_modulate_layernorm"](x, a, gate_msa, shift_mlp, scale_mlp)
         with nvtx_range("mlp", nvtx):
-            m = recompute_gelu_mlp(self.mlp, h) if self.mlp_mode == "recompute" else self.mlp(h)
+            if self.mlp_mode == "recompute":
+                m = recompute_gelu_mlp(self.mlp, h)
+            elif self.mlp_mode in ("fold", "recompute-fold"):
+                m = fold_gelu_mlp(self.mlp, h, ops["gelu_tanh_bwd"], recompute=self.mlp_mode == "recompute-fold")
+            else:
+                m = self.mlp(h)
         with nvtx_range("residual+ln", nvtx):
             x, h = ops["gated_residual_modulate_layernorm"](x, m, gate_mlp, next_shift, next_scale)
         return x, h

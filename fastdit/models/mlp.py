@@ -13,7 +13,10 @@ considered for the forward (torch._addmm_activation(..., use_gelu=True)); it ret
 so the backward would have to recompute z with a second fc1 GEMM, which costs more than it saves.
 
 Model option: mlp="recompute" of fastdit.models.DiT (config `model.mlp`); "plain" (the default) is the
-reference Mlp module under autograd. Under autocast the plain path runs (the custom function takes the
+reference Mlp module under autograd. mlp="fold" / "recompute-fold": the same two memory layouts with
+GELU's backward and fc1's bias gradient in one pass (kernels/gelu.py with Triton kernels, its PyTorch
+reference with kernels="torch"): one read of the 4D-wide dz less per block, and under recompute-fold one
+read of z less as well. Under autocast the plain path runs (the custom function takes the
 parameters' dtype as they are).
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MLP_CHOICES = ("plain", "recompute")
+MLP_CHOICES = ("plain", "recompute", "fold", "recompute-fold")
 
 
 class _RecomputeGeluMlp(torch.autograd.Function):
@@ -47,6 +50,46 @@ class _RecomputeGeluMlp(torch.autograd.Function):
         db1 = dz2.sum(0) if ctx.has_bias[0] else None
         dh = dz.matmul(w1)
         return dh, dw1, db1, dw2, db2
+
+
+class _FoldGeluMlp(torch.autograd.Function):
+    """The MLP with GELU's backward and fc1's bias gradient in one pass (`gelu_bwd`, e.g. the Triton
+    kernels/gelu.py op): dz and sum_rows(dz) come from one read of z and dg, where autograd writes dz and
+    reads it again for the bias. recompute: keep h and z only and let the same pass rewrite GELU(z) for
+    fc2's weight gradient (z read once for both)."""
+
+    @staticmethod
+    def forward(ctx, h, w1, b1, w2, b2, recompute, gelu_bwd):
+        z = F.linear(h, w1, b1)
+        g = F.gelu(z, approximate="tanh")
+        y = F.linear(g, w2, b2)
+        ctx.save_for_backward(h, z, w1, w2, *(() if recompute else (g,)))
+        ctx.recompute, ctx.gelu_bwd = recompute, gelu_bwd
+        ctx.bias = (b1 is not None, b2 is not None, b1.dtype if b1 is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, z, w1, w2, *kept = ctx.saved_tensors
+        cols = z.shape[-1]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dg = dy2.mm(w2)                                                       # (N*T, 4D)
+        dz, db1, g = ctx.gelu_bwd(z.reshape(-1, cols), dg, write_g=ctx.recompute)
+        g = g if ctx.recompute else kept[0].reshape(-1, cols)
+        dw2 = dy2.t().mm(g)
+        db2 = dy2.sum(0) if ctx.bias[1] else None
+        del g
+        dw1 = dz.t().mm(h.reshape(-1, h.shape[-1]))
+        dh = dz.mm(w1).view(h.shape)
+        return dh, dw1, (db1.to(ctx.bias[2]) if ctx.bias[0] else None), dw2, db2, None, None
+
+
+def fold_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, gelu_bwd, recompute: bool = False) -> torch.Tensor:
+    """mlp(h) for a reference Mlp, with `gelu_bwd(z, dg, write_g=...) -> (dz, db, g)` doing GELU's
+    backward and fc1's bias gradient in one pass (kernels/gelu.py); recompute: see _FoldGeluMlp."""
+    if torch.is_autocast_enabled(h.device.type):
+        return mlp(h)
+    return _FoldGeluMlp.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, recompute, gelu_bwd)
 
 
 def recompute_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:

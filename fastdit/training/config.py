@@ -44,7 +44,8 @@ class ModelConfig:
     kernels: Literal[KERNEL_CHOICES] = "auto"   # fast model only; auto = Triton on CUDA
     attention: Literal[BACKENDS] = "auto"       # fast model only (fastdit.models.attention)
     checkpointing: bool = False                 # activation checkpointing (fast model only)
-    mlp: Literal[MLP_CHOICES] = "plain"         # fast model only; recompute = GELU recomputed in backward
+    mlp: Literal[MLP_CHOICES] = "plain"         # fast model only; recompute = GELU recomputed in backward;
+    #                                             fold = GELU backward + fc1 bias gradient in one pass (kernels/gelu.py)
     # Architecture overrides; null = the registry value of `name`.
     depth: Optional[int] = None
     hidden_size: Optional[int] = None
