@@ -90,7 +90,7 @@ from fastdit.models.attention import BACKENDS  # noqa: E402
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
-             "deepspeed", "deepspeed+compile", "deepspeed+fused-step")
+             "fused+mlp-recompute-fold", "deepspeed", "deepspeed+compile", "deepspeed+fused-step")
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 NUM_CLASSES = 1000
@@ -259,6 +259,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", False, "auto", mlp="recompute"))
         elif name == "fused+mlp-fold":  # GELU backward + fc1's bias gradient in one pass (kernels/gelu.py)
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold"))
+        elif name == "fused+mlp-recompute-fold":  # both: GELU recomputed by the same pass
+            specs.append(RowSpec(name, "fast", False, "auto", mlp="recompute-fold"))
         elif name == "deepspeed":
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
         elif name == "deepspeed+compile":  # train.compile: the engine's model under engine.compile()

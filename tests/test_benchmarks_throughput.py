@@ -25,7 +25,7 @@ from benchmarks import throughput as tp  # noqa: E402
 from fastdit.models import attention as attn_backends  # noqa: E402
 
 EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
-                 "deepspeed", "deepspeed+compile", "deepspeed+fused-step",
+                 "fused+mlp-recompute-fold", "deepspeed", "deepspeed+compile", "deepspeed+fused-step",
                  "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers"]
 
 
@@ -104,9 +104,10 @@ def test_smoke_rows_and_statuses(smoke_run):
     for key in ("loss_first", "loss_last"):
         assert rec[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
     fold = rows["fused+mlp-fold"]                 # GELU backward + bias gradient in one pass: the same training
-    assert fold["mlp"] == "fold"
+    assert fold["mlp"] == "fold" and rows["fused+mlp-recompute-fold"]["mlp"] == "recompute-fold"
     for key in ("loss_first", "loss_last"):
         assert fold[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
+        assert rows["fused+mlp-recompute-fold"][key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
     assert ds["mlp"] == "plain"
     # deepspeed+compile: the same engine with train.compile (engine.compile() with the harness's backend)
     dsc = rows["deepspeed+compile"]
