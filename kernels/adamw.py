@@ -55,15 +55,48 @@ def _adamw_kernel(
     bc2_sqrt,     # sqrt(1 - beta2^step)
     eps,          # epsilon added to the denominator
     ema_w,        # 1 - EMA decay
+    SEG_M,        # *int64 (n_seg + 1,): first element of each gradient segment in p, then n (SEGMENTED)
+    SEG_G,        # *int64 (n_seg,): offset of each segment's first gradient element from G (SEGMENTED)
+    n_seg,        # number of segments (SEGMENTED)
     HAS_LP: tl.constexpr,
     HAS_EMA: tl.constexpr,
+    SEGMENTED: tl.constexpr,  # G is read through the segment tables instead of element for element
+    LOG_SEG: tl.constexpr,    # binary-search steps: 2**LOG_SEG >= n_seg
+    ALIGNED: tl.constexpr,    # every segment's G offset - p offset is a multiple of 8 (128-bit loads)
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(P + offs, mask=mask, other=0.0)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    if SEGMENTED:
+        # The segment holding the block's first element: the last s with SEG_M[s] <= start.
+        start = pid.to(tl.int64) * BLOCK
+        lo = (n_seg * 0).to(tl.int64)
+        hi = n_seg.to(tl.int64)
+        for _ in tl.static_range(LOG_SEG):
+            mid = (lo + hi) // 2
+            right = tl.load(SEG_M + mid) <= start
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        if start + BLOCK <= tl.load(SEG_M + lo + 1):      # the block lies in one segment: one shift
+            delta = tl.load(SEG_G + lo) - tl.load(SEG_M + lo)
+            if ALIGNED:
+                delta = tl.multiple_of(delta, 8)
+            g = tl.load(G + delta + offs, mask=mask, other=0.0)
+        else:                                            # segment boundaries inside: look up each element
+            lo_e = tl.zeros((BLOCK,), dtype=tl.int64)
+            hi_e = tl.zeros((BLOCK,), dtype=tl.int64) + n_seg
+            for _ in tl.static_range(LOG_SEG):
+                mid_e = (lo_e + hi_e) // 2
+                right_e = tl.load(SEG_M + mid_e) <= offs
+                lo_e = tl.where(right_e, mid_e, lo_e)
+                hi_e = tl.where(right_e, hi_e, mid_e)
+            delta_e = tl.load(SEG_G + lo_e) - tl.load(SEG_M + lo_e)
+            g = tl.load(G + delta_e + offs, mask=mask, other=0.0)
+        g = g.to(tl.float32)
+    else:
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(M + offs, mask=mask, other=0.0)
     v = tl.load(V + offs, mask=mask, other=0.0)
     p = p * decay_keep
@@ -92,14 +125,52 @@ def _scalars(lr: float, beta1: float, beta2: float, weight_decay: float, step: i
     return 1.0 - lr * weight_decay, lr / bc1, bc2 ** 0.5          # as torch.optim.AdamW computes them
 
 
-def _check(p, g, m, v, lp, ema, ema_range):
+class GradSegments:
+    """Where each stretch of p's gradient lies in a gradient buffer G: p[m_starts[s] : m_starts[s+1]] has
+    its gradient at G[g_offsets[s] : g_offsets[s] + length]. ZeRO-2 keeps a rank's gradients in one buffer
+    in the order the backward hooks fired, not in p's order; the kernel reads them there through these
+    tables instead of from a concatenated copy. Built on the host from plain integers (checked), kept on
+    the device."""
+
+    def __init__(self, m_starts, g_offsets, lengths, g_numel: int, device):
+        if not (len(m_starts) == len(g_offsets) == len(lengths)) or not lengths:
+            raise ValueError("segments need one m_start, g_offset and length each, and at least one")
+        pos = 0
+        for m0, g0, ln in zip(m_starts, g_offsets, lengths):
+            if m0 != pos or ln <= 0 or g0 < 0 or g0 + ln > g_numel:
+                raise ValueError(f"segments must tile p in order and lie inside G (segment at {m0}, "
+                                 f"length {ln}, gradient offset {g0}, G has {g_numel})")
+            pos += ln
+        self.n = pos
+        self.count = len(lengths)
+        self.aligned = all((g0 - m0) % 8 == 0 for m0, g0 in zip(m_starts, g_offsets))
+        self.host = (list(m_starts) + [pos], list(g_offsets))
+        self.seg_m = torch.tensor(self.host[0], dtype=torch.int64, device=device)
+        self.seg_g = torch.tensor(self.host[1], dtype=torch.int64, device=device)
+
+    def gather(self, g: torch.Tensor) -> torch.Tensor:
+        """The gradient in p's order (a copy; the PyTorch path and the tests)."""
+        m, off = self.host
+        return torch.cat([g[o: o + (m[i + 1] - m[i])] for i, o in enumerate(off)])
+
+
+def _check(p, g, m, v, lp, ema, ema_range, segments=None):
     for name, t in (("p", p), ("m", m), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
             raise TypeError(f"{name} must be a float32 tensor")
     if not isinstance(g, torch.Tensor) or g.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError("g must be a float32, bfloat16 or float16 tensor")
     n = p.numel()
-    named = [("p", p), ("g", g), ("m", m), ("v", v)] + ([("lp", lp)] if lp is not None else [])
+    named = [("p", p), ("m", m), ("v", v)] + ([("lp", lp)] if lp is not None else [])
+    if segments is None:
+        named.insert(1, ("g", g))
+    else:
+        if segments.n != n:
+            raise ValueError(f"the gradient segments cover {segments.n} elements, p has {n}")
+        if g.dim() != 1 or not g.is_contiguous() or g.device != p.device:
+            raise ValueError("g must be a contiguous 1-D gradient buffer on p's device")
+        if segments.seg_m.device != p.device:
+            raise ValueError(f"the segment tables are on {segments.seg_m.device}, p on {p.device}")
     for name, t in named:
         if t.dim() != 1 or not t.is_contiguous() or t.numel() != n:
             raise ValueError(f"{name} must be a contiguous 1-D tensor of {n} elements, got shape "
@@ -122,11 +193,11 @@ def _check(p, g, m, v, lp, ema, ema_range):
 @torch.no_grad()
 def adamw_step_ref_(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                     step: int, lp: Optional[torch.Tensor] = None, ema: Optional[torch.Tensor] = None,
-                    ema_weight: float = 0.0, ema_range=None) -> None:
+                    ema_weight: float = 0.0, ema_range=None, segments: Optional[GradSegments] = None) -> None:
     """The update of the module docstring in PyTorch ops (in place on p, m, v, lp, ema)."""
-    lo, hi = _check(p, g, m, v, lp, ema, ema_range)
+    lo, hi = _check(p, g, m, v, lp, ema, ema_range, segments)
     decay_keep, step_size, bc2_sqrt = _scalars(lr, beta1, beta2, weight_decay, step)
-    g = g.float()
+    g = (segments.gather(g) if segments is not None else g).float()
     p.mul_(decay_keep)
     m.lerp_(g, 1.0 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -141,15 +212,16 @@ def adamw_step_ref_(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: f
 @torch.no_grad()
 def adamw_step_(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                 step: int, lp: Optional[torch.Tensor] = None, ema: Optional[torch.Tensor] = None,
-                ema_weight: float = 0.0, ema_range=None) -> None:
+                ema_weight: float = 0.0, ema_range=None, segments: Optional[GradSegments] = None) -> None:
     """The update of the module docstring as one Triton kernel (CUDA, or CPU under the interpreter).
 
     p, m, v: contiguous 1-D fp32; g: the same length in fp32/bf16/fp16; lp: optional low-precision
     copy of p to write; ema: optional fp32 EMA of p[ema_range[0]:ema_range[1]] (the whole p when
     ema_range is None), updated with weight ema_weight (= 1 - decay). step: the step count after
-    this update (1 on the first). Raises TypeError/ValueError on bad inputs, before any write.
+    this update (1 on the first). segments: g is a gradient buffer read through these tables (GradSegments)
+    instead of p's gradient element for element. Raises TypeError/ValueError on bad inputs, before any write.
     """
-    lo, hi = _check(p, g, m, v, lp, ema, ema_range)
+    lo, hi = _check(p, g, m, v, lp, ema, ema_range, segments)
     reason = device_reason(p.device)
     if reason:
         raise ValueError(reason)
@@ -157,6 +229,8 @@ def adamw_step_(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float
     n = p.numel()
     if n == 0:
         return
+    if segments is not None and segments.count == 1:   # one stretch: a plain view of the buffer
+        g, segments = g[segments.host[1][0]: segments.host[1][0] + n], None
     # Under the interpreter fp32 -> bf16 casts round wrongly: write fp32 and round with torch.
     lp_buf = lp
     if lp is not None and INTERPRETED and lp.dtype != torch.float32:
@@ -165,6 +239,10 @@ def adamw_step_(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float
     _adamw_kernel[(triton.cdiv(n, BLOCK),)](
         p, g, m, v, lp_buf if lp is not None else p, ema if has_ema else p, n, lo, hi,
         decay_keep, 1.0 - beta1, beta2, 1.0 - beta2, step_size, bc2_sqrt, eps, float(ema_weight),
-        HAS_LP=lp is not None, HAS_EMA=has_ema, BLOCK=BLOCK, num_warps=4)
+        segments.seg_m if segments is not None else p, segments.seg_g if segments is not None else p,
+        segments.count if segments is not None else 0,
+        HAS_LP=lp is not None, HAS_EMA=has_ema, SEGMENTED=segments is not None,
+        LOG_SEG=max(1, (segments.count - 1).bit_length()) if segments is not None else 1,
+        ALIGNED=bool(segments is not None and segments.aligned), BLOCK=BLOCK, num_warps=4)
     if lp_buf is not None and lp_buf is not lp:
         lp.copy_(lp_buf)

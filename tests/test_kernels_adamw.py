@@ -90,3 +90,57 @@ def test_bad_inputs_raise_before_any_write(fn):
         with pytest.raises(exc, match=msg):
             fn(args["p"], args["g"], args["m"], args["v"], **{**HP, **kw})
         assert not p.any() and not m.any() and not v.any()
+
+
+def _segmented(lengths, order, gap=0, dtype=torch.bfloat16, seed=3):
+    """A gradient buffer holding p's stretches in another order (as ZeRO-2's hook order), with `gap`
+    unused elements before each; returns (buffer, GradSegments, the gradient in p's order)."""
+    from fastdit.kernels.adamw import GradSegments
+    torch.manual_seed(seed)
+    n = sum(lengths)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    offsets, pos = [0] * len(lengths), 0
+    for i in order:
+        pos += gap
+        offsets[i] = pos
+        pos += lengths[i]
+    buf = torch.randn(pos, device=DEV).to(dtype)
+    seg = GradSegments(starts, offsets, lengths, buf.numel(), DEV)
+    return buf, seg, seg.gather(buf), n
+
+
+@pytest.mark.parametrize("lengths,order,gap", [
+    ([BLOCK + 40, 3, 5, 2 * BLOCK - 8, 17], [4, 3, 2, 1, 0], 0),      # reversed, blocks over 1-3 segments
+    ([64, 64, 3 * BLOCK], [2, 0, 1], 8),                              # 8-aligned shifts: 128-bit loads
+    ([BLOCK, 1, BLOCK - 1], [1, 2, 0], 3),                            # unaligned shifts
+    ([2 * BLOCK + 5], [0], 5),                                        # one segment: a plain view
+])
+def test_segmented_gradient_equals_the_gathered_one(lengths, order, gap):
+    buf, seg, g_ordered, n = _segmented(lengths, order, gap)
+    assert seg.aligned == all((o - m) % 8 == 0 for m, o in zip(seg.host[0], seg.host[1]))
+    p0 = torch.randn(n, device=DEV)
+    want = _run(adamw_step_ref_, p0, [g_ordered] * 2, 0, n, **HP)
+    p, m, v = p0.clone(), torch.zeros(n, device=DEV), torch.zeros(n, device=DEV)
+    lp = torch.empty(n, dtype=torch.bfloat16, device=DEV)
+    ema = p0.clone()
+    for step in (1, 2):
+        adamw_step_(p, buf, m, v, step=step, lp=lp, ema=ema, ema_weight=0.1, segments=seg, **HP)
+    for name, a, b in zip(("p", "m", "v", "ema"), (p, m, v, ema), (want[0], want[1], want[2], want[4])):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=name)
+    # the reference takes the same tables
+    q, mq, vq = p0.clone(), torch.zeros(n, device=DEV), torch.zeros(n, device=DEV)
+    for step in (1, 2):
+        adamw_step_ref_(q, buf, mq, vq, step=step, segments=seg, **HP)
+    assert torch.equal(q, want[0])
+
+
+def test_segment_tables_are_checked():
+    from fastdit.kernels.adamw import GradSegments
+    with pytest.raises(ValueError, match="tile p in order"):
+        GradSegments([0, 5], [0, 10], [4, 4], 20, DEV)            # a hole in p
+    with pytest.raises(ValueError, match="inside G"):
+        GradSegments([0, 4], [0, 18], [4, 4], 20, DEV)            # past the end of G
+    seg = GradSegments([0, 4], [4, 0], [4, 4], 8, DEV)
+    with pytest.raises(ValueError, match="cover 8 elements, p has 9"):
+        adamw_step_(torch.zeros(9, device=DEV), torch.zeros(8, device=DEV), torch.zeros(9, device=DEV),
+                    torch.zeros(9, device=DEV), step=1, segments=seg, **HP)

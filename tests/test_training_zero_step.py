@@ -76,7 +76,8 @@ for stage in (1, 2):
             exp_avg=st["exp_avg"].tolist(), exp_avg_sq=st["exp_avg_sq"].tolist(),
             bf16=[p.detach().float().reshape(-1).tolist() for p in engine.module.parameters()],
             ema={k: v.reshape(-1).tolist() for k, v in ema.full_state_dict().items()},
-            fused_steps=f.fused_steps if f else 0, views=f.flat_views if f else 0, copies=f.flat_copies if f else 0)
+            fused_steps=f.fused_steps if f else 0, views=f.flat_views if f else 0, copies=f.flat_copies if f else 0,
+            segments=f.flat_segments if f else 0)
     out[stage] = runs
 _, opt = engine_for(2, clip=1.0)
 out["refused_clip"] = zero_step.install(opt)
@@ -105,7 +106,7 @@ def test_fused_step_equals_deepspeed_step_zero1_zero2_with_a_skipped_step(tmp_pa
             assert fu["why"] is None
             assert ds["applied"] == fu["applied"] == [True, True, True, False, True, True]
             # the first step is DeepSpeed's (it creates torch's AdamW state), the next four are fused
-            assert fu["fused_steps"] == 4 and fu["views"] + fu["copies"] == 4
+            assert fu["fused_steps"] == 4 and fu["views"] + fu["segments"] + fu["copies"] == 4
             for key in ("step", "master", "exp_avg", "exp_avg_sq", "bf16", "ema"):
                 assert fu[key] == ds[key], (stage, key)
             # the gradient norm from the one-pass checks (one sum of squares, one all-reduce) is DeepSpeed's
@@ -114,9 +115,9 @@ def test_fused_step_equals_deepspeed_step_zero1_zero2_with_a_skipped_step(tmp_pa
             # steps 2, 3, 5, 6 fused; the NaN step 4 is found by the one-pass check and handed to DeepSpeed
             assert sum(fu["passes"].values()) == 5, fu["passes"]
         # ZeRO-1 keeps each rank's gradient partition in parameter order: used in place, no copy; ZeRO-2's
-        # gradients fill one buffer in hook order: summed in one pass, flattened by DeepSpeed's copy
+        # gradients fill one buffer in hook order: summed in one pass and read there through segment tables
         assert res["1"]["fused"]["views"] == 4
-        assert res["2"]["fused"]["passes"]["flat"] == 5 and res["2"]["fused"]["copies"] == 4
+        assert res["2"]["fused"]["passes"]["flat"] == 5 and res["2"]["fused"]["segments"] == 4
         assert "clipping" in res["refused_clip"]
         assert "bf16 training" in res["refused_fp32"]
         assert "ZeRO-1/2" in res["refused_torch"]

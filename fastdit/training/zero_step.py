@@ -123,6 +123,8 @@ class FusedZeroStep:
         self.ema_updated = False        # whether the last step() also updated the EMA (all of it)
         self.flat_views = 0             # groups whose gradient partition was used as a view (no copy)
         self.flat_copies = 0            # groups flattened by DeepSpeed's copy
+        self.flat_segments = 0          # groups read in place from a buffer in another order (segment tables)
+        self._segment_cache = {}        # group -> (layout signature, GradSegments)
         self.norm_passes = {"flat": 0, "per-tensor": 0}   # how the one-pass checks summed the squares
         from deepspeed.runtime.constants import PIPE_REPLICATED
         from deepspeed.runtime.utils import is_model_parallel_parameter
@@ -140,6 +142,29 @@ class FusedZeroStep:
         state_step.add_(1)
         self._steps[i] = (state_step, count + 1)
         return count + 1
+
+    def _segments(self, i: int, grads, size: int, device):
+        """(buffer, GradSegments) when the group's gradient tensors (in partition order) fill one buffer
+        exactly in some other order, e.g. ZeRO-2's, which holds them in the order the backward hooks
+        fired: the kernel reads them there instead of from a concatenated copy. Else (None, None)."""
+        from fastdit.kernels.adamw import GradSegments
+
+        grads = [t for t in grads if t is not None]
+        if not grads or any(getattr(t, "_zero_padding", False) for t in grads):
+            return None, None
+        buf = _tiled_view(grads)
+        if buf is None or buf.numel() != size:
+            return None, None
+        base = buf.storage_offset()
+        lengths = [t.numel() for t in grads]
+        offsets = [t.storage_offset() - base for t in grads]
+        key = (buf.untyped_storage().data_ptr(), base, tuple(offsets), tuple(lengths))
+        cached = self._segment_cache.get(i)
+        if cached is None or cached[0] != key:      # the layout is fixed across steps: built once
+            starts = [sum(lengths[:k]) for k in range(len(lengths))]
+            cached = (key, GradSegments(starts, offsets, lengths, buf.numel(), device))
+            self._segment_cache[i] = cached
+        return buf, cached[1]
 
     def _ready(self) -> bool:
         base = self.optimizer.optimizer
@@ -224,13 +249,18 @@ class FusedZeroStep:
         done = []
         for i in range(len(opt.bit16_groups)):
             partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
+            master = opt.single_partition_of_fp32_groups[i]
             opt.free_grad_in_param_list(opt.params_not_in_partition[i])
             size = int(opt.partition_size[i])
             grad = opt._get_preflattened_grad_partition(i) if hasattr(opt, "_get_preflattened_grad_partition") \
                 else None
+            segments = None
             if grad is None:
                 grad = _flat_view(opt.averaged_gradients[i], size)
                 self.flat_views += grad is not None
+            if grad is None:
+                grad, segments = self._segments(i, opt.averaged_gradients[i], size, master.device)
+                self.flat_segments += grad is not None
             if grad is None:                        # DeepSpeed's own flatten (a copy)
                 self.flat_copies += 1
                 if partition_id == dist.get_world_size(group=opt.real_dp_process_group[i]) - 1:
@@ -244,7 +274,6 @@ class FusedZeroStep:
             if hasattr(opt, "all_grad_tensors"):
                 opt.all_grad_tensors[i] = None
 
-            master = opt.single_partition_of_fp32_groups[i]
             group = base.param_groups[i]
             state = base.state[group["params"][0]]
             step = self._next_step(i, state["step"])
@@ -257,7 +286,7 @@ class FusedZeroStep:
                           lp=opt.parallel_partitioned_bit16_groups[i][partition_id],
                           ema=seg[1] if seg else None,
                           ema_weight=1.0 - self.ema.decay if seg else 0.0,
-                          ema_range=seg[2:] if seg else None)
+                          ema_range=seg[2:] if seg else None, segments=segments)
             _update(master, grad, state["exp_avg"], state["exp_avg_sq"], **kwargs)
             del grad
 
