@@ -9,11 +9,12 @@ what it cost on one H100 for DiT-XL/2 (675M parameters; trace of commit 5843182,
     copy the fp32 masters into the bf16 parameter partition                   1.3 ms
     (then, in the training loop, the EMA reads the fp32 masters again)        3.0 ms
 
-`install(optimizer, ema)` replaces `step` on one optimizer instance by a version that, per group, takes
-the bf16 gradient partition as a view when its tensors already lie end to end in one buffer (ZeRO-2's
-contiguous gradients; otherwise DeepSpeed's own flatten), and runs one kernel
-(`fastdit.kernels.adamw.adamw_step_`: read g bf16, p/m/v fp32; write p/m/v, the bf16 parameter and the
-EMA) - predicted ~8.5 ms instead of the ~15 ms above at ~2.9 TB/s. Everything else is DeepSpeed's, in
+`install(optimizer, ema)` replaces `step` on one optimizer instance by a version that, per group, reads the
+bf16 gradient partition where it is: as a view when its tensors lie end to end in parameter order (ZeRO-1),
+through segment tables when they fill one buffer in another order (ZeRO-2: the order the backward hooks
+fired), else from DeepSpeed's own flatten; and runs one kernel (`fastdit.kernels.adamw.adamw_step_`: read
+g bf16, p/m/v fp32; write p/m/v, the bf16 parameter and the EMA) - predicted ~9 ms instead of the ~15 ms
+above. Everything else is DeepSpeed's, in
 DeepSpeed's order: the overflow check and the gradient norm (the multi-tensor ones of zero_checks when
 installed), the loss-scale update, freeing the gradients, the all-gather of the updated partitions and
 the re-pointing of the model's parameters.
