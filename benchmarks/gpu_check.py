@@ -17,6 +17,9 @@ that would not get its minimum time is skipped and says so. Stages, most importa
   train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
   compile     benchmarks/throughput.py rows deepspeed+compile (train.compile), fused+compile and compile
               (compilation takes minutes)
+  profile     benchmarks/step_profile.py on configs/xl2_zero2.json with train.fused_optimizer_step: the
+              phases of the engine's step (data, forward, backward, optimizer, EMA) and kernel time by
+              category, with a Chrome trace (step_profile/)
   gpu_tests   every other test marked `gpu` (the deepspeed row, the step profiler, a small throughput run);
               last, as the least needed: on an H100 the stages above take ~7 minutes (estimated from
               their measured parts), so the default budget usually leaves this one out and says so
@@ -71,7 +74,8 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
-STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "train", "compile", "gpu_tests")
+STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "train", "compile", "profile",
+          "gpu_tests")
 # deepspeed+compile first: the one row not measured before (compile and fused+compile were, at 864d10f); a
 # deadline that cuts the stage cuts the last row
 COMPILE_ROWS = ("deepspeed+compile", "fused+compile", "compile")
@@ -348,6 +352,14 @@ def summarize_attention(out: str, st: Stage) -> str:
     return "fwd+bwd ms (packed): " + ", ".join(f"{n} {ms:.2f}" for ms, n in packed[:4])
 
 
+def summarize_profile(folder: str, st: Stage) -> str:
+    """The step profiler's phase medians (ms) and step time from its profile.json."""
+    d = _load(os.path.join(folder, "profile.json"))
+    phases = d["phases"]["median_ms"]
+    st.detail = dict(phases_ms=phases, step=d.get("step"))
+    return "ms/step by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+
+
 def summarize_train(run_dir: str, out: str, skip_windows: int, st: Stage) -> str:
     """img/s of the run's metrics.jsonl (copied into `out`), then the run folder (checkpoint) is deleted."""
     src = os.path.join(run_dir, "metrics.jsonl")
@@ -463,6 +475,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         kern = ["--smoke"]
         att = ["--smoke"]
         train_cfg = ["--config", "configs/digits.json", "--set", "train.max_steps=4", "--set", "train.log_every=1"]
+        prof = ["--smoke"]
         skip_windows = 1
     else:
         test_sel = list(GPU_TEST_FILES) + (["-n", "4"] if xdist else [])  # H100: 65 s with 4 workers, 93 with 8
@@ -480,6 +493,9 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
                      "--set", "train.max_steps=16", "--set", "train.log_every=2",
                      "--set", f"deepspeed.train_micro_batch_size_per_gpu={batch}",
                      "--set", f"deepspeed.train_batch_size={batch}"]
+        prof = ["--config", "configs/xl2_zero2.json", "--set", f"deepspeed.train_micro_batch_size_per_gpu={batch}",
+                "--set", f"deepspeed.train_batch_size={batch}", "--set", "train.fused_optimizer_step=true",
+                "--trace-steps", "1"]
         skip_windows = 2  # the first two windows hold the warm-up (allocator, cuDNN/Triton autotuning)
     if a.rows:
         fast_rows = [r.strip() for r in a.rows.split(",") if r.strip()]
@@ -511,6 +527,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         Stage("compile", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(compile_rows),
                            "--json", j("throughput_compile.json")]], 240, 60,
               lambda s: summarize_throughput(j("throughput_compile.json"), s)),
+        Stage("profile", [[py, "benchmarks/step_profile.py", *prof, "--out", j("step_profile")]], 100, 30,
+              lambda s: summarize_profile(j("step_profile"), s), protected=False),
         Stage("gpu_tests", [pytest + ["tests", "-m", "gpu", *[f"--ignore={f}" for f in GPU_TEST_FILES],
                                       "--junitxml", gm_xml]],
               150, 20, lambda s: summarize_tests([gm_xml], s), ok_codes=(0, 5),  # 5: no test selected

@@ -30,6 +30,8 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     assert st["train"]["detail"]["img_per_s_median"] > 0
     assert all(v["img_per_s"] > 0 for v in st["throughput"]["detail"].values())
     assert st["attention"]["detail"]["fastest_packed"]
+    assert set(st["profile"]["detail"]["phases_ms"]) >= {"forward", "backward", "optimizer"}
+    assert (out / "step_profile" / "profile.json").is_file()
     for name in ("env.json", "parity.json", "throughput.json", "throughput_compile.json", "kernels.json",
                  "kernels.png", "attention.json", "train_metrics.jsonl", "README.md", "log.txt"):
         assert (out / name).is_file(), name
@@ -62,6 +64,9 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "benchmarks/attention.py --batch 128" in by["attention"][0]
     assert "configs/xl2_zero2.json" in by["train"][0] and "train_micro_batch_size_per_gpu=128" in by["train"][0]
     assert "-m gpu" in by["gpu_tests"][0] and "--ignore=tests/test_models_dit.py" in by["gpu_tests"][0]
+    assert "benchmarks/step_profile.py --config configs/xl2_zero2.json" in by["profile"][0]
+    assert "train.fused_optimizer_step=true" in by["profile"][0] and "train_batch_size=128" in by["profile"][0]
+    assert "deepspeed+fused-step" in by["throughput"][0] and "fused+mlp-fold" in by["throughput"][0]
     for path in gc.GPU_TEST_FILES:  # the files the GPU stages name exist
         assert os.path.isfile(os.path.join(ROOT, path)), path
     rows = gc.build_stages(gc.parse_args(["--rows", "fused,deepspeed"]), str(tmp_path), 64, sys.executable,
