@@ -234,7 +234,8 @@ def row_tile(d: int) -> Tuple[int, int, int]:
     one register tile; BLOCK_T rows share one load of the (N, D) modulation vectors and bring the
     tile to ~4096 elements (16 values per thread at 8 warps; 16 warps for 8192-wide rows).
     Compiled for sm_90 with the JIT's specialisation (unit stride along D), these tiles give
-    128-bit loads and no register spills up to D = 8192 (checked by _sm90_check.py).
+    128-bit row-tile accesses and no register spills up to D = 8192 (checked by _sm90_check.py;
+    at D = 384 the (N, D) vectors are 2 elements per thread, so they load 4 bytes at a time).
     """
     block_d = triton.next_power_of_2(d)
     block_t = max(1, min(16, 4096 // block_d))
@@ -244,17 +245,18 @@ def row_tile(d: int) -> Tuple[int, int, int]:
 
 
 def token_tiles(n: int, t: int, block_t: int, device: torch.device,
-                tokens_per_tile: Optional[int] = None) -> Tuple[int, int, int]:
+                tokens_per_tile: Optional[int] = None, sms: Optional[int] = None) -> Tuple[int, int, int]:
     """Split each sample's T tokens into tiles for a backward kernel with per-tile partial sums.
 
     Returns (tokens_per_tile, n_iters, n_tiles): each program loops n_iters times over BLOCK_T rows
-    of one sample, so tokens_per_tile = n_iters * block_t. By default aims at ~4 programs per SM.
+    of one sample, so tokens_per_tile = n_iters * block_t. By default aims at ~4 programs per SM
+    (`sms` of them, else those of `device`; _sm90_check.py passes an H100's count).
     With no tokens (t = 0) there are no tiles: (block_t, 1, 0), and the launchers skip the kernel.
     """
     if t <= 0:
         return block_t, 1, 0
     if tokens_per_tile is None:
-        want_tiles = max(1, triton.cdiv(4 * num_sms(device), max(n, 1)))
+        want_tiles = max(1, triton.cdiv(4 * (sms or num_sms(device)), max(n, 1)))
         want_tiles = min(want_tiles, triton.cdiv(t, block_t))
         n_iters = triton.cdiv(triton.cdiv(t, want_tiles), block_t)
     else:

@@ -8,10 +8,17 @@ arguments specialised as the JIT specialises them at run time (integer arguments
 become constants, multiples of 16 and pointers get the divisibility-16 hint), and reads the
 registers / stack (spill) bytes of each cubin with the cuobjdump bundled with triton.
 
+It also reports the width of every global load and store (static instruction counts, not
+executions): from the PTX, with each access traced back to the pointer argument its address is
+computed from, and from the SASS (cuobjdump -sass) as the final word on what ptxas emitted. A row
+tile is meant to move 16 bytes (128 bits) per access; per-row scalars (the fp32 MEAN / RSTD of
+the LayerNorm rows) are narrower by nature. A narrow access to anything else is reported (the
+`bulk_128bit` flag and the `narrow_bulk` list), not failed: it costs bandwidth, not correctness.
+
 Run in a process where TRITON_INTERPRET is unset:
     python -m fastdit.kernels._sm90_check [--json PATH]
-Exit status: 0 all compiled without spills; 1 a kernel failed to compile or spills;
-3 the NVIDIA toolchain of this triton install is unavailable (nothing was checked).
+Exit status (access widths never change it): 0 all compiled without spills; 1 a kernel failed to
+compile or spills; 3 the NVIDIA toolchain of this triton install is unavailable (nothing checked).
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, row_tile
+from ._common import INTERPRETED, row_tile, token_tiles
 
 # The op modules by their own names (the package exports functions of the same names).
 gr = importlib.import_module(".gated_residual", __package__)
@@ -36,6 +43,7 @@ ml = importlib.import_module(".modulate_layernorm", __package__)
 pe = importlib.import_module(".patch_embed", __package__)
 
 TARGET_ARCH = 90
+H100_SMS = 132
 
 _ROW_PTRS = dict.fromkeys(["X", "Y", "GATE", "SHIFT", "SCALE", "RES", "OUT", "DOUT", "XN", "DRES",
                            "DX", "DY"], "*bf16")
@@ -43,13 +51,19 @@ _ROW_PTRS.update(dict.fromkeys(["MEAN", "RSTD", "DSHIFT_PART", "DSCALE_PART", "D
 
 
 def _row_args(n: int, t: int, d: int) -> dict:
-    """Argument values of the row kernels for contiguous bf16 (N, T, D) rows, (N, 6D) chunks."""
+    """Argument values of the row kernels for contiguous bf16 (N, T, D) rows, (N, 6D) chunks.
+
+    The backward's token tiling is the launchers' for N samples on an H100 (132 SMs): at N = 32 its
+    integers are multiples of 16 (the JIT marks them so), at N = 128 / 256 they are not.
+    """
     v = dict(_ROW_PTRS)
     for s in "xyorn":
         v.update({f"stride_{s}n": t * d, f"stride_{s}t": d, f"stride_{s}d": 1})
     for s in "gsc":
         v.update({f"stride_{s}n": 6 * d, f"stride_{s}d": 1})
-    v.update(T=t, D=d, eps=1e-6, n_tiles=16, tokens_per_tile=16, n_iters=8)
+    tokens_per_tile, n_iters, n_tiles = token_tiles(n, t, row_tile(d)[0], torch.device("cpu"),
+                                                    sms=H100_SMS)
+    v.update(T=t, D=d, eps=1e-6, n_tiles=n_tiles, tokens_per_tile=tokens_per_tile, n_iters=n_iters)
     return v
 
 
@@ -79,6 +93,15 @@ def cases():
                     dict(BLOCK_T=bt, BLOCK_D=bd), nw))
         out.append((f"gated_residual_bwd D={d}", gr._gated_residual_bwd_kernel, args,
                     dict(BLOCK_T=bt, BLOCK_D=bd), nw))
+    # DiT-XL/2 training batches: the backward's tiling integers lose the divisibility-16 hint.
+    d = 1152
+    bt, bd, nw = row_tile(d)
+    args = _row_args(256, 256, d)
+    for res in (False, True):
+        out.append((f"modln_bwd D={d} residual={res} N=256", ml._modln_bwd_kernel, args,
+                    dict(HAS_RESIDUAL=res, HAS_DRES=res, BLOCK_T=bt, BLOCK_D=bd), nw))
+    out.append((f"gated_residual_bwd D={d} N=256", gr._gated_residual_bwd_kernel, args,
+                dict(BLOCK_T=bt, BLOCK_D=bd), nw))
     for p in (2, 4, 8):
         d, c = 1152, 4
         k = c * p * p
@@ -103,10 +126,8 @@ def cases():
     return out
 
 
-def compile_sm90(fn, values: dict, constexprs: dict, num_warps: int):
-    """Compile `fn` for sm_90 with run-time-like specialisation; return the compiled kernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _specialise(fn, values: dict, constexprs: dict):
+    """(signature, constants, attributes) as the JIT would build them for these argument values."""
     sig, consts, attrs = {}, dict(constexprs), {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -125,25 +146,187 @@ def compile_sm90(fn, values: dict, constexprs: dict, num_warps: int):
             sig[name] = "i32"
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def runtime_arg_names(fn, values: dict, constexprs: dict):
+    """The arguments that stay kernel parameters (in PTX order): constexprs and 1s are folded in."""
+    sig, _, _ = _specialise(fn, values, constexprs)
+    return [name for name in fn.arg_names if sig[name] != "constexpr"]
+
+
+def compile_sm90(fn, values: dict, constexprs: dict, num_warps: int):
+    """Compile `fn` for sm_90 with run-time-like specialisation; return the compiled kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig, consts, attrs = _specialise(fn, values, constexprs)
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", TARGET_ARCH, 32),
                           options={"num_warps": num_warps})
 
 
-def resource_usage(cubin: bytes):
-    """(registers, stack bytes) of a cubin, read with triton's bundled cuobjdump; None if absent."""
+def _cuobjdump(cubin: bytes, flag: str):
+    """stdout of triton's bundled `cuobjdump <flag>` on a cubin; None if the tool is absent."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.isfile(tool):
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                             text=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
-    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+
+
+def resource_usage(cubin: bytes):
+    """(registers, stack bytes) of a cubin, read with triton's bundled cuobjdump; None if absent."""
+    out = _cuobjdump(cubin, "--dump-resource-usage")
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out or "")
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Global memory access widths
+# ----------------------------------------------------------------------------------------------
+# Pointers whose accesses are one fp32 per token row: narrow by nature, never a row tile.
+ROW_SCALARS = frozenset({"MEAN", "RSTD"})
+
+_PTX_PARAM = re.compile(r"\.param\s+\.\w+(\s+\.ptr)?[^,)\n]*?_param_(\d+)")
+_PTX_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)\s+([^;]*);")
+# Pipelined GEMM loops load their operands global -> shared with cp.async (4, 8 or 16 bytes).
+_PTX_CP_ASYNC = re.compile(r"\bcp\.async\.\w+\.shared\.global\s+\[[^\]]*\]\s*,\s*\[\s*(%rd\d+)[^\]]*\]"
+                           r"\s*,\s*(0x[0-9a-fA-F]+|\d+)")
+# An instruction writing a 64-bit register (addresses live in %rd registers): opcode, dest, operands.
+_PTX_DEF64 = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.:]*)\s+(%rd\d+)\s*,\s*([^;]*);", re.M)
+# LDGSTS is cp.async; LDGDEPBAR (its barrier) moves no data and is not matched.
+_SASS_ACCESS = re.compile(r"\b(LDGSTS|LDG|STG)(?![A-Z])((?:\.[A-Z0-9_]+)*)")
+_SASS_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def _ptx_bytes(modifiers: str) -> int:
+    """Bytes moved by one PTX ld/st from its modifiers, e.g. '.v4.b32' -> 16, '.b16' -> 2."""
+    vec, bits = 1, 0
+    for m in modifiers.split(".")[1:]:
+        if re.fullmatch(r"v\d+", m):
+            vec = int(m[1:])
+        elif re.fullmatch(r"[bsuf]\d+", m):
+            bits = int(m[1:])
+    return vec * bits // 8
+
+
+def _pointer_params(reg: str, defs: dict, pointer_params: set) -> set:
+    """Indices of the pointer parameters an address register is computed from (all its defs)."""
+    seen, todo, found = set(), [reg], set()
+    while todo:
+        r = todo.pop()
+        if r in seen:
+            continue
+        seen.add(r)
+        for op, operands in defs.get(r, ()):
+            m = re.search(r"_param_(\d+)\]", operands)
+            if op.startswith("ld.param") and m and int(m.group(1)) in pointer_params:
+                found.add(int(m.group(1)))
+            todo.extend(re.findall(r"%rd\d+", operands))
+    return found
+
+
+def ptx_accesses(ptx: str, arg_names) -> list:
+    """(kind 'ld'/'st', bytes, pointer argument) of each global access in the PTX (cp.async: 'ld').
+
+    The pointer is the kernel argument the address register traces back to through the 64-bit
+    arithmetic; '?' when it traces to none, names joined by '+' when to several.
+    """
+    pointer_params = {int(i) for ptr, i in _PTX_PARAM.findall(ptx) if ptr}
+    defs = {}
+    for op, dest, operands in _PTX_DEF64.findall(ptx):
+        defs.setdefault(dest, []).append((op, operands))
+    found = []
+    for kind, modifiers, operands in _PTX_ACCESS.findall(ptx):
+        addr = re.search(r"\[\s*(%rd\d+)", operands)
+        found.append((kind, _ptx_bytes(modifiers), addr.group(1) if addr else None))
+    for addr, size in _PTX_CP_ASYNC.findall(ptx):
+        found.append(("ld", int(size, 0), addr))
+    out = []
+    for kind, size, addr in found:
+        params = _pointer_params(addr, defs, pointer_params) if addr else set()
+        names = sorted(arg_names[i] if i < len(arg_names) else f"param_{i}" for i in params)
+        out.append((kind, size, "+".join(names) or "?"))
+    return out
+
+
+def sass_widths(cubin: bytes):
+    """{'ld': {bytes: count}, 'st': {...}} of the LDG / STG instructions; None without cuobjdump."""
+    sass = _cuobjdump(cubin, "-sass")
+    if sass is None:
+        return None
+    out = {"ld": {}, "st": {}}
+    for op, modifiers in _SASS_ACCESS.findall(sass):
+        size = next((_SASS_BYTES[m] for m in modifiers.split(".") if m in _SASS_BYTES), 4)
+        hist = out["st" if op == "STG" else "ld"]
+        hist[size] = hist.get(size, 0) + 1
+    return out
+
+
+def _histogram(accesses, kind: str) -> dict:
+    """{bytes: count} of the accesses of one kind, widest first (JSON keys are strings)."""
+    hist = {}
+    for k, size, _ in accesses:
+        if k == kind:
+            hist[size] = hist.get(size, 0) + 1
+    return {str(b): hist[b] for b in sorted(hist, reverse=True)}
+
+
+def access_report(kernel, arg_names) -> dict:
+    """The access-width fields of a row: PTX and SASS histograms, per-pointer widths, 128-bit flag.
+
+    `accesses` maps 'ld X' / 'st OUT' to {bytes: count}; `narrow_bulk` lists the accesses under
+    16 bytes to pointers other than ROW_SCALARS; `bulk_128bit` is True when there are none;
+    `vector_loads` counts the 16-byte loads.
+    """
+    acc = ptx_accesses(kernel.asm["ptx"], arg_names)
+    per_ptr = {}
+    for kind, size, ptr in acc:
+        hist = per_ptr.setdefault(f"{kind} {ptr}", {})
+        hist[str(size)] = hist.get(str(size), 0) + 1
+    narrow = sorted({f"{kind} {ptr} {size}B" for kind, size, ptr in acc
+                     if size < 16 and not set(ptr.split("+")) <= ROW_SCALARS})
+    sass = sass_widths(kernel.asm["cubin"])
+    row = dict(load_bytes=_histogram(acc, "ld"), store_bytes=_histogram(acc, "st"), accesses=per_ptr,
+               narrow_bulk=narrow, bulk_128bit=not narrow,
+               vector_loads=sum(1 for k, size, _ in acc if k == "ld" and size == 16))
+    if sass is not None:
+        row["sass_load_bytes"] = {str(b): sass["ld"][b] for b in sorted(sass["ld"], reverse=True)}
+        row["sass_store_bytes"] = {str(b): sass["st"][b] for b in sorted(sass["st"], reverse=True)}
+        # Counts may differ (ptxas can unroll loops or drop predicated copies); widths should not.
+        row["sass_widths_match_ptx"] = (set(row["sass_load_bytes"]) == set(row["load_bytes"]) and
+                                        set(row["sass_store_bytes"]) == set(row["store_bytes"]))
+    return row
+
+
+def _widths(hist: dict) -> str:
+    return " ".join(f"{b}Bx{n}" for b, n in hist.items()) or "-"
+
+
+def format_row(row: dict) -> str:
+    """One kernel as text: resources, load / store widths (PTX), the 128-bit verdict, what is narrow."""
+    if "error" in row:
+        return f"{row['kernel']:38s} FAILED {row['error']}"
+    if "access_error" in row:
+        return (f"{row['kernel']:38s} warps {row['num_warps']:2d}  regs {row['registers']}  "
+                f"spill {row['stack_bytes']}  access widths not read: {row['access_error']}")
+    line = (f"{row['kernel']:38s} warps {row['num_warps']:2d}  regs {row['registers']}  "
+            f"spill {row['stack_bytes']}  ld {_widths(row['load_bytes'])}  "
+            f"st {_widths(row['store_bytes'])}  bulk 128-bit: {'yes' if row['bulk_128bit'] else 'no'}")
+    if row["narrow_bulk"]:
+        line += "\n    narrow bulk: " + ", ".join(row["narrow_bulk"])
+    scalars = sorted(k for k in row["accesses"] if set(k.split()[1].split("+")) <= ROW_SCALARS)
+    if scalars:
+        line += "\n    row scalars: " + ", ".join(
+            f"{k} {_widths(row['accesses'][k])}" for k in scalars)
+    if row.get("sass_widths_match_ptx") is False:
+        line += (f"\n    SASS widths differ: ld {_widths(row['sass_load_bytes'])}  "
+                 f"st {_widths(row['sass_store_bytes'])}")
+    return line
 
 
 @triton.jit
@@ -171,13 +354,17 @@ def main(argv=None) -> int:
             usage = resource_usage(kernel.asm["cubin"])
             regs, stack = usage if usage else (None, None)
             ok = stack in (None, 0)
-            row = dict(kernel=label, num_warps=nw, registers=regs, stack_bytes=stack, ok=ok,
-                       vector_loads=len(re.findall(r"ld\.global[^;]*\.v4", kernel.asm["ptx"])))
+            row = dict(kernel=label, num_warps=nw, registers=regs, stack_bytes=stack, ok=ok)
         except Exception as e:  # noqa: BLE001 - report every failing kernel, then fail
             row = dict(kernel=label, num_warps=nw, error=repr(e)[:500], ok=False)
+        else:
+            try:
+                row.update(access_report(kernel, runtime_arg_names(fn, values, consts)))
+            except Exception as e:  # noqa: BLE001 - a report: never fails the run
+                row["access_error"] = repr(e)[:500]
         failed |= not row["ok"]
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(format_row(row), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(arch=f"sm_{TARGET_ARCH}", triton=triton.__version__, rows=rows), f, indent=1)

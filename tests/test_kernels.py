@@ -595,6 +595,21 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert len(rows) >= 25 and all(r["ok"] for r in rows)
     # Row kernels read D-contiguous rows with 128-bit loads once the JIT specialises stride 1.
     assert all(r["vector_loads"] > 0 for r in rows if not r["kernel"].startswith("patch_embed_d"))
+    # Every global access is reported by width and by the pointer argument it goes through.
+    for r in rows:
+        assert {"load_bytes", "store_bytes", "accesses", "narrow_bulk", "bulk_128bit"} <= set(r)
+        assert "?" not in " ".join(r["accesses"]), r["accesses"]
+    by_label = {r["kernel"]: r for r in rows}
+    # DiT-XL (D = 1152, bf16, contiguous rows, (N, 6D) adaLN chunks): the row tiles and the
+    # modulation vectors move 16 bytes per access, at N = 32 and at N = 256.
+    for res in (False, True):
+        acc = by_label[f"modln_fwd D=1152 residual={res}"]["accesses"]
+        keys = ["ld X", "st OUT", "ld SHIFT", "ld SCALE"] + (["ld Y", "ld GATE", "st RES"] if res else [])
+        for key in keys:
+            assert set(acc[key]) == {"16"}, (key, acc[key])
+    xl_rows = [r for r in rows if "D=1152" in r["kernel"]]
+    assert len(xl_rows) >= 9
+    assert all(r["bulk_128bit"] for r in xl_rows), [(r["kernel"], r["narrow_bulk"]) for r in xl_rows]
 
 
 # ----------------------------------------------------------------------------------------------
