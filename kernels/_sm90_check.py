@@ -41,6 +41,8 @@ from ._common import INTERPRETED, row_tile, token_tiles
 gr = importlib.import_module(".gated_residual", __package__)
 ml = importlib.import_module(".modulate_layernorm", __package__)
 pe = importlib.import_module(".patch_embed", __package__)
+aw = importlib.import_module(".adamw", __package__)
+ge = importlib.import_module(".gelu", __package__)
 
 TARGET_ARCH = 90
 H100_SMS = 132
@@ -117,6 +119,24 @@ def cases():
         out.append((f"patch_embed_dx p={p}", pe._patch_embed_dx_kernel, args,
                     dict(P=p, UPCAST=False, DOT_PRECISION="tf32",
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), pe.NUM_WARPS))
+    # The optimizer step (train.fused_optimizer_step) over DiT-XL/2's 675M-element partition, contiguous
+    # gradient and gradient read through ZeRO-2's segment tables.
+    n = 675_129_632
+    args = dict(P="*fp32", G="*bf16", M="*fp32", V="*fp32", LP="*bf16", E="*fp32", n=n, ema_lo=0, ema_hi=n,
+                decay_keep=1.0, beta1_c=0.1, beta2=0.999, beta2_c=0.001, step_size=1e-4, bc2_sqrt=0.5,
+                eps=1e-8, ema_w=1e-4, SEG_M="*i64", SEG_G="*i64", n_seg=290)
+    for segmented in (False, True):
+        out.append((f"adamw segmented={segmented}", aw._adamw_kernel, args,
+                    dict(HAS_LP=True, HAS_EMA=True, SEGMENTED=segmented, LOG_SEG=9, ALIGNED=segmented,
+                         BLOCK=aw.BLOCK), 4))
+    # GELU backward + fc1 bias gradient (mlp="fold"), DiT-XL/2 batch 128: (32768, 4608) bf16.
+    m, c = 128 * 256, 4 * 1152
+    rows, n_iters, _ = ge._tiles(m, c, torch.device("cpu"), None, 32, 128, sms=H100_SMS)
+    args = dict(Z="*bf16", stride_zm=c, stride_zc=1, DG="*bf16", stride_gm=c, stride_gc=1, DZ="*bf16",
+                G="*bf16", DB_PART="*fp32", M=m, C=c, rows_per_tile=rows, n_iters=n_iters)
+    for write_g in (False, True):
+        out.append((f"gelu_bwd write_g={write_g}", ge._gelu_bwd_kernel, args,
+                    dict(WRITE_G=write_g, BLOCK_M=32, BLOCK_C=128), 4))
     # fp32 GEMMs (IEEE products) once, at p = 2.
     args = {k_: ("*fp32" if isinstance(v, str) else v) for k_, v in _pe_args(32, 4, 32, 1152, 2).items()}
     bm, bn, bk = pe.fwd_blocks(1152, 16, torch.float32)

@@ -74,13 +74,15 @@ def _gelu_bwd_kernel(
     tl.store(DB_PART + row_tile * C + c, acc, mask=c_ok)
 
 
-def _tiles(m: int, c: int, device: torch.device, rows_per_tile: Optional[int], block_m: int, block_c: int):
-    """(rows_per_tile, n_iters, n_row_tiles): about 4 programs per SM over the (column, row) tile grid."""
+def _tiles(m: int, c: int, device: torch.device, rows_per_tile: Optional[int], block_m: int, block_c: int,
+           sms: Optional[int] = None):
+    """(rows_per_tile, n_iters, n_row_tiles): about 4 programs per SM over the (column, row) tile grid
+    (`sms` overrides the device's count, for the offline sm_90 check)."""
     if m <= 0:
         return block_m, 1, 0                     # no rows: no programs (the launcher skips the kernel)
     col_tiles = triton.cdiv(max(c, 1), block_c)
     if rows_per_tile is None:
-        want = max(1, triton.cdiv(4 * num_sms(device), col_tiles))
+        want = max(1, triton.cdiv(4 * (sms or num_sms(device)), col_tiles))
         want = min(want, triton.cdiv(m, block_m))
         n_iters = triton.cdiv(triton.cdiv(m, want), block_m)
     else:
