@@ -57,6 +57,20 @@ def test_smoke_phases(smoke):
         assert f"  {name} " in smoke["stdout"]
 
 
+def test_smoke_with_the_fused_optimizer_step(tmp_path):
+    """bf16 with train.fused_optimizer_step: the EMA is updated inside the optimizer phase (no ema phase)."""
+    out = tmp_path / "fused"
+    proc = subprocess.run([sys.executable, "benchmarks/step_profile.py", "--smoke", "--out", str(out),
+                           "--set", "deepspeed.bf16.enabled=true", "--set", "deepspeed.gradient_clipping=0.0",
+                           "--set", "train.fused_optimizer_step=true"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train.fused_optimizer_step: AdamW, the bf16 parameter copy and the EMA in one pass" in proc.stdout
+    s = json.loads((out / "profile.json").read_text())
+    assert list(s["phases"]["median_ms"]) == [p for p in PHASES if p != "ema"]
+    assert s["run"]["bf16"] is True and s["run"]["fused_optimizer_step"] is True
+
+
 def test_smoke_categories_and_trace(smoke):
     tr = smoke["summary"]["trace"]
     assert tr["trace_steps"] == [6] and tr["steps"] == 1 and "CPU ops" in tr["source"]
