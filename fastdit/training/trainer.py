@@ -434,13 +434,18 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
         why = zero_checks.install(engine.optimizer)
         if why:
             say(f"train.fused_grad_checks: DeepSpeed's own gradient checks kept: {why}")
-    ema = ShardedEMA(engine.module, cfg.train.ema_decay, one_pass=cfg.train.ema_one_pass,
-                     flat=cfg.train.fused_optimizer_step)
+    ema = None
     if cfg.train.fused_optimizer_step:
         from fastdit.training import zero_step
+        # the fused step updates the EMA through flat buffers over DeepSpeed's fp32 partition
+        ema = ShardedEMA(engine.module, cfg.train.ema_decay, one_pass=cfg.train.ema_one_pass, flat=True)
         why = zero_step.install(engine.optimizer, ema)
         say(f"train.fused_optimizer_step: DeepSpeed's own optimizer step kept: {why}" if why else
             "train.fused_optimizer_step: AdamW, the bf16 parameter copy and the EMA in one pass from step 2")
+        if why:
+            ema = None                      # DeepSpeed's step: the per-piece EMA, as without the switch
+    if ema is None:
+        ema = ShardedEMA(engine.module, cfg.train.ema_decay, one_pass=cfg.train.ema_one_pass)
     diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
                                  noise_schedule=cfg.diffusion.noise_schedule,
                                  learn_sigma=cfg.model.learn_sigma,

@@ -197,11 +197,11 @@ class FusedZeroStep:
                              and not getattr(t, "_zero_padding", False))    # padding: zeros
         device = opt.single_partition_of_fp32_groups[0].device
         tiled = _tiled_view(grads)
+        from fastdit.training.zero_checks import _sum_of_squares
         if tiled is not None:                       # one reduction over the buffer the gradients fill
             self.norm_passes["flat"] += 1
-            total = torch.linalg.vector_norm(tiled, 2, dtype=torch.float32).square()
+            total = _sum_of_squares([tiled], device)   # the multi-tensor norm: bf16 read, fp32 accumulated
         else:
-            from fastdit.training.zero_checks import _sum_of_squares
             self.norm_passes["per-tensor"] += 1
             total = _sum_of_squares(grads, device)
         total = total.reshape(1)
