@@ -244,6 +244,31 @@ def row_tile(d: int) -> Tuple[int, int, int]:
     return block_t, block_d, num_warps
 
 
+# Values a `num_warps` override may take: what Triton compiles (a power of two, at most 32 warps).
+NUM_WARPS_CHOICES = (1, 2, 4, 8, 16, 32)
+
+
+def check_num_warps(num_warps) -> None:
+    """Raise ValueError unless `num_warps` is None or a power of two in 1..32 (an int, not a bool)."""
+    if num_warps is None:
+        return
+    if isinstance(num_warps, bool) or not isinstance(num_warps, int) or num_warps not in NUM_WARPS_CHOICES:
+        raise ValueError(f"num_warps must be None (the row_tile heuristic) or a power of two in 1..32, "
+                         f"got {num_warps!r}")
+
+
+def launch_tile(d: int, block_t: Optional[int] = None,
+                num_warps: Optional[int] = None) -> Tuple[int, int, int]:
+    """row_tile(d) with a launcher's overrides applied: (BLOCK_T, BLOCK_D, num_warps).
+
+    None (or 0 for block_t, as before) keeps row_tile's choice; num_warps is checked by
+    check_num_warps. BLOCK_D is never overridden (it must cover the whole row).
+    """
+    check_num_warps(num_warps)
+    bt, block_d, nw = row_tile(d)
+    return block_t or bt, block_d, num_warps if num_warps is not None else nw
+
+
 def token_tiles(n: int, t: int, block_t: int, device: torch.device,
                 tokens_per_tile: Optional[int] = None, sms: Optional[int] = None) -> Tuple[int, int, int]:
     """Split each sample's T tokens into tiles for a backward kernel with per-tile partial sums.

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, alloc_out, check_rows, finish, promote, row_tile, token_tiles
+from ._common import alloc, alloc_out, check_rows, finish, launch_tile, promote, token_tiles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,15 +104,18 @@ def check_gated_residual(x, y, gate) -> None:
 
 
 def gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
-                       block_t: Optional[int] = None) -> torch.Tensor:
-    """Launch the forward kernel: x + gate[:, None] * y in the promoted dtype of the three."""
+                       block_t: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
+    """Launch the forward kernel: x + gate[:, None] * y in the promoted dtype of the three.
+
+    `block_t` / `num_warps` override row_tile's tiling (None: the heuristic; tests and
+    benchmarks/kernel_sweep.py use them).
+    """
     check_gated_residual(x, y, gate)
     n, t, d = x.shape
+    bt, block_d, num_warps = launch_tile(d, block_t, num_warps)
     out_dtype = promote(x.dtype, y.dtype, gate.dtype)
     out = alloc_out((n, t, d), out_dtype, x.device)
     if n * t > 0:
-        bt, block_d, num_warps = row_tile(d)
-        bt = block_t or bt
         _gated_residual_fwd_kernel[(triton.cdiv(t, bt), n)](
             x, *x.stride(), y, *y.stride(), gate, *gate.stride(), out, t, d,
             BLOCK_T=bt, BLOCK_D=block_d, num_warps=num_warps)
@@ -120,16 +123,16 @@ def gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
 
 
 def gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
-                       tokens_per_tile: Optional[int] = None, block_t: Optional[int] = None
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+                       tokens_per_tile: Optional[int] = None, block_t: Optional[int] = None,
+                       num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: (dy = dout * gate in y.dtype, dgate = sum_t dout * y in gate.dtype).
 
     (dx is dout itself.) dgate is reduced from fp32 per-tile partial sums.
+    `tokens_per_tile` / `block_t` / `num_warps` override the tiling (None: the heuristics).
     """
     check_rows("y", y, [("dout", dout, "NTD"), ("gate", gate, "ND")])
     n, t, d = y.shape
-    bt, block_d, num_warps = row_tile(d)
-    bt = block_t or bt
+    bt, block_d, num_warps = launch_tile(d, block_t, num_warps)
     tok, n_iters, n_tiles = token_tiles(n, t, bt, y.device, tokens_per_tile)
     dy = alloc_out((n, t, d), y.dtype, y.device)
     part = alloc((n, max(n_tiles, 1), d), torch.float32, y.device)

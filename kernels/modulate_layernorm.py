@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, alloc_out, check_rows, finish, promote, row_tile, token_tiles
+from ._common import alloc, alloc_out, check_rows, finish, launch_tile, promote, token_tiles
 from .gated_residual import gated_residual_ref
 
 
@@ -201,16 +201,16 @@ def check_gated_residual_modulate_layernorm(x, y, gate, shift, scale) -> None:
                         ("scale", scale, "ND")])
 
 
-def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, block_t=None):
+def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, block_t=None,
+                num_warps=None):
     n, t, d = x.shape
     device = x.device
+    bt, block_d, num_warps = launch_tile(d, block_t, num_warps)
     out = alloc_out((n, t, d), out_dtype, device)
     res = alloc_out((n, t, d), res_dtype, device) if y is not None else None
     mean = alloc((n * t,), torch.float32, device)
     rstd = alloc((n * t,), torch.float32, device)
     if n * t > 0:
-        bt, block_d, num_warps = row_tile(d)
-        bt = block_t or bt
         grid = (triton.cdiv(t, bt), n)
         _modln_fwd_kernel[grid](
             x, *x.stride(),
@@ -228,11 +228,10 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, bloc
 
 
 def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, mod_dtype,
-                gate_dtype, tokens_per_tile=None, block_t=None):
+                gate_dtype, tokens_per_tile=None, block_t=None, num_warps=None):
     n, t, d = xn.shape
     device = xn.device
-    bt, block_d, num_warps = row_tile(d)
-    bt = block_t or bt
+    bt, block_d, num_warps = launch_tile(d, block_t, num_warps)
     tok, n_iters, n_tiles = token_tiles(n, t, bt, device, tokens_per_tile)
     dx = alloc_out((n, t, d), dx_dtype, device)
     dy = alloc_out((n, t, d), dy_dtype, device) if y is not None else None
@@ -265,62 +264,71 @@ def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, 
 
 
 def modulate_layernorm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                           eps: float = 1e-6, *, block_t: Optional[int] = None
+                           eps: float = 1e-6, *, block_t: Optional[int] = None,
+                           num_warps: Optional[int] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: (y (N, T, D), mean (N, T) fp32, rstd (N, T) fp32).
 
     y = LN(x) * (1 + scale) + shift in the promoted dtype of (x, shift, scale).
-    `block_t` overrides the tokens per program (tests use it to cover tile edges).
+    `block_t` overrides the tokens per program (tests use it to cover tile edges), `num_warps`
+    the warps per program (None: row_tile's heuristic; a power of two in 1..32 else).
     """
     check_modulate_layernorm(x, shift, scale)
     _, y, mean, rstd = _launch_fwd(x, None, None, shift, scale, eps, None,
-                                   promote(x.dtype, shift.dtype, scale.dtype), block_t)
+                                   promote(x.dtype, shift.dtype, scale.dtype), block_t, num_warps)
     return y, mean, rstd
 
 
 def modulate_layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                            mean: torch.Tensor, rstd: torch.Tensor, shift_dtype: torch.dtype,
-                           *, tokens_per_tile: Optional[int] = None, block_t: Optional[int] = None
+                           *, tokens_per_tile: Optional[int] = None, block_t: Optional[int] = None,
+                           num_warps: Optional[int] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: (dx in x.dtype, dshift in shift_dtype, dscale in scale.dtype).
 
     dshift = sum_t dy, dscale = sum_t dy * xhat (fp32 per-tile partials reduced once);
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * (1 + scale).
-    `tokens_per_tile` / `block_t` override the tiling (tests use them to cover tile edges).
+    `tokens_per_tile` / `block_t` / `num_warps` override the tiling (tests use them to cover tile
+    edges; None: the heuristics of kernels/_common.py).
     """
     check_rows("x", x, [("dy", dy, "NTD"), ("scale", scale, "ND")])
     dx, _, _, dshift, dscale = _launch_bwd(dy, x, scale, mean, rstd, None, None, None, x.dtype,
-                                           None, scale.dtype, None, tokens_per_tile, block_t)
+                                           None, scale.dtype, None, tokens_per_tile, block_t,
+                                           num_warps)
     return dx, dshift.to(shift_dtype), dscale
 
 
 def gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, eps: float = 1e-6, *,
-                                          block_t: Optional[int] = None):
+                                          block_t: Optional[int] = None,
+                                          num_warps: Optional[int] = None):
     """Launch the fused forward: (x' = x + gate * y, h = LN(x') * (1 + scale) + shift, mean, rstd).
 
     x' has the promoted dtype of (x, y, gate), h that of (x', shift, scale).
+    `block_t` / `num_warps` override row_tile's tiling (None: the heuristic).
     """
     check_gated_residual_modulate_layernorm(x, y, gate, shift, scale)
     res_dtype = promote(x.dtype, y.dtype, gate.dtype)
     out_dtype = promote(res_dtype, shift.dtype, scale.dtype)
-    return _launch_fwd(x, y, gate, shift, scale, eps, res_dtype, out_dtype, block_t)
+    return _launch_fwd(x, y, gate, shift, scale, eps, res_dtype, out_dtype, block_t, num_warps)
 
 
 def gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
                                           x_dtype: torch.dtype, shift_dtype: torch.dtype, *,
                                           tokens_per_tile: Optional[int] = None,
-                                          block_t: Optional[int] = None):
+                                          block_t: Optional[int] = None,
+                                          num_warps: Optional[int] = None):
     """Launch the fused backward: (dx, dy, dgate, dshift, dscale), each in its input's dtype.
 
     dxnew (gradient reaching x' from its other uses) may be None. With dx' the total gradient of x':
     dx = dx', dy = dx' * gate, dgate = sum_t dx' * y.
+    `tokens_per_tile` / `block_t` / `num_warps` override the tiling (None: the heuristics).
     """
     check_rows("x_new", xnew, [("dh", dh, "NTD"), ("y", y, "NTD"), ("gate", gate, "ND"),
                                ("scale", scale, "ND")]
                + ([("dx_new", dxnew, "NTD")] if dxnew is not None else []))
     dx, dy, dgate, dshift, dscale = _launch_bwd(
         dh, xnew, scale, mean, rstd, dxnew, y, gate, x_dtype, y.dtype, scale.dtype, gate.dtype,
-        tokens_per_tile, block_t)
+        tokens_per_tile, block_t, num_warps)
     return dx, dy, dgate, dshift.to(shift_dtype), dscale
 
 
