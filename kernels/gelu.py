@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, alloc_out, check_tensor, device_reason, finish, num_sms
+from ._common import alloc, alloc_out, check_tensor, device_reason, finish, token_tiles
 
 K0 = 0.7978845608028654     # sqrt(2 / pi)
 K1 = 0.044715
@@ -78,17 +78,8 @@ def _tiles(m: int, c: int, device: torch.device, rows_per_tile: Optional[int], b
            sms: Optional[int] = None):
     """(rows_per_tile, n_iters, n_row_tiles): about 4 programs per SM over the (column, row) tile grid
     (`sms` overrides the device's count, for the offline sm_90 check)."""
-    if m <= 0:
-        return block_m, 1, 0                     # no rows: no programs (the launcher skips the kernel)
-    col_tiles = triton.cdiv(max(c, 1), block_c)
-    if rows_per_tile is None:
-        want = max(1, triton.cdiv(4 * (sms or num_sms(device)), col_tiles))
-        want = min(want, triton.cdiv(m, block_m))
-        n_iters = triton.cdiv(triton.cdiv(m, want), block_m)
-    else:
-        n_iters = max(1, triton.cdiv(rows_per_tile, block_m))
-    rows = n_iters * block_m
-    return rows, n_iters, triton.cdiv(m, rows)
+    # the row kernels' token tiling, with the column tiles in the role of the samples
+    return token_tiles(triton.cdiv(max(c, 1), block_c), m, block_m, device, rows_per_tile, sms=sms)
 
 
 def gelu_tanh_bwd(z: torch.Tensor, dg: torch.Tensor, *, write_g: bool = False,

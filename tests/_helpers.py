@@ -197,3 +197,38 @@ def write_training_run(root, model, step=500):
                                                "vae": None, "latent_scale": None, "image_size": 8}))
     (root / "checkpoints" / "latest").write_text(f"step_{step:07d}")
     return tag
+
+
+# DeepSpeed on 2 CPU ranks (gloo), for tests of fastdit's patches to its ZeRO optimizer: a script starts with
+# GLOO_PREAMBLE (imports, `dist`, DeepSpeed initialised, `rank`, `world`) and run_two_ranks launches it.
+GLOO_PREAMBLE = r'''
+import json, os, sys
+import importlib
+import torch
+sys.path.insert(0, os.environ["FASTDIT_ROOT"])
+import deepspeed
+from deepspeed import comm as dist
+torch_comm = importlib.import_module("deepspeed.comm.torch")
+if hasattr(torch_comm, "build_shm_op"):
+    torch_comm.build_shm_op = lambda: None          # no JIT build of DeepSpeed's CPU shm op
+deepspeed.init_distributed(dist_backend="gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+'''
+
+
+def run_two_ranks(script: str, tmp_path, timeout: int = 300):
+    """Run GLOO_PREAMBLE + `script` on 2 ranks with DeepSpeed's launcher in tmp_path; the finished process."""
+    import os
+    import subprocess
+
+    from fastdit.dist import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "two_ranks.py"
+    path.write_text(GLOO_PREAMBLE + script)
+    env = dict(os.environ, FASTDIT_ROOT=root, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                           str(free_port()), str(path)], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=str(tmp_path))

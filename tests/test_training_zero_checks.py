@@ -1,30 +1,14 @@
 """fastdit.training.zero_checks against DeepSpeed's own per-tensor checks, on 2 CPU ranks (gloo), ZeRO-1 and ZeRO-2."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from fastdit.dist import free_port
+from _helpers import run_two_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 SCRIPT = r'''
-import json, os, sys
-import torch
-sys.path.insert(0, os.environ["FASTDIT_ROOT"])
-import deepspeed
-from deepspeed import comm as dist
-import importlib
-torch_comm = importlib.import_module("deepspeed.comm.torch")
-if hasattr(torch_comm, "build_shm_op"):
-    torch_comm.build_shm_op = lambda: None          # no JIT build of DeepSpeed's CPU shm op
 from fastdit.training import zero_checks
-
-deepspeed.init_distributed(dist_backend="gloo")
-rank = dist.get_rank()
 for stage in (1, 2):
     torch.manual_seed(0)
     net = torch.nn.Sequential(*[m for _ in range(6) for m in (torch.nn.Linear(8, 8), torch.nn.GELU())])
@@ -59,14 +43,7 @@ for stage in (1, 2):
 
 
 def test_multi_tensor_checks_match_deepspeed_and_catch_nonfinite_on_any_rank(tmp_path):
-    script = tmp_path / "zc.py"
-    script.write_text(SCRIPT)
-    env = dict(os.environ, FASTDIT_ROOT=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                           str(free_port()), str(script)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=str(tmp_path))
+    proc = run_two_ranks(SCRIPT, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = [json.loads((tmp_path / f"result_{s}_{r}.json").read_text()) for s in (1, 2) for r in (0, 1)]
     for r in res:

@@ -7,32 +7,16 @@ kernel against that reference), so the two must agree bit for bit: masters, mome
 bf16 parameters and the EMA.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from fastdit.dist import free_port
+from _helpers import run_two_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 SCRIPT = r'''
-import json, os, sys
-import torch
-sys.path.insert(0, os.environ["FASTDIT_ROOT"])
-import deepspeed
-from deepspeed import comm as dist
-import importlib
-torch_comm = importlib.import_module("deepspeed.comm.torch")
-if hasattr(torch_comm, "build_shm_op"):
-    torch_comm.build_shm_op = lambda: None          # no JIT build of DeepSpeed's CPU shm op
 from fastdit.training import zero_checks, zero_step
 from fastdit.training.ema import ShardedEMA
-
-deepspeed.init_distributed(dist_backend="gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
 
 
 def engine_for(stage, clip=0.0, bf16=True):
@@ -90,14 +74,7 @@ with open(f"result_{rank}.json", "w") as f:
 
 
 def test_fused_step_equals_deepspeed_step_zero1_zero2_with_a_skipped_step(tmp_path):
-    script = tmp_path / "zs.py"
-    script.write_text(SCRIPT)
-    env = dict(os.environ, FASTDIT_ROOT=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                           str(free_port()), str(script)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=str(tmp_path))
+    proc = run_two_ranks(SCRIPT, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in (0, 1):
         res = json.loads((tmp_path / f"result_{rank}.json").read_text())
