@@ -216,6 +216,12 @@ rank, world = dist.get_rank(), dist.get_world_size()
 '''
 
 
+GLOO_EPILOGUE = """
+dist.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
 def run_two_ranks(script: str, tmp_path, timeout: int = 300):
     """Run GLOO_PREAMBLE + `script` on 2 ranks with DeepSpeed's launcher in tmp_path; the finished process."""
     import os
@@ -225,7 +231,9 @@ def run_two_ranks(script: str, tmp_path, timeout: int = 300):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = tmp_path / "two_ranks.py"
-    path.write_text(GLOO_PREAMBLE + script)
+    # a clean shutdown: a process that exits with gloo's threads still running can abort ("terminate
+    # called without an active exception"), seen once under a loaded full-suite run
+    path.write_text(GLOO_PREAMBLE + script + GLOO_EPILOGUE)
     env = dict(os.environ, FASTDIT_ROOT=root, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
