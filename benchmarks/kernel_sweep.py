@@ -302,13 +302,9 @@ def _err(e):
 def run(args, argv=None):
     """Run the sweep; `argv` (None: sys.argv) is what the JSON records as the command."""
     t_start = time.monotonic()
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        print(SMOKE_NOTE, flush=True)
+    from benchmarks.kernels import _copy_gbps, _timer, begin
+    dtype = begin(args.smoke, SMOKE_NOTE, args.dtype)
     import torch
-    from benchmarks.kernels import _copy_gbps, _timer
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.smoke:
         device = torch.device("cpu")
         dims, tps, batch, copy_mib = [64], [8], 2, 16

@@ -219,13 +219,19 @@ SMOKE_NOTE = ("--smoke: every timing below comes from the Triton interpreter on 
               "not from a GPU; it shows the harness runs and says nothing about kernel speed")
 
 
-def run(args):
-    if args.smoke:
+def begin(smoke: bool, note: str, dtype_name: str):
+    """The torch dtype named `dtype_name`. A smoke run goes through the Triton interpreter (set before
+    triton is first imported) and prints `note` first, so nobody reads its timings as a GPU's."""
+    if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        print(SMOKE_NOTE, flush=True)
+        print(note, flush=True)
     import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+
+def run(args):
+    dtype = begin(args.smoke, SMOKE_NOTE, args.dtype)
+    import torch
     if args.smoke:
         device = torch.device("cpu")
         dtype = torch.float32

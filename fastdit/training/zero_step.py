@@ -125,7 +125,8 @@ class FusedZeroStep:
         self.flat_views = 0             # groups whose gradient partition was used as a view (no copy)
         self.flat_copies = 0            # groups flattened by DeepSpeed's copy
         self.flat_segments = 0          # groups read in place from a buffer in another order (segment tables)
-        self._segment_cache = {}        # group -> (layout signature, GradSegments)
+        self._segment_cache = {}        # group -> (layout key, buffer offset, GradSegments), None: not tiled
+        self.segment_builds = 0         # layouts examined (once per group, unless the layout changes)
         self.norm_passes = {"flat": 0, "per-tensor": 0}   # how the one-pass checks summed the squares
         from deepspeed.runtime.constants import PIPE_REPLICATED
         from deepspeed.runtime.utils import is_model_parallel_parameter
@@ -147,25 +148,35 @@ class FusedZeroStep:
     def _segments(self, i: int, grads, size: int, device):
         """(buffer, GradSegments) when the group's gradient tensors (in partition order) fill one buffer
         exactly in some other order, e.g. ZeRO-2's, which holds them in the order the backward hooks
-        fired: the kernel reads them there instead of from a concatenated copy. Else (None, None)."""
+        fired: the kernel reads them there instead of from a concatenated copy. Else (None, None).
+        The layout does not change between steps: after the first, one pass over the tensors compares
+        it with the cached one (this runs after the overflow check's sync, while the GPU waits)."""
         from fastdit.kernels.adamw import GradSegments
 
         grads = [t for t in grads if t is not None]
-        if not grads or any(getattr(t, "_zero_padding", False) for t in grads):
+        if not grads:
             return None, None
-        buf = _tiled_view(grads)
-        if buf is None or buf.numel() != size:
-            return None, None
-        base = buf.storage_offset()
-        lengths = [t.numel() for t in grads]
-        offsets = [t.storage_offset() - base for t in grads]
-        key = (buf.untyped_storage().data_ptr(), base, tuple(offsets), tuple(lengths))
+        # The key is the layout inside the storage, not the storage's address: DeepSpeed may hand a new
+        # buffer each step (seen on CPU under ZeRO-2), with the same layout and the same tables.
+        storage = grads[0].untyped_storage().data_ptr()
+        key = tuple((t.untyped_storage().data_ptr() == storage, t.storage_offset(), t.numel(), t.dtype,
+                     t.is_contiguous(), getattr(t, "_zero_padding", False)) for t in grads)
         cached = self._segment_cache.get(i)
-        if cached is None or cached[0] != key:      # the layout is fixed across steps: built once
-            starts = [sum(lengths[:k]) for k in range(len(lengths))]
-            cached = (key, GradSegments(starts, offsets, lengths, buf.numel(), device))
+        if cached is None or cached[0] != key:
+            self.segment_builds += 1
+            buf = None if any(k[5] for k in key) else _tiled_view(grads)   # padding lies outside the buffer
+            if buf is None or buf.numel() != size:
+                cached = (key, None, None)
+            else:
+                lengths = [t.numel() for t in grads]
+                offsets = [t.storage_offset() - buf.storage_offset() for t in grads]
+                starts = [sum(lengths[:k]) for k in range(len(lengths))]
+                cached = (key, buf.storage_offset(), GradSegments(starts, offsets, lengths, buf.numel(), device))
             self._segment_cache[i] = cached
-        return buf, cached[1]
+        if cached[2] is None:
+            return None, None
+        # a fresh view each step: the cache holds no tensor, so it never keeps an old gradient buffer alive
+        return grads[0].as_strided((size,), (1,), cached[1]), cached[2]
 
     def _ready(self) -> bool:
         base = self.optimizer.optimizer
