@@ -199,7 +199,7 @@ def write_training_run(root, model, step=500):
     return tag
 
 
-# DeepSpeed on 2 CPU ranks (gloo), for tests of fastdit's patches to its ZeRO optimizer: a script starts with
+# DeepSpeed on 2 CPU ranks (gloo, also on a GPU machine), for tests of fastdit's patches to its ZeRO optimizer: a script starts with
 # GLOO_PREAMBLE (imports, `dist`, DeepSpeed initialised, `rank`, `world`) and run_two_ranks launches it.
 GLOO_PREAMBLE = r'''
 import json, os, sys
@@ -234,7 +234,10 @@ def run_two_ranks(script: str, tmp_path, timeout: int = 300):
     # a clean shutdown: a process that exits with gloo's threads still running can abort ("terminate
     # called without an active exception"), seen once under a loaded full-suite run
     path.write_text(GLOO_PREAMBLE + script + GLOO_EPILOGUE)
-    env = dict(os.environ, FASTDIT_ROOT=root, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # CPU ranks on any machine: these tests compare fastdit's patches with DeepSpeed's own code bit for bit
+    # (on a GPU the fused step would run its Triton kernel, tested against the reference elsewhere)
+    env = dict(os.environ, FASTDIT_ROOT=root, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu",
+               CUDA_VISIBLE_DEVICES="")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",

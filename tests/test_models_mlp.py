@@ -7,7 +7,8 @@ from fastdit.models.mlp import fold_gelu_mlp, recompute_gelu_mlp
 from fastdit.models.reference import Mlp
 
 # The MLP variants under test, each as fn(mlp, h). "fold" variants with the PyTorch reference of the
-# one-pass GELU backward run in fp64; with the Triton kernel (interpreter on CPU) in fp32/bf16 only.
+# one-pass GELU backward run in fp64; with the Triton kernel in fp32/bf16 only, on CUDA when there is
+# one, else on the CPU through the interpreter (tests/conftest.py).
 VARIANTS = {
     "recompute": recompute_gelu_mlp,
     "fold/torch": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_ref),
@@ -19,10 +20,13 @@ TRITON_VARIANTS = {
 }
 
 
-def make(dim=24, hidden=96, dtype=torch.float64, seed=0):
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make(dim=24, hidden=96, dtype=torch.float64, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    mlp = Mlp(dim, hidden).to(dtype)
-    h = torch.randn(3, 5, dim, dtype=dtype, requires_grad=True)
+    mlp = Mlp(dim, hidden).to(device, dtype)
+    h = torch.randn(3, 5, dim, dtype=dtype).to(device).requires_grad_()
     return mlp, h
 
 
@@ -30,7 +34,7 @@ def grads(mlp, h, fn):
     mlp.zero_grad(set_to_none=True)
     h.grad = None
     y = fn(mlp, h)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(y.device, y.dtype)
     (y * g).sum().backward()
     return y.detach(), [h.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
 
@@ -47,7 +51,7 @@ def test_forward_and_every_gradient_match_the_reference_fp64(variant):
 
 @pytest.mark.parametrize("variant", list(TRITON_VARIANTS))
 def test_triton_fold_matches_the_reference_fp32(variant):
-    mlp, h = make(dtype=torch.float32)
+    mlp, h = make(dtype=torch.float32, device=DEV)
     y_ref, g_ref = grads(mlp, h, lambda m, x: m(x))
     y, g = grads(mlp, h, TRITON_VARIANTS[variant])
     torch.testing.assert_close(y, y_ref)
@@ -61,13 +65,13 @@ def test_bf16_error_is_the_plain_paths(variant):
     dz): each one's error vs fp64 is at most the plain path's (x1.5 slack)."""
     mlp64, h64 = make()
     y64, g64 = grads(mlp64, h64, lambda m, x: m(x))
-    mlp, _ = make(dtype=torch.bfloat16)
-    h = h64.detach().bfloat16().requires_grad_()
+    mlp, _ = make(dtype=torch.bfloat16, device=DEV)
+    h = h64.detach().to(DEV, torch.bfloat16).requires_grad_()
     y_plain, g_plain = grads(mlp, h, lambda m, x: m(x))
     y_rec, g_rec = grads(mlp, h, {**VARIANTS, **TRITON_VARIANTS}[variant])
     for a, p, r in zip([y_rec] + g_rec, [y_plain] + g_plain, [y64] + g64):
-        err_rec = (a.double() - r).abs().max().item()
-        err_plain = (p.double() - r).abs().max().item()
+        err_rec = (a.cpu().double() - r).abs().max().item()
+        err_plain = (p.cpu().double() - r).abs().max().item()
         assert err_rec <= 1.5 * err_plain + 1e-3 * r.abs().max().item(), (err_rec, err_plain)
 
 
