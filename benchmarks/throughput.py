@@ -90,7 +90,8 @@ from fastdit.models.attention import BACKENDS  # noqa: E402
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
-             "fused+mlp-recompute-fold", "deepspeed", "deepspeed+compile", "deepspeed+fused-step")
+             "fused+mlp-recompute-fold", "fused+bias-fold", "deepspeed", "deepspeed+compile",
+             "deepspeed+fused-step")
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 NUM_CLASSES = 1000
@@ -236,6 +237,7 @@ class RowSpec:
     unavailable: Optional[str] = None
     mlp: str = "plain"               # the fast model's mlp= option (fastdit.models.mlp)
     fused_step: bool = False         # deepspeed rows: train.fused_optimizer_step
+    bias_fold: bool = False          # the fast model's bias_fold= option (fastdit.models.dit)
 
 
 def row_specs(names: List[str]) -> List[RowSpec]:
@@ -261,6 +263,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold"))
         elif name == "fused+mlp-recompute-fold":  # both: GELU recomputed by the same pass
             specs.append(RowSpec(name, "fast", False, "auto", mlp="recompute-fold"))
+        elif name == "fused+bias-fold":  # every linear's bias gradient from a kernel already reading its grad
+            specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", bias_fold=True))
         elif name == "deepspeed":
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
         elif name == "deepspeed+compile":  # train.compile: the engine's model under engine.compile()
@@ -298,7 +302,8 @@ def build_model(spec: RowSpec, args, device: torch.device, kernels: str) -> torc
     """A freshly initialised model of the row's kind (seeded), on `device`, in the run's param dtype."""
     from fastdit.models.build import build_dit
     torch.manual_seed(args.seed)
-    options = dict(kernels=kernels, attention=spec.attention, nvtx=args.nvtx, mlp=spec.mlp)  # the reference drops them
+    options = dict(kernels=kernels, attention=spec.attention, nvtx=args.nvtx, mlp=spec.mlp,
+                   bias_fold=spec.bias_fold)  # the reference drops them
     with torch.device(device):
         model = build_dit(spec.impl, **architecture(args), num_classes=NUM_CLASSES, **options)
         if spec.impl == "reference" and spec.attention is not None:
@@ -506,6 +511,7 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
               else "harness: training_losses, backward, AdamW"),
         kernels=ctx["kernels"] if spec.impl != "reference" else None,
         mlp=spec.mlp if spec.impl == "fast" else None,
+        bias_fold=spec.bias_fold if spec.impl == "fast" else None,
         attention=(spec.attention or "math (reference Attention)"),
         compile=compile_info(args) if spec.compile else None, batch=args.batch, precision=args.precision)
     if spec.compile and args.compile_backend != "inductor":

@@ -161,12 +161,18 @@ def check_hidden(name: str, d: int) -> None:
 def check_rows(x_name: str, x: torch.Tensor, others) -> None:
     """Check a (N, T, D) activation and its (N, D) modulation / (N, T, D) companions.
 
-    `others` is a list of (name, tensor, kind) with kind "ND" (per-sample vector) or "NTD".
+    `others` is a list of (name, tensor, kind) with kind "ND" (per-sample vector), "D" (one vector
+    for every row, e.g. a bias) or "NTD".
     """
     check_tensor(x_name, x, 3)
     n, _, d = x.shape
     for name, t, kind in others:
-        if kind == "ND":
+        if kind == "D":
+            check_tensor(name, t, 1)
+            if tuple(t.shape) != (d,):
+                raise ValueError(f"{name} must have shape (D,) = {(d,)} to match {x_name} "
+                                 f"{tuple(x.shape)}, got {tuple(t.shape)}")
+        elif kind == "ND":
             check_tensor(name, t, 2)
             if tuple(t.shape) != (n, d):
                 raise ValueError(f"{name} must have shape (N, D) = {(n, d)} to match {x_name} "

@@ -43,13 +43,16 @@ ml = importlib.import_module(".modulate_layernorm", __package__)
 pe = importlib.import_module(".patch_embed", __package__)
 aw = importlib.import_module(".adamw", __package__)
 ge = importlib.import_module(".gelu", __package__)
+qg = importlib.import_module(".qkv_grads", __package__)
 
 TARGET_ARCH = 90
 H100_SMS = 132
 
 _ROW_PTRS = dict.fromkeys(["X", "Y", "GATE", "SHIFT", "SCALE", "RES", "OUT", "DOUT", "XN", "DRES",
                            "DX", "DY"], "*bf16")
-_ROW_PTRS.update(dict.fromkeys(["MEAN", "RSTD", "DSHIFT_PART", "DSCALE_PART", "DGATE_PART"], "*fp32"))
+_ROW_PTRS.update(dict.fromkeys(["BIAS"], "*bf16"))
+_ROW_PTRS.update(dict.fromkeys(["MEAN", "RSTD", "DSHIFT_PART", "DSCALE_PART", "DGATE_PART", "DBIAS_PART"],
+                               "*fp32"))
 
 
 def _row_args(n: int, t: int, d: int) -> dict:
@@ -63,6 +66,7 @@ def _row_args(n: int, t: int, d: int) -> dict:
         v.update({f"stride_{s}n": t * d, f"stride_{s}t": d, f"stride_{s}d": 1})
     for s in "gsc":
         v.update({f"stride_{s}n": 6 * d, f"stride_{s}d": 1})
+    v["stride_bd"] = 1
     tokens_per_tile, n_iters, n_tiles = token_tiles(n, t, row_tile(d)[0], torch.device("cpu"),
                                                     sms=H100_SMS)
     v.update(T=t, D=d, eps=1e-6, n_tiles=n_tiles, tokens_per_tile=tokens_per_tile, n_iters=n_iters)
@@ -88,9 +92,9 @@ def cases():
         args = _row_args(32, 256, d)
         for res in (False, True):
             out.append((f"modln_fwd D={d} residual={res}", ml._modln_fwd_kernel, args,
-                        dict(HAS_RESIDUAL=res, BLOCK_T=bt, BLOCK_D=bd), nw))
+                        dict(HAS_RESIDUAL=res, HAS_BIAS=False, BLOCK_T=bt, BLOCK_D=bd), nw))
             out.append((f"modln_bwd D={d} residual={res}", ml._modln_bwd_kernel, args,
-                        dict(HAS_RESIDUAL=res, HAS_DRES=res, BLOCK_T=bt, BLOCK_D=bd), nw))
+                        dict(HAS_RESIDUAL=res, HAS_DRES=res, HAS_BIAS=False, BLOCK_T=bt, BLOCK_D=bd), nw))
         out.append((f"gated_residual_fwd D={d}", gr._gated_residual_fwd_kernel, args,
                     dict(BLOCK_T=bt, BLOCK_D=bd), nw))
         out.append((f"gated_residual_bwd D={d}", gr._gated_residual_bwd_kernel, args,
@@ -101,7 +105,12 @@ def cases():
     args = _row_args(256, 256, d)
     for res in (False, True):
         out.append((f"modln_bwd D={d} residual={res} N=256", ml._modln_bwd_kernel, args,
-                    dict(HAS_RESIDUAL=res, HAS_DRES=res, BLOCK_T=bt, BLOCK_D=bd), nw))
+                    dict(HAS_RESIDUAL=res, HAS_DRES=res, HAS_BIAS=False, BLOCK_T=bt, BLOCK_D=bd), nw))
+    # The branch's bias added in the kernel and its gradient from the same pass (model bias_fold).
+    out.append((f"modln_fwd D={d} residual=True bias N=256", ml._modln_fwd_kernel, args,
+                dict(HAS_RESIDUAL=True, HAS_BIAS=True, BLOCK_T=bt, BLOCK_D=bd), nw))
+    out.append((f"modln_bwd D={d} residual=True bias N=256", ml._modln_bwd_kernel, args,
+                dict(HAS_RESIDUAL=True, HAS_DRES=True, HAS_BIAS=True, BLOCK_T=bt, BLOCK_D=bd), nw))
     out.append((f"gated_residual_bwd D={d} N=256", gr._gated_residual_bwd_kernel, args,
                 dict(BLOCK_T=bt, BLOCK_D=bd), nw))
     for p in (2, 4, 8):
@@ -137,6 +146,19 @@ def cases():
     for write_g in (False, True):
         out.append((f"gelu_bwd write_g={write_g}", ge._gelu_bwd_kernel, args,
                     dict(WRITE_G=write_g, BLOCK_M=32, BLOCK_C=128), 4))
+    # dq, dk, dv -> dqkv + the qkv bias gradient (bias_fold with sdpa_packed), DiT-XL/2 batch 128: the packed
+    # strides of the qkv views, and contiguous (N, H, T, hd) gradients.
+    n, h, t, hd = 128, 16, 256, 72
+    bm, bh, bhd = qg.tile_shape(hd)
+    rows, n_iters, _ = qg._tiles(n * t, h, torch.device("cpu"), None, bm, bh, sms=H100_SMS)
+    for layout, st in (("packed", (t * 3 * h * hd // 8, hd // 8, 3 * h * hd // 8, 1)),
+                       ("contiguous", (h * t * hd // 8, t * hd // 8, hd // 8, 1))):   # in units of 8 (aligned)
+        args = dict(DQ="*bf16", DK="*bf16", DV="*bf16", OUT="*bf16", PART="*fp32", T=t, M=n * t,
+                    rows_per_tile=rows, n_iters=n_iters)
+        for p in "qkv":
+            args.update({f"s{p}_n": st[0], f"s{p}_h": st[1], f"s{p}_t": st[2], f"s{p}_d": st[3]})
+        out.append((f"stack_qkv_grads {layout}", qg._stack_qkv_kernel, args,
+                    dict(H=h, HD=hd, BLOCK_M=bm, BLOCK_H=bh, BLOCK_HD=bhd, STRIDE_UNIT=8), 8))
     # fp32 GEMMs (IEEE products) once, at p = 2.
     args = {k_: ("*fp32" if isinstance(v, str) else v) for k_, v in _pe_args(32, 4, 32, 1152, 2).items()}
     bm, bn, bk = pe.fwd_blocks(1152, 16, torch.float32)
@@ -196,6 +218,23 @@ def _cuobjdump(cubin: bytes, flag: str):
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
+
+
+# Hopper (sm_90) per-SM limits that decide how many programs of a kernel run at once.
+SM90_REGS_PER_SM = 65536
+SM90_MAX_WARPS_PER_SM = 64
+SM90_MAX_BLOCKS_PER_SM = 32
+SM90_SHARED_PER_SM = 228 * 1024
+
+
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int = 0) -> int:
+    """Resident programs (CTAs) per SM on sm_90 for a kernel's registers per thread, warps and shared
+    memory: registers are allocated per warp in units of 256 (8 per thread), 64 warps and 32 CTAs at most.
+    A bandwidth-bound row kernel needs enough resident warps to keep loads in flight."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = SM90_REGS_PER_SM // (per_warp * num_warps) if registers else SM90_MAX_BLOCKS_PER_SM
+    by_smem = SM90_SHARED_PER_SM // (shared_bytes + 1024) if shared_bytes else SM90_MAX_BLOCKS_PER_SM
+    return max(0, min(by_regs, SM90_MAX_WARPS_PER_SM // num_warps, SM90_MAX_BLOCKS_PER_SM, by_smem))
 
 
 def resource_usage(cubin: bytes):
@@ -335,7 +374,7 @@ def format_row(row: dict) -> str:
         return (f"{row['kernel']:38s} warps {row['num_warps']:2d}  regs {row['registers']}  "
                 f"spill {row['stack_bytes']}  access widths not read: {row['access_error']}")
     line = (f"{row['kernel']:38s} warps {row['num_warps']:2d}  regs {row['registers']}  "
-            f"spill {row['stack_bytes']}  ld {_widths(row['load_bytes'])}  "
+            f"spill {row['stack_bytes']}  {row.get('programs_per_sm', '?')}/SM  ld {_widths(row['load_bytes'])}  "
             f"st {_widths(row['store_bytes'])}  bulk 128-bit: {'yes' if row['bulk_128bit'] else 'no'}")
     if row["narrow_bulk"]:
         line += "\n    narrow bulk: " + ", ".join(row["narrow_bulk"])
@@ -375,6 +414,10 @@ def main(argv=None) -> int:
             regs, stack = usage if usage else (None, None)
             ok = stack in (None, 0)
             row = dict(kernel=label, num_warps=nw, registers=regs, stack_bytes=stack, ok=ok)
+            shared = int(getattr(kernel.metadata, "shared", 0) or 0)
+            if regs is not None:
+                row.update(shared_bytes=shared, programs_per_sm=programs_per_sm(regs, nw, shared))
+                row["warps_per_sm"] = row["programs_per_sm"] * nw
         except Exception as e:  # noqa: BLE001 - report every failing kernel, then fail
             row = dict(kernel=label, num_warps=nw, error=repr(e)[:500], ok=False)
         else:

@@ -54,6 +54,8 @@ def _modln_fwd_kernel(
     stride_yn, stride_yt, stride_yd,    # strides of Y (0 when unused)
     GATE,                               # (N, D) residual gate (HAS_RESIDUAL)
     stride_gn, stride_gd,               # strides of GATE (0 when unused)
+    BIAS,                               # (D,) bias of the branch, added as X + GATE * (Y + BIAS) (HAS_BIAS)
+    stride_bd,                          # stride of BIAS (0 when unused)
     SHIFT,                              # (N, D) adaLN shift
     stride_sn, stride_sd,               # strides of SHIFT
     SCALE,                              # (N, D) adaLN scale; rows are multiplied by (1 + SCALE)
@@ -66,6 +68,7 @@ def _modln_fwd_kernel(
     D,                                  # hidden size (row length)
     eps,                                # LayerNorm epsilon
     HAS_RESIDUAL: tl.constexpr,         # form rows as X + GATE * Y and store them to RES
+    HAS_BIAS: tl.constexpr,             # add BIAS to Y first (HAS_RESIDUAL only)
     BLOCK_T: tl.constexpr,              # tokens per program
     BLOCK_D: tl.constexpr,              # next power of two >= D: one row per register tile row
 ):
@@ -83,6 +86,8 @@ def _modln_fwd_kernel(
         y = tl.load(Y + n * stride_yn + t[:, None] * stride_yt + d[None, :] * stride_yd,
                     mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(GATE + n * stride_gn + d * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(BIAS + d * stride_bd, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         x = x + gate[None, :] * y
         res = x.to(RES.dtype.element_ty)
         tl.store(RES + (n * T + t[:, None]) * D + d[None, :], res, mask=mask)
@@ -118,11 +123,14 @@ def _modln_bwd_kernel(
     stride_yn, stride_yt, stride_yd,    # strides of Y (0 when unused)
     GATE,                               # (N, D) residual gate (HAS_RESIDUAL)
     stride_gn, stride_gd,               # strides of GATE (0 when unused)
+    BIAS,                               # (D,) bias the forward added to Y (HAS_BIAS)
+    stride_bd,                          # stride of BIAS (0 when unused)
     DX,                                 # (N, T, D) contiguous output: gradient of X (or of x)
     DY,                                 # (N, T, D) contiguous output: gradient of Y (HAS_RESIDUAL)
     DSHIFT_PART,                        # (N, n_tiles, D) fp32 output: per-tile sums of DOUT
     DSCALE_PART,                        # (N, n_tiles, D) fp32 output: per-tile sums of DOUT * xhat
-    DGATE_PART,                         # (N, n_tiles, D) fp32 output: per-tile sums of dx' * Y
+    DGATE_PART,                         # (N, n_tiles, D) fp32 output: per-tile sums of dx' * (Y + BIAS)
+    DBIAS_PART,                         # (N, n_tiles, D) fp32 output: per-tile sums of dx' * GATE (HAS_BIAS)
     T,                                  # tokens per sample
     D,                                  # hidden size
     n_tiles,                            # token tiles per sample (grid axis 0)
@@ -130,6 +138,7 @@ def _modln_bwd_kernel(
     n_iters,                            # BLOCK_T-row steps per program
     HAS_RESIDUAL: tl.constexpr,         # the forward formed x' = X + GATE * Y: also give DY, DGATE
     HAS_DRES: tl.constexpr,             # add DRES (gradient of the stored x') into the x' gradient
+    HAS_BIAS: tl.constexpr,             # the forward added BIAS to Y: also give DBIAS
     BLOCK_T: tl.constexpr,              # tokens per step
     BLOCK_D: tl.constexpr,              # next power of two >= D
 ):
@@ -137,12 +146,17 @@ def _modln_bwd_kernel(
     n = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    scale1 = 1.0 + tl.load(SCALE + n * stride_cn + d * stride_cd, mask=d_ok, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        gate = tl.load(GATE + n * stride_gn + d * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
+    # The (N, D) vectors are held in registers across the loop, except with HAS_BIAS: its extra
+    # accumulator would push the default tile past 128 registers per thread (one program per SM instead
+    # of two on sm_90, see _sm90_check.py), so there they are re-read each step (L1 hits).
+    if not HAS_BIAS:
+        scale1 = 1.0 + tl.load(SCALE + n * stride_cn + d * stride_cd, mask=d_ok, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            gate = tl.load(GATE + n * stride_gn + d * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
     acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_scale = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_dxn = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
     for it in range(0, n_iters):
         t = tile * tokens_per_tile + it * BLOCK_T + tl.arange(0, BLOCK_T)   # (BLOCK_T,)
@@ -155,6 +169,8 @@ def _modln_bwd_kernel(
         mean = tl.load(MEAN + n * T + t, mask=t_ok, other=0.0)
         rstd = tl.load(RSTD + n * T + t, mask=t_ok, other=0.0)
         xhat = tl.where(mask, (xn - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_BIAS:
+            scale1 = 1.0 + tl.load(SCALE + n * stride_cn + d * stride_cd, mask=d_ok, other=0.0).to(tl.float32)
         g = dout * scale1[None, :]                                   # gradient of xhat
         c1 = tl.sum(g * xhat, axis=1) / D
         c2 = tl.sum(g, axis=1) / D
@@ -167,15 +183,25 @@ def _modln_bwd_kernel(
                                mask=mask, other=0.0).to(tl.float32)
             y = tl.load(Y + n * stride_yn + t[:, None] * stride_yt + d[None, :] * stride_yd,
                         mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                gate = tl.load(GATE + n * stride_gn + d * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
             tl.store(DY + (n * T + t[:, None]) * D + d[None, :],
                      (dxn * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
             acc_gate += tl.sum(dxn * y, axis=0)
+            if HAS_BIAS:
+                acc_dxn += tl.sum(dxn, axis=0)
         tl.store(DX + (n * T + t[:, None]) * D + d[None, :], dxn.to(DX.dtype.element_ty), mask=mask)
 
     part = (n * n_tiles + tile) * D + d
     tl.store(DSHIFT_PART + part, acc_shift, mask=d_ok)
     tl.store(DSCALE_PART + part, acc_scale, mask=d_ok)
     if HAS_RESIDUAL:
+        if HAS_BIAS:
+            # sum_t dx' * (y + b) = sum_t dx' * y + b * sum_t dx';  d(bias) = gate * sum_t dx'
+            bias = tl.load(BIAS + d * stride_bd, mask=d_ok, other=0.0).to(tl.float32)
+            gate = tl.load(GATE + n * stride_gn + d * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
+            acc_gate += bias * acc_dxn
+            tl.store(DBIAS_PART + part, gate * acc_dxn, mask=d_ok)
         tl.store(DGATE_PART + part, acc_gate, mask=d_ok)
 
 
@@ -195,14 +221,14 @@ def check_modulate_layernorm(x, shift, scale) -> None:
     check_rows("x", x, [("shift", shift, "ND"), ("scale", scale, "ND")])
 
 
-def check_gated_residual_modulate_layernorm(x, y, gate, shift, scale) -> None:
+def check_gated_residual_modulate_layernorm(x, y, gate, shift, scale, bias=None) -> None:
     """Raise TypeError/ValueError unless the fused residual + modulate + LN kernels take these."""
     check_rows("x", x, [("y", y, "NTD"), ("gate", gate, "ND"), ("shift", shift, "ND"),
-                        ("scale", scale, "ND")])
+                        ("scale", scale, "ND")] + ([("bias", bias, "D")] if bias is not None else []))
 
 
 def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, block_t=None,
-                num_warps=None):
+                num_warps=None, bias=None):
     n, t, d = x.shape
     device = x.device
     bt, block_d, num_warps = launch_tile(d, block_t, num_warps)
@@ -216,11 +242,13 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, bloc
             x, *x.stride(),
             y if y is not None else x, *_strides3(y),
             gate if gate is not None else shift, *_strides2(gate),
+            bias if bias is not None else shift, bias.stride(0) if bias is not None else 0,
             shift, *shift.stride(),
             scale, *scale.stride(),
             res if res is not None else out, out, mean, rstd,
             t, d, float(eps),
-            HAS_RESIDUAL=y is not None, BLOCK_T=bt, BLOCK_D=block_d, num_warps=num_warps,
+            HAS_RESIDUAL=y is not None, HAS_BIAS=bias is not None, BLOCK_T=bt, BLOCK_D=block_d,
+            num_warps=num_warps,
         )
     out = finish(out, out_dtype)
     res = finish(res, res_dtype) if res is not None else None
@@ -228,14 +256,14 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, bloc
 
 
 def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, mod_dtype,
-                gate_dtype, tokens_per_tile=None, block_t=None, num_warps=None):
+                gate_dtype, tokens_per_tile=None, block_t=None, num_warps=None, bias=None):
     n, t, d = xn.shape
     device = xn.device
     bt, block_d, num_warps = launch_tile(d, block_t, num_warps)
     tok, n_iters, n_tiles = token_tiles(n, t, bt, device, tokens_per_tile)
     dx = alloc_out((n, t, d), dx_dtype, device)
     dy = alloc_out((n, t, d), dy_dtype, device) if y is not None else None
-    n_parts = 3 if y is not None else 2
+    n_parts = (4 if bias is not None else 3) if y is not None else 2
     parts = [alloc((n, max(n_tiles, 1), d), torch.float32, device) for _ in range(n_parts)]
     if n * t > 0:
         _modln_bwd_kernel[(n_tiles, n)](
@@ -246,21 +274,27 @@ def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, 
             dres if dres is not None else dout, *_strides3(dres),
             y if y is not None else dout, *_strides3(y),
             gate if gate is not None else scale, *_strides2(gate),
+            bias if bias is not None else scale, bias.stride(0) if bias is not None else 0,
             dx, dy if dy is not None else dx,
-            parts[0], parts[1], parts[-1],
+            parts[0], parts[1], parts[min(2, n_parts - 1)], parts[-1],
             t, d, n_tiles, tok, n_iters,
-            HAS_RESIDUAL=y is not None, HAS_DRES=dres is not None,
+            HAS_RESIDUAL=y is not None, HAS_DRES=dres is not None, HAS_BIAS=bias is not None,
             BLOCK_T=bt, BLOCK_D=block_d, num_warps=num_warps,
         )
-        sums = [p.sum(1) for p in parts]                             # each (N, D) fp32, reduced once
+        sums = [p.sum(1) for p in parts[:3]]                         # each (N, D) fp32, reduced once
+        if bias is not None:
+            sums.append(parts[3].sum((0, 1)))                        # (D,): over samples and tiles
     else:
-        sums = [torch.zeros(n, d, dtype=torch.float32, device=device) for _ in parts]
+        sums = [torch.zeros(n, d, dtype=torch.float32, device=device) for _ in parts[:3]]
+        if bias is not None:
+            sums.append(torch.zeros(d, dtype=torch.float32, device=device))
     dshift = sums[0].to(mod_dtype)
     dscale = sums[1].to(mod_dtype)
     dgate = sums[2].to(gate_dtype) if y is not None else None
+    dbias = sums[3].to(bias.dtype) if bias is not None else None
     dx = finish(dx, dx_dtype)
     dy = finish(dy, dy_dtype) if dy is not None else None
-    return dx, dy, dgate, dshift, dscale
+    return dx, dy, dgate, dshift, dscale, dbias
 
 
 def modulate_layernorm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -292,44 +326,52 @@ def modulate_layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tenso
     edges; None: the heuristics of kernels/_common.py).
     """
     check_rows("x", x, [("dy", dy, "NTD"), ("scale", scale, "ND")])
-    dx, _, _, dshift, dscale = _launch_bwd(dy, x, scale, mean, rstd, None, None, None, x.dtype,
+    dx, _, _, dshift, dscale, _ = _launch_bwd(dy, x, scale, mean, rstd, None, None, None, x.dtype,
                                            None, scale.dtype, None, tokens_per_tile, block_t,
                                            num_warps)
     return dx, dshift.to(shift_dtype), dscale
 
 
 def gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, eps: float = 1e-6, *,
+                                          bias: Optional[torch.Tensor] = None,
                                           block_t: Optional[int] = None,
                                           num_warps: Optional[int] = None):
     """Launch the fused forward: (x' = x + gate * y, h = LN(x') * (1 + scale) + shift, mean, rstd).
 
-    x' has the promoted dtype of (x, y, gate), h that of (x', shift, scale).
+    With `bias` (D,): x' = x + gate * (y + bias), the sum formed in fp32 (y is a linear layer's output
+    without its bias; the bias gradient then comes from this op's backward).
+    x' has the promoted dtype of (x, y, gate[, bias]), h that of (x', shift, scale).
     `block_t` / `num_warps` override row_tile's tiling (None: the heuristic).
     """
-    check_gated_residual_modulate_layernorm(x, y, gate, shift, scale)
-    res_dtype = promote(x.dtype, y.dtype, gate.dtype)
+    check_gated_residual_modulate_layernorm(x, y, gate, shift, scale, bias)
+    res_dtype = promote(x.dtype, y.dtype, gate.dtype, *((bias.dtype,) if bias is not None else ()))
     out_dtype = promote(res_dtype, shift.dtype, scale.dtype)
-    return _launch_fwd(x, y, gate, shift, scale, eps, res_dtype, out_dtype, block_t, num_warps)
+    return _launch_fwd(x, y, gate, shift, scale, eps, res_dtype, out_dtype, block_t, num_warps, bias)
 
 
 def gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
                                           x_dtype: torch.dtype, shift_dtype: torch.dtype, *,
+                                          bias: Optional[torch.Tensor] = None,
                                           tokens_per_tile: Optional[int] = None,
                                           block_t: Optional[int] = None,
                                           num_warps: Optional[int] = None):
-    """Launch the fused backward: (dx, dy, dgate, dshift, dscale), each in its input's dtype.
+    """Launch the fused backward: (dx, dy, dgate, dshift, dscale), each in its input's dtype, and
+    dbias after them when the forward had a `bias` (pass the same one).
 
     dxnew (gradient reaching x' from its other uses) may be None. With dx' the total gradient of x':
-    dx = dx', dy = dx' * gate, dgate = sum_t dx' * y.
+    dx = dx', dy = dx' * gate, dgate = sum_t dx' * (y [+ bias]), dbias = sum_{n,t} dx' * gate
+    (fp32 per-tile partials, reduced once).
     `tokens_per_tile` / `block_t` / `num_warps` override the tiling (None: the heuristics).
     """
     check_rows("x_new", xnew, [("dh", dh, "NTD"), ("y", y, "NTD"), ("gate", gate, "ND"),
                                ("scale", scale, "ND")]
-               + ([("dx_new", dxnew, "NTD")] if dxnew is not None else []))
-    dx, dy, dgate, dshift, dscale = _launch_bwd(
+               + ([("dx_new", dxnew, "NTD")] if dxnew is not None else [])
+               + ([("bias", bias, "D")] if bias is not None else []))
+    dx, dy, dgate, dshift, dscale, dbias = _launch_bwd(
         dh, xnew, scale, mean, rstd, dxnew, y, gate, x_dtype, y.dtype, scale.dtype, gate.dtype,
-        tokens_per_tile, block_t, num_warps)
-    return dx, dy, dgate, dshift.to(shift_dtype), dscale
+        tokens_per_tile, block_t, num_warps, bias)
+    out = (dx, dy, dgate, dshift.to(shift_dtype), dscale)
+    return out if bias is None else out + (dbias,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,15 +448,15 @@ def modulate_layernorm_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
 @torch.library.custom_op("fastdit::gated_residual_modulate_layernorm_fwd", mutates_args=())
 def _gated_residual_modulate_layernorm_fwd_op(
         x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-        eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, eps)
+        eps: float, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, eps, bias=bias)
 
 
 @_gated_residual_modulate_layernorm_fwd_op.register_fake
-def _(x, y, gate, shift, scale, eps):
-    check_gated_residual_modulate_layernorm(x, y, gate, shift, scale)
+def _(x, y, gate, shift, scale, eps, bias):
+    check_gated_residual_modulate_layernorm(x, y, gate, shift, scale, bias)
     n, t, _ = x.shape
-    res_dtype = promote(x.dtype, y.dtype, gate.dtype)
+    res_dtype = promote(x.dtype, y.dtype, gate.dtype, *((bias.dtype,) if bias is not None else ()))
     return (x.new_empty(x.shape, dtype=res_dtype),
             x.new_empty(x.shape, dtype=promote(res_dtype, shift.dtype, scale.dtype)),
             x.new_empty((n, t), dtype=torch.float32), x.new_empty((n, t), dtype=torch.float32))
@@ -424,36 +466,38 @@ def _(x, y, gate, shift, scale, eps):
 def _gated_residual_modulate_layernorm_bwd_op(
         dh: torch.Tensor, dxnew: Optional[torch.Tensor], xnew: torch.Tensor, y: torch.Tensor,
         gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-        x_dtype: torch.dtype, shift_dtype: torch.dtype
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
-                                                 x_dtype, shift_dtype)
+        x_dtype: torch.dtype, shift_dtype: torch.dtype, bias: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
+                                                  x_dtype, shift_dtype, bias=bias)
+    return grads if bias is not None else grads + (xnew.new_empty((0,)),)
 
 
 @_gated_residual_modulate_layernorm_bwd_op.register_fake
-def _(dh, dxnew, xnew, y, gate, scale, mean, rstd, x_dtype, shift_dtype):
+def _(dh, dxnew, xnew, y, gate, scale, mean, rstd, x_dtype, shift_dtype, bias):
     n, _, d = xnew.shape
     return (xnew.new_empty(xnew.shape, dtype=x_dtype),
             xnew.new_empty(xnew.shape, dtype=y.dtype),
             xnew.new_empty((n, d), dtype=gate.dtype),
             xnew.new_empty((n, d), dtype=shift_dtype),
-            xnew.new_empty((n, d), dtype=scale.dtype))
+            xnew.new_empty((n, d), dtype=scale.dtype),
+            xnew.new_empty((d,), dtype=bias.dtype) if bias is not None else xnew.new_empty((0,)))
 
 
 def _gated_residual_modulate_layernorm_setup(ctx, inputs, output):
-    x, y, gate, shift, scale, eps = inputs
+    x, y, gate, shift, scale, eps, bias = inputs
     xnew, _, mean, rstd = output
-    ctx.save_for_backward(xnew, y, gate, scale, mean, rstd)
+    ctx.save_for_backward(xnew, y, gate, scale, mean, rstd, bias)
     ctx.x_dtype = x.dtype
     ctx.shift_dtype = shift.dtype
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _gated_residual_modulate_layernorm_backward(ctx, dxnew, dh, dmean, drstd):
-    xnew, y, gate, scale, mean, rstd = ctx.saved_tensors
-    dx, dy, dgate, dshift, dscale = _gated_residual_modulate_layernorm_bwd_op(
-        dh, dxnew, xnew, y, gate, scale, mean, rstd, ctx.x_dtype, ctx.shift_dtype)
-    return dx, dy, dgate, dshift, dscale, None
+    xnew, y, gate, scale, mean, rstd, bias = ctx.saved_tensors
+    dx, dy, dgate, dshift, dscale, dbias = _gated_residual_modulate_layernorm_bwd_op(
+        dh, dxnew, xnew, y, gate, scale, mean, rstd, ctx.x_dtype, ctx.shift_dtype, bias)
+    return dx, dy, dgate, dshift, dscale, None, (dbias if bias is not None else None)
 
 
 _gated_residual_modulate_layernorm_fwd_op.register_autograd(
@@ -462,21 +506,25 @@ _gated_residual_modulate_layernorm_fwd_op.register_autograd(
 
 def gated_residual_modulate_layernorm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
                                       shift: torch.Tensor, scale: torch.Tensor,
-                                      eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+                                      eps: float = 1e-6, bias: Optional[torch.Tensor] = None
+                                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x', h) with x' = x + gate[:, None] * y and h = LN(x') * (1 + scale) + shift, in one pass.
 
-    x, y (N, T, D); gate, shift, scale (N, D); any strides. Differentiable in all five tensor
-    inputs; the backward takes the gradients of both x' and h. Raises TypeError/ValueError for
-    inputs the kernels do not take (see kernels/_common.py).
+    x, y (N, T, D); gate, shift, scale (N, D); any strides. With `bias` (D,), x' = x + gate * (y + bias):
+    y is then a linear layer's output without its bias, and the bias gradient comes from this op's
+    backward pass (the column sum autograd would run over the linear's output gradient is not needed).
+    Differentiable in every tensor input; the backward takes the gradients of both x' and h. Raises
+    TypeError/ValueError for inputs the kernels do not take (see kernels/_common.py).
     """
-    check_gated_residual_modulate_layernorm(x, y, gate, shift, scale)
-    xnew, h, _, _ = _gated_residual_modulate_layernorm_fwd_op(x, y, gate, shift, scale, float(eps))
+    check_gated_residual_modulate_layernorm(x, y, gate, shift, scale, bias)
+    xnew, h, _, _ = _gated_residual_modulate_layernorm_fwd_op(x, y, gate, shift, scale, float(eps), bias)
     return xnew, h
 
 
 def gated_residual_modulate_layernorm_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
                                           shift: torch.Tensor, scale: torch.Tensor,
-                                          eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: x' = x + gate[:, None] * y; h = LN(x') * (1 + scale) + shift."""
-    xnew = gated_residual_ref(x, y, gate)
+                                          eps: float = 1e-6, bias: Optional[torch.Tensor] = None
+                                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: x' = x + gate[:, None] * (y [+ bias]); h = LN(x') * (1 + scale) + shift."""
+    xnew = gated_residual_ref(x, y + bias if bias is not None else y, gate)
     return xnew, modulate_layernorm_ref(xnew, shift, scale, eps)

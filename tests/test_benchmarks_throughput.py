@@ -25,7 +25,8 @@ from benchmarks import throughput as tp  # noqa: E402
 from fastdit.models import attention as attn_backends  # noqa: E402
 
 EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
-                 "fused+mlp-recompute-fold", "deepspeed", "deepspeed+compile", "deepspeed+fused-step",
+                 "fused+mlp-recompute-fold", "fused+bias-fold", "deepspeed", "deepspeed+compile",
+                 "deepspeed+fused-step",
                  "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers"]
 
 
@@ -56,7 +57,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert data["benchmark"] == "throughput" and data["complete"] is True
     rows = {r["name"]: r for r in data["rows"]}
     assert [r["name"] for r in data["rows"]] == EXPECTED_ROWS
-    for name in EXPECTED_ROWS[:11]:
+    for name in EXPECTED_ROWS[:12]:
         assert rows[name]["status"] == "ok", (name, rows[name]["error"])
         assert rows[name]["error"] is None
     # flash-attn / xformers rows: a backend that cannot run here (not installed, no CUDA, a failed test
@@ -108,6 +109,10 @@ def test_smoke_rows_and_statuses(smoke_run):
     for key in ("loss_first", "loss_last"):
         assert fold[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
         assert rows["fused+mlp-recompute-fold"][key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
+    folds = rows["fused+bias-fold"]               # every bias gradient from a kernel: the same training
+    assert folds["mlp"] == "fold" and folds["bias_fold"] is True and rows["fused"]["bias_fold"] is False
+    for key in ("loss_first", "loss_last"):
+        assert folds[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
     assert ds["mlp"] == "plain"
     # deepspeed+compile: the same engine with train.compile (engine.compile() with the harness's backend)
     dsc = rows["deepspeed+compile"]

@@ -222,6 +222,59 @@ def test_gated_residual_modulate_layernorm(shape, dtype):
              [x, y, c], _grml_build, [dxnew, dh], ["x_new", "h", "dx", "dy", "dc"], dtype)
 
 
+def _grml_bias(x, y, gate, shift, scale, bias):
+    return K.gated_residual_modulate_layernorm(x, y, gate, shift, scale, bias=bias)
+
+
+def _grml_bias_ref(x, y, gate, shift, scale, bias):
+    return K.gated_residual_modulate_layernorm_ref(x, y, gate, shift, scale, bias=bias)
+
+
+def _grml_bias_build(leaves):
+    x, y, c, b = leaves
+    return (*_grml_build([x, y, c]), b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 16, 384), (1, 7, 1152), (3, 7, 37), (2, 64, 97)], ids=str)
+def test_gated_residual_modulate_layernorm_bias(shape, dtype):
+    """x' = x + gate * (y + bias): every output and gradient, the bias's included (bias_fold)."""
+    n, t, d = shape
+    x, y = 2.0 * randn(n, t, d, dtype=dtype), randn(n, t, d, dtype=dtype)
+    c, b = rand_mod(n, d, 6, dtype), randn(d, dtype=dtype)
+    dxnew, dh = randn(n, t, d, dtype=dtype), randn(n, t, d, dtype=dtype)
+    check_op(_grml_bias, _grml_bias_ref, [x, y, c, b], _grml_bias_build, [dxnew, dh],
+             ["x_new", "h", "dx", "dy", "dc", "dbias"], dtype)
+
+
+def test_gated_residual_modulate_layernorm_bias_tilings_strides_and_h_only():
+    """The bias path at small tiles (several token tiles per sample, a partial last one), a strided
+    bias, h-only gradients, and mixed dtypes (fp32 x, bf16 y / gate / bias)."""
+    n, t, d = 3, 9, 37
+    x, y, dh, dxn = randn(n, t, d), randn(n, t, d), randn(n, t, d), randn(n, t, d)
+    gate, shift, scale = rand_mod(n, d, 3, torch.float32).chunk(3, 1)
+    bias = randn(2 * d)[::2]                                        # stride 2
+    for dxnew in (dxn, None):
+        xnew, h, mean, rstd = ML.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, bias=bias,
+                                                                      block_t=2)
+        grads = ML.gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
+                                                         torch.float32, torch.float32, bias=bias,
+                                                         tokens_per_tile=4, block_t=2)
+        assert len(grads) == 6
+        r_outs, r_grads = _run(K.gated_residual_modulate_layernorm_ref, [x, y, gate, shift, scale, bias],
+                               lambda l: (*l[:5], 1e-6, l[5]), [dxnew, dh], to=torch.float64)
+        for name, g, r in zip(["x_new", "h", "dx", "dy", "dgate", "dshift", "dscale", "dbias"],
+                              [xnew, h, *grads], r_outs + r_grads):
+            _check_fp32(name, g, r)
+    yb, gb, bb = y.bfloat16(), gate.bfloat16(), bias.bfloat16()
+    xnew, h = K.gated_residual_modulate_layernorm(x, yb, gb, shift, scale, bias=bb)
+    assert xnew.dtype == torch.float32
+    r_x, r_h = K.gated_residual_modulate_layernorm_ref(x.double(), yb.double(), gb.double(), shift.double(),
+                                                       scale.double(), bias=bb.double())
+    _check_fp32("mixed x_new", xnew, r_x)
+    _check_fp32("mixed h", h, r_h)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gated_residual_modulate_layernorm_h_only_and_transposed(dtype):
     """Only h feeds the loss (x' gets no gradient); x, y transposed views; 2-D grad strides."""
@@ -373,8 +426,8 @@ def test_poison_catches_unwritten_rows():
     bt, block_d, _ = COMMON.row_tile(d)
     bt = 2
     ML._modln_fwd_kernel[(t // bt - 1, n)](
-        x, *x.stride(), x, 0, 0, 0, shift, 0, 0, shift, *shift.stride(), scale, *scale.stride(),
-        out, out, *stats, t, d, 1e-6, HAS_RESIDUAL=False, BLOCK_T=bt, BLOCK_D=block_d)
+        x, *x.stride(), x, 0, 0, 0, shift, 0, 0, shift, 0, shift, *shift.stride(), scale, *scale.stride(),
+        out, out, *stats, t, d, 1e-6, HAS_RESIDUAL=False, HAS_BIAS=False, BLOCK_T=bt, BLOCK_D=block_d)
     assert torch.isnan(out[:, -bt:]).all() and torch.isfinite(out[:, :-bt]).all()
     with pytest.raises(AssertionError, match="non-finite"):
         _check_fp32("y", out, K.modulate_layernorm_ref(x, shift, scale).double())
@@ -433,6 +486,12 @@ def _bad_row_inputs():
         ("y shape", lambda: K.gated_residual(x, y[:, :2], v), ValueError, "shape of x"),
         ("fused y shape", lambda: K.gated_residual_modulate_layernorm(x, y[:1], v, v, v), ValueError,
          "shape of x"),
+        ("bias (N, D)", lambda: K.gated_residual_modulate_layernorm(x, y, v, v, v, bias=v), ValueError,
+         "must have 1 dimension"),
+        ("bias D+1", lambda: K.gated_residual_modulate_layernorm(x, y, v, v, v, bias=randn(d + 1)),
+         ValueError, r"\(D,\)"),
+        ("int bias", lambda: K.gated_residual_modulate_layernorm(x, y, v, v, v, bias=v[0].long()),
+         TypeError, "dtype"),
         ("D too big", lambda: K.modulate_layernorm(big, bigv, bigv), ValueError, "KERNEL_MAX_D"),
         ("D too big residual", lambda: K.gated_residual(big, big, bigv), ValueError, "KERNEL_MAX_D"),
         ("mixed devices", lambda: K.modulate_layernorm(x, meta, v), ValueError, "same device"),
@@ -498,7 +557,9 @@ def test_opcheck():
     shift, scale, gate = [randn(n, d).requires_grad_() for _ in range(3)]
     torch.library.opcheck(ML._modulate_layernorm_fwd_op, (x, shift, scale, 1e-6))
     torch.library.opcheck(GR._gated_residual_fwd_op, (x, y, gate))
-    torch.library.opcheck(ML._gated_residual_modulate_layernorm_fwd_op, (x, y, gate, shift, scale, 1e-6))
+    torch.library.opcheck(ML._gated_residual_modulate_layernorm_fwd_op, (x, y, gate, shift, scale, 1e-6, None))
+    bias = randn(d).requires_grad_()
+    torch.library.opcheck(ML._gated_residual_modulate_layernorm_fwd_op, (x, y, gate, shift, scale, 1e-6, bias))
     xi = randn(1, 3, 4, 4).requires_grad_()
     w, b = randn(5, 3, 2, 2).requires_grad_(), randn(5).requires_grad_()
     torch.library.opcheck(PE._pe_fwd_op, (xi, w, b, randn(1, 4, 5), 2))
@@ -513,17 +574,19 @@ def test_torch_compile_fullgraph():
     pos = randn(1, t, d)
     y = randn(n, t, d).requires_grad_()
     c = rand_mod(n, d, 6, torch.float32).requires_grad_()
+    rb = randn(d).requires_grad_()
 
-    def block(xi, w, b, y, c):
+    def block(xi, w, b, y, c, rb):
         shift1, scale1, gate1, shift2, scale2, gate2 = c.chunk(6, dim=1)
         x = K.patch_embed(xi, w, b, pos, 2)                          # (N, T, D)
         h = K.modulate_layernorm(x, shift1, scale1)
         x, h = K.gated_residual_modulate_layernorm(x, h * y, gate1, shift2, scale2)
+        x, h = K.gated_residual_modulate_layernorm(x, h, gate2, shift1, scale1, bias=rb)
         x = K.gated_residual(x, torch.tanh(h), gate2)
         return (x * y).sum()
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    args = [xi, w, b, y, c]
+    args = [xi, w, b, y, c, rb]
     loss_c = compiled(*args)
     grads_c = torch.autograd.grad(loss_c, args)
     loss_e = block(*args)
@@ -643,6 +706,16 @@ def test_gpu_gated_residual_modulate_layernorm_xl():
              [randn(n, t, d, dtype=bf), randn(n, t, d, dtype=bf), rand_mod(n, d, 6, bf)],
              _grml_build, [randn(n, t, d, dtype=bf), randn(n, t, d, dtype=bf)],
              ["x_new", "h", "dx", "dy", "dc"], bf)
+
+
+@pytest.mark.gpu
+def test_gpu_gated_residual_modulate_layernorm_bias_xl():
+    n, t, d = XL
+    bf = torch.bfloat16
+    check_op(_grml_bias, _grml_bias_ref,
+             [randn(n, t, d, dtype=bf), randn(n, t, d, dtype=bf), rand_mod(n, d, 6, bf), randn(d, dtype=bf)],
+             _grml_bias_build, [randn(n, t, d, dtype=bf), randn(n, t, d, dtype=bf)],
+             ["x_new", "h", "dx", "dy", "dc", "dbias"], bf)
 
 
 @pytest.mark.gpu

@@ -94,18 +94,84 @@ def test_mlp_modes_forward_and_every_gradient(kernels, mlp):
     assert all(b.mlp_mode == mlp for b in fast.blocks)
 
 
+@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
+@pytest.mark.parametrize("mlp", ["plain", "recompute", "fold"])
+def test_bias_fold_forward_and_every_gradient(kernels, mlp):
+    """bias_fold=True (the projection's and fc2's biases added in the fused residual op, their gradients
+    from its backward) is the reference, fp32, with each MLP mode; with activation checkpointing too."""
+    fast = assert_fp32_matches_reference(CONFIGS["S-width/p2"], kernels=kernels, attention="sdpa", mlp=mlp,
+                                         bias_fold=True)
+    assert all(b.bias_fold for b in fast.blocks)
+    assert_fp32_matches_reference(CONFIGS["odd/p2"], kernels=kernels, attention="sdpa", mlp=mlp,
+                                  bias_fold=True, checkpointing=True)
+
+
+@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
+def test_bias_fold_with_packed_attention_forward_and_every_gradient(kernels):
+    """bias_fold with attention sdpa_packed: the qkv projection and attention in one autograd function
+    whose backward assembles dqkv and the qkv bias gradient in one pass; fp32, the reference's values."""
+    for cfg_name in ("S-width/p2", "odd/p2"):
+        fast = assert_fp32_matches_reference(CONFIGS[cfg_name], kernels=kernels, attention="sdpa_packed",
+                                             mlp="fold", bias_fold=True)
+        assert all(b.attn.backend == "sdpa_packed" for b in fast.blocks)
+
+
+def _backward_row_sums(model, cfg):
+    """Shapes of the inputs of every aten.sum over dim 0 of a 2-D tensor in one backward (the bias
+    gradients autograd computes as column sums of a linear layer's output gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sums(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten.sum.dim_IntList and args[0].dim() == 2 and list(args[1]) == [0]:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
+
+    x, t, y = inputs(cfg)
+    out = model(x, t, y)
+    with Sums() as mode:
+        out.square().mean().backward()
+    return mode.shapes
+
+
+@pytest.mark.triton
+def test_bias_fold_removes_the_bias_reductions():
+    """Without bias_fold, autograd reduces the (N*T, D) output gradients of proj and fc2 for their biases;
+    with it (and mlp="fold"), the Triton kernels give those gradients and fc1's: no (N*T, width) gradient of
+    those linears is reduced (qkv's stays). (kernels="torch" runs the PyTorch references, which reduce.)"""
+    kernels = "triton"
+    cfg = CONFIGS["odd/p2"]
+    n, d, depth = 2, cfg["hidden_size"], cfg["depth"]
+    rows = n * (cfg["input_size"] // cfg["patch_size"]) ** 2
+    _, plain = make_pair(cfg, kernels=kernels, attention="sdpa")
+    _, folded = make_pair(cfg, kernels=kernels, attention="sdpa", mlp="fold", bias_fold=True)
+    before, after = _backward_row_sums(plain, cfg), _backward_row_sums(folded, cfg)
+    assert before.count((rows, d)) >= 2 * depth, before
+    assert before.count((rows, 4 * d)) == depth, before
+    assert (rows, d) not in after and (rows, 4 * d) not in after, after
+    assert after.count((rows, 3 * d)) == depth, after   # qkv: not folded with attention sdpa
+    _, packed = make_pair(cfg, kernels=kernels, attention="sdpa_packed", mlp="fold", bias_fold=True)
+    assert _backward_row_sums(packed, cfg) == [s for s in after if s != (rows, 3 * d)]   # sdpa_packed: folded
+
+
 def test_sdpa_packed_attention_forward_and_every_gradient():
     assert_fp32_matches_reference(CONFIGS["odd/p2"], kernels="torch", attention="sdpa_packed")
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("cfg_name,mlp", [("S-width/p2", "plain"), ("B-width/p4", "plain"),
-                                          ("S-width/p2", "recompute"), ("S-width/p2", "fold"),
-                                          ("S-width/p2", "recompute-fold")])
-def test_bf16_by_the_flash_attention_rule(cfg_name, mlp):
+@pytest.mark.parametrize("cfg_name,mlp,bias_fold", [("S-width/p2", "plain", False), ("B-width/p4", "plain", False),
+                                                    ("S-width/p2", "recompute", False), ("S-width/p2", "fold", False),
+                                                    ("S-width/p2", "recompute-fold", False),
+                                                    ("S-width/p2", "fold", True)])
+def test_bf16_by_the_flash_attention_rule(cfg_name, mlp, bias_fold):
     """|fast_bf16 - ref_fp32| <= 2 |ref_bf16 - ref_fp32| + atol, for the output and every gradient."""
     cfg = CONFIGS[cfg_name]
-    ref, fast = make_pair(cfg, kernels="triton", attention="sdpa", mlp=mlp)
+    ref, fast = make_pair(cfg, kernels="triton", attention="sdpa", mlp=mlp, bias_fold=bias_fold)
     x, t, y = inputs(cfg)
     out_32, g_32 = run(ref, x, t, y)
     out_rb, g_rb = run(ref.to(torch.bfloat16), x.bfloat16(), t, y)
@@ -184,11 +250,12 @@ def test_other_conditioning_blocks_match_reference(block_type):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("attention,mlp", [("sdpa", "plain"), ("sdpa_packed", "plain"), ("auto", "plain"),
-                                           ("sdpa", "fold"), ("sdpa", "recompute-fold")])
-def test_torch_compile_fullgraph_matches_eager(attention, mlp):
+@pytest.mark.parametrize("attention,mlp,bias_fold", [("sdpa", "plain", False), ("sdpa_packed", "plain", False),
+                                                     ("auto", "plain", False), ("sdpa", "fold", False),
+                                                     ("sdpa", "recompute-fold", False), ("sdpa", "fold", True)])
+def test_torch_compile_fullgraph_matches_eager(attention, mlp, bias_fold):
     cfg = CONFIGS["odd/p2"]
-    _, fast = make_pair(cfg, kernels="triton", attention=attention, mlp=mlp)
+    _, fast = make_pair(cfg, kernels="triton", attention=attention, mlp=mlp, bias_fold=bias_fold)
     x, t, y = inputs(cfg)
     out_e, g_e = run(fast, x, t, y)
     compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
@@ -207,6 +274,8 @@ def test_bad_switches():
         DiT(**CONFIGS["odd/p2"], attention="flash")
     with pytest.raises(ValueError, match="mlp='fused'; choose one of"):
         DiT(**CONFIGS["odd/p2"], mlp="fused")
+    with pytest.raises(TypeError, match="bias_fold must be True or False"):
+        DiT(**CONFIGS["odd/p2"], bias_fold="yes")
     for backend, (ok, why) in attn_backends.backend_status().items():
         if not ok:
             with pytest.raises(ImportError, match=f"{backend!r} cannot run here") as e:

@@ -268,11 +268,13 @@ def fast_step(cfg):
 
 
 def fused_step(cfg):
-    """bf16 training with train.fused_optimizer_step (AdamW, bf16 copy and EMA in one pass) on top."""
+    """bf16 training with train.fused_optimizer_step (AdamW, bf16 copy and EMA in one pass) on top, and the
+    model's folds: every bias gradient from a fused pass (mlp="fold", bias_fold with sdpa_packed)."""
     cfg = fast_step(cfg)
     cfg["deepspeed"]["bf16"] = {"enabled": True}
     cfg["deepspeed"]["gradient_clipping"] = 0.0       # as the paper's recipe (the fused step refuses clipping)
     cfg["train"]["fused_optimizer_step"] = True
+    cfg["model"].update(mlp="fold", bias_fold=True, attention="sdpa_packed")
     return cfg
 
 

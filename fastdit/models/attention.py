@@ -186,6 +186,62 @@ def _sdpa_packed(qkv: torch.Tensor) -> torch.Tensor:
     return _PackedSDPA.apply(qkv)
 
 
+class _PackedQKVAttention(torch.autograd.Function):
+    """qkv projection + SDPA (as _PackedSDPA) in one function, whose backward stacks dq, dk, dv into dqkv
+    and sums its columns for the projection's bias in the same pass (`stack_grads`, e.g. the Triton
+    kernels/qkv_grads.py op), then runs the projection's two GEMMs: no separate bias reduction."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_heads, stack_grads):
+        n, t, _ = x.shape
+        hd = weight.shape[0] // (3 * num_heads)
+        qkv = F.linear(x, weight, bias)                  # the bias in the GEMM's epilogue, as nn.Linear
+        with torch.enable_grad():
+            leaf = qkv.detach().view(n, t, 3, num_heads, hd).requires_grad_(True)
+            q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, hd) views
+            out = F.scaled_dot_product_attention(q, k, v)   # (N, H, T, hd)
+        ctx.inner = (q, k, v, out)
+        ctx.save_for_backward(x, weight)
+        ctx.stack_grads = stack_grads
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out.detach().transpose(1, 2).reshape(n, t, num_heads * hd)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out = ctx.inner
+        del ctx.inner
+        x, weight = ctx.saved_tensors
+        n, h, t, hd = out.shape
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.reshape(n, t, h, hd).transpose(1, 2))
+        dqkv, db = ctx.stack_grads(dq, dk, dv)          # (N, T, 3, H, hd) contiguous, (3 H hd,) fp32
+        del dq, dk, dv
+        g2 = dqkv.view(n * t, 3 * h * hd)
+        dx = g2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = g2.t().mm(x.reshape(n * t, -1)) if ctx.needs_input_grad[1] else None
+        db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None
+
+
+def projected_attention(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
+                        backend: str = "sdpa", stack_grads: Optional[Callable] = None) -> torch.Tensor:
+    """attention(F.linear(x, weight, bias) as (N, T, 3, H, hd), backend) -> (N, T, H * hd).
+
+    With `stack_grads(dq, dk, dv) -> (dqkv, column sums)` (fastdit.kernels.qkv_grads) and a backend that
+    resolves to sdpa_packed, a training forward runs _PackedQKVAttention: the same values and gradients,
+    with the projection's bias gradient taken from the pass that assembles dqkv. Every other case (another
+    backend, no gradient, autocast, torch.compile, no stack_grads) is the plain projection + attention().
+    """
+    n, t, _ = x.shape
+    if stack_grads is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+            and not torch.is_autocast_enabled(x.device.type) \
+            and any(a is not None and a.requires_grad for a in (x, weight, bias)):
+        resolved = resolve_backend(backend, x.device, x.dtype) if backend == "auto" else backend
+        if resolved == "sdpa_packed":
+            return _PackedQKVAttention.apply(x, weight, bias, num_heads, stack_grads)
+    qkv = F.linear(x, weight, bias).view(n, t, 3, num_heads, weight.shape[0] // (3 * num_heads))
+    return attention(qkv, backend)
+
+
 def _check_half_cuda(qkv: torch.Tensor, backend: str):
     if not qkv.is_cuda:
         raise ValueError(f"attention backend {backend!r} needs CUDA tensors; use 'sdpa' or 'math' on CPU")

@@ -17,7 +17,7 @@ from typing import Optional
 from fastdit.models.registry import model_config
 
 IMPLS = ("auto", "fast", "reference")
-FAST_OPTIONS = ("kernels", "attention", "checkpointing", "nvtx", "mlp")  # constructor options of the fast model
+FAST_OPTIONS = ("kernels", "attention", "checkpointing", "nvtx", "mlp", "bias_fold")  # constructor options of the fast model
 
 
 def resolve_impl(impl: str, block_type: str = "adaln_zero") -> str:

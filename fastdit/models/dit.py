@@ -12,6 +12,11 @@ Same registry keys, constructor arguments, methods and state-dict layout as
                 recompute GELU there (fastdit.models.mlp; one 4D-wide activation less per block) |
                 "fold" / "recompute-fold": the same, with GELU's backward and fc1's bias gradient in one
                 pass (kernels/gelu.py)
+  bias_fold     False (default) | True: the attention projection's and fc2's biases are added inside the
+                fused residual kernel (x + gate * (y + b)), whose backward pass also gives their gradients,
+                and with attention sdpa_packed the qkv bias gradient comes from the pass that assembles dqkv
+                (kernels/qkv_grads.py): no column-sum reduction over those linears' output gradients (with
+                mlp="fold" or "recompute-fold", fc1's bias is folded too)
 
 Data flow of the adaLN-Zero stack (D = hidden size); each arrow is one fused kernel:
 
@@ -41,7 +46,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from fastdit.dist import nvtx_range
 from fastdit.models import attention as attn_backends
-from fastdit.models.mlp import MLP_CHOICES, fold_gelu_mlp, recompute_gelu_mlp
+from fastdit.models.mlp import MLP_CHOICES, fold_gelu_mlp, plain_mlp, recompute_gelu_mlp
 from fastdit.models import reference as ref
 from fastdit.models.registry import KERNEL_CHOICES, make_registry
 
@@ -53,18 +58,20 @@ def _torch_ops():
     from fastdit.kernels import (gated_residual_modulate_layernorm_ref, gated_residual_ref,
                                  modulate_layernorm_ref, patch_embed_ref)
     from fastdit.kernels.gelu import gelu_tanh_bwd_ref
+    from fastdit.kernels.qkv_grads import stack_qkv_grads_ref
     return dict(modulate_layernorm=modulate_layernorm_ref, gated_residual=gated_residual_ref,
                 gated_residual_modulate_layernorm=gated_residual_modulate_layernorm_ref,
-                patch_embed=patch_embed_ref, gelu_tanh_bwd=gelu_tanh_bwd_ref)
+                patch_embed=patch_embed_ref, gelu_tanh_bwd=gelu_tanh_bwd_ref, stack_qkv_grads=stack_qkv_grads_ref)
 
 
 def _triton_ops():
     from fastdit.kernels import (gated_residual, gated_residual_modulate_layernorm,
                                  modulate_layernorm, patch_embed)
     from fastdit.kernels.gelu import gelu_tanh_bwd_op
+    from fastdit.kernels.qkv_grads import stack_qkv_grads_op
     return dict(modulate_layernorm=modulate_layernorm, gated_residual=gated_residual,
                 gated_residual_modulate_layernorm=gated_residual_modulate_layernorm,
-                patch_embed=patch_embed, gelu_tanh_bwd=gelu_tanh_bwd_op)
+                patch_embed=patch_embed, gelu_tanh_bwd=gelu_tanh_bwd_op, stack_qkv_grads=stack_qkv_grads_op)
 
 
 def triton_usable(device: torch.device) -> tuple[bool, str]:
@@ -97,20 +104,30 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, proj_bias: bool = True, stack_grads=None) -> torch.Tensor:
+        """proj(attention(qkv(x))); proj_bias=False leaves the projection's bias out (the caller adds it);
+        stack_grads: the qkv projection's bias gradient from the pass that assembles dqkv
+        (attention.projected_attention; sdpa_packed only)."""
         n, t, d = x.shape
-        qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, hd)
-        return self.proj(attn_backends.attention(qkv, self.backend))  # (N, T, D)
+        if stack_grads is not None:
+            o = attn_backends.projected_attention(x, self.qkv.weight, self.qkv.bias, self.num_heads, self.backend,
+                                                  stack_grads)
+        else:
+            qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, hd)
+            o = attn_backends.attention(qkv, self.backend)
+        return self.proj(o) if proj_bias else F.linear(o, self.proj.weight)  # (N, T, D)
 
 
 class FastDiTBlock(nn.Module):
     """adaLN-Zero DiT block whose forward takes and returns the (residual, modulated-LN) pair."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attention: str, mlp: str = "plain"):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attention: str, mlp: str = "plain",
+                 bias_fold: bool = False):
         super().__init__()
         self.attn = Attention(hidden_size, num_heads, attention)
         self.mlp = ref.Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.mlp_mode = mlp
+        self.bias_fold = bias_fold
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale,
@@ -119,34 +136,53 @@ class FastDiTBlock(nn.Module):
 
         Returns (x_out, h_next) with h_next = modulate(LN(x_out), next_shift, next_scale).
         """
+        fold = self.bias_fold
+        residual_ln = ops["gated_residual_modulate_layernorm"]
         with nvtx_range("attention", nvtx):
-            a = self.attn(h)
+            a = self.attn(h, proj_bias=not fold, stack_grads=ops["stack_qkv_grads"] if fold else None)
         with nvtx_range("residual+ln", nvtx):
-            x, h = ops["gated_residual_modulate_layernorm"](x, a, gate_msa, shift_mlp, scale_mlp)
+            if fold:
+                x, h = residual_ln(x, a, gate_msa, shift_mlp, scale_mlp, bias=_bias_like(self.attn.proj.bias, a))
+            else:
+                x, h = residual_ln(x, a, gate_msa, shift_mlp, scale_mlp)
         with nvtx_range("mlp", nvtx):
             if self.mlp_mode == "recompute":
-                m = recompute_gelu_mlp(self.mlp, h)
+                m = recompute_gelu_mlp(self.mlp, h, fc2_bias=not fold)
             elif self.mlp_mode in ("fold", "recompute-fold"):
-                m = fold_gelu_mlp(self.mlp, h, ops["gelu_tanh_bwd"], recompute=self.mlp_mode == "recompute-fold")
+                m = fold_gelu_mlp(self.mlp, h, ops["gelu_tanh_bwd"], recompute=self.mlp_mode == "recompute-fold",
+                                  fc2_bias=not fold)
             else:
-                m = self.mlp(h)
+                m = plain_mlp(self.mlp, h, fc2_bias=not fold)
         with nvtx_range("residual+ln", nvtx):
-            x, h = ops["gated_residual_modulate_layernorm"](x, m, gate_mlp, next_shift, next_scale)
+            if fold:
+                x, h = residual_ln(x, m, gate_mlp, next_shift, next_scale, bias=_bias_like(self.mlp.fc2.bias, m))
+            else:
+                x, h = residual_ln(x, m, gate_mlp, next_shift, next_scale)
         return x, h
+
+
+def _bias_like(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A linear layer's bias in the dtype of its bias-free output y (under autocast the parameter is fp32
+    and the output bf16, and F.linear would have added the bias in bf16)."""
+    return bias if bias.dtype == y.dtype else bias.to(y.dtype)
 
 
 class DiT(ref.DiT):
     """Fast DiT; see the module docstring. State dict identical to fastdit.models.reference.DiT."""
 
     def __init__(self, *args, kernels: str = "auto", attention: str = "auto",
-                 checkpointing: bool = False, nvtx: bool = False, mlp: str = "plain", **kwargs):
+                 checkpointing: bool = False, nvtx: bool = False, mlp: str = "plain", bias_fold: bool = False,
+                 **kwargs):
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"unknown kernels={kernels!r}; choose one of {KERNEL_CHOICES}")
         if attention not in attn_backends.BACKENDS:
             raise ValueError(f"unknown attention={attention!r}; choose one of {attn_backends.BACKENDS}")
         if mlp not in MLP_CHOICES:
             raise ValueError(f"unknown mlp={mlp!r}; choose one of {MLP_CHOICES}")
+        if not isinstance(bias_fold, bool):
+            raise TypeError(f"bias_fold must be True or False, got {bias_fold!r}")
         self.mlp_mode = mlp
+        self.bias_fold = bias_fold
         attn_backends.probe()  # import and check the optional backends now, not in a compiled forward
         if attention != "auto":
             attn_backends.resolve_backend(attention)  # fail now if the backend cannot run here
@@ -161,7 +197,7 @@ class DiT(ref.DiT):
         attention_cls = functools.partial(Attention, backend=self._attention_choice)
         if self.block_type == "adaln_zero":
             return FastDiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self._attention_choice,
-                                self.mlp_mode)
+                                self.mlp_mode, self.bias_fold)
         # other conditioning blocks: the reference block code with the chosen attention backend
         return ref.DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.block_type,
                             attention_cls=attention_cls)

@@ -84,16 +84,29 @@ class _FoldGeluMlp(torch.autograd.Function):
         return dh, dw1, (db1.to(ctx.bias[2]) if ctx.bias[0] else None), dw2, db2, None, None
 
 
-def fold_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, gelu_bwd, recompute: bool = False) -> torch.Tensor:
+def plain_mlp(mlp: torch.nn.Module, h: torch.Tensor, fc2_bias: bool = True) -> torch.Tensor:
+    """mlp(h) under autograd; fc2_bias=False leaves fc2's bias out (the caller adds it, e.g. the fused
+    residual kernel of the model's bias_fold, which also gives its gradient)."""
+    if fc2_bias:
+        return mlp(h)
+    return F.linear(mlp.act(mlp.fc1(h)), mlp.fc2.weight)
+
+
+def fold_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, gelu_bwd, recompute: bool = False,
+                  fc2_bias: bool = True) -> torch.Tensor:
     """mlp(h) for a reference Mlp, with `gelu_bwd(z, dg, write_g=...) -> (dz, db, g)` doing GELU's
-    backward and fc1's bias gradient in one pass (kernels/gelu.py); recompute: see _FoldGeluMlp."""
+    backward and fc1's bias gradient in one pass (kernels/gelu.py); recompute: see _FoldGeluMlp;
+    fc2_bias: see plain_mlp."""
     if torch.is_autocast_enabled(h.device.type):
-        return mlp(h)
-    return _FoldGeluMlp.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, recompute, gelu_bwd)
+        return plain_mlp(mlp, h, fc2_bias)
+    return _FoldGeluMlp.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                              mlp.fc2.bias if fc2_bias else None, recompute, gelu_bwd)
 
 
-def recompute_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """mlp(h) for a reference Mlp (fc1, GELU tanh, fc2), keeping h and fc1(h) for the backward only."""
+def recompute_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, fc2_bias: bool = True) -> torch.Tensor:
+    """mlp(h) for a reference Mlp (fc1, GELU tanh, fc2), keeping h and fc1(h) for the backward only;
+    fc2_bias: see plain_mlp."""
     if torch.is_autocast_enabled(h.device.type):
-        return mlp(h)
-    return _RecomputeGeluMlp.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        return plain_mlp(mlp, h, fc2_bias)
+    return _RecomputeGeluMlp.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                                   mlp.fc2.bias if fc2_bias else None)

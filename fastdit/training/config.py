@@ -46,6 +46,9 @@ class ModelConfig:
     checkpointing: bool = False                 # activation checkpointing (fast model only)
     mlp: Literal[MLP_CHOICES] = "plain"         # fast model only; recompute = GELU recomputed in backward;
     #                                             fold = GELU backward + fc1 bias gradient in one pass (kernels/gelu.py)
+    # fast model only: attention-projection and fc2 biases added in the fused residual kernel, which also
+    # gives their gradients (no column-sum reductions); off until a GPU run measures it (docs/performance.md)
+    bias_fold: bool = False
     # Architecture overrides; null = the registry value of `name`.
     depth: Optional[int] = None
     hidden_size: Optional[int] = None

@@ -89,11 +89,13 @@ def fast_options(cfg: Config, impl: str) -> Dict[str, Any]:
     reference, which says that it ignores model.checkpointing)."""
     if impl == "fast":
         return dict(kernels=cfg.model.kernels, attention=cfg.model.attention,
-                    checkpointing=cfg.model.checkpointing, mlp=cfg.model.mlp)
+                    checkpointing=cfg.model.checkpointing, mlp=cfg.model.mlp, bias_fold=cfg.model.bias_fold)
     if cfg.model.checkpointing:
         say("model.checkpointing is a fast-model option; the reference DiT ignores it")
     if cfg.model.mlp != "plain":
         say(f"model.mlp={cfg.model.mlp!r} is a fast-model option; the reference DiT ignores it")
+    if cfg.model.bias_fold:
+        say("model.bias_fold is a fast-model option; the reference DiT ignores it")
     return {}
 
 
