@@ -14,6 +14,13 @@ and reports milliseconds (median; triton.testing.do_bench on CUDA, which flushes
 call), the bytes the op must move through HBM at least, the GB/s that implies, and that as a share
 of a device-to-device copy measured in the same run (`copy_share`; 1.0 = as fast as a copy).
 
+Two more columns say whether a call's time is its kernels' or the host's:
+  host_ms   the CPU time to issue one call (median of 10, the device idle at its start): Python, the
+            torch.library dispatch, the launches. Where host_ms approaches ms, do_bench timed the host.
+  ms_graph  the same call captured once in a CUDA graph and replayed (triton.testing.do_bench_cudagraph,
+            no L2 flush): the GPU time of its kernels and allocations without host gaps
+            (`copy_share_graph`). None (with `graph_error`) where capture fails; CUDA only.
+
 Bytes counted per op (e = element size; partial-sum buffers and L2 re-reads are not counted):
   modulate_layernorm  fwd: read x, write y (2*NTD*e) + shift, scale (2*ND*e) + mean, rstd (2*NT*4)
                       bwd: read dy, x, write dx (3*NTD*e) + scale, dshift, dscale (3*ND*e) + mean, rstd
@@ -47,7 +54,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.common import IntervalTimer, environment, write_json  # noqa: E402
+from benchmarks.common import IntervalTimer, environment, synchronize, write_json  # noqa: E402
 
 OPS = ("modulate_layernorm", "gated_residual", "gated_residual_modulate_layernorm", "patch_embed")
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -202,6 +209,33 @@ def _pass_fns(fn, args, grad_outs):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
+def _host_ms(fn, device, reps=10):
+    """Median CPU time (ms) to issue one call of fn, each started with the device idle."""
+    import time
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    synchronize(device)
+    return statistics.median(times)
+
+
+def _graph_ms(fn, device, rep):
+    """(ms, error): fn's GPU time replayed from a CUDA graph (no host work), or (None, why)."""
+    if device.type != "cuda":
+        return None, "CUDA graphs need a CUDA device"
+    try:
+        from triton.testing import do_bench_cudagraph
+        try:
+            return float(do_bench_cudagraph(fn, rep=rep, return_mode="median")), None
+        except TypeError:   # a triton without return_mode: its mean
+            return float(do_bench_cudagraph(fn, rep=rep)), None
+    except Exception as e:  # noqa: BLE001 - a capture that fails is reported, not fatal
+        return None, f"{type(e).__name__}: {e}"[:300]
+
+
 def _copy_gbps(device, mib, timer):
     """Measured device-to-device copy bandwidth (GB/s, read + write counted)."""
     import torch
@@ -271,17 +305,27 @@ def run(args):
                     err = max((o.float() - r).abs().max().item() for o, r in zip(outs, exact))
                     for pas, call in _pass_fns(fn, inputs, grad_outs).items():
                         ms = timer(call)
+                        host_ms = _host_ms(call, device, reps=2 if args.smoke else 10)
+                        # ~20 ms of calls unrolled into one graph: capture stays short, the median is stable
+                        ms_graph, graph_error = _graph_ms(call, device, min(args.rep, 20))
                         nbytes = {"fwd": b_fwd, "bwd": b_bwd, "fwd+bwd": b_fwd + b_bwd}[pas]
                         flops = {"fwd": f_fwd, "bwd": f_bwd, "fwd+bwd": f_fwd + f_bwd}[pas]
                         gbps = nbytes / (ms * 1e-3) / 1e9
+                        gbps_graph = nbytes / (ms_graph * 1e-3) / 1e9 if ms_graph else None
                         row = dict(op=op, **{"pass": pas}, impl=impl, N=shape[0], T=shape[1], D=shape[2],
                                    dtype=str(dtype).replace("torch.", ""), ms=ms, bytes=nbytes,
                                    gbps=gbps, copy_share=gbps / copy_gbps, max_abs_err=err,
-                                   tflops=(flops / (ms * 1e-3) / 1e12) if flops else None)
+                                   tflops=(flops / (ms * 1e-3) / 1e12) if flops else None,
+                                   host_ms=host_ms, ms_graph=ms_graph, gbps_graph=gbps_graph,
+                                   copy_share_graph=(gbps_graph / copy_gbps) if gbps_graph else None,
+                                   graph_error=graph_error)
                         rows.append(row)
+                        graph = (f"graph {ms_graph:8.4f} ms {100 * gbps_graph / copy_gbps:5.1f}%" if ms_graph
+                                 else "graph -")
                         print(f"{op:34s} {pas:8s} {impl:18s} N={shape[0]:<4d} T={shape[1]:<5d} "
                               f"D={shape[2]:<5d} {ms:9.4f} ms {gbps:8.1f} GB/s "
-                              f"{100 * gbps / copy_gbps:5.1f}% of copy  err {err:.2e}", flush=True)
+                              f"{100 * gbps / copy_gbps:5.1f}% of copy  host {host_ms:8.4f} ms  {graph}  "
+                              f"err {err:.2e}", flush=True)
     for r in rows:
         base = [e for e in rows if e["impl"] == "eager" and e["op"] == r["op"]
                 and e["pass"] == r["pass"] and (e["N"], e["T"], e["D"]) == (r["N"], r["T"], r["D"])]

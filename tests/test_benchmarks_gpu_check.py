@@ -56,6 +56,7 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     by = {s.name: [" ".join(c) for c in s.commands] for s in stages}
     assert list(by) == list(gc.STAGES)
     assert "tests/test_kernels.py tests/test_models_dit.py tests/test_models_attention.py" in by["tests"][0]
+    assert "tests/test_kernels_qkv_grads.py" in by["tests"][0]
     assert "--model DiT-XL/2" in by["parity"][0]
     assert "--batch 128" in by["throughput"][0] and "fused+compile" not in by["throughput"][0]
     assert "fused/math" not in by["throughput"][0] and "fused/xformers" in by["throughput"][0]
@@ -67,6 +68,9 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "benchmarks/step_profile.py --config configs/xl2_zero2.json" in by["profile"][0]
     assert "train.fused_optimizer_step=true" in by["profile"][0] and "train_batch_size=128" in by["profile"][0]
     assert "deepspeed+fused-step" in by["throughput"][0] and "fused+mlp-fold" in by["throughput"][0]
+    tp = by["throughput"][0].split("--rows ")[1].split()[0].split(",")
+    assert tp[:4] == ["fused", "deepspeed", "deepspeed+fused-step", "fused+bias-fold"]   # most wanted first
+    assert "fused+bias-fold" in tp and "eager" in tp and len(tp) == len(set(tp))
     for path in gc.GPU_TEST_FILES:  # the files the GPU stages name exist
         assert os.path.isfile(os.path.join(ROOT, path)), path
     rows = gc.build_stages(gc.parse_args(["--rows", "fused,deepspeed"]), str(tmp_path), 64, sys.executable,

@@ -639,6 +639,11 @@ def test_benchmark_smoke(tmp_path):
     for r in data["rows"]:
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bytes"] > 0
         assert r["max_abs_err"] is not None and r["max_abs_err"] < 1e-3
+        assert r["host_ms"] > 0
+        if DEV == "cpu":   # no CUDA graphs on the CPU: said, not faked
+            assert r["ms_graph"] is None and "CUDA" in r["graph_error"]
+        else:
+            assert (r["ms_graph"] or 0) > 0 or r["graph_error"], r
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""Host cost of the fused ops: the CPU time of one call with every Triton kernel launch made a no-op.
+
+A fused op's call runs Python on the host before its kernels reach the GPU: input checks, output
+allocation, the torch.library dispatch and autograd bookkeeping, the launcher. In a training step the
+host runs ahead of the GPU and this is hidden, but where the GPU waits for the host (a lone op timed by
+benchmarks/kernels.py, the start of a forward after a synchronising optimizer step) it is what gets
+timed. This script measures it without a GPU: on the CPU, with TRITON_INTERPRET=1 and each fastdit
+@triton.jit kernel replaced by a launch that does nothing, so what is left is the host path; the
+`*_ref` (plain PyTorch) ops run for real at the same tiny shape as the comparison.
+
+  python benchmarks/host_overhead.py [--reps 300] [--json PATH]
+
+Rows: op, impl (fused / ref), pass (fwd / fwd+bwd), microseconds per call (median of 5 batches of
+--reps calls). The figures depend on the CPU; they are host costs, never GPU times.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # see benchmarks/kernels.py
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors are accepted
+
+from benchmarks.common import environment, write_json  # noqa: E402
+
+KERNEL_MODULES = ("modulate_layernorm", "gated_residual", "patch_embed", "gelu", "qkv_grads")
+
+
+class _NoLaunch:
+    """Stands in for a @triton.jit kernel: kernel[grid](...) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_kernels() -> int:
+    """Replace every @triton.jit kernel of the fastdit kernel modules by a no-op; return how many."""
+    import importlib
+
+    import triton
+    count = 0
+    for name in KERNEL_MODULES:
+        mod = importlib.import_module(f"fastdit.kernels.{name}")
+        for attr, value in list(vars(mod).items()):
+            if isinstance(value, triton.runtime.JITFunction) or type(value).__name__ == "InterpretedFunction":
+                setattr(mod, attr, _NoLaunch())
+                count += 1
+    return count
+
+
+def cases():
+    """(op, fused fn, ref fn, leaves, grad_outs) at a tiny shape."""
+    import torch
+    import fastdit.kernels as K
+    n, t, d = 2, 16, 64
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+    x, y, dout, v = rnd(n, t, d), rnd(n, t, d), rnd(n, t, d), [rnd(n, d) for _ in range(3)]
+    bias = rnd(d)
+    img, w, b, pos = rnd(n, 4, 8, 8), rnd(d, 4, 2, 2), rnd(d), rnd(1, t, d)
+    return [
+        ("modulate_layernorm", K.modulate_layernorm, K.modulate_layernorm_ref, [x, v[0], v[1]], [dout]),
+        ("gated_residual", K.gated_residual, K.gated_residual_ref, [x, y, v[0]], [dout]),
+        ("gated_residual_modulate_layernorm", K.gated_residual_modulate_layernorm,
+         K.gated_residual_modulate_layernorm_ref, [x, y, *v], [dout, dout]),
+        ("gated_residual_modulate_layernorm+bias",
+         lambda *a: K.gated_residual_modulate_layernorm(*a[:5], bias=a[5]),
+         lambda *a: K.gated_residual_modulate_layernorm_ref(*a[:5], bias=a[5]), [x, y, *v, bias], [dout, dout]),
+        ("patch_embed", lambda i, w_, b_: K.patch_embed(i, w_, b_, pos, 2),
+         lambda i, w_, b_: K.patch_embed_ref(i, w_, b_, pos, 2), [img, w, b], [dout]),
+    ]
+
+
+def _per_call_us(fn, reps: int) -> float:
+    for _ in range(max(5, reps // 10)):
+        fn()
+    batches = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        batches.append((time.perf_counter() - t0) / reps * 1e6)
+    return statistics.median(batches)
+
+
+def run(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=300, help="calls per timed batch (5 batches)")
+    ap.add_argument("--json", help="write the rows and run metadata here")
+    args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
+    n_stubbed = stub_kernels()
+    rows = []
+    for op, fused, ref, leaves, grad_outs in cases():
+        for impl, fn in (("fused", fused), ("ref", ref)):
+            params = [leaf.clone().requires_grad_() for leaf in leaves]
+
+            def fwd():
+                with torch.no_grad():
+                    return fn(*params)
+
+            def fwd_bwd():
+                out = fn(*params)
+                out = list(out) if isinstance(out, (tuple, list)) else [out]
+                torch.autograd.backward(out, grad_outs[:len(out)])
+            for pas, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                us = _per_call_us(call, args.reps)
+                rows.append(dict(op=op, impl=impl, **{"pass": pas}, us_per_call=us))
+                print(f"{op:40s} {impl:6s} {pas:8s} {us:9.1f} us per call", flush=True)
+    meta = dict(environment(torch.device("cpu")), kernels_stubbed=n_stubbed, reps=args.reps,
+                note="host time per call with the Triton launches made no-ops (fused) or the PyTorch ops "
+                     "running at a tiny shape (ref); CPU figures, not GPU times")
+    if args.json:
+        print(f"wrote {write_json(args.json, dict(meta=meta, rows=rows))}")
+    return meta, rows
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,23 @@
+"""benchmarks/host_overhead.py: the host cost of each fused op with its kernel launches made no-ops (it
+replaces the kernels module-wide, so it runs in its own process here)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_host_overhead_rows(tmp_path):
+    out = tmp_path / "host.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--reps", "3",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["kernels_stubbed"] >= 7 and "not GPU times" in data["meta"]["note"]
+    rows = data["rows"]
+    keys = {(r["op"], r["impl"], r["pass"]) for r in rows}
+    assert len(keys) == len(rows) == 5 * 2 * 2
+    assert all(r["us_per_call"] > 0 for r in rows)
+    assert {r["op"] for r in rows} >= {"gated_residual_modulate_layernorm", "patch_embed"}
