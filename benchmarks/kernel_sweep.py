@@ -25,7 +25,7 @@ P in --programs-per-sm (1 2 4 8 16), computed as token_tiles does for its ~4. Th
 overrides) is always measured and marked `default`. A config that fails to compile or run is
 recorded with its error string (a config that faults the CUDA context would fail every later one too;
 the JSON written so far keeps what came before). At the defaults (D=1152, T=256, N=128, 132 SMs) that is
-13 fwd and 65 bwd tilings per op, 234 in all, each compiled on first use (no GPU timing of the sweep
+13 fwd and 65 bwd tilings per op, 312 in all over the four ops, each compiled on first use (no GPU timing of the sweep
 itself exists yet; the order puts gated_residual_modulate_layernorm's bwd first, so a deadline cuts the
 less important groups).
 
@@ -65,7 +65,10 @@ if ROOT not in sys.path:
 from benchmarks.common import environment, write_json  # noqa: E402
 
 # The op that matters in the training step first, its backward first: a deadline cuts the others.
-OPS = ("gated_residual_modulate_layernorm", "modulate_layernorm", "gated_residual")
+# gated_residual_modulate_layernorm+bias: the same op with the branch's bias added in the kernel (the model's
+# bias_fold; its backward kernel has one more accumulator and re-reads the modulation vectors).
+OPS = ("gated_residual_modulate_layernorm", "gated_residual_modulate_layernorm+bias", "modulate_layernorm",
+       "gated_residual")
 PASSES = ("bwd", "fwd")
 SMOKE_NOTE = ("--smoke: tiny shape on CPU through the Triton interpreter (TRITON_INTERPRET=1), 2-3 configs per "
               "(op, pass); num_warps is ignored there and the timings say nothing about kernel speed")
@@ -191,6 +194,10 @@ def launchers(op, n, t, d, dtype, device):
     GR = importlib.import_module("fastdit.kernels.gated_residual")
     ML = importlib.import_module("fastdit.kernels.modulate_layernorm")
 
+    bias = None
+    if op.endswith("+bias"):
+        op = op[:-len("+bias")]
+        bias = (0.1 * torch.randn(d, generator=torch.Generator().manual_seed(1))).to(device, dtype)
     _, _, inputs, grad_outs, b_fwd, b_bwd, _, _, shape = _case(op, n, t, d, dtype, device)
     inputs = [a.detach() for a in inputs]
     with torch.no_grad():
@@ -220,13 +227,15 @@ def launchers(op, n, t, d, dtype, device):
             gate, shift, scale = c[:, 2 * d:3 * d], c[:, 3 * d:4 * d], c[:, 4 * d:5 * d]
             dxnew, dh = grad_outs          # gradients of the op's outputs (x', h), as kernels.py orders them
 
+            with_bias = {"bias": bias} if bias is not None else {}
+
             def fwd(**o):
-                return ML.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, 1e-6, **o)
+                return ML.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, 1e-6, **with_bias, **o)
             xnew, _, mean, rstd = fwd()
 
             def bwd(**o):
                 return ML.gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean, rstd,
-                                                                x.dtype, shift.dtype, **o)
+                                                                x.dtype, shift.dtype, **with_bias, **o)
     return fwd, bwd, b_fwd, b_bwd, shape
 
 

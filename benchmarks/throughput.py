@@ -91,7 +91,7 @@ SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
              "fused+mlp-recompute-fold", "fused+bias-fold", "deepspeed", "deepspeed+compile",
-             "deepspeed+fused-step")
+             "deepspeed+fused-step", "deepspeed+all-switches")
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 NUM_CLASSES = 1000
@@ -271,6 +271,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "deepspeed", True, "auto"))
         elif name == "deepspeed+fused-step":  # train.fused_optimizer_step: AdamW + bf16 copy + EMA in one pass
             specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=True))
+        elif name == "deepspeed+all-switches":  # the loop with every unmeasured speed switch on
+            specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=True, mlp="fold", bias_fold=True))
         elif name.startswith("fused/"):
             backend = name.split("/", 1)[1]
             ok, reason = status.get(backend, (False, "unknown attention backend"))
@@ -403,13 +405,15 @@ def deepspeed_row_config(args):
 
 
 def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any],
-                         compile: bool = False, fused_step: bool = False):
+                         compile: bool = False, fused_step: bool = False, mlp: str = "plain",
+                         bias_fold: bool = False):
     """The deepspeed row: fastdit.training.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
     Trainer cycling the harness's batches. Records what it runs in `row`; returns (step, setup), where
     step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update).
     `compile` (row deepspeed+compile) sets train.compile, so build_engine calls engine.compile() as
     fastdit/train.py does, with the harness's --compile-backend / --compile-mode. `fused_step` (row
-    deepspeed+fused-step) sets train.fused_optimizer_step."""
+    deepspeed+fused-step) sets train.fused_optimizer_step; `mlp` / `bias_fold` (row deepspeed+all-switches)
+    set model.mlp / model.bias_fold."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     if os.environ.get("WORLD_SIZE", "1") != "1":
@@ -426,6 +430,10 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
         cfg.train.compile = True
     if fused_step:
         cfg.train.fused_optimizer_step = True
+    if mlp != "plain":
+        cfg.model.mlp = mlp
+    if bias_fold:
+        cfg.model.bias_fold = True
     attention = cfg.model.attention
     if attention == "auto":  # resolved once, as for the fused row
         cfg.model.attention = resolve_backend(
@@ -441,6 +449,7 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
                attention=(f"{cfg.model.attention} (auto)" if attention == "auto" else info["attention"]),
                compile=(dict(compile_info(args), via="engine.compile()") if cfg.train.compile else None),
                mlp=cfg.model.mlp if setup.impl == "fast" else None,
+               bias_fold=cfg.model.bias_fold if setup.impl == "fast" else None,
                fused_optimizer_step=("on" if getattr(setup.engine.optimizer, "fastdit_fused_step", None) else
                                      "refused (the reason is in the log)" if cfg.train.fused_optimizer_step else "off"),
                deepspeed=info)
@@ -541,7 +550,7 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
         t0 = time.perf_counter()
         if spec.impl == "deepspeed":
             step, setup = build_deepspeed_step(args, device, ctx["kernels"], ctx["batches"], row, spec.compile,
-                                               spec.fused_step)
+                                               spec.fused_step, spec.mlp, spec.bias_fold)
             if device.type == "cuda":  # the peak counts the engine's resident state, not its construction
                 free_memory(device)
                 torch.cuda.reset_peak_memory_stats(device)

@@ -26,7 +26,7 @@ from fastdit.models import attention as attn_backends  # noqa: E402
 
 EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
                  "fused+mlp-recompute-fold", "fused+bias-fold", "deepspeed", "deepspeed+compile",
-                 "deepspeed+fused-step",
+                 "deepspeed+fused-step", "deepspeed+all-switches",
                  "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers"]
 
 
@@ -57,7 +57,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert data["benchmark"] == "throughput" and data["complete"] is True
     rows = {r["name"]: r for r in data["rows"]}
     assert [r["name"] for r in data["rows"]] == EXPECTED_ROWS
-    for name in EXPECTED_ROWS[:12]:
+    for name in EXPECTED_ROWS[:13]:
         assert rows[name]["status"] == "ok", (name, rows[name]["error"])
         assert rows[name]["error"] is None
     # flash-attn / xformers rows: a backend that cannot run here (not installed, no CUDA, a failed test
@@ -131,6 +131,12 @@ def test_smoke_rows_and_statuses(smoke_run):
         in smoke_run["stdout"]
     for key in ("loss_first", "loss_last"):
         assert dsf[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
+    # deepspeed+all-switches: the engine's step with the model's folds (and the fused step, refused in fp32):
+    # the same training as the deepspeed row
+    dsa = rows["deepspeed+all-switches"]
+    assert (dsa["mlp"], dsa["bias_fold"], ds["mlp"], ds["bias_fold"]) == ("fold", True, "plain", False)
+    for key in ("loss_first", "loss_last"):
+        assert dsa[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
     assert "ZeRO-2 fp32 AdamW (DeepSpeedZeroOptimizer)" in smoke_run["stdout"]
     assert data["config"]["deepspeed_config"] == eng["config"]
     # progress: one line per row, then the table
