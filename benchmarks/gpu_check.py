@@ -364,8 +364,12 @@ def summarize_profile(folder: str, st: Stage) -> str:
     """The step profiler's phase medians (ms) and step time from its profile.json."""
     d = _load(os.path.join(folder, "profile.json"))
     phases = d["phases"]["median_ms"]
-    st.detail = dict(phases_ms=phases, step=d.get("step"))
-    return "ms/step by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+    gaps = (d.get("trace") or {}).get("idle_gaps_by_phase_ms")
+    st.detail = dict(phases_ms=phases, step=d.get("step"), idle_gaps_by_phase_ms=gaps)
+    line = "ms/step by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+    if gaps:
+        line += "; idle gaps (traced): " + ", ".join(f"{k} {v:.1f}" for k, v in gaps.items() if v > 0)
+    return line
 
 
 def summarize_train(run_dir: str, out: str, skip_windows: int, st: Stage) -> str:

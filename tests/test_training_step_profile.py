@@ -110,6 +110,7 @@ KERNELS = [
     ("_modln_fwd_kernel", "fastdit"),
     ("_gated_residual_fwd_kernel", "fastdit"),
     ("_patch_embed_dw_kernel", "fastdit"),
+    ("_gelu_bwd_kernel", "fastdit"), ("_stack_qkv_kernel", "fastdit"), ("_adamw_kernel", "optimizer"),
     ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::"
      "OpaqueType<2u>,", "copy/cast"),
     ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
@@ -173,6 +174,30 @@ def test_analyse_device_trace():
     assert cats["idle"] == pytest.approx(1.0 - out["busy_ms"])
     top = out["top"][0]
     assert top == dict(name="nvjet_a", category="gemm", ms_per_step=pytest.approx(0.1), calls_per_step=1.0)
+
+
+def test_idle_gaps_by_the_phase_that_launched_the_next_kernel():
+    """Two steps: a gap is charged to the phase whose host range holds the launch of the kernel after it
+    (its correlation id); launches outside every phase, and kernels without a launch, are said so."""
+    def kernel(ts, dur, corr):
+        return dict(ph="X", cat="kernel", name="k", ts=ts, dur=dur, args=dict(correlation=corr))
+
+    def launch(ts, corr):
+        return dict(ph="X", cat="cuda_runtime", name="cudaLaunchKernel", ts=ts, dur=2, args=dict(correlation=corr))
+    ev = [dict(ph="X", cat="user_annotation", name="forward", ts=0, dur=500),
+          dict(ph="X", cat="user_annotation", name="optimizer", ts=600, dur=300),
+          dict(ph="X", cat="user_annotation", name="not a phase", ts=950, dur=40),
+          launch(10, 1), kernel(20, 100, 1),             # first kernel: no gap before it
+          launch(400, 2), kernel(420, 50, 2),            # 300 us idle, launched in forward
+          launch(700, 3), kernel(700, 10, 3),            # 230 us idle, launched in optimizer
+          launch(960, 4), kernel(960, 10, 4),            # 250 us, launched outside any phase
+          kernel(1000, 10, 99),                          # 30 us, no launch event in the trace
+          kernel(1005, 20, None)]                        # overlaps the one before: no gap
+    gaps = sp.idle_by_phase({"traceEvents": ev}, steps=2)
+    assert gaps["forward"] == pytest.approx(0.15) and gaps["optimizer"] == pytest.approx(0.115)
+    assert gaps["between phases"] == pytest.approx(0.125) and gaps["unattributed"] == pytest.approx(0.015)
+    assert gaps["backward"] == 0 and set(sp.PHASES) <= set(gaps)
+    assert sp.analyse_device_trace({"traceEvents": ev}, 2, 1.0)["idle_gaps_by_phase_ms"] == gaps
 
 
 def test_phase_timer_sums_repeated_phases():

@@ -10,7 +10,8 @@ A StepProfiler wraps chosen optimizer steps of a fastdit.training.trainer.Traine
   trace   consecutive steps under torch.profiler (phases marked with record_function), the device
           synchronised only before the first and after the last: device time by category
           (kernel_category), the top kernels, and idle = step time - busy time (busy: the union of the
-          kernel intervals; idle: launch-bound stretches, host syncs). The step time is the plain
+          kernel intervals; idle: launch-bound stretches, host syncs), and that idle by phase (each gap
+          before a kernel counted in the phase whose host code launched the kernel). The step time is the plain
           steps' median when there are plain steps (tracing slows the host down, not the kernels),
           else the traced wall time. Without a GPU the "kernels" are the CPU ops (self CPU time; busy
           = time inside any op).
@@ -42,8 +43,8 @@ CATEGORY_RULES = (
     ("optimizer", r"multi_tensor_apply|[Aa]dam|_foreach_"),
     # cuDNN SDPA and its cudnn::fusion helpers (dot(dO, O), dQ conversion), flash-attn, xformers fmha
     ("attention", r"sdpa|flash|fmha|[Aa]ttention|_attn|cudnn::fusion"),
-    # fastdit's Triton kernels (kernels/*.py)
-    ("fastdit", r"_modln_|_gated_residual_|_patch_embed_"),
+    # fastdit's Triton kernels (kernels/*.py; the AdamW kernel counts as optimizer above)
+    ("fastdit", r"_modln_|_gated_residual_|_patch_embed_|_gelu_bwd_|_stack_qkv_"),
     # cuBLAS(Lt) (nvjet, sm90_xmma, split-K), CUTLASS, Inductor's GEMM templates; CPU matmul ops
     ("gemm", r"gemm|gemv|nvjet|xmma|cutlass|cublas|wgmma|splitK|\bKernel2\b|triton_tem_"
              r"|^aten::(mm|addmm|bmm|baddbmm|matmul|linear|conv\w*|_convolution\w*|mkldnn_\w+)$"),
@@ -143,9 +144,36 @@ def set_idle(trace: Dict[str, Any], step_ms: float, basis: str) -> None:
     trace["idle_ms"] = trace["by_category_ms"]["idle"] = max(0.0, step_ms - trace["busy_ms"])
 
 
+def idle_by_phase(trace: Dict[str, Any], steps: int) -> Dict[str, float]:
+    """Device idle time per step (ms) by phase: every gap on the device timeline before a kernel, memcpy or
+    memset, counted in the phase (PHASES, the Trainer's record_function ranges on the host) during which
+    the host launched it (found through the launch's correlation id); "between phases" when the launch
+    lies in none, "unattributed" when the launch is not in the trace. A phase whose host code is slower
+    than its kernels (e.g. the start of a forward after a synchronising optimizer step) shows here."""
+    events = trace.get("traceEvents", [])
+    ranges = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e["name"]) for e in events
+                    if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name") in PHASES)
+    launches = {e["args"]["correlation"]: float(e["ts"]) for e in events
+                if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")
+                and isinstance(e.get("args"), dict) and "correlation" in e["args"]}
+    device = sorted((float(e["ts"]), float(e.get("dur", 0.0)), (e.get("args") or {}).get("correlation"))
+                    for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_EVENT_CATS)
+    out: Dict[str, float] = {p: 0.0 for p in PHASES}
+    end = None
+    for start, dur, corr in device:
+        if end is not None and start > end:
+            t = launches.get(corr)
+            phase = "unattributed" if t is None else next(
+                (name for lo, hi, name in ranges if lo <= t <= hi), "between phases")
+            out[phase] = out.get(phase, 0.0) + (start - end) / 1e3 / steps
+        end = start + dur if end is None else max(end, start + dur)
+    return out
+
+
 def analyse_device_trace(trace: Dict[str, Any], steps: int, wall_ms: float) -> Dict[str, Any]:
     """Device time per step by category from a Chrome trace (torch.profiler's export): every kernel,
-    memcpy and memset event; busy = the union of their intervals (streams may overlap)."""
+    memcpy and memset event; busy = the union of their intervals (streams may overlap); the idle gaps
+    between them by phase (idle_by_phase)."""
     per_name: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
     spans = []
     for ev in trace.get("traceEvents", []):
@@ -156,7 +184,9 @@ def analyse_device_trace(trace: Dict[str, Any], steps: int, wall_ms: float) -> D
         per_name[ev["name"]][1] += 1
         spans.append((start, start + dur))
     rows = [(n, us, calls) for n, (us, calls) in per_name.items()]
-    return _breakdown(rows, _span_union_us(spans), steps, wall_ms)
+    out = _breakdown(rows, _span_union_us(spans), steps, wall_ms)
+    out["idle_gaps_by_phase_ms"] = idle_by_phase(trace, steps)
+    return out
 
 
 def analyse_cpu_ops(averages, steps: int, wall_ms: float, skip: Iterable[str] = ()) -> Dict[str, Any]:
@@ -342,6 +372,10 @@ def format_summary(s: Dict[str, Any]) -> str:
         for c, ms in sorted(tr["by_category_ms"].items(), key=lambda kv: -kv[1]):
             if ms > 0 or c == "idle":
                 lines.append(f"  {c:<14} {ms:10.2f}  {100 * ms / step:5.1f}%")
+        gaps = tr.get("idle_gaps_by_phase_ms")
+        if gaps:
+            lines.append("device idle gaps by the phase that launched the next kernel, ms per step (traced): "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in gaps.items() if v > 0 or k in PHASES))
         lines.append("top (ms/step, calls/step, category, name):")
         lines += [f"  {k['ms_per_step']:9.3f} {k['calls_per_step']:7.1f}  {k['category']:<13} {k['name'][:100]}"
                   for k in tr["top"][:15]]
