@@ -346,8 +346,10 @@ def test_zero3_trains_with_sharded_ema_and_writes_pngs(tmp_path):
                       profile_steps="3-6", eval_every=7, eval_samples_per_class=2, eval_sample_steps="ddim3")
     # partition every parameter, as XL/2's large ones are (the tiny model's would all stay whole under the
     # default 1e5-element persistence threshold): the fast model reads the blocks' adaLN weights outside
-    # their modules' forward, which ZeRO-3 must gather as external parameters
+    # their modules' forward, and with the folds on (mlp="fold", bias_fold, sdpa_packed) also the qkv, proj,
+    # fc1 and fc2 parameters, which ZeRO-3 must gather as external parameters
     cfg["deepspeed"]["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    cfg["model"].update(mlp="fold", bias_fold=True, attention="sdpa_packed")
     proc = launch(cfg, tmp_path, "z3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first, last = falling(metrics(out))
