@@ -168,10 +168,10 @@ def test_sdpa_packed_attention_forward_and_every_gradient():
                                                     ("S-width/p2", "recompute", False), ("S-width/p2", "fold", False),
                                                     ("S-width/p2", "recompute-fold", False),
                                                     ("S-width/p2", "fold", True)])
-def test_bf16_by_the_flash_attention_rule(cfg_name, mlp, bias_fold):
+def test_bf16_by_the_flash_attention_rule(cfg_name, mlp, bias_fold, attention="sdpa"):
     """|fast_bf16 - ref_fp32| <= 2 |ref_bf16 - ref_fp32| + atol, for the output and every gradient."""
     cfg = CONFIGS[cfg_name]
-    ref, fast = make_pair(cfg, kernels="triton", attention="sdpa", mlp=mlp, bias_fold=bias_fold)
+    ref, fast = make_pair(cfg, kernels="triton", attention=attention, mlp=mlp, bias_fold=bias_fold)
     x, t, y = inputs(cfg)
     out_32, g_32 = run(ref, x, t, y)
     out_rb, g_rb = run(ref.to(torch.bfloat16), x.bfloat16(), t, y)
@@ -184,6 +184,13 @@ def test_bf16_by_the_flash_attention_rule(cfg_name, mlp, bias_fold):
     check(out_fb, out_rb, out_32, "output")
     for k in g_32:
         check(g_fb[k], g_rb[k], g_32[k], f"grad {k}")
+
+
+@pytest.mark.triton
+def test_bf16_every_fold_with_packed_attention():
+    """bias_fold + mlp="fold" with sdpa_packed in bf16 (the Triton qkv stack kernel, the residual kernel
+    with bias, the GELU fold): the flash-attention rule, output and every gradient."""
+    test_bf16_by_the_flash_attention_rule("S-width/p2", "fold", True, attention="sdpa_packed")
 
 
 def test_state_dicts_load_both_ways_strictly():
