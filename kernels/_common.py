@@ -276,18 +276,19 @@ def launch_tile(d: int, block_t: Optional[int] = None,
 
 
 def token_tiles(n: int, t: int, block_t: int, device: torch.device,
-                tokens_per_tile: Optional[int] = None, sms: Optional[int] = None) -> Tuple[int, int, int]:
+                tokens_per_tile: Optional[int] = None, sms: Optional[int] = None,
+                programs_per_sm: int = 4) -> Tuple[int, int, int]:
     """Split each sample's T tokens into tiles for a backward kernel with per-tile partial sums.
 
     Returns (tokens_per_tile, n_iters, n_tiles): each program loops n_iters times over BLOCK_T rows
-    of one sample, so tokens_per_tile = n_iters * block_t. By default aims at ~4 programs per SM
-    (`sms` of them, else those of `device`; _sm90_check.py passes an H100's count).
+    of one sample, so tokens_per_tile = n_iters * block_t. By default aims at ~`programs_per_sm`
+    programs per SM (`sms` of them, else those of `device`; _sm90_check.py passes an H100's count).
     With no tokens (t = 0) there are no tiles: (block_t, 1, 0), and the launchers skip the kernel.
     """
     if t <= 0:
         return block_t, 1, 0
     if tokens_per_tile is None:
-        want_tiles = max(1, triton.cdiv(4 * (sms or num_sms(device)), max(n, 1)))
+        want_tiles = max(1, triton.cdiv(programs_per_sm * (sms or num_sms(device)), max(n, 1)))
         want_tiles = min(want_tiles, triton.cdiv(t, block_t))
         n_iters = triton.cdiv(triton.cdiv(t, want_tiles), block_t)
     else:

@@ -74,12 +74,19 @@ def _gelu_bwd_kernel(
     tl.store(DB_PART + row_tile * C + c, acc, mask=c_ok)
 
 
+# Programs per SM the row tiling aims at. Four (the row kernels' rule) gave DiT-XL/2's fc1 shape (32768 x 4608)
+# 540 programs, ~4 per SM where 7 fit (_sm90_check.py): too few warps to keep loads in flight. 24 gives ~3.4
+# waves of 7.
+PROGRAMS_PER_SM = 24
+
+
 def _tiles(m: int, c: int, device: torch.device, rows_per_tile: Optional[int], block_m: int, block_c: int,
            sms: Optional[int] = None):
-    """(rows_per_tile, n_iters, n_row_tiles): about 4 programs per SM over the (column, row) tile grid
-    (`sms` overrides the device's count, for the offline sm_90 check)."""
+    """(rows_per_tile, n_iters, n_row_tiles): about PROGRAMS_PER_SM programs per SM over the (column, row)
+    tile grid (`sms` overrides the device's count, for the offline sm_90 check)."""
     # the row kernels' token tiling, with the column tiles in the role of the samples
-    return token_tiles(triton.cdiv(max(c, 1), block_c), m, block_m, device, rows_per_tile, sms=sms)
+    return token_tiles(triton.cdiv(max(c, 1), block_c), m, block_m, device, rows_per_tile, sms=sms,
+                       programs_per_sm=PROGRAMS_PER_SM)
 
 
 def gelu_tanh_bwd(z: torch.Tensor, dg: torch.Tensor, *, write_g: bool = False,

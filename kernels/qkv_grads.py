@@ -81,11 +81,17 @@ def _stack_qkv_kernel(
     tl.store(part + 2 * H * HD, acc_v, mask=col_ok)
 
 
+# Programs per SM the row tiling aims at: many short programs, so the last wave is a small part of the
+# run (the kernel holds 3 programs per SM on sm_90 at DiT-XL's shape, see _sm90_check.py: ~7 waves).
+PROGRAMS_PER_SM = 24
+
+
 def _tiles(m: int, h: int, device: torch.device, rows_per_tile: Optional[int], block_m: int, block_h: int,
            sms: Optional[int] = None):
-    """(rows_per_tile, n_iters, n_row_tiles): about 4 programs per SM over the (head, row) tile grid
-    (`sms` overrides the device's count, for the offline sm_90 check)."""
-    return token_tiles(triton.cdiv(max(h, 1), block_h), m, block_m, device, rows_per_tile, sms=sms)
+    """(rows_per_tile, n_iters, n_row_tiles): about PROGRAMS_PER_SM programs per SM over the (head, row)
+    tile grid (`sms` overrides the device's count, for the offline sm_90 check)."""
+    return token_tiles(triton.cdiv(max(h, 1), block_h), m, block_m, device, rows_per_tile, sms=sms,
+                       programs_per_sm=PROGRAMS_PER_SM)
 
 
 def tile_shape(hd: int) -> Tuple[int, int, int]:
