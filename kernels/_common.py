@@ -297,6 +297,23 @@ def token_tiles(n: int, t: int, block_t: int, device: torch.device,
     return tok, n_iters, triton.cdiv(t, tok)
 
 
+# Programs per SM for the column-sum kernels (kernels/gelu.py, kernels/qkv_grads.py): many short programs.
+# The row kernels' ~4 gave DiT-XL/2's fc1 shape (32768 x 4608) 540 GELU programs, ~4 per SM where 7 fit
+# (_sm90_check.py): too few warps to keep loads in flight; 24 gives it ~3.4 waves of 7, and the qkv stack
+# (3 resident per SM) ~7 waves, so the last wave is a small part of the run.
+COLUMN_KERNEL_PROGRAMS_PER_SM = 24
+
+
+def column_tiles(rows: int, n_col_tiles: int, block_rows: int, device: torch.device,
+                 rows_per_tile: Optional[int] = None, sms: Optional[int] = None) -> Tuple[int, int, int]:
+    """(rows_per_tile, n_iters, n_row_tiles) for a kernel over a (column tile, row tile) grid that writes
+    per-row-tile column sums: token_tiles with the column tiles in the role of the samples, aiming at
+    COLUMN_KERNEL_PROGRAMS_PER_SM programs per SM (`sms` overrides the device's count, for the offline
+    sm_90 check)."""
+    return token_tiles(max(n_col_tiles, 1), rows, block_rows, device, rows_per_tile, sms=sms,
+                       programs_per_sm=COLUMN_KERNEL_PROGRAMS_PER_SM)
+
+
 # ----------------------------------------------------------------------------------------------
 # Interpreter workarounds
 # ----------------------------------------------------------------------------------------------

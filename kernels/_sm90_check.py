@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, row_tile, token_tiles
+from ._common import INTERPRETED, column_tiles, row_tile, token_tiles
 
 # The op modules by their own names (the package exports functions of the same names).
 gr = importlib.import_module(".gated_residual", __package__)
@@ -140,7 +140,7 @@ def cases():
                          BLOCK=aw.BLOCK), 4))
     # GELU backward + fc1 bias gradient (mlp="fold"), DiT-XL/2 batch 128: (32768, 4608) bf16.
     m, c = 128 * 256, 4 * 1152
-    rows, n_iters, _ = ge._tiles(m, c, torch.device("cpu"), None, 32, 128, sms=H100_SMS)
+    rows, n_iters, _ = column_tiles(m, triton.cdiv(c, 128), 32, torch.device("cpu"), sms=H100_SMS)
     args = dict(Z="*bf16", stride_zm=c, stride_zc=1, DG="*bf16", stride_gm=c, stride_gc=1, DZ="*bf16",
                 G="*bf16", DB_PART="*fp32", M=m, C=c, rows_per_tile=rows, n_iters=n_iters)
     for write_g in (False, True):
@@ -150,7 +150,7 @@ def cases():
     # strides of the qkv views, and contiguous (N, H, T, hd) gradients.
     n, h, t, hd = 128, 16, 256, 72
     bm, bh, bhd = qg.tile_shape(hd)
-    rows, n_iters, _ = qg._tiles(n * t, h, torch.device("cpu"), None, bm, bh, sms=H100_SMS)
+    rows, n_iters, _ = column_tiles(n * t, triton.cdiv(h, bh), bm, torch.device("cpu"), sms=H100_SMS)
     for layout, st in (("packed", (t * 3 * h * hd // 8, hd // 8, 3 * h * hd // 8, 1)),
                        ("contiguous", (h * t * hd // 8, t * hd // 8, hd // 8, 1))):   # in units of 8 (aligned)
         args = dict(DQ="*bf16", DK="*bf16", DV="*bf16", OUT="*bf16", PART="*fp32", T=t, M=n * t,

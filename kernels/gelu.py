@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, alloc_out, check_tensor, device_reason, finish, token_tiles
+from ._common import alloc, alloc_out, check_tensor, column_tiles, device_reason, finish
 
 K0 = 0.7978845608028654     # sqrt(2 / pi)
 K1 = 0.044715
@@ -74,21 +74,6 @@ def _gelu_bwd_kernel(
     tl.store(DB_PART + row_tile * C + c, acc, mask=c_ok)
 
 
-# Programs per SM the row tiling aims at. Four (the row kernels' rule) gave DiT-XL/2's fc1 shape (32768 x 4608)
-# 540 programs, ~4 per SM where 7 fit (_sm90_check.py): too few warps to keep loads in flight. 24 gives ~3.4
-# waves of 7.
-PROGRAMS_PER_SM = 24
-
-
-def _tiles(m: int, c: int, device: torch.device, rows_per_tile: Optional[int], block_m: int, block_c: int,
-           sms: Optional[int] = None):
-    """(rows_per_tile, n_iters, n_row_tiles): about PROGRAMS_PER_SM programs per SM over the (column, row)
-    tile grid (`sms` overrides the device's count, for the offline sm_90 check)."""
-    # the row kernels' token tiling, with the column tiles in the role of the samples
-    return token_tiles(triton.cdiv(max(c, 1), block_c), m, block_m, device, rows_per_tile, sms=sms,
-                       programs_per_sm=PROGRAMS_PER_SM)
-
-
 def gelu_tanh_bwd(z: torch.Tensor, dg: torch.Tensor, *, write_g: bool = False,
                   rows_per_tile: Optional[int] = None, block_m: int = 32, block_c: int = 128
                   ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -110,7 +95,7 @@ def gelu_tanh_bwd(z: torch.Tensor, dg: torch.Tensor, *, write_g: bool = False,
     m, c = z.shape
     dz = alloc_out((m, c), z.dtype, z.device)
     g = alloc_out((m, c), z.dtype, z.device) if write_g else None
-    rows, n_iters, n_row_tiles = _tiles(m, c, z.device, rows_per_tile, block_m, block_c)
+    rows, n_iters, n_row_tiles = column_tiles(m, triton.cdiv(c, block_c), block_m, z.device, rows_per_tile)
     part = alloc((max(n_row_tiles, 1), c), torch.float32, z.device)
     if m * c > 0:
         _gelu_bwd_kernel[(triton.cdiv(c, block_c), n_row_tiles)](

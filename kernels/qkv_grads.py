@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, alloc_out, check_same_device, check_tensor, finish, promote, token_tiles
+from ._common import alloc, alloc_out, check_same_device, check_tensor, column_tiles, finish, promote
 
 
 @triton.jit
@@ -81,19 +81,6 @@ def _stack_qkv_kernel(
     tl.store(part + 2 * H * HD, acc_v, mask=col_ok)
 
 
-# Programs per SM the row tiling aims at: many short programs, so the last wave is a small part of the
-# run (the kernel holds 3 programs per SM on sm_90 at DiT-XL's shape, see _sm90_check.py: ~7 waves).
-PROGRAMS_PER_SM = 24
-
-
-def _tiles(m: int, h: int, device: torch.device, rows_per_tile: Optional[int], block_m: int, block_h: int,
-           sms: Optional[int] = None):
-    """(rows_per_tile, n_iters, n_row_tiles): about PROGRAMS_PER_SM programs per SM over the (head, row)
-    tile grid (`sms` overrides the device's count, for the offline sm_90 check)."""
-    return token_tiles(triton.cdiv(max(h, 1), block_h), m, block_m, device, rows_per_tile, sms=sms,
-                       programs_per_sm=PROGRAMS_PER_SM)
-
-
 def tile_shape(hd: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_H, BLOCK_HD) for head dim hd: a ~4096-element tile (16 values per thread at 8 warps)."""
     block_hd = triton.next_power_of_2(hd)
@@ -133,7 +120,7 @@ def stack_qkv_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *,
         raise ValueError(f"block_m must be a power of two, got {bm}")
     m = n * t
     out = alloc_out((n, t, 3, h, hd), dtype, dq.device)
-    rows, n_iters, n_row_tiles = _tiles(m, h, dq.device, rows_per_tile, bm, bh)
+    rows, n_iters, n_row_tiles = column_tiles(m, triton.cdiv(h, bh), bm, dq.device, rows_per_tile)
     part = alloc((max(n_row_tiles, 1), 3 * h * hd), torch.float32, dq.device)
     if m * h * hd > 0:
         unit = 8 if aligned(dq, dk, dv) else 1
