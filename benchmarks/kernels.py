@@ -19,7 +19,9 @@ Two more columns say whether a call's time is its kernels' or the host's:
             torch.library dispatch, the launches. Where host_ms approaches ms, do_bench timed the host.
   ms_graph  the same call captured once in a CUDA graph and replayed (triton.testing.do_bench_cudagraph,
             no L2 flush): the GPU time of its kernels and allocations without host gaps
-            (`copy_share_graph`). None (with `graph_error`) where capture fails; CUDA only.
+            (`copy_share_graph`). fwd and fwd+bwd only (a bwd alone would replay an autograd graph built
+            outside the capture, on another stream: its time is fwd+bwd minus fwd). None (with
+            `graph_error`) where capture fails or for bwd; CUDA only.
 
 Bytes counted per op (e = element size; partial-sum buffers and L2 re-reads are not counted):
   modulate_layernorm  fwd: read x, write y (2*NTD*e) + shift, scale (2*ND*e) + mean, rstd (2*NT*4)
@@ -222,10 +224,15 @@ def _host_ms(fn, device, reps=10):
     return statistics.median(times)
 
 
+_GRAPHS_OFF = []  # set after a failed capture leaves the device unusable: no more captures in this run
+
+
 def _graph_ms(fn, device, rep):
     """(ms, error): fn's GPU time replayed from a CUDA graph (no host work), or (None, why)."""
     if device.type != "cuda":
         return None, "CUDA graphs need a CUDA device"
+    if _GRAPHS_OFF:
+        return None, f"CUDA graph timing off after an earlier failure: {_GRAPHS_OFF[0]}"
     try:
         from triton.testing import do_bench_cudagraph
         try:
@@ -233,7 +240,13 @@ def _graph_ms(fn, device, rep):
         except TypeError:   # a triton without return_mode: its mean
             return float(do_bench_cudagraph(fn, rep=rep)), None
     except Exception as e:  # noqa: BLE001 - a capture that fails is reported, not fatal
-        return None, f"{type(e).__name__}: {e}"[:300]
+        why = f"{type(e).__name__}: {e}"[:300]
+        import torch
+        try:
+            torch.cuda.synchronize(device)  # is the device still usable after the failed capture?
+        except Exception as e2:  # noqa: BLE001
+            _GRAPHS_OFF.append(f"{why}; then {type(e2).__name__}: {e2}"[:300])
+        return None, why
 
 
 def _copy_gbps(device, mib, timer):
@@ -306,8 +319,12 @@ def run(args):
                     for pas, call in _pass_fns(fn, inputs, grad_outs).items():
                         ms = timer(call)
                         host_ms = _host_ms(call, device, reps=2 if args.smoke else 10)
-                        # ~20 ms of calls unrolled into one graph: capture stays short, the median is stable
-                        ms_graph, graph_error = _graph_ms(call, device, min(args.rep, 20))
+                        # ~20 ms of calls unrolled into one graph: capture stays short, the median is stable.
+                        # Not the bwd pass: its autograd graph was built outside the capture, so its backward
+                        # would run on the forward's stream, outside the capturing one (fwd+bwd - fwd gives it).
+                        ms_graph, graph_error = ((None, "bwd alone: its forward ran outside the capture; see "
+                                                  "fwd+bwd minus fwd") if pas == "bwd" and device.type == "cuda"
+                                                 else _graph_ms(call, device, min(args.rep, 20)))
                         nbytes = {"fwd": b_fwd, "bwd": b_bwd, "fwd+bwd": b_fwd + b_bwd}[pas]
                         flops = {"fwd": f_fwd, "bwd": f_bwd, "fwd+bwd": f_fwd + f_bwd}[pas]
                         gbps = nbytes / (ms * 1e-3) / 1e9

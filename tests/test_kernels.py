@@ -642,6 +642,8 @@ def test_benchmark_smoke(tmp_path):
         assert r["host_ms"] > 0
         if DEV == "cpu":   # no CUDA graphs on the CPU: said, not faked
             assert r["ms_graph"] is None and "CUDA" in r["graph_error"]
+        elif r["pass"] == "bwd":
+            assert r["ms_graph"] is None and "fwd+bwd minus fwd" in r["graph_error"]
         else:
             assert (r["ms_graph"] or 0) > 0 or r["graph_error"], r
 
