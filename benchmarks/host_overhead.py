@@ -10,8 +10,9 @@ timed. This script measures it without a GPU: on the CPU, with TRITON_INTERPRET=
 
   python benchmarks/host_overhead.py [--reps 300] [--json PATH]
 
-Rows: op, impl (fused / ref), pass (fwd / fwd+bwd), microseconds per call (median of 5 batches of
---reps calls). The figures depend on the CPU; they are host costs, never GPU times.
+Rows: op, impl (fused = through the torch.library ops, the default; fused-direct = the same launchers as
+plain autograd.Functions, FASTDIT_KERNEL_DISPATCH=direct; ref), pass (fwd / fwd+bwd), microseconds per call
+(median of 5 batches of --reps calls). The figures depend on the CPU; they are host costs, never GPU times.
 """
 from __future__ import annotations
 
@@ -97,12 +98,16 @@ def run(argv=None):
     ap.add_argument("--reps", type=int, default=300, help="calls per timed batch (5 batches)")
     ap.add_argument("--json", help="write the rows and run metadata here")
     args = ap.parse_args(argv)
+    import contextlib
+
     import torch
+    from fastdit.kernels._common import kernel_dispatch
     torch.set_num_threads(1)
     n_stubbed = stub_kernels()
     rows = []
     for op, fused, ref, leaves, grad_outs in cases():
-        for impl, fn in (("fused", fused), ("ref", ref)):
+        for impl, fn in (("fused", fused), ("fused-direct", fused), ("ref", ref)):
+            dispatch = kernel_dispatch("direct") if impl == "fused-direct" else contextlib.nullcontext()
             params = [leaf.clone().requires_grad_() for leaf in leaves]
 
             def fwd():
@@ -114,7 +119,8 @@ def run(argv=None):
                 out = list(out) if isinstance(out, (tuple, list)) else [out]
                 torch.autograd.backward(out, grad_outs[:len(out)])
             for pas, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                us = _per_call_us(call, args.reps)
+                with dispatch:
+                    us = _per_call_us(call, args.reps)
                 rows.append(dict(op=op, impl=impl, **{"pass": pas}, us_per_call=us))
                 print(f"{op:40s} {impl:6s} {pas:8s} {us:9.1f} us per call", flush=True)
     meta = dict(environment(torch.device("cpu")), kernels_stubbed=n_stubbed, reps=args.reps,

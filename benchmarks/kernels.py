@@ -5,6 +5,8 @@ each pass (fwd, bwd, fwd+bwd) and each DiT shape (D in 384/768/1024/1152, T in 2
 chosen so N*T = --tokens, 65536 by default), it times
 
     fused    fastdit.kernels.<op>
+    fused-direct  the same, dispatched straight to the launchers (FASTDIT_KERNEL_DISPATCH=direct: the
+             same kernels, less host work per call; benchmarks/host_overhead.py)
     eager    fastdit.kernels.<op>_ref (plain PyTorch)
     compile  torch.compile(<op>_ref)
     apex / flash_attn_triton   LayerNorm from apex or flash-attn + eager modulate (modulate_layernorm
@@ -70,7 +72,7 @@ def _parse(argv=None):
                    help="T; patch_embed uses 4-channel latents of side 2*sqrt(T) with p=2")
     p.add_argument("--tokens", type=int, default=65536, help="N*T per call (N = tokens // T)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--impls", nargs="+", default=["fused", "eager", "compile", "apex",
+    p.add_argument("--impls", nargs="+", default=["fused", "fused-direct", "eager", "compile", "apex",
                                                   "flash_attn_triton"])
     p.add_argument("--warmup", type=int, default=25, help="ms of warm-up (do_bench) per timing")
     p.add_argument("--rep", type=int, default=100, help="ms of repetitions (do_bench) per timing")
@@ -189,6 +191,16 @@ def _timer(device, warmup, rep):
     return cpu_time
 
 
+def _direct(fn):
+    """fn with the fastdit ops dispatched straight to their launchers (FASTDIT_KERNEL_DISPATCH=direct)."""
+    from fastdit.kernels._common import kernel_dispatch
+
+    def call(*args):
+        with kernel_dispatch("direct"):
+            return fn(*args)
+    return call
+
+
 def _as_list(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -283,7 +295,7 @@ def run(args):
         device = torch.device("cpu")
         dtype = torch.float32
         dims, tps, tokens = [64], [16], 32
-        impls = [i for i in args.impls if i in ("fused", "eager")]
+        impls = [i for i in args.impls if i in ("fused", "fused-direct", "eager")]
         copy_mib = 16
     else:
         if not torch.cuda.is_available():
@@ -302,7 +314,7 @@ def run(args):
                 n = max(1, tokens // t)
                 fused, ref, inputs, grad_outs, b_fwd, b_bwd, f_fwd, f_bwd, shape = _case(
                     op, n, t, d, dtype, device)
-                fns = {"fused": fused, "eager": ref}
+                fns = {"fused": fused, "eager": ref, "fused-direct": _direct(fused)}
                 if "compile" in impls:
                     torch._dynamo.reset()
                     fns["compile"] = torch.compile(ref, dynamic=False)

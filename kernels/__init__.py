@@ -23,7 +23,9 @@ stride-0 tensors) and mixed float dtypes among the row-op inputs (outputs get Py
 dtype, gradients their input's dtype), as under autocast.
 
 `kernels_supported(x, *others) -> (ok, reason)` answers the dtype/size/device part up front.
-Set FASTDIT_KERNEL_POISON=1 to NaN-fill every output buffer before launch (used by the tests).
+Set FASTDIT_KERNEL_POISON=1 to NaN-fill every output buffer before launch (used by the tests), and
+FASTDIT_KERNEL_DISPATCH=direct to run the ops in eager mode as plain autograd.Functions over their launchers
+(the same kernels; less host work; see kernels/README.md).
 """
 if __name__ != "fastdit.kernels":
     # The folder is installed as fastdit.kernels (pyproject.toml package-dir). Imported as a top-level

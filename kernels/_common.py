@@ -315,6 +315,72 @@ def column_tiles(rows: int, n_col_tiles: int, block_rows: int, device: torch.dev
 
 
 # ----------------------------------------------------------------------------------------------
+# Dispatch: through torch.library (default) or, in eager mode, straight to the launchers
+# ----------------------------------------------------------------------------------------------
+DISPATCH_ENV = "FASTDIT_KERNEL_DISPATCH"
+DISPATCH_CHOICES = ("library", "direct")
+_DISPATCH_OVERRIDE: list = []   # kernel_dispatch()'s stack; it wins over the environment
+
+
+def direct_dispatch() -> bool:
+    """Whether the public ops run as plain autograd.Functions over their launchers (the same kernels, the same
+    backward) instead of through their torch.library ops: FASTDIT_KERNEL_DISPATCH=direct (or a
+    kernel_dispatch("direct") block), never while torch.compile traces (it needs the library ops). The
+    library path costs the host two dispatches per op and call (benchmarks/host_overhead.py); the default
+    stays "library" until a GPU run shows the difference matters."""
+    mode = _DISPATCH_OVERRIDE[-1] if _DISPATCH_OVERRIDE else os.environ.get(DISPATCH_ENV, "library")
+    if mode not in DISPATCH_CHOICES:
+        raise ValueError(f"{DISPATCH_ENV}={mode!r}; choose one of {DISPATCH_CHOICES}")
+    return mode == "direct" and not torch.compiler.is_compiling()
+
+
+class kernel_dispatch:
+    """Context manager: run the fastdit ops through `mode` ("library" or "direct") inside the block."""
+
+    def __init__(self, mode: str):
+        if mode not in DISPATCH_CHOICES:
+            raise ValueError(f"kernel dispatch {mode!r}; choose one of {DISPATCH_CHOICES}")
+        self.mode = mode
+
+    def __enter__(self):
+        _DISPATCH_OVERRIDE.append(self.mode)
+        return self
+
+    def __exit__(self, *exc):
+        _DISPATCH_OVERRIDE.pop()
+        return False
+
+
+def direct_function(fwd_op, setup_context, backward):
+    """An autograd.Function with a torch.library op's forward implementation and the setup/backward
+    registered for it; its ctx says `direct`, so the backward calls its own op's implementation too
+    (backward_op(ctx) below)."""
+    impl = fwd_op._init_fn
+
+    class Direct(torch.autograd.Function):
+        @staticmethod
+        def forward(*inputs):
+            return impl(*inputs)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+            ctx.direct = True
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Direct.__name__ = Direct.__qualname__ = f"Direct_{impl.__name__}"
+    return Direct
+
+
+def backward_op(ctx, bwd_op):
+    """The backward op to call from a registered backward: its implementation under direct dispatch."""
+    return bwd_op._init_fn if getattr(ctx, "direct", False) else bwd_op
+
+
+# ----------------------------------------------------------------------------------------------
 # Interpreter workarounds
 # ----------------------------------------------------------------------------------------------
 # Triton 3.9's interpreter rounds fp32 -> bf16 casts wrongly (truncation, or a round-half-up that

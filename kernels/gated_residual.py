@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, alloc_out, check_rows, finish, launch_tile, promote, token_tiles
+from ._common import (alloc, alloc_out, backward_op, check_rows, direct_dispatch, direct_function, finish,
+                      launch_tile, promote, token_tiles)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,11 +179,12 @@ def _gated_residual_setup(ctx, inputs, output):
 
 def _gated_residual_backward(ctx, dout):
     y, gate = ctx.saved_tensors
-    dy, dgate = _gated_residual_bwd_op(dout, y, gate)
+    dy, dgate = backward_op(ctx, _gated_residual_bwd_op)(dout, y, gate)
     return dout.to(ctx.x_dtype), dy, dgate
 
 
 _gated_residual_fwd_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
+_GatedResidualDirect = direct_function(_gated_residual_fwd_op, _gated_residual_setup, _gated_residual_backward)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -192,7 +194,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     take (see kernels/_common.py).
     """
     check_gated_residual(x, y, gate)
-    return _gated_residual_fwd_op(x, y, gate)
+    return (_GatedResidualDirect.apply if direct_dispatch() else _gated_residual_fwd_op)(x, y, gate)
 
 
 def gated_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

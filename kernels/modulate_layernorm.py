@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, alloc_out, check_rows, finish, launch_tile, promote, token_tiles
+from ._common import (alloc, alloc_out, backward_op, check_rows, direct_dispatch, direct_function, finish,
+                      launch_tile, promote, token_tiles)
 from .gated_residual import gated_residual_ref
 
 
@@ -415,12 +416,14 @@ def _modulate_layernorm_setup(ctx, inputs, output):
 
 def _modulate_layernorm_backward(ctx, dy, dmean, drstd):
     x, scale, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = _modulate_layernorm_bwd_op(dy, x, scale, mean, rstd, ctx.shift_dtype)
+    dx, dshift, dscale = backward_op(ctx, _modulate_layernorm_bwd_op)(dy, x, scale, mean, rstd, ctx.shift_dtype)
     return dx, dshift, dscale, None
 
 
 _modulate_layernorm_fwd_op.register_autograd(_modulate_layernorm_backward,
                                              setup_context=_modulate_layernorm_setup)
+_ModulateLayernormDirect = direct_function(_modulate_layernorm_fwd_op, _modulate_layernorm_setup,
+                                           _modulate_layernorm_backward)
 
 
 def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -431,7 +434,8 @@ def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     Raises TypeError/ValueError for inputs the kernel does not take (see kernels/_common.py).
     """
     check_modulate_layernorm(x, shift, scale)
-    y, _, _ = _modulate_layernorm_fwd_op(x, shift, scale, float(eps))
+    fwd = _ModulateLayernormDirect.apply if direct_dispatch() else _modulate_layernorm_fwd_op
+    y, _, _ = fwd(x, shift, scale, float(eps))
     return y
 
 
@@ -495,13 +499,16 @@ def _gated_residual_modulate_layernorm_setup(ctx, inputs, output):
 
 def _gated_residual_modulate_layernorm_backward(ctx, dxnew, dh, dmean, drstd):
     xnew, y, gate, scale, mean, rstd, bias = ctx.saved_tensors
-    dx, dy, dgate, dshift, dscale, dbias = _gated_residual_modulate_layernorm_bwd_op(
+    dx, dy, dgate, dshift, dscale, dbias = backward_op(ctx, _gated_residual_modulate_layernorm_bwd_op)(
         dh, dxnew, xnew, y, gate, scale, mean, rstd, ctx.x_dtype, ctx.shift_dtype, bias)
     return dx, dy, dgate, dshift, dscale, None, (dbias if bias is not None else None)
 
 
 _gated_residual_modulate_layernorm_fwd_op.register_autograd(
     _gated_residual_modulate_layernorm_backward, setup_context=_gated_residual_modulate_layernorm_setup)
+_GatedResidualModulateLayernormDirect = direct_function(
+    _gated_residual_modulate_layernorm_fwd_op, _gated_residual_modulate_layernorm_setup,
+    _gated_residual_modulate_layernorm_backward)
 
 
 def gated_residual_modulate_layernorm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
@@ -517,7 +524,9 @@ def gated_residual_modulate_layernorm(x: torch.Tensor, y: torch.Tensor, gate: to
     TypeError/ValueError for inputs the kernels do not take (see kernels/_common.py).
     """
     check_gated_residual_modulate_layernorm(x, y, gate, shift, scale, bias)
-    xnew, h, _, _ = _gated_residual_modulate_layernorm_fwd_op(x, y, gate, shift, scale, float(eps), bias)
+    fwd = (_GatedResidualModulateLayernormDirect.apply if direct_dispatch()
+           else _gated_residual_modulate_layernorm_fwd_op)
+    xnew, h, _, _ = fwd(x, y, gate, shift, scale, float(eps), bias)
     return xnew, h
 
 

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, alloc, alloc_out, check_same_device, check_tensor, finish, num_sms, promote
+from ._common import (INTERPRETED, alloc, alloc_out, backward_op, check_same_device, check_tensor, direct_dispatch,
+                      direct_function, finish, num_sms, promote)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def _pe_setup_context(ctx, inputs, output):
 def _pe_backward(ctx, dout):
     x, weight = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, dw, db = _pe_bwd_op(dout, x, weight, ctx.patch_size, ctx.has_bias, need_dx)
+    dx, dw, db = backward_op(ctx, _pe_bwd_op)(dout, x, weight, ctx.patch_size, ctx.has_bias, need_dx)
     dpos = None
     if ctx.pos_shape is not None and ctx.needs_input_grad[3]:
         dpos = dout.sum(0, dtype=torch.float32).view(ctx.pos_shape).to(ctx.pos_dtype)
@@ -423,6 +424,7 @@ def _pe_backward(ctx, dout):
 
 
 _pe_fwd_op.register_autograd(_pe_backward, setup_context=_pe_setup_context)
+_PatchEmbedDirect = direct_function(_pe_fwd_op, _pe_setup_context, _pe_backward)
 
 
 def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -435,7 +437,7 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     do not take (see check_patch_embed).
     """
     check_patch_embed(x, weight, bias, pos_embed, patch_size)
-    return _pe_fwd_op(x, weight, bias, pos_embed, int(patch_size))
+    return (_PatchEmbedDirect.apply if direct_dispatch() else _pe_fwd_op)(x, weight, bias, pos_embed, int(patch_size))
 
 
 def patch_embed_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

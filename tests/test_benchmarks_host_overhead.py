@@ -18,6 +18,7 @@ def test_host_overhead_rows(tmp_path):
     assert data["meta"]["kernels_stubbed"] >= 7 and "not GPU times" in data["meta"]["note"]
     rows = data["rows"]
     keys = {(r["op"], r["impl"], r["pass"]) for r in rows}
-    assert len(keys) == len(rows) == 5 * 2 * 2
+    assert len(keys) == len(rows) == 5 * 3 * 2
+    assert {r["impl"] for r in rows} == {"fused", "fused-direct", "ref"}
     assert all(r["us_per_call"] > 0 for r in rows)
     assert {r["op"] for r in rows} >= {"gated_residual_modulate_layernorm", "patch_embed"}

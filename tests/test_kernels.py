@@ -565,6 +565,55 @@ def test_opcheck():
     torch.library.opcheck(PE._pe_fwd_op, (xi, w, b, randn(1, 4, 5), 2))
 
 
+def _dispatch_cases():
+    n, t, d = 2, 9, 37
+    x, y = randn(n, t, d), randn(n, t, d)
+    g, s_, c = [randn(n, d) for _ in range(3)]
+    b = randn(d)
+    img, w, pb, pos = randn(n, 4, 6, 6), randn(d, 4, 2, 2), randn(d), randn(1, 9, d)
+    return [(lambda x_, s1, c1: K.modulate_layernorm(x_, s1, c1), [x, s_, c]),
+            (lambda x_, y_, g_: K.gated_residual(x_, y_, g_), [x, y, g]),
+            (lambda x_, y_, g_, s1, c1, b_: K.gated_residual_modulate_layernorm(x_, y_, g_, s1, c1, bias=b_),
+             [x, y, g, s_, c, b]),
+            (lambda i, w_, b_: K.patch_embed(i, w_, b_, pos, 2), [img, w, pb])]
+
+
+def test_direct_dispatch_is_the_same_computation():
+    """FASTDIT_KERNEL_DISPATCH=direct: the ops as plain autograd.Functions over the same launchers (no
+    torch.library dispatch): bitwise the library path's outputs and gradients; compile ignores it."""
+    for fn, leaves in _dispatch_cases():
+        def run():
+            xs = [a.clone().requires_grad_() for a in leaves]
+            out = _as_list(fn(*xs))
+            torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+            return out, [a.grad for a in xs]
+        lib_out, lib_grads = run()
+        with COMMON.kernel_dispatch("direct"):
+            out, grads = run()
+            assert "Direct" in type(out[0].grad_fn).__name__, type(out[0].grad_fn).__name__
+        assert "Direct" not in type(lib_out[0].grad_fn).__name__
+        for a, b in zip(out + grads, lib_out + lib_grads):
+            assert torch.equal(a, b)
+
+
+def test_direct_dispatch_switch(monkeypatch):
+    monkeypatch.setenv(COMMON.DISPATCH_ENV, "direct")
+    assert COMMON.direct_dispatch()
+    with COMMON.kernel_dispatch("library"):
+        assert not COMMON.direct_dispatch()
+    monkeypatch.setenv(COMMON.DISPATCH_ENV, "fast")
+    with pytest.raises(ValueError, match="FASTDIT_KERNEL_DISPATCH='fast'; choose one of"):
+        K.modulate_layernorm(randn(1, 2, 8), randn(1, 8), randn(1, 8))
+    with pytest.raises(ValueError, match="choose one of"):
+        COMMON.kernel_dispatch("turbo")
+    monkeypatch.setenv(COMMON.DISPATCH_ENV, "direct")   # torch.compile traces the library ops regardless
+    torch._dynamo.reset()
+    x, sh, sc = randn(2, 3, 8).requires_grad_(), randn(2, 8), randn(2, 8)
+    f = torch.compile(lambda a: K.modulate_layernorm(a, sh, sc).sum(), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(torch.autograd.grad(f(x), x)[0],
+                               torch.autograd.grad(K.modulate_layernorm(x, sh, sc).sum(), x)[0])
+
+
 def test_torch_compile_fullgraph():
     """All four ops inside one torch.compile(fullgraph=True) graph, forward and backward."""
     n, t, d = 2, 4, 8
@@ -632,7 +681,11 @@ def test_benchmark_smoke(tmp_path):
         assert "Triton interpreter" in data["meta"]["note"]
     else:
         assert "interpreter" not in proc.stdout and data["meta"]["note"] is None
-    assert {r["impl"] for r in data["rows"]} == {"fused", "eager"}
+    assert {r["impl"] for r in data["rows"]} == ({"fused", "fused-direct", "eager"} if DEV == "cpu"
+                                                 else {"fused", "eager"})
+    if DEV == "cpu":   # the same kernels either way: the same values
+        err = {(r["op"], r["impl"]): r["max_abs_err"] for r in data["rows"] if r["pass"] == "fwd"}
+        assert all(err[(op, "fused-direct")] == err[(op, "fused")] for op, _ in err)
     ops = {r["op"] for r in data["rows"]}
     assert ops == {"modulate_layernorm", "gated_residual", "gated_residual_modulate_layernorm",
                    "patch_embed"}
