@@ -84,6 +84,15 @@ def _pe_args(n: int, c: int, h: int, d: int, p: int) -> dict:
                 M=n * t, D=d, K=c * p * p, T=t, GW=h // p, rows_per_split=512)
 
 
+def _modln_cases(d: int, args: dict, res: bool, bias: bool = False, suffix: str = "", passes=("fwd", "bwd")):
+    """The modulate+LN kernels' cases at row_tile(d): forward and backward (HAS_DRES with the residual)."""
+    bt, bd, nw = row_tile(d)
+    tag = f"D={d} residual={res}" + (" bias" if bias else "") + suffix
+    kernels = dict(fwd=(ml._modln_fwd_kernel, {}), bwd=(ml._modln_bwd_kernel, dict(HAS_DRES=res)))
+    return [(f"modln_{p} {tag}", kernels[p][0], args,
+             dict(HAS_RESIDUAL=res, HAS_BIAS=bias, BLOCK_T=bt, BLOCK_D=bd, **kernels[p][1]), nw) for p in passes]
+
+
 def cases():
     """(label, kernel, argument values, constexprs, num_warps) for DiT-like shapes."""
     out = []
@@ -91,10 +100,7 @@ def cases():
         bt, bd, nw = row_tile(d)
         args = _row_args(32, 256, d)
         for res in (False, True):
-            out.append((f"modln_fwd D={d} residual={res}", ml._modln_fwd_kernel, args,
-                        dict(HAS_RESIDUAL=res, HAS_BIAS=False, BLOCK_T=bt, BLOCK_D=bd), nw))
-            out.append((f"modln_bwd D={d} residual={res}", ml._modln_bwd_kernel, args,
-                        dict(HAS_RESIDUAL=res, HAS_DRES=res, HAS_BIAS=False, BLOCK_T=bt, BLOCK_D=bd), nw))
+            out += _modln_cases(d, args, res)
         out.append((f"gated_residual_fwd D={d}", gr._gated_residual_fwd_kernel, args,
                     dict(BLOCK_T=bt, BLOCK_D=bd), nw))
         out.append((f"gated_residual_bwd D={d}", gr._gated_residual_bwd_kernel, args,
@@ -104,13 +110,9 @@ def cases():
     bt, bd, nw = row_tile(d)
     args = _row_args(256, 256, d)
     for res in (False, True):
-        out.append((f"modln_bwd D={d} residual={res} N=256", ml._modln_bwd_kernel, args,
-                    dict(HAS_RESIDUAL=res, HAS_DRES=res, HAS_BIAS=False, BLOCK_T=bt, BLOCK_D=bd), nw))
+        out += _modln_cases(d, args, res, suffix=" N=256", passes=("bwd",))
     # The branch's bias added in the kernel and its gradient from the same pass (model bias_fold).
-    out.append((f"modln_fwd D={d} residual=True bias N=256", ml._modln_fwd_kernel, args,
-                dict(HAS_RESIDUAL=True, HAS_BIAS=True, BLOCK_T=bt, BLOCK_D=bd), nw))
-    out.append((f"modln_bwd D={d} residual=True bias N=256", ml._modln_bwd_kernel, args,
-                dict(HAS_RESIDUAL=True, HAS_DRES=True, HAS_BIAS=True, BLOCK_T=bt, BLOCK_D=bd), nw))
+    out += _modln_cases(d, args, True, bias=True, suffix=" N=256")
     out.append((f"gated_residual_bwd D={d} N=256", gr._gated_residual_bwd_kernel, args,
                 dict(BLOCK_T=bt, BLOCK_D=bd), nw))
     for p in (2, 4, 8):

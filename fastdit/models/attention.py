@@ -154,26 +154,37 @@ def _sdpa(qkv: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).reshape(n, t, h * hd)
 
 
+def _inner_sdpa(ctx, qkv: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """SDPA of the strided q, k, v views of a detached qkv (N, T, 3, H, hd) in an inner autograd graph kept
+    on ctx (SDPA's own backward runs from it: _inner_grads); returns the output as (N, T, H * hd)."""
+    n, t, _, h, hd = qkv.shape
+    with torch.enable_grad():
+        leaf = qkv.detach().requires_grad_(requires_grad)
+        q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, hd) views
+        out = F.scaled_dot_product_attention(q, k, v)   # (N, H, T, hd)
+    ctx.inner = (q, k, v, out)
+    return out.detach().transpose(1, 2).reshape(n, t, h * hd)
+
+
+def _inner_grads(ctx, dout: torch.Tensor):
+    """(dq, dk, dv), each (N, H, T, hd), of the inner graph _inner_sdpa kept, for dout (N, T, H * hd)."""
+    q, k, v, out = ctx.inner
+    del ctx.inner
+    n, h, t, hd = out.shape
+    return torch.autograd.grad(out, (q, k, v), dout.reshape(n, t, h, hd).transpose(1, 2))
+
+
 class _PackedSDPA(torch.autograd.Function):
     """SDPA of the strided q, k, v views of qkv (N, T, 3, H, hd); the backward returns dqkv in qkv's own
     layout, written by one stack of dq, dk, dv (an inner autograd graph gives SDPA's own backward)."""
 
     @staticmethod
     def forward(ctx, qkv):
-        n, t, _, h, hd = qkv.shape
-        with torch.enable_grad():
-            leaf = qkv.detach().requires_grad_(qkv.requires_grad)
-            q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, hd) views
-            out = F.scaled_dot_product_attention(q, k, v)   # (N, H, T, hd)
-        ctx.inner = (q, k, v, out)
-        return out.detach().transpose(1, 2).reshape(n, t, h * hd)
+        return _inner_sdpa(ctx, qkv, qkv.requires_grad)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out = ctx.inner
-        del ctx.inner
-        n, h, t, hd = out.shape
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.view(n, t, h, hd).transpose(1, 2))
+        dq, dk, dv = _inner_grads(ctx, dout)
         return torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2)  # (N, T, 3, H, hd), one copy
 
 
@@ -194,30 +205,20 @@ class _PackedQKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_heads, stack_grads):
         n, t, _ = x.shape
-        hd = weight.shape[0] // (3 * num_heads)
         qkv = F.linear(x, weight, bias)                  # the bias in the GEMM's epilogue, as nn.Linear
-        with torch.enable_grad():
-            leaf = qkv.detach().view(n, t, 3, num_heads, hd).requires_grad_(True)
-            q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, hd) views
-            out = F.scaled_dot_product_attention(q, k, v)   # (N, H, T, hd)
-        ctx.inner = (q, k, v, out)
         ctx.save_for_backward(x, weight)
         ctx.stack_grads = stack_grads
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return out.detach().transpose(1, 2).reshape(n, t, num_heads * hd)
+        return _inner_sdpa(ctx, qkv.view(n, t, 3, num_heads, weight.shape[0] // (3 * num_heads)), True)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out = ctx.inner
-        del ctx.inner
         x, weight = ctx.saved_tensors
-        n, h, t, hd = out.shape
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.reshape(n, t, h, hd).transpose(1, 2))
-        dqkv, db = ctx.stack_grads(dq, dk, dv)          # (N, T, 3, H, hd) contiguous, (3 H hd,) fp32
-        del dq, dk, dv
-        g2 = dqkv.view(n * t, 3 * h * hd)
+        dqkv, db = ctx.stack_grads(*_inner_grads(ctx, dout))   # (N, T, 3, H, hd) contiguous, (3 H hd,) fp32
+        rows = x.shape[0] * x.shape[1]
+        g2 = dqkv.view(rows, -1)
         dx = g2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = g2.t().mm(x.reshape(n * t, -1)) if ctx.needs_input_grad[1] else None
+        dw = g2.t().mm(x.reshape(rows, -1)) if ctx.needs_input_grad[1] else None
         db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None
 

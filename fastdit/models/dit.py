@@ -141,10 +141,7 @@ class FastDiTBlock(nn.Module):
         with nvtx_range("attention", nvtx):
             a = self.attn(h, proj_bias=not fold, stack_grads=ops["stack_qkv_grads"] if fold else None)
         with nvtx_range("residual+ln", nvtx):
-            if fold:
-                x, h = residual_ln(x, a, gate_msa, shift_mlp, scale_mlp, bias=_bias_like(self.attn.proj.bias, a))
-            else:
-                x, h = residual_ln(x, a, gate_msa, shift_mlp, scale_mlp)
+            x, h = residual_ln(x, a, gate_msa, shift_mlp, scale_mlp, **self._folded_bias(self.attn.proj, a))
         with nvtx_range("mlp", nvtx):
             if self.mlp_mode == "recompute":
                 m = recompute_gelu_mlp(self.mlp, h, fc2_bias=not fold)
@@ -154,17 +151,17 @@ class FastDiTBlock(nn.Module):
             else:
                 m = plain_mlp(self.mlp, h, fc2_bias=not fold)
         with nvtx_range("residual+ln", nvtx):
-            if fold:
-                x, h = residual_ln(x, m, gate_mlp, next_shift, next_scale, bias=_bias_like(self.mlp.fc2.bias, m))
-            else:
-                x, h = residual_ln(x, m, gate_mlp, next_shift, next_scale)
+            x, h = residual_ln(x, m, gate_mlp, next_shift, next_scale, **self._folded_bias(self.mlp.fc2, m))
         return x, h
 
-
-def _bias_like(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """A linear layer's bias in the dtype of its bias-free output y (under autocast the parameter is fp32
-    and the output bf16, and F.linear would have added the bias in bf16)."""
-    return bias if bias.dtype == y.dtype else bias.to(y.dtype)
+    def _folded_bias(self, linear: nn.Linear, y: torch.Tensor) -> dict:
+        """The residual op's `bias=` argument under bias_fold: the linear's bias in the dtype of its bias-free
+        output y (under autocast the parameter is fp32 and the output bf16, and F.linear would have added the
+        bias in bf16); without bias_fold no argument (the linear added its own bias)."""
+        if not self.bias_fold:
+            return {}
+        b = linear.bias
+        return {"bias": b if b.dtype == y.dtype else b.to(y.dtype)}
 
 
 class DiT(ref.DiT):
