@@ -1,4 +1,4 @@
-"""Tiling sweep of the fused row kernels: BLOCK_T x num_warps (x tokens_per_tile for the backward).
+"""Tiling sweep of the fused row kernels: BLOCK_T x num_warps (x tokens_per_tile, num_stages for the backward).
 
 The row kernels (kernels/modulate_layernorm.py `_modln_fwd_kernel` / `_modln_bwd_kernel`, which also
 serve gated_residual_modulate_layernorm through HAS_RESIDUAL, and kernels/gated_residual.py) take
@@ -21,11 +21,15 @@ the same as there (minimal HBM bytes of the op; the bwd's fp32 partial-sum buffe
 Grid, per (op, pass, D): BLOCK_T in --block-t (1 2 4 8 16) with BLOCK_T * BLOCK_D <= --max-tile-elems
 (16384) and at most --max-elems-per-thread (64) tile elements per thread (BLOCK_T * BLOCK_D / (32 *
 num_warps)), num_warps in --num-warps (2 4 8 16); for bwd also tokens_per_tile for ~P programs per SM,
-P in --programs-per-sm (1 2 4 8 16), computed as token_tiles does for its ~4. The default tiling (None
-overrides) is always measured and marked `default`. A config that fails to compile or run is
+P in --programs-per-sm (1 2 4 8 16), computed as token_tiles does for its ~4, and the token loop's pipeline
+depth: every BLOCK_T x num_warps at the default token tiling with num_stages in --num-stages (2 3; Triton's
+pipeliner then loads the next steps' rows into shared memory with cp.async while a step computes; the
+default is 1, a plain loop). The bwd order: the default, the default tiling pipelined, every tiling
+pipelined, then the plain-loop grid. The default tiling (None overrides) is always measured and marked
+`default`. A config that fails to compile or run is
 recorded with its error string (a config that faults the CUDA context would fail every later one too;
 the JSON written so far keeps what came before). At the defaults (D=1152, T=256, N=128, 132 SMs) that is
-13 fwd and 65 bwd tilings per op, 312 in all over the four ops, each compiled on first use (no GPU timing of the sweep
+13 fwd and 91 bwd tilings per op (26 of them pipelined), 416 in all over the four ops, each compiled on first use (no GPU timing of the sweep
 itself exists yet; the order puts gated_residual_modulate_layernorm's bwd first, so a deadline cuts the
 less important groups).
 
@@ -87,6 +91,9 @@ def _parse(argv=None):
     p.add_argument("--num-warps", nargs="+", type=int, default=[2, 4, 8, 16])
     p.add_argument("--programs-per-sm", nargs="+", type=float, default=[1, 2, 4, 8, 16],
                    help="bwd: tokens_per_tile chosen for ~this many programs per SM")
+    p.add_argument("--num-stages", nargs="+", type=int, default=[2, 3],
+                   help="bwd: token loop pipeline depths besides 1, tried for every BLOCK_T x num_warps at the "
+                        "default token tiling (right after the default tiling's own, before the rest of the grid)")
     p.add_argument("--max-tile-elems", type=int, default=16384, help="skip BLOCK_T * BLOCK_D above this")
     p.add_argument("--max-elems-per-thread", type=int, default=64,
                    help="skip BLOCK_T * BLOCK_D / (32 * num_warps) above this (register budget)")
@@ -99,7 +106,11 @@ def _parse(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="N=2, T=8, D=64 on CPU through the Triton interpreter, 2-3 configs per (op, pass): checks "
                         "the harness runs; its timings are the interpreter's, not a GPU's")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    bad = [k for k in a.num_stages if k not in (1, 2, 3, 4)]
+    if bad:
+        p.error(f"--num-stages takes 1-4 (the token loop's pipeline depth), got {bad}")
+    return a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,12 +131,12 @@ def make_grid(pas, n, t, d, device, args, smoke=False):
     bt0, block_d, nw0 = row_tile(d)
     sms = num_sms(device)
 
-    def resolved(bt, nw, tok):
+    def resolved(bt, nw, tok, stages=None):
         r = dict(block_t=bt, block_d=block_d, num_warps=nw)
         if pas == "bwd":
             tok_r, n_iters, n_tiles = token_tiles(n, t, bt, device, tok)
             r.update(tokens_per_tile=tok_r, n_tiles=n_tiles, programs=n * n_tiles,
-                     programs_per_sm=round(n * n_tiles / sms, 2))
+                     programs_per_sm=round(n * n_tiles / sms, 2), num_stages=stages or 1)
         else:
             r.update(programs=n * triton_cdiv(t, bt), programs_per_sm=round(n * triton_cdiv(t, bt) / sms, 2))
         return r
@@ -133,31 +144,32 @@ def make_grid(pas, n, t, d, device, args, smoke=False):
     default = dict(name="default", default=True, overrides=dict(block_t=None, num_warps=None),
                    **resolved(bt0, nw0, None))
     if pas == "bwd":
-        default["overrides"]["tokens_per_tile"] = None
+        default["overrides"].update(tokens_per_tile=None, num_stages=None)
     configs = [default]
     seen = {_key(default)}
     if smoke:
-        # 2-3 configs besides the default: small tiles with other warps, and for bwd other token tiles.
-        cand = [(max(1, bt0 // 4), 2, None), (max(1, bt0 // 2), 8, None)]
+        # 2-3 configs besides the default: small tiles with other warps, and for bwd other token tiles and a
+        # pipelined token loop.
+        cand = [(max(1, bt0 // 4), 2, None, None), (max(1, bt0 // 2), 8, None, None)]
         if pas == "bwd":
-            cand = [(max(1, bt0 // 4), 2, 2), (max(1, bt0 // 2), 8, t)]
+            cand = [(max(1, bt0 // 4), 2, 2, None), (max(1, bt0 // 2), 8, t, None), (bt0, nw0, None, 2)]
     else:
-        cand = []
-        for bt in args.block_t:
-            if bt * block_d > args.max_tile_elems:
-                continue
-            for nw in args.num_warps:
-                if bt * block_d > args.max_elems_per_thread * 32 * nw:
-                    continue
-                if pas == "fwd":
-                    cand.append((bt, nw, None))
-                else:
-                    for p in args.programs_per_sm:
-                        cand.append((bt, nw, tokens_for_programs(p, n, t, bt, sms)))
-    for bt, nw, tok in cand:
-        c = dict(default=False, overrides=dict(block_t=bt, num_warps=nw), **resolved(bt, nw, tok))
+        tiles = [(bt, nw) for bt in args.block_t if bt * block_d <= args.max_tile_elems
+                 for nw in args.num_warps if bt * block_d <= args.max_elems_per_thread * 32 * nw]
+        if pas == "fwd":
+            cand = [(bt, nw, None, None) for bt, nw in tiles]
+        else:
+            stages = [k for k in args.num_stages if k != 1]
+            # The pipelined loop first (the default tiling's, then every tile's at the default token tiling),
+            # then the plain loop over the whole grid: a deadline cuts the grid's tail.
+            cand = [(bt0, nw0, None, k) for k in stages]
+            cand += [(bt, nw, None, k) for k in stages for bt, nw in tiles]
+            cand += [(bt, nw, tokens_for_programs(p, n, t, bt, sms), None)
+                     for bt, nw in tiles for p in args.programs_per_sm]
+    for bt, nw, tok, stages in cand:
+        c = dict(default=False, overrides=dict(block_t=bt, num_warps=nw), **resolved(bt, nw, tok, stages))
         if pas == "bwd":
-            c["overrides"]["tokens_per_tile"] = tok
+            c["overrides"].update(tokens_per_tile=tok, num_stages=stages)
         c["name"] = _name(c)
         if _key(c) in seen:
             continue
@@ -171,12 +183,13 @@ def triton_cdiv(a, b):
 
 
 def _key(c):
-    return (c["block_t"], c["num_warps"], c.get("tokens_per_tile"))
+    return (c["block_t"], c["num_warps"], c.get("tokens_per_tile"), c.get("num_stages"))
 
 
 def _name(c):
     s = f"bt{c['block_t']}/w{c['num_warps']}"
-    return s + (f"/tok{c['tokens_per_tile']}" if "tokens_per_tile" in c else "")
+    s += f"/tok{c['tokens_per_tile']}" if "tokens_per_tile" in c else ""
+    return s + (f"/s{c['num_stages']}" if c.get("num_stages", 1) != 1 else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +346,7 @@ def run(args, argv=None):
                 interpreter=os.environ.get("TRITON_INTERPRET") == "1", copy_gbps=copy_gbps, copy_mib=copy_mib,
                 dtype=str(dtype).replace("torch.", ""), batch=batch, dims=dims, tokens_per_sample=tps,
                 grid=dict(block_t=args.block_t, num_warps=args.num_warps, programs_per_sm=args.programs_per_sm,
+                          num_stages=args.num_stages,
                           max_tile_elems=args.max_tile_elems, max_elems_per_thread=args.max_elems_per_thread),
                 numerics=dict(reference="the default config's outputs", rtol=rtol, atol_frac=ATOL_FRAC,
                               poisoned=True),
@@ -425,7 +439,7 @@ def _summarize(group, rows):
     dflt = next((r for r in rows if r["default"]), None)
     best = min(ok, key=lambda r: r["ms"]) if ok else None
     pick = ("name", "ms", "gbps", "copy_share", "block_t", "num_warps", "tokens_per_tile", "programs_per_sm",
-            "overrides")
+            "num_stages", "overrides")
     return dict(group, configs=len(rows), timed=len(timed),
                 errors=sum(r["status"] == "error" for r in rows),
                 wrong=sum(r["status"] == "wrong" for r in rows),

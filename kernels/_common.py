@@ -263,6 +263,23 @@ def check_num_warps(num_warps) -> None:
                          f"got {num_warps!r}")
 
 
+# Values a `num_stages` override of the backward kernels' token loop may take. 1 (the default) is a plain
+# loop: each step loads its rows, reduces, stores, then the next step loads. 2-4 let Triton's pipeliner
+# (tl.range(..., num_stages=k)) issue the next k - 1 steps' row loads into shared memory (cp.async) while a
+# step computes: more bytes in flight per program, for k - 1 more row tiles of shared memory.
+NUM_STAGES_CHOICES = (1, 2, 3, 4)
+
+
+def loop_stages(num_stages: Optional[int]) -> int:
+    """The token loop's pipeline depth for a backward launch: `num_stages` checked, or 1 for None."""
+    if num_stages is None:
+        return 1
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages not in NUM_STAGES_CHOICES:
+        raise ValueError(f"num_stages must be None (a plain loop) or one of {NUM_STAGES_CHOICES}, "
+                         f"got {num_stages!r}")
+    return num_stages
+
+
 def launch_tile(d: int, block_t: Optional[int] = None,
                 num_warps: Optional[int] = None) -> Tuple[int, int, int]:
     """row_tile(d) with a launcher's overrides applied: (BLOCK_T, BLOCK_D, num_warps).

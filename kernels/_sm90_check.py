@@ -84,11 +84,13 @@ def _pe_args(n: int, c: int, h: int, d: int, p: int) -> dict:
                 M=n * t, D=d, K=c * p * p, T=t, GW=h // p, rows_per_split=512)
 
 
-def _modln_cases(d: int, args: dict, res: bool, bias: bool = False, suffix: str = "", passes=("fwd", "bwd")):
-    """The modulate+LN kernels' cases at row_tile(d): forward and backward (HAS_DRES with the residual)."""
+def _modln_cases(d: int, args: dict, res: bool, bias: bool = False, suffix: str = "", passes=("fwd", "bwd"),
+                 stages: int = 1):
+    """The modulate+LN kernels' cases at row_tile(d): forward and backward (HAS_DRES with the residual;
+    `stages`: the backward's token loop pipeline depth, named in the label when not 1)."""
     bt, bd, nw = row_tile(d)
-    tag = f"D={d} residual={res}" + (" bias" if bias else "") + suffix
-    kernels = dict(fwd=(ml._modln_fwd_kernel, {}), bwd=(ml._modln_bwd_kernel, dict(HAS_DRES=res)))
+    tag = f"D={d} residual={res}" + (" bias" if bias else "") + suffix + (f" stages={stages}" if stages != 1 else "")
+    kernels = dict(fwd=(ml._modln_fwd_kernel, {}), bwd=(ml._modln_bwd_kernel, dict(HAS_DRES=res, NUM_STAGES=stages)))
     return [(f"modln_{p} {tag}", kernels[p][0], args,
              dict(HAS_RESIDUAL=res, HAS_BIAS=bias, BLOCK_T=bt, BLOCK_D=bd, **kernels[p][1]), nw) for p in passes]
 
@@ -104,7 +106,7 @@ def cases():
         out.append((f"gated_residual_fwd D={d}", gr._gated_residual_fwd_kernel, args,
                     dict(BLOCK_T=bt, BLOCK_D=bd), nw))
         out.append((f"gated_residual_bwd D={d}", gr._gated_residual_bwd_kernel, args,
-                    dict(BLOCK_T=bt, BLOCK_D=bd), nw))
+                    dict(BLOCK_T=bt, BLOCK_D=bd, NUM_STAGES=1), nw))
     # DiT-XL/2 training batches: the backward's tiling integers lose the divisibility-16 hint.
     d = 1152
     bt, bd, nw = row_tile(d)
@@ -114,7 +116,12 @@ def cases():
     # The branch's bias added in the kernel and its gradient from the same pass (model bias_fold).
     out += _modln_cases(d, args, True, bias=True, suffix=" N=256")
     out.append((f"gated_residual_bwd D={d} N=256", gr._gated_residual_bwd_kernel, args,
-                dict(BLOCK_T=bt, BLOCK_D=bd), nw))
+                dict(BLOCK_T=bt, BLOCK_D=bd, NUM_STAGES=1), nw))
+    # The backward's token loop software-pipelined (num_stages, benchmarks/kernel_sweep.py): the next steps'
+    # rows load into shared memory (cp.async) while a step computes; shared memory per program grows.
+    for stages in (2, 3):
+        out += _modln_cases(d, args, True, suffix=" N=256", passes=("bwd",), stages=stages)
+    out += _modln_cases(d, args, False, suffix=" N=256", passes=("bwd",), stages=3)
     for p in (2, 4, 8):
         d, c = 1152, 4
         k = c * p * p
@@ -342,7 +349,8 @@ def access_report(kernel, arg_names) -> dict:
 
     `accesses` maps 'ld X' / 'st OUT' to {bytes: count}; `narrow_bulk` lists the accesses under
     16 bytes to pointers other than ROW_SCALARS; `bulk_128bit` is True when there are none;
-    `vector_loads` counts the 16-byte loads.
+    `vector_loads` counts the 16-byte loads; `async_loads` the cp.async (global -> shared) among them, which a
+    software-pipelined loop (tl.range num_stages > 1) issues.
     """
     acc = ptx_accesses(kernel.asm["ptx"], arg_names)
     per_ptr = {}
@@ -354,7 +362,8 @@ def access_report(kernel, arg_names) -> dict:
     sass = sass_widths(kernel.asm["cubin"])
     row = dict(load_bytes=_histogram(acc, "ld"), store_bytes=_histogram(acc, "st"), accesses=per_ptr,
                narrow_bulk=narrow, bulk_128bit=not narrow,
-               vector_loads=sum(1 for k, size, _ in acc if k == "ld" and size == 16))
+               vector_loads=sum(1 for k, size, _ in acc if k == "ld" and size == 16),
+               async_loads=len(_PTX_CP_ASYNC.findall(kernel.asm["ptx"])))
     if sass is not None:
         row["sass_load_bytes"] = {str(b): sass["ld"][b] for b in sorted(sass["ld"], reverse=True)}
         row["sass_store_bytes"] = {str(b): sass["st"][b] for b in sorted(sass["st"], reverse=True)}
@@ -378,6 +387,8 @@ def format_row(row: dict) -> str:
     line = (f"{row['kernel']:38s} warps {row['num_warps']:2d}  regs {row['registers']}  "
             f"spill {row['stack_bytes']}  {row.get('programs_per_sm', '?')}/SM  ld {_widths(row['load_bytes'])}  "
             f"st {_widths(row['store_bytes'])}  bulk 128-bit: {'yes' if row['bulk_128bit'] else 'no'}")
+    if row.get("async_loads"):
+        line += f"  cp.async {row['async_loads']}, shared {row.get('shared_bytes', '?')} B"
     if row["narrow_bulk"]:
         line += "\n    narrow bulk: " + ", ".join(row["narrow_bulk"])
     scalars = sorted(k for k in row["accesses"] if set(k.split()[1].split("+")) <= ROW_SCALARS)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (alloc, alloc_out, backward_op, check_rows, direct_dispatch, direct_function, finish,
-                      launch_tile, promote, token_tiles)
+                      launch_tile, loop_stages, promote, token_tiles)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +76,7 @@ def _gated_residual_bwd_kernel(
     n_iters,                            # BLOCK_T-row steps per program
     BLOCK_T: tl.constexpr,              # tokens per step
     BLOCK_D: tl.constexpr,              # next power of two >= D
+    NUM_STAGES: tl.constexpr,           # token loop pipeline depth (1: plain loop; _common.loop_stages)
 ):
     tile = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -83,7 +84,7 @@ def _gated_residual_bwd_kernel(
     d_ok = d < D
     gate = tl.load(GATE + n * stride_gn + d * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for it in range(0, n_iters):
+    for it in tl.range(0, n_iters, num_stages=NUM_STAGES):
         t = tile * tokens_per_tile + it * BLOCK_T + tl.arange(0, BLOCK_T)
         mask = (t < T)[:, None] & d_ok[None, :]
         dout = tl.load(DOUT + n * stride_on + t[:, None] * stride_ot + d[None, :] * stride_od,
@@ -125,15 +126,18 @@ def gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
 
 def gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
                        tokens_per_tile: Optional[int] = None, block_t: Optional[int] = None,
-                       num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                       num_warps: Optional[int] = None, num_stages: Optional[int] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: (dy = dout * gate in y.dtype, dgate = sum_t dout * y in gate.dtype).
 
     (dx is dout itself.) dgate is reduced from fp32 per-tile partial sums.
-    `tokens_per_tile` / `block_t` / `num_warps` override the tiling (None: the heuristics).
+    `tokens_per_tile` / `block_t` / `num_warps` override the tiling (None: the heuristics), `num_stages`
+    the token loop's pipeline depth (None: 1, a plain loop).
     """
     check_rows("y", y, [("dout", dout, "NTD"), ("gate", gate, "ND")])
     n, t, d = y.shape
     bt, block_d, num_warps = launch_tile(d, block_t, num_warps)
+    stages = loop_stages(num_stages)
     tok, n_iters, n_tiles = token_tiles(n, t, bt, y.device, tokens_per_tile)
     dy = alloc_out((n, t, d), y.dtype, y.device)
     part = alloc((n, max(n_tiles, 1), d), torch.float32, y.device)
@@ -141,7 +145,7 @@ def gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, 
         return finish(dy, y.dtype), torch.zeros(n, d, dtype=gate.dtype, device=y.device)
     _gated_residual_bwd_kernel[(n_tiles, n)](
         dout, *dout.stride(), y, *y.stride(), gate, *gate.stride(), dy, part,
-        t, d, n_tiles, tok, n_iters, BLOCK_T=bt, BLOCK_D=block_d, num_warps=num_warps)
+        t, d, n_tiles, tok, n_iters, BLOCK_T=bt, BLOCK_D=block_d, NUM_STAGES=stages, num_warps=num_warps)
     return finish(dy, y.dtype), part.sum(1).to(gate.dtype)
 
 

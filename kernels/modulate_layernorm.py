@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._common import (alloc, alloc_out, backward_op, check_rows, direct_dispatch, direct_function, finish,
-                      launch_tile, promote, token_tiles)
+                      launch_tile, loop_stages, promote, token_tiles)
 from .gated_residual import gated_residual_ref
 
 
@@ -142,6 +142,7 @@ def _modln_bwd_kernel(
     HAS_BIAS: tl.constexpr,             # the forward added BIAS to Y: also give DBIAS
     BLOCK_T: tl.constexpr,              # tokens per step
     BLOCK_D: tl.constexpr,              # next power of two >= D
+    NUM_STAGES: tl.constexpr,           # token loop pipeline depth (1: plain loop; _common.loop_stages)
 ):
     tile = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -159,7 +160,7 @@ def _modln_bwd_kernel(
     acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_dxn = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
-    for it in range(0, n_iters):
+    for it in tl.range(0, n_iters, num_stages=NUM_STAGES):
         t = tile * tokens_per_tile + it * BLOCK_T + tl.arange(0, BLOCK_T)   # (BLOCK_T,)
         t_ok = t < T
         mask = t_ok[:, None] & d_ok[None, :]
@@ -257,10 +258,11 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, bloc
 
 
 def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, mod_dtype,
-                gate_dtype, tokens_per_tile=None, block_t=None, num_warps=None, bias=None):
+                gate_dtype, tokens_per_tile=None, block_t=None, num_warps=None, bias=None, num_stages=None):
     n, t, d = xn.shape
     device = xn.device
     bt, block_d, num_warps = launch_tile(d, block_t, num_warps)
+    stages = loop_stages(num_stages)
     tok, n_iters, n_tiles = token_tiles(n, t, bt, device, tokens_per_tile)
     dx = alloc_out((n, t, d), dx_dtype, device)
     dy = alloc_out((n, t, d), dy_dtype, device) if y is not None else None
@@ -280,7 +282,7 @@ def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, 
             parts[0], parts[1], parts[min(2, n_parts - 1)], parts[-1],
             t, d, n_tiles, tok, n_iters,
             HAS_RESIDUAL=y is not None, HAS_DRES=dres is not None, HAS_BIAS=bias is not None,
-            BLOCK_T=bt, BLOCK_D=block_d, num_warps=num_warps,
+            BLOCK_T=bt, BLOCK_D=block_d, NUM_STAGES=stages, num_warps=num_warps,
         )
         sums = [p.sum(1) for p in parts[:3]]                         # each (N, D) fp32, reduced once
         if bias is not None:
@@ -317,19 +319,20 @@ def modulate_layernorm_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
 def modulate_layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                            mean: torch.Tensor, rstd: torch.Tensor, shift_dtype: torch.dtype,
                            *, tokens_per_tile: Optional[int] = None, block_t: Optional[int] = None,
-                           num_warps: Optional[int] = None
+                           num_warps: Optional[int] = None, num_stages: Optional[int] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: (dx in x.dtype, dshift in shift_dtype, dscale in scale.dtype).
 
     dshift = sum_t dy, dscale = sum_t dy * xhat (fp32 per-tile partials reduced once);
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * (1 + scale).
     `tokens_per_tile` / `block_t` / `num_warps` override the tiling (tests use them to cover tile
-    edges; None: the heuristics of kernels/_common.py).
+    edges; None: the heuristics of kernels/_common.py), `num_stages` the token loop's pipeline depth
+    (None: 1, a plain loop).
     """
     check_rows("x", x, [("dy", dy, "NTD"), ("scale", scale, "ND")])
     dx, _, _, dshift, dscale, _ = _launch_bwd(dy, x, scale, mean, rstd, None, None, None, x.dtype,
                                            None, scale.dtype, None, tokens_per_tile, block_t,
-                                           num_warps)
+                                           num_warps, num_stages=num_stages)
     return dx, dshift.to(shift_dtype), dscale
 
 
@@ -355,14 +358,16 @@ def gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean,
                                           bias: Optional[torch.Tensor] = None,
                                           tokens_per_tile: Optional[int] = None,
                                           block_t: Optional[int] = None,
-                                          num_warps: Optional[int] = None):
+                                          num_warps: Optional[int] = None,
+                                          num_stages: Optional[int] = None):
     """Launch the fused backward: (dx, dy, dgate, dshift, dscale), each in its input's dtype, and
     dbias after them when the forward had a `bias` (pass the same one).
 
     dxnew (gradient reaching x' from its other uses) may be None. With dx' the total gradient of x':
     dx = dx', dy = dx' * gate, dgate = sum_t dx' * (y [+ bias]), dbias = sum_{n,t} dx' * gate
     (fp32 per-tile partials, reduced once).
-    `tokens_per_tile` / `block_t` / `num_warps` override the tiling (None: the heuristics).
+    `tokens_per_tile` / `block_t` / `num_warps` override the tiling (None: the heuristics), `num_stages`
+    the token loop's pipeline depth (None: 1, a plain loop).
     """
     check_rows("x_new", xnew, [("dh", dh, "NTD"), ("y", y, "NTD"), ("gate", gate, "ND"),
                                ("scale", scale, "ND")]
@@ -370,7 +375,7 @@ def gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean,
                + ([("bias", bias, "D")] if bias is not None else []))
     dx, dy, dgate, dshift, dscale, dbias = _launch_bwd(
         dh, xnew, scale, mean, rstd, dxnew, y, gate, x_dtype, y.dtype, scale.dtype, gate.dtype,
-        tokens_per_tile, block_t, num_warps, bias)
+        tokens_per_tile, block_t, num_warps, bias, num_stages)
     out = (dx, dy, dgate, dshift.to(shift_dtype), dscale)
     return out if bias is None else out + (dbias,)
 

@@ -130,8 +130,23 @@ def test_grid_at_dit_xl_shape(monkeypatch):
             assert c["block_t"] * c["block_d"] <= args.max_elems_per_thread * 32 * c["num_warps"]
     assert bwd[0]["tokens_per_tile"] == 52 and bwd[0]["n_tiles"] == 5          # token_tiles' ~4 per SM
     assert {c["block_t"] for c in fwd} == {1, 2, 4, 8} and {c["num_warps"] for c in fwd} == {2, 4, 8, 16}
-    assert len(fwd) == 13 and len(bwd) == 65
+    assert len(fwd) == 13 and len(bwd) == 65 + 26
     assert {c["n_tiles"] for c in bwd} == {2, 3, 5, 8, 9, 16}         # ~1, 2, 4, 8, 16 programs per SM
+    # The pipelined token loop: the default tiling's first, then every tiling's at the default token tiling
+    # (num_stages 2 and 3), then the plain-loop grid.
+    assert [c["name"] for c in bwd[1:3]] == ["bt2/w8/tok52/s2", "bt2/w8/tok52/s3"]
+    piped = [c for c in bwd if c["num_stages"] != 1]
+    assert len(piped) == 26 and bwd[1:27] == piped
+    assert all(c["overrides"]["tokens_per_tile"] is None and c["overrides"]["num_stages"] in (2, 3) for c in piped)
+    assert {(c["block_t"], c["num_warps"]) for c in piped} == {(c["block_t"], c["num_warps"]) for c in fwd}
+    assert bwd[0]["num_stages"] == 1 and bwd[0]["overrides"]["num_stages"] is None
+    assert S.make_grid("bwd", 128, 256, 1152, torch.device("cpu"), S._parse(["--num-stages", "1"]))[1:] == bwd[27:]
+
+
+def test_num_stages_argument_is_checked(capsys):
+    with pytest.raises(SystemExit):
+        S._parse(["--num-stages", "2", "5"])
+    assert "--num-stages takes 1-4" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,8 +162,12 @@ def _inputs(n=2, t=5, d=40, dtype=torch.float32):
 
 
 def _launch_all(i, **o):
-    """Every row launcher's outputs with overrides o (the bwd ones get tokens_per_tile=2 when block_t is set)."""
-    bo = dict(o, tokens_per_tile=2) if o.get("block_t") else dict(o)
+    """Every row launcher's outputs with overrides o (the bwd ones get tokens_per_tile=2 when block_t is set and
+    o has none; tokens_per_tile and num_stages go to the bwd launchers only)."""
+    bo = dict(o)
+    if o.get("block_t"):
+        bo.setdefault("tokens_per_tile", 2)
+    o = {k: v for k, v in o.items() if k not in ("tokens_per_tile", "num_stages")}
     y, mean, rstd = ML.modulate_layernorm_fwd(i["x"], i["shift"], i["scale"], **o)
     outs = [y, mean, rstd]
     outs += ML.modulate_layernorm_bwd(i["dh"], i["x"], i["scale"], mean, rstd, i["shift"].dtype, **bo)
@@ -170,7 +189,7 @@ class _Spy:
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
-            self.seen.append(kw["num_warps"])
+            self.seen.append(kw["num_warps"] if "NUM_STAGES" not in kw else (kw["num_warps"], kw["NUM_STAGES"]))
             return self.kernel[grid](*args, **kw)
         return launch
 
@@ -184,11 +203,12 @@ def test_num_warps_override_reaches_the_kernels_and_keeps_results(dtype, monkeyp
         monkeypatch.setattr(mod, name, _Spy(getattr(mod, name), seen))
     i = _inputs(dtype=dtype)
     default = _launch_all(i)
-    assert seen == [COMMON.row_tile(40)[2]] * 6                 # None keeps the heuristic (4 warps at D=40)
+    nw = COMMON.row_tile(40)[2]                                 # None keeps the heuristic (4 warps at D=40)
+    assert seen == [nw, (nw, 1), nw, (nw, 1), nw, (nw, 1)]       # fwd, bwd (plain token loop) x 3 ops
     for o in (dict(num_warps=2), dict(num_warps=16), dict(num_warps=1, block_t=2)):
         seen.clear()
         outs = _launch_all(i, **o)
-        assert seen == [o["num_warps"]] * 6
+        assert seen == [o["num_warps"], (o["num_warps"], 1)] * 3
         assert len(outs) == len(default)
         for a, b in zip(outs, default):
             assert a.dtype == b.dtype and a.shape == b.shape
@@ -198,6 +218,41 @@ def test_num_warps_override_reaches_the_kernels_and_keeps_results(dtype, monkeyp
                                            atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
             else:
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_num_stages_override_reaches_the_backward_kernels_and_keeps_results(dtype, monkeypatch):
+    """The pipelined token loop (num_stages 2-4) computes the same sums in the same order: equal outputs.
+    (The interpreter runs the loop as written; on CUDA this runs the cp.async pipeline.)"""
+    monkeypatch.setenv(COMMON.POISON_ENV, "1")
+    i = _inputs(n=3, t=13, dtype=dtype)
+    default = _launch_all(i, block_t=2, tokens_per_tile=6)       # 3 loop steps per program, a partial last tile
+    seen = []
+    for mod, name in ((ML, "_modln_bwd_kernel"), (GR, "_gated_residual_bwd_kernel")):
+        monkeypatch.setattr(mod, name, _Spy(getattr(mod, name), seen))
+    nw = COMMON.row_tile(40)[2]
+    for k in (2, 3, 4):
+        seen.clear()
+        outs = _launch_all(i, block_t=2, tokens_per_tile=6, num_stages=k)
+        assert seen == [(nw, k)] * 3
+        assert len(outs) == len(default)
+        for a, b in zip(outs, default):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [0, 5, -1, 2.0, True, "2"])
+def test_num_stages_override_rejects_bad_values(bad):
+    i = _inputs()
+    m, r = i["x"][..., 0], i["x"][..., 0]
+    calls = [
+        lambda: ML.modulate_layernorm_bwd(i["dh"], i["x"], i["scale"], m, r, torch.float32, num_stages=bad),
+        lambda: ML.gated_residual_modulate_layernorm_bwd(i["dh"], None, i["x"], i["y"], i["gate"], i["scale"], m, r,
+                                                         torch.float32, torch.float32, num_stages=bad),
+        lambda: GR.gated_residual_bwd(i["dh"], i["y"], i["gate"], num_stages=bad),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"num_stages must be None \(a plain loop\) or one of"):
+            call()
 
 
 @pytest.mark.parametrize("bad", [0, 3, 6, 64, -4, 2.0, True, "8"])

@@ -730,6 +730,15 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         keys = ["ld X", "st OUT", "ld SHIFT", "ld SCALE"] + (["ld Y", "ld GATE", "st RES"] if res else [])
         for key in keys:
             assert set(acc[key]) == {"16"}, (key, acc[key])
+    # The backward's token loop: plain (no cp.async) by default; with num_stages > 1 Triton pipelines its row
+    # loads through shared memory.
+    for r in rows:
+        if r["kernel"].startswith("modln_bwd") or r["kernel"].startswith("gated_residual_bwd"):
+            piped = "stages=" in r["kernel"]
+            assert (r["async_loads"] > 0) == piped, r
+    plain = by_label["modln_bwd D=1152 residual=True N=256"]
+    piped = by_label["modln_bwd D=1152 residual=True N=256 stages=3"]
+    assert piped["shared_bytes"] > plain["shared_bytes"] and piped["programs_per_sm"] >= 1
     xl_rows = [r for r in rows if "D=1152" in r["kernel"]]
     assert len(xl_rows) >= 9
     assert all(r["bulk_128bit"] for r in xl_rows), [(r["kernel"], r["narrow_bulk"]) for r in xl_rows]
@@ -776,6 +785,34 @@ def test_gpu_gated_residual_modulate_layernorm_bias_xl():
              [randn(n, t, d, dtype=bf), randn(n, t, d, dtype=bf), rand_mod(n, d, 6, bf), randn(d, dtype=bf)],
              _grml_bias_build, [randn(n, t, d, dtype=bf), randn(n, t, d, dtype=bf)],
              ["x_new", "h", "dx", "dy", "dc", "dbias"], bf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_gpu_pipelined_token_loop_equals_plain_xl(num_stages):
+    """The backward kernels' token loop software-pipelined (cp.async through shared memory, num_stages > 1;
+    benchmarks/kernel_sweep.py times it) gives the plain loop's outputs exactly, at DiT-XL/2 shapes."""
+    ml, gr = ML, GR
+    n, t, d = XL
+    bf = torch.bfloat16
+    x, y, dh, dxnew = (randn(n, t, d, dtype=bf) for _ in range(4))
+    c = rand_mod(n, d, 6, bf)
+    gate, shift, scale = c[:, 2 * d:3 * d], c[:, 3 * d:4 * d], c[:, 4 * d:5 * d]
+    bias = randn(d, dtype=bf)
+    with torch.no_grad():
+        _, mean, rstd = ml.modulate_layernorm_fwd(x, shift, scale)
+        xnew, _, m2, r2 = ml.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, bias=bias)
+        calls = [
+            lambda **o: ml.modulate_layernorm_bwd(dh, x, scale, mean, rstd, bf, **o),
+            lambda **o: ml.gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, m2, r2, bf, bf,
+                                                                 **o),
+            lambda **o: ml.gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, m2, r2, bf, bf,
+                                                                 bias=bias, **o),
+            lambda **o: gr.gated_residual_bwd(dh, y, gate, **o),
+        ]
+        for call in calls:
+            for a, b in zip(call(num_stages=num_stages), call()):
+                assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
