@@ -498,8 +498,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         fast_rows += [r for r in ALL_ROWS if r not in fast_rows + list(COMPILE_ROWS) + ["fused/math", "fused/sdpa"]]
         compile_rows = list(COMPILE_ROWS)
         par = ["--model", "DiT-XL/2", "--batch", "4"]
-        kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "fused-direct", "eager", "compile",
-                "--rep", "60", "--warmup", "15"]
+        kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "fused-direct", "fused-gemm-bwd",
+                "eager", "compile", "--rep", "60", "--warmup", "15"]
         att = ["--batch", str(batch)]
         train_cfg = ["--config", "configs/xl2_zero2.json", "--set", "data.kind=synthetic",
                      "--set", "data.synthetic_size=4096", "--set", "data.num_workers=4",

@@ -7,6 +7,8 @@ chosen so N*T = --tokens, 65536 by default), it times
     fused    fastdit.kernels.<op>
     fused-direct  the same, dispatched straight to the launchers (FASTDIT_KERNEL_DISPATCH=direct: the
              same kernels, less host work per call; benchmarks/host_overhead.py)
+    fused-gemm-bwd  patch_embed only: the same forward, the backward from library GEMMs
+             (FASTDIT_PATCH_EMBED_BWD=gemm: dweight and dbias in one GEMM, dx as a GEMM folded back)
     eager    fastdit.kernels.<op>_ref (plain PyTorch)
     compile  torch.compile(<op>_ref)
     apex / flash_attn_triton   LayerNorm from apex or flash-attn + eager modulate (modulate_layernorm
@@ -46,6 +48,7 @@ Nothing is printed that was not measured in this run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -72,8 +75,8 @@ def _parse(argv=None):
                    help="T; patch_embed uses 4-channel latents of side 2*sqrt(T) with p=2")
     p.add_argument("--tokens", type=int, default=65536, help="N*T per call (N = tokens // T)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--impls", nargs="+", default=["fused", "fused-direct", "eager", "compile", "apex",
-                                                  "flash_attn_triton"])
+    p.add_argument("--impls", nargs="+", default=["fused", "fused-direct", "fused-gemm-bwd", "eager", "compile",
+                                                  "apex", "flash_attn_triton"])
     p.add_argument("--warmup", type=int, default=25, help="ms of warm-up (do_bench) per timing")
     p.add_argument("--rep", type=int, default=100, help="ms of repetitions (do_bench) per timing")
     p.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy baseline")
@@ -201,6 +204,25 @@ def _direct(fn):
     return call
 
 
+@contextlib.contextmanager
+def _impl_env(impl):
+    """The environment an impl runs in: fused-gemm-bwd is `fused` with FASTDIT_PATCH_EMBED_BWD=gemm (the
+    patch_embed backward from library GEMMs) for its forward and its backward calls."""
+    if impl != "fused-gemm-bwd":
+        yield
+        return
+    from fastdit.kernels.patch_embed import BWD_ENV
+    saved = os.environ.get(BWD_ENV)
+    os.environ[BWD_ENV] = "gemm"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(BWD_ENV, None)
+        else:
+            os.environ[BWD_ENV] = saved
+
+
 def _as_list(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -295,7 +317,7 @@ def run(args):
         device = torch.device("cpu")
         dtype = torch.float32
         dims, tps, tokens = [64], [16], 32
-        impls = [i for i in args.impls if i in ("fused", "fused-direct", "eager")]
+        impls = [i for i in args.impls if i in ("fused", "fused-direct", "fused-gemm-bwd", "eager")]
         copy_mib = 16
     else:
         if not torch.cuda.is_available():
@@ -315,6 +337,8 @@ def run(args):
                 fused, ref, inputs, grad_outs, b_fwd, b_bwd, f_fwd, f_bwd, shape = _case(
                     op, n, t, d, dtype, device)
                 fns = {"fused": fused, "eager": ref, "fused-direct": _direct(fused)}
+                if op == "patch_embed":
+                    fns["fused-gemm-bwd"] = fused     # run under FASTDIT_PATCH_EMBED_BWD=gemm (_impl_env)
                 if "compile" in impls:
                     torch._dynamo.reset()
                     fns["compile"] = torch.compile(ref, dynamic=False)
@@ -325,36 +349,37 @@ def run(args):
                 for impl, fn in fns.items():
                     if impl not in impls:
                         continue
-                    with torch.no_grad():
-                        outs = _as_list(fn(*[a.detach() for a in inputs]))
-                    err = max((o.float() - r).abs().max().item() for o, r in zip(outs, exact))
-                    for pas, call in _pass_fns(fn, inputs, grad_outs).items():
-                        ms = timer(call)
-                        host_ms = _host_ms(call, device, reps=2 if args.smoke else 10)
-                        # ~20 ms of calls unrolled into one graph: capture stays short, the median is stable.
-                        # Not the bwd pass: its autograd graph was built outside the capture, so its backward
-                        # would run on the forward's stream, outside the capturing one (fwd+bwd - fwd gives it).
-                        ms_graph, graph_error = ((None, "bwd alone: its forward ran outside the capture; see "
-                                                  "fwd+bwd minus fwd") if pas == "bwd" and device.type == "cuda"
-                                                 else _graph_ms(call, device, min(args.rep, 20)))
-                        nbytes = {"fwd": b_fwd, "bwd": b_bwd, "fwd+bwd": b_fwd + b_bwd}[pas]
-                        flops = {"fwd": f_fwd, "bwd": f_bwd, "fwd+bwd": f_fwd + f_bwd}[pas]
-                        gbps = nbytes / (ms * 1e-3) / 1e9
-                        gbps_graph = nbytes / (ms_graph * 1e-3) / 1e9 if ms_graph else None
-                        row = dict(op=op, **{"pass": pas}, impl=impl, N=shape[0], T=shape[1], D=shape[2],
-                                   dtype=str(dtype).replace("torch.", ""), ms=ms, bytes=nbytes,
-                                   gbps=gbps, copy_share=gbps / copy_gbps, max_abs_err=err,
-                                   tflops=(flops / (ms * 1e-3) / 1e12) if flops else None,
-                                   host_ms=host_ms, ms_graph=ms_graph, gbps_graph=gbps_graph,
-                                   copy_share_graph=(gbps_graph / copy_gbps) if gbps_graph else None,
-                                   graph_error=graph_error)
-                        rows.append(row)
-                        graph = (f"graph {ms_graph:8.4f} ms {100 * gbps_graph / copy_gbps:5.1f}%" if ms_graph
-                                 else "graph -")
-                        print(f"{op:34s} {pas:8s} {impl:18s} N={shape[0]:<4d} T={shape[1]:<5d} "
-                              f"D={shape[2]:<5d} {ms:9.4f} ms {gbps:8.1f} GB/s "
-                              f"{100 * gbps / copy_gbps:5.1f}% of copy  host {host_ms:8.4f} ms  {graph}  "
-                              f"err {err:.2e}", flush=True)
+                    with _impl_env(impl):
+                        with torch.no_grad():
+                            outs = _as_list(fn(*[a.detach() for a in inputs]))
+                        err = max((o.float() - r).abs().max().item() for o, r in zip(outs, exact))
+                        for pas, call in _pass_fns(fn, inputs, grad_outs).items():
+                            ms = timer(call)
+                            host_ms = _host_ms(call, device, reps=2 if args.smoke else 10)
+                            # ~20 ms of calls unrolled into one graph: capture stays short, the median is stable.
+                            # Not the bwd pass: its autograd graph was built outside the capture, so its backward
+                            # would run on the forward's stream, outside the capturing one (fwd+bwd - fwd gives it).
+                            ms_graph, graph_error = ((None, "bwd alone: its forward ran outside the capture; see "
+                                                      "fwd+bwd minus fwd") if pas == "bwd" and device.type == "cuda"
+                                                     else _graph_ms(call, device, min(args.rep, 20)))
+                            nbytes = {"fwd": b_fwd, "bwd": b_bwd, "fwd+bwd": b_fwd + b_bwd}[pas]
+                            flops = {"fwd": f_fwd, "bwd": f_bwd, "fwd+bwd": f_fwd + f_bwd}[pas]
+                            gbps = nbytes / (ms * 1e-3) / 1e9
+                            gbps_graph = nbytes / (ms_graph * 1e-3) / 1e9 if ms_graph else None
+                            row = dict(op=op, **{"pass": pas}, impl=impl, N=shape[0], T=shape[1], D=shape[2],
+                                       dtype=str(dtype).replace("torch.", ""), ms=ms, bytes=nbytes,
+                                       gbps=gbps, copy_share=gbps / copy_gbps, max_abs_err=err,
+                                       tflops=(flops / (ms * 1e-3) / 1e12) if flops else None,
+                                       host_ms=host_ms, ms_graph=ms_graph, gbps_graph=gbps_graph,
+                                       copy_share_graph=(gbps_graph / copy_gbps) if gbps_graph else None,
+                                       graph_error=graph_error)
+                            rows.append(row)
+                            graph = (f"graph {ms_graph:8.4f} ms {100 * gbps_graph / copy_gbps:5.1f}%" if ms_graph
+                                     else "graph -")
+                            print(f"{op:34s} {pas:8s} {impl:18s} N={shape[0]:<4d} T={shape[1]:<5d} "
+                                  f"D={shape[2]:<5d} {ms:9.4f} ms {gbps:8.1f} GB/s "
+                                  f"{100 * gbps / copy_gbps:5.1f}% of copy  host {host_ms:8.4f} ms  {graph}  "
+                                  f"err {err:.2e}", flush=True)
     for r in rows:
         base = [e for e in rows if e["impl"] == "eager" and e["op"] == r["op"]
                 and e["pass"] == r["pass"] and (e["N"], e["T"], e["D"]) == (r["N"], r["T"], r["D"])]

@@ -15,6 +15,9 @@ Kernels:
 * backward dx: dx_patch[m, k] = sum_d dout[m, d] * weight[d, k], scattered back into (N, C, H, W)
   (patches do not overlap, so each element of dx is written exactly once).
 
+FASTDIT_PATCH_EMBED_BWD=gemm computes the same backward with library GEMMs instead (patch_embed_bwd_gemm;
+fp32 then follows torch's matmul precision setting).
+
 pos_embed is treated as a constant (DiT's fixed sin-cos table, requires_grad=False); if it does
 require grad, its gradient (the sum of dout over the batch) is computed in PyTorch.
 
@@ -26,6 +29,7 @@ Raises ValueError for a bad rank/shape, a patch size that does not divide H and 
 # No `from __future__ import annotations` here: the interpreter of triton < 3.2 finds tl.constexpr
 # parameters only through annotation objects, not strings.
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -317,26 +321,88 @@ def patch_embed_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return finish(out, out_dtype)
 
 
-def patch_embed_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, patch_size: int,
-                    has_bias: bool = True, need_dx: bool = True, *,
-                    blocks: Optional[Tuple[int, int, int]] = None, split: Optional[int] = None
-                    ) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
-    """Launch the backward GEMMs: (dx (N, C, H, W) or None, dweight (D, C, p, p), dbias (D,) or None).
+# Which code computes the backward: "triton" (the kernels above, the default) or "gemm" (the library's GEMMs
+# on the patch rows: patch_embed_bwd_gemm). Read at each backward call.
+BWD_ENV = "FASTDIT_PATCH_EMBED_BWD"
+BWD_CHOICES = ("triton", "gemm")
 
-    dweight and dbias are reduced from fp32 partial sums over `split` slices of the N*T tokens.
-    `blocks` = (BLOCK_M, BLOCK_N, BLOCK_K) and `split` override the tiling (for tests).
-    """
+
+def bwd_mode() -> str:
+    """The patch_embed backward's implementation: FASTDIT_PATCH_EMBED_BWD, "triton" when unset."""
+    mode = os.environ.get(BWD_ENV, "triton")
+    if mode not in BWD_CHOICES:
+        raise ValueError(f"{BWD_ENV}={mode!r}; choose one of {BWD_CHOICES}")
+    return mode
+
+
+def _check_bwd(dout, x, weight, patch_size):
+    """(n, c, h, w, p, d, t, m, k) of a backward call after its input checks."""
     check_patch_embed(x, weight, None, None, patch_size)
     n, c, h, w = x.shape
     p = patch_size
     d = weight.shape[0]
-    gw = w // p
-    t = (h // p) * gw
-    m, k = n * t, c * p * p
+    t = (h // p) * (w // p)
     check_tensor("dout", dout, 3)
     if tuple(dout.shape) != (n, t, d):
         raise ValueError(f"dout must have shape {(n, t, d)}, got {tuple(dout.shape)}")
     check_same_device([("x", x), ("dout", dout)])
+    return n, c, h, w, p, d, t, n * t, c * p * p
+
+
+def patch_embed_bwd_gemm(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, patch_size: int,
+                         has_bias: bool = True, need_dx: bool = True
+                         ) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """patch_embed_bwd's results from library GEMMs (cuBLAS on CUDA) instead of the Triton kernels.
+
+    dweight and dbias come from one GEMM, dout^T (D, M) @ A (M, K'), where A holds each token's patch row
+    (x gathered once, k = channel * p * p + i * p + j) and, for the bias, a column of ones, zero-padded to
+    K' = a multiple of 8 (16-byte rows): dout is read once for both. dx is dout (M, D) @ weight (D, K),
+    then folded back into (N, C, H, W) (patches do not overlap: a permuted copy). dout is cast to x's dtype
+    first, as the kernels do; the GEMMs accumulate in fp32 and round once.
+    """
+    n, c, h, w, p, d, t, m, k = _check_bwd(dout, x, weight, patch_size)
+    gh, gw = h // p, w // p
+    if m == 0:
+        dw = torch.zeros(d, c, p, p, dtype=weight.dtype, device=x.device)
+        db = torch.zeros(d, dtype=weight.dtype, device=x.device) if has_bias else None
+        return (torch.zeros_like(x) if need_dx else None), dw, db
+    g = dout.to(x.dtype).reshape(m, d)                                  # (M, D), a view when contiguous
+    width = -(-(k + int(has_bias)) // 8) * 8
+    a = torch.empty(m, width, dtype=x.dtype, device=x.device)
+    a[:, :k].view(n, gh, gw, c, p, p).copy_(x.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
+    if width > k:
+        a[:, k:].zero_()
+        if has_bias:
+            a[:, k].fill_(1)
+    dwb = g.t().mm(a)                                                   # (D, K'): [dW | db | 0]
+    # Separate tensors (a custom op's outputs may not alias each other): copies of the strided columns.
+    dw = dwb[:, :k].contiguous().view(d, c, p, p).to(weight.dtype)
+    db = dwb[:, k].contiguous().to(weight.dtype) if has_bias else None
+    dx = None
+    if need_dx:
+        rows = g.mm(weight.reshape(d, k))                               # (M, K)
+        dx = rows.view(n, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w).to(x.dtype)
+    return dx, dw, db
+
+
+def patch_embed_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, patch_size: int,
+                    has_bias: bool = True, need_dx: bool = True, *,
+                    blocks: Optional[Tuple[int, int, int]] = None, split: Optional[int] = None,
+                    mode: Optional[str] = None
+                    ) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """Launch the backward GEMMs: (dx (N, C, H, W) or None, dweight (D, C, p, p), dbias (D,) or None).
+
+    dweight and dbias are reduced from fp32 partial sums over `split` slices of the N*T tokens.
+    `blocks` = (BLOCK_M, BLOCK_N, BLOCK_K) and `split` override the tiling (for tests). `mode` "gemm" (default:
+    FASTDIT_PATCH_EMBED_BWD, else "triton") computes the same with library GEMMs (patch_embed_bwd_gemm).
+    """
+    mode = bwd_mode() if mode is None else mode
+    if mode not in BWD_CHOICES:
+        raise ValueError(f"mode must be one of {BWD_CHOICES}, got {mode!r}")
+    if mode == "gemm":
+        return patch_embed_bwd_gemm(dout, x, weight, patch_size, has_bias, need_dx)
+    n, c, h, w, p, d, t, m, k = _check_bwd(dout, x, weight, patch_size)
+    gw = w // p
     upcast, precision = _dot_flags(x.dtype)
     bm, bn, bk = blocks or bwd_blocks(d, k)
     tiles_nk = triton.cdiv(d, bn) * triton.cdiv(k, bk)

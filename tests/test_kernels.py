@@ -398,6 +398,67 @@ def test_patch_embed_tilings(blocks, split):
     assert db2 is None
 
 
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [PE_CASES[0], PE_CASES[2], PE_CASES[5], PE_CASES[6]], ids=str)
+def test_patch_embed_gemm_backward(case, dtype, monkeypatch):
+    """FASTDIT_PATCH_EMBED_BWD=gemm: the backward from library GEMMs (dweight and dbias in one GEMM against
+    the patch rows and a column of ones; dx as a GEMM folded back) matches the reference, as the kernels do."""
+    monkeypatch.setenv(PE.BWD_ENV, "gemm")
+    calls = _count_calls(monkeypatch, PE, "patch_embed_bwd_gemm")
+    n, c, h, w, p, d = case
+    x, weight, bias, pos = _pe_leaves(*case, dtype)
+    dout = randn(n, (h // p) * (w // p), d, dtype=dtype)
+    check_op(lambda *a: K.patch_embed(*a, pos, p), lambda *a: K.patch_embed_ref(*a, pos, p),
+             [x, weight, bias], lambda l: l, [dout], ["out", "dx", "dweight", "dbias"], dtype)
+    assert calls
+    # channels_last images, a transposed dout, no bias (K = 12: zero-padded to 16; K = 16: no padding)
+    for c_ in (3, 4):
+        x, weight, _, _ = _pe_leaves(2, c_, 8, 8, 2, 37, dtype, pos=False)
+        x = x.to(memory_format=torch.channels_last)
+        dout = randn(2, 37, 16, dtype=dtype).transpose(1, 2)
+        check_op(lambda a, b_: K.patch_embed(a, b_, None, None, 2),
+                 lambda a, b_: K.patch_embed_ref(a, b_, None, None, 2),
+                 [x, weight], lambda l: l, [dout], ["out", "dx", "dweight"], dtype)
+
+
+def test_patch_embed_gemm_backward_matches_the_kernels():
+    """The two backward implementations on one input (fp32: to rounding), with and without dx and bias; the
+    mode argument wins over the environment; bad values raise one clear error."""
+    n, c, h, w, p, d = 2, 4, 16, 8, 2, 40
+    x, weight, _, _ = _pe_leaves(n, c, h, w, p, d, torch.float32)
+    dout = randn(n, (h // p) * (w // p), d)
+    for has_bias in (True, False):
+        for need_dx in (True, False):
+            a = PE.patch_embed_bwd(dout, x, weight, p, has_bias, need_dx, mode="triton")
+            b = PE.patch_embed_bwd(dout, x, weight, p, has_bias, need_dx, mode="gemm")
+            for u, v in zip(a, b):
+                assert (u is None) == (v is None)
+                if u is not None:
+                    assert u.shape == v.shape and u.dtype == v.dtype
+                    torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        PE.patch_embed_bwd(dout, x, weight, p, mode="cublas")
+    os.environ[PE.BWD_ENV] = "cublas"
+    try:
+        with pytest.raises(ValueError, match="FASTDIT_PATCH_EMBED_BWD='cublas'; choose one of"):
+            PE.patch_embed_bwd(dout, x, weight, p)
+        assert PE.patch_embed_bwd(dout, x, weight, p, mode="triton")[1].shape == weight.shape
+    finally:
+        del os.environ[PE.BWD_ENV]
+    assert PE.bwd_mode() == "triton"
+
+
 def test_patch_embed_pos_dtype_and_grad():
     """bf16 images with an fp32 pos_embed give fp32 (as conv(x) + pos); pos grads when asked."""
     n, c, h, w, p, d = 1, 4, 4, 4, 2, 37
@@ -681,11 +742,13 @@ def test_benchmark_smoke(tmp_path):
         assert "Triton interpreter" in data["meta"]["note"]
     else:
         assert "interpreter" not in proc.stdout and data["meta"]["note"] is None
-    assert {r["impl"] for r in data["rows"]} == ({"fused", "fused-direct", "eager"} if DEV == "cpu"
-                                                 else {"fused", "eager"})
+    assert {r["impl"] for r in data["rows"]} == ({"fused", "fused-direct", "fused-gemm-bwd", "eager"}
+                                                 if DEV == "cpu" else {"fused", "eager"})
+    assert {r["op"] for r in data["rows"] if r["impl"] == "fused-gemm-bwd"} <= {"patch_embed"}
     if DEV == "cpu":   # the same kernels either way: the same values
         err = {(r["op"], r["impl"]): r["max_abs_err"] for r in data["rows"] if r["pass"] == "fwd"}
         assert all(err[(op, "fused-direct")] == err[(op, "fused")] for op, _ in err)
+        assert err[("patch_embed", "fused-gemm-bwd")] == err[("patch_embed", "fused")]   # the same forward
     ops = {r["op"] for r in data["rows"]}
     assert ops == {"modulate_layernorm", "gated_residual", "gated_residual_modulate_layernorm",
                    "patch_embed"}
