@@ -499,7 +499,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         compile_rows = list(COMPILE_ROWS)
         par = ["--model", "DiT-XL/2", "--batch", "4"]
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "fused-direct", "fused-gemm-bwd",
-                "eager", "compile", "--rep", "60", "--warmup", "15"]
+                "fused-tile-sums", "eager", "compile", "--rep", "60", "--warmup", "15"]
         att = ["--batch", str(batch)]
         train_cfg = ["--config", "configs/xl2_zero2.json", "--set", "data.kind=synthetic",
                      "--set", "data.synthetic_size=4096", "--set", "data.num_workers=4",

@@ -11,8 +11,10 @@ timed. This script measures it without a GPU: on the CPU, with TRITON_INTERPRET=
   python benchmarks/host_overhead.py [--reps 300] [--json PATH]
 
 Rows: op, impl (fused = through the torch.library ops, the default; fused-direct = the same launchers as
-plain autograd.Functions, FASTDIT_KERNEL_DISPATCH=direct; ref), pass (fwd / fwd+bwd), microseconds per call
-(median of 5 batches of --reps calls). The figures depend on the CPU; they are host costs, never GPU times.
+plain autograd.Functions, FASTDIT_KERNEL_DISPATCH=direct; fused-tile-sums / fused-gemm-bwd = `fused` under
+the kernel switches of benchmarks/kernels.py's ENV_IMPLS, for the ops they change; ref), pass (fwd / fwd+bwd),
+microseconds per call (median of 5 batches of --reps calls). The figures depend on the CPU; they are host
+costs, never GPU times (fused-gemm-bwd's GEMMs run for real at the tiny shape, as ref's ops do).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU
 
 from benchmarks.common import environment, write_json  # noqa: E402
 
-KERNEL_MODULES = ("modulate_layernorm", "gated_residual", "patch_embed", "gelu", "qkv_grads")
+KERNEL_MODULES = ("modulate_layernorm", "gated_residual", "patch_embed", "gelu", "qkv_grads", "tile_sums")
 
 
 class _NoLaunch:
@@ -98,16 +100,17 @@ def run(argv=None):
     ap.add_argument("--reps", type=int, default=300, help="calls per timed batch (5 batches)")
     ap.add_argument("--json", help="write the rows and run metadata here")
     args = ap.parse_args(argv)
-    import contextlib
-
     import torch
+    from benchmarks.kernels import ENV_IMPLS, _impl_env
     from fastdit.kernels._common import kernel_dispatch
     torch.set_num_threads(1)
     n_stubbed = stub_kernels()
     rows = []
     for op, fused, ref, leaves, grad_outs in cases():
-        for impl, fn in (("fused", fused), ("fused-direct", fused), ("ref", ref)):
-            dispatch = kernel_dispatch("direct") if impl == "fused-direct" else contextlib.nullcontext()
+        switched = [(impl, fused) for impl, (_, _, ops) in ENV_IMPLS.items() if op.split("+")[0] in ops]
+        for impl, fn in [("fused", fused), ("fused-direct", fused)] + switched + [("ref", ref)]:
+            def dispatch(impl=impl):
+                return kernel_dispatch("direct") if impl == "fused-direct" else _impl_env(impl)
             params = [leaf.clone().requires_grad_() for leaf in leaves]
 
             def fwd():
@@ -119,10 +122,10 @@ def run(argv=None):
                 out = list(out) if isinstance(out, (tuple, list)) else [out]
                 torch.autograd.backward(out, grad_outs[:len(out)])
             for pas, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                with dispatch:
+                with dispatch():
                     us = _per_call_us(call, args.reps)
                 rows.append(dict(op=op, impl=impl, **{"pass": pas}, us_per_call=us))
-                print(f"{op:40s} {impl:6s} {pas:8s} {us:9.1f} us per call", flush=True)
+                print(f"{op:40s} {impl:15s} {pas:8s} {us:9.1f} us per call", flush=True)
     meta = dict(environment(torch.device("cpu")), kernels_stubbed=n_stubbed, reps=args.reps,
                 note="host time per call with the Triton launches made no-ops (fused) or the PyTorch ops "
                      "running at a tiny shape (ref); CPU figures, not GPU times")

@@ -9,6 +9,8 @@ chosen so N*T = --tokens, 65536 by default), it times
              same kernels, less host work per call; benchmarks/host_overhead.py)
     fused-gemm-bwd  patch_embed only: the same forward, the backward from library GEMMs
              (FASTDIT_PATCH_EMBED_BWD=gemm: dweight and dbias in one GEMM, dx as a GEMM folded back)
+    fused-tile-sums  the three row ops: the backward's per-tile partial sums added and cast in one Triton
+             pass (FASTDIT_TILE_SUMS=triton) instead of a reduction and a cast per gradient
     eager    fastdit.kernels.<op>_ref (plain PyTorch)
     compile  torch.compile(<op>_ref)
     apex / flash_attn_triton   LayerNorm from apex or flash-attn + eager modulate (modulate_layernorm
@@ -75,8 +77,8 @@ def _parse(argv=None):
                    help="T; patch_embed uses 4-channel latents of side 2*sqrt(T) with p=2")
     p.add_argument("--tokens", type=int, default=65536, help="N*T per call (N = tokens // T)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--impls", nargs="+", default=["fused", "fused-direct", "fused-gemm-bwd", "eager", "compile",
-                                                  "apex", "flash_attn_triton"])
+    p.add_argument("--impls", nargs="+", default=["fused", "fused-direct", "fused-gemm-bwd", "fused-tile-sums",
+                                                  "eager", "compile", "apex", "flash_attn_triton"])
     p.add_argument("--warmup", type=int, default=25, help="ms of warm-up (do_bench) per timing")
     p.add_argument("--rep", type=int, default=100, help="ms of repetitions (do_bench) per timing")
     p.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy baseline")
@@ -204,23 +206,30 @@ def _direct(fn):
     return call
 
 
+# Impls that are `fused` run under a switch of the kernels (environment variable, value, the ops it changes).
+ENV_IMPLS = {
+    "fused-gemm-bwd": ("FASTDIT_PATCH_EMBED_BWD", "gemm", ("patch_embed",)),
+    "fused-tile-sums": ("FASTDIT_TILE_SUMS", "triton", ("modulate_layernorm", "gated_residual",
+                                                        "gated_residual_modulate_layernorm")),
+}
+
+
 @contextlib.contextmanager
 def _impl_env(impl):
-    """The environment an impl runs in: fused-gemm-bwd is `fused` with FASTDIT_PATCH_EMBED_BWD=gemm (the
-    patch_embed backward from library GEMMs) for its forward and its backward calls."""
-    if impl != "fused-gemm-bwd":
+    """The environment an impl runs in (ENV_IMPLS), for its forward and its backward calls."""
+    if impl not in ENV_IMPLS:
         yield
         return
-    from fastdit.kernels.patch_embed import BWD_ENV
-    saved = os.environ.get(BWD_ENV)
-    os.environ[BWD_ENV] = "gemm"
+    var, value, _ = ENV_IMPLS[impl]
+    saved = os.environ.get(var)
+    os.environ[var] = value
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop(BWD_ENV, None)
+            os.environ.pop(var, None)
         else:
-            os.environ[BWD_ENV] = saved
+            os.environ[var] = saved
 
 
 def _as_list(out):
@@ -317,7 +326,7 @@ def run(args):
         device = torch.device("cpu")
         dtype = torch.float32
         dims, tps, tokens = [64], [16], 32
-        impls = [i for i in args.impls if i in ("fused", "fused-direct", "fused-gemm-bwd", "eager")]
+        impls = [i for i in args.impls if i in ("fused", "fused-direct", "eager", *ENV_IMPLS)]
         copy_mib = 16
     else:
         if not torch.cuda.is_available():
@@ -337,8 +346,7 @@ def run(args):
                 fused, ref, inputs, grad_outs, b_fwd, b_bwd, f_fwd, f_bwd, shape = _case(
                     op, n, t, d, dtype, device)
                 fns = {"fused": fused, "eager": ref, "fused-direct": _direct(fused)}
-                if op == "patch_embed":
-                    fns["fused-gemm-bwd"] = fused     # run under FASTDIT_PATCH_EMBED_BWD=gemm (_impl_env)
+                fns.update({impl: fused for impl, (_, _, ops) in ENV_IMPLS.items() if op in ops})   # _impl_env
                 if "compile" in impls:
                     torch._dynamo.reset()
                     fns["compile"] = torch.compile(ref, dynamic=False)

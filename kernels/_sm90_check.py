@@ -44,6 +44,7 @@ pe = importlib.import_module(".patch_embed", __package__)
 aw = importlib.import_module(".adamw", __package__)
 ge = importlib.import_module(".gelu", __package__)
 qg = importlib.import_module(".qkv_grads", __package__)
+ts = importlib.import_module(".tile_sums", __package__)
 
 TARGET_ARCH = 90
 H100_SMS = 132
@@ -168,6 +169,12 @@ def cases():
             args.update({f"s{p}_n": st[0], f"s{p}_h": st[1], f"s{p}_t": st[2], f"s{p}_d": st[3]})
         out.append((f"stack_qkv_grads {layout}", qg._stack_qkv_kernel, args,
                     dict(H=h, HD=hd, BLOCK_M=bm, BLOCK_H=bh, BLOCK_HD=bhd, STRIDE_UNIT=8), 8))
+    # The row ops' per-tile partial sums added in one pass (FASTDIT_TILE_SUMS=triton): DiT-XL/2, batch 128, the
+    # residual op's three (N, D) gradients from 5 tiles per sample, written in bf16.
+    n, tiles, d = 128, 5, 1152
+    args = dict(PART="*fp32", stride_p=n * tiles * d, stride_r=tiles * d, stride_s=d, OUT0="*bf16", OUT1="*bf16",
+                OUT2="*bf16", S=tiles, C=d)
+    out.append(("tile_sums P=3", ts._tile_sums_kernel, args, dict(P=3, BLOCK_S=ts.BLOCK_S, BLOCK_C=ts.BLOCK_C), 4))
     # fp32 GEMMs (IEEE products) once, at p = 2.
     args = {k_: ("*fp32" if isinstance(v, str) else v) for k_, v in _pe_args(32, 4, 32, 1152, 2).items()}
     bm, bn, bk = pe.fwd_blocks(1152, 16, torch.float32)

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ._common import (alloc, alloc_out, backward_op, check_rows, direct_dispatch, direct_function, finish,
                       launch_tile, loop_stages, promote, token_tiles)
+from .tile_sums import tile_sums
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,13 +141,13 @@ def gated_residual_bwd(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, 
     stages = loop_stages(num_stages)
     tok, n_iters, n_tiles = token_tiles(n, t, bt, y.device, tokens_per_tile)
     dy = alloc_out((n, t, d), y.dtype, y.device)
-    part = alloc((n, max(n_tiles, 1), d), torch.float32, y.device)
+    part = alloc((1, n, max(n_tiles, 1), d), torch.float32, y.device)
     if n * t == 0:
         return finish(dy, y.dtype), torch.zeros(n, d, dtype=gate.dtype, device=y.device)
     _gated_residual_bwd_kernel[(n_tiles, n)](
         dout, *dout.stride(), y, *y.stride(), gate, *gate.stride(), dy, part,
         t, d, n_tiles, tok, n_iters, BLOCK_T=bt, BLOCK_D=block_d, NUM_STAGES=stages, num_warps=num_warps)
-    return finish(dy, y.dtype), part.sum(1).to(gate.dtype)
+    return finish(dy, y.dtype), tile_sums(part, [gate.dtype])[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import triton.language as tl
 from ._common import (alloc, alloc_out, backward_op, check_rows, direct_dispatch, direct_function, finish,
                       launch_tile, loop_stages, promote, token_tiles)
 from .gated_residual import gated_residual_ref
+from .tile_sums import tile_sums
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, 
     dx = alloc_out((n, t, d), dx_dtype, device)
     dy = alloc_out((n, t, d), dy_dtype, device) if y is not None else None
     n_parts = (4 if bias is not None else 3) if y is not None else 2
-    parts = [alloc((n, max(n_tiles, 1), d), torch.float32, device) for _ in range(n_parts)]
+    parts = alloc((n_parts, n, max(n_tiles, 1), d), torch.float32, device)     # one (N, tiles, D) per sum
     if n * t > 0:
         _modln_bwd_kernel[(n_tiles, n)](
             dout, *dout.stride(),
@@ -279,22 +280,23 @@ def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, 
             gate if gate is not None else scale, *_strides2(gate),
             bias if bias is not None else scale, bias.stride(0) if bias is not None else 0,
             dx, dy if dy is not None else dx,
-            parts[0], parts[1], parts[min(2, n_parts - 1)], parts[-1],
+            parts[0], parts[1], parts[min(2, n_parts - 1)], parts[n_parts - 1],
             t, d, n_tiles, tok, n_iters,
             HAS_RESIDUAL=y is not None, HAS_DRES=dres is not None, HAS_BIAS=bias is not None,
             BLOCK_T=bt, BLOCK_D=block_d, NUM_STAGES=stages, num_warps=num_warps,
         )
-        sums = [p.sum(1) for p in parts[:3]]                         # each (N, D) fp32, reduced once
+        # (N, D) each, reduced once over the tiles; d(bias) over samples and tiles
+        sums = tile_sums(parts, [mod_dtype, mod_dtype] + ([gate_dtype] if y is not None else []))
         if bias is not None:
-            sums.append(parts[3].sum((0, 1)))                        # (D,): over samples and tiles
+            sums.append(tile_sums(parts[3:4].view(1, 1, n * n_tiles, d), [bias.dtype])[0].view(d))
     else:
-        sums = [torch.zeros(n, d, dtype=torch.float32, device=device) for _ in parts[:3]]
+        sums = [torch.zeros(n, d, dtype=dt, device=device)
+                for dt in [mod_dtype, mod_dtype] + ([gate_dtype] if y is not None else [])]
         if bias is not None:
-            sums.append(torch.zeros(d, dtype=torch.float32, device=device))
-    dshift = sums[0].to(mod_dtype)
-    dscale = sums[1].to(mod_dtype)
-    dgate = sums[2].to(gate_dtype) if y is not None else None
-    dbias = sums[3].to(bias.dtype) if bias is not None else None
+            sums.append(torch.zeros(d, dtype=bias.dtype, device=device))
+    dshift, dscale = sums[0], sums[1]
+    dgate = sums[2] if y is not None else None
+    dbias = sums[3] if bias is not None else None
     dx = finish(dx, dx_dtype)
     dy = finish(dy, dy_dtype) if dy is not None else None
     return dx, dy, dgate, dshift, dscale, dbias

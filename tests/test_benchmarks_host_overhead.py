@@ -18,7 +18,10 @@ def test_host_overhead_rows(tmp_path):
     assert data["meta"]["kernels_stubbed"] >= 7 and "not GPU times" in data["meta"]["note"]
     rows = data["rows"]
     keys = {(r["op"], r["impl"], r["pass"]) for r in rows}
-    assert len(keys) == len(rows) == 5 * 3 * 2
-    assert {r["impl"] for r in rows} == {"fused", "fused-direct", "ref"}
+    # 5 ops x (fused, fused-direct, ref) + the switched impls where they apply: tile sums for the 4 row-op cases,
+    # the GEMM backward for patch_embed; two passes each
+    assert len(keys) == len(rows) == (5 * 3 + 4 + 1) * 2
+    assert {r["impl"] for r in rows} == {"fused", "fused-direct", "fused-tile-sums", "fused-gemm-bwd", "ref"}
+    assert {r["op"] for r in rows if r["impl"] == "fused-gemm-bwd"} == {"patch_embed"}
     assert all(r["us_per_call"] > 0 for r in rows)
     assert {r["op"] for r in rows} >= {"gated_residual_modulate_layernorm", "patch_embed"}

@@ -742,13 +742,15 @@ def test_benchmark_smoke(tmp_path):
         assert "Triton interpreter" in data["meta"]["note"]
     else:
         assert "interpreter" not in proc.stdout and data["meta"]["note"] is None
-    assert {r["impl"] for r in data["rows"]} == ({"fused", "fused-direct", "fused-gemm-bwd", "eager"}
-                                                 if DEV == "cpu" else {"fused", "eager"})
+    assert {r["impl"] for r in data["rows"]} == ({"fused", "fused-direct", "fused-gemm-bwd", "fused-tile-sums",
+                                                  "eager"} if DEV == "cpu" else {"fused", "eager"})
     assert {r["op"] for r in data["rows"] if r["impl"] == "fused-gemm-bwd"} <= {"patch_embed"}
+    assert "patch_embed" not in {r["op"] for r in data["rows"] if r["impl"] == "fused-tile-sums"}
     if DEV == "cpu":   # the same kernels either way: the same values
         err = {(r["op"], r["impl"]): r["max_abs_err"] for r in data["rows"] if r["pass"] == "fwd"}
         assert all(err[(op, "fused-direct")] == err[(op, "fused")] for op, _ in err)
         assert err[("patch_embed", "fused-gemm-bwd")] == err[("patch_embed", "fused")]   # the same forward
+        assert err[("modulate_layernorm", "fused-tile-sums")] == err[("modulate_layernorm", "fused")]
     ops = {r["op"] for r in data["rows"]}
     assert ops == {"modulate_layernorm", "gated_residual", "gated_residual_modulate_layernorm",
                    "patch_embed"}
