@@ -63,6 +63,7 @@ stage on one CPU rank over gloo. It exercises the harness; its numbers say nothi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -72,7 +73,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -90,8 +91,13 @@ from fastdit.models.attention import BACKENDS  # noqa: E402
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
-             "fused+mlp-recompute-fold", "fused+bias-fold", "deepspeed", "deepspeed+compile",
+             "fused+mlp-recompute-fold", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
              "deepspeed+fused-step", "deepspeed+all-switches")
+# The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
+# for the rows that turn every switch on: the row ops' partial sums in one Triton pass, patch_embed's backward
+# from library GEMMs, the fused ops without the torch.library dispatch in eager mode.
+KERNEL_SWITCHES = (("FASTDIT_TILE_SUMS", "triton"), ("FASTDIT_PATCH_EMBED_BWD", "gemm"),
+                   ("FASTDIT_KERNEL_DISPATCH", "direct"))
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 NUM_CLASSES = 1000
@@ -238,6 +244,7 @@ class RowSpec:
     mlp: str = "plain"               # the fast model's mlp= option (fastdit.models.mlp)
     fused_step: bool = False         # deepspeed rows: train.fused_optimizer_step
     bias_fold: bool = False          # the fast model's bias_fold= option (fastdit.models.dit)
+    env: Tuple[Tuple[str, str], ...] = ()   # environment variables set while the row runs (KERNEL_SWITCHES)
 
 
 def row_specs(names: List[str]) -> List[RowSpec]:
@@ -265,6 +272,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", False, "auto", mlp="recompute-fold"))
         elif name == "fused+bias-fold":  # every linear's bias gradient from a kernel already reading its grad
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", bias_fold=True))
+        elif name == "fused+all-switches":  # the harness's step with every unmeasured model and kernel switch on
+            specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", bias_fold=True, env=KERNEL_SWITCHES))
         elif name == "deepspeed":
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
         elif name == "deepspeed+compile":  # train.compile: the engine's model under engine.compile()
@@ -272,7 +281,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
         elif name == "deepspeed+fused-step":  # train.fused_optimizer_step: AdamW + bf16 copy + EMA in one pass
             specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=True))
         elif name == "deepspeed+all-switches":  # the loop with every unmeasured speed switch on
-            specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=True, mlp="fold", bias_fold=True))
+            specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=True, mlp="fold", bias_fold=True,
+                                 env=KERNEL_SWITCHES))
         elif name.startswith("fused/"):
             backend = name.split("/", 1)[1]
             ok, reason = status.get(backend, (False, "unknown attention backend"))
@@ -510,8 +520,32 @@ def _compile_counters():
         return None
 
 
+@contextlib.contextmanager
+def _row_env(env: Tuple[Tuple[str, str], ...]):
+    """The environment variables of a row set for its duration, the previous values restored after."""
+    saved = {k: os.environ.get(k) for k, _ in env}
+    os.environ.update(dict(env))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
-    """Build, warm up and time one row; never raises for a failure of the row itself."""
+    """Build, warm up and time one row (with its environment variables set); never raises for a failure of the
+    row itself."""
+    with _row_env(spec.env):
+        row = _run_row(spec, args, ctx)
+    if spec.env:
+        row["env"] = dict(spec.env)
+    return row
+
+
+def _run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
     device: torch.device = ctx["device"]
     row: Dict[str, Any] = dict(
         name=spec.name, status=None, error=None, impl=spec.impl,

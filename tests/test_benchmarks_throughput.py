@@ -25,7 +25,7 @@ from benchmarks import throughput as tp  # noqa: E402
 from fastdit.models import attention as attn_backends  # noqa: E402
 
 EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
-                 "fused+mlp-recompute-fold", "fused+bias-fold", "deepspeed", "deepspeed+compile",
+                 "fused+mlp-recompute-fold", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
                  "deepspeed+fused-step", "deepspeed+all-switches",
                  "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers"]
 
@@ -57,7 +57,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert data["benchmark"] == "throughput" and data["complete"] is True
     rows = {r["name"]: r for r in data["rows"]}
     assert [r["name"] for r in data["rows"]] == EXPECTED_ROWS
-    for name in EXPECTED_ROWS[:13]:
+    for name in EXPECTED_ROWS[:14]:
         assert rows[name]["status"] == "ok", (name, rows[name]["error"])
         assert rows[name]["error"] is None
     # flash-attn / xformers rows: a backend that cannot run here (not installed, no CUDA, a failed test
@@ -113,6 +113,12 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert folds["mlp"] == "fold" and folds["bias_fold"] is True and rows["fused"]["bias_fold"] is False
     for key in ("loss_first", "loss_last"):
         assert folds[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
+    # fused+all-switches: the folds and the kernels' own switches (environment variables set for the row only)
+    alls = rows["fused+all-switches"]
+    assert (alls["mlp"], alls["bias_fold"]) == ("fold", True) and alls["env"] == dict(tp.KERNEL_SWITCHES)
+    assert "env" not in rows["fused"] and "env" not in folds
+    for key in ("loss_first", "loss_last"):
+        assert alls[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
     assert ds["mlp"] == "plain"
     # deepspeed+compile: the same engine with train.compile (engine.compile() with the harness's backend)
     dsc = rows["deepspeed+compile"]
@@ -135,6 +141,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     # the same training as the deepspeed row
     dsa = rows["deepspeed+all-switches"]
     assert (dsa["mlp"], dsa["bias_fold"], ds["mlp"], ds["bias_fold"]) == ("fold", True, "plain", False)
+    assert dsa["env"] == dict(tp.KERNEL_SWITCHES) and "env" not in ds
     for key in ("loss_first", "loss_last"):
         assert dsa[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
     assert "ZeRO-2 fp32 AdamW (DeepSpeedZeroOptimizer)" in smoke_run["stdout"]
