@@ -15,6 +15,7 @@ What each helper computes:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -25,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,6 +112,23 @@ def environment(device: Any = None, argv: Optional[List[str]] = None) -> Dict[st
                command=command_line(argv), argv=list(sys.argv if argv is None else argv),
                env={k: os.environ[k] for k in RECORDED_ENV_VARS if k in os.environ})
     return env
+
+
+@contextlib.contextmanager
+def env_vars(pairs: Iterable[Tuple[str, str]]):
+    """Environment variables set inside the block (e.g. the kernels' switches), the previous values restored
+    after (unset ones unset again)."""
+    pairs = list(pairs)
+    saved = {k: os.environ.get(k) for k, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def synchronize(device: Any) -> None:

@@ -53,7 +53,6 @@ Nothing is printed that was not measured in this run; --smoke timings are the in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -66,7 +65,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import env_vars, environment, write_json  # noqa: E402
 
 # The op that matters in the training step first, its backward first: a deadline cuts the others.
 # gated_residual_modulate_layernorm+bias: the same op with the branch's bias added in the kernel (the model's
@@ -298,19 +297,10 @@ def _as_list(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-@contextlib.contextmanager
 def poisoned():
     """FASTDIT_KERNEL_POISON=1 inside: outputs NaN-filled before launch, so unwritten elements show."""
     from fastdit.kernels._common import POISON_ENV
-    saved = os.environ.get(POISON_ENV)
-    os.environ[POISON_ENV] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(POISON_ENV, None)
-        else:
-            os.environ[POISON_ENV] = saved
+    return env_vars([(POISON_ENV, "1")])
 
 
 def _err(e):

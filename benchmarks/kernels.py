@@ -50,7 +50,6 @@ Nothing is printed that was not measured in this run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -63,7 +62,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.common import IntervalTimer, environment, synchronize, write_json  # noqa: E402
+from benchmarks.common import IntervalTimer, env_vars, environment, synchronize, write_json  # noqa: E402
 
 OPS = ("modulate_layernorm", "gated_residual", "gated_residual_modulate_layernorm", "patch_embed")
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -214,22 +213,9 @@ ENV_IMPLS = {
 }
 
 
-@contextlib.contextmanager
 def _impl_env(impl):
     """The environment an impl runs in (ENV_IMPLS), for its forward and its backward calls."""
-    if impl not in ENV_IMPLS:
-        yield
-        return
-    var, value, _ = ENV_IMPLS[impl]
-    saved = os.environ.get(var)
-    os.environ[var] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = saved
+    return env_vars([ENV_IMPLS[impl][:2]] if impl in ENV_IMPLS else [])
 
 
 def _as_list(out):

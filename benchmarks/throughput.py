@@ -63,7 +63,6 @@ stage on one CPU rank over gloo. It exercises the harness; its numbers say nothi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import itertools
@@ -81,7 +80,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import IntervalTimer, environment, summarize, synchronize, write_json  # noqa: E402
+from benchmarks.common import IntervalTimer, env_vars, environment, summarize, synchronize, write_json  # noqa: E402
 from fastdit.dist import nvtx_range  # noqa: E402
 from fastdit.flops import peak_flops  # noqa: E402
 from fastdit.generate.vae import DOWNSAMPLE as VAE_DOWNSAMPLE  # noqa: E402
@@ -520,25 +519,10 @@ def _compile_counters():
         return None
 
 
-@contextlib.contextmanager
-def _row_env(env: Tuple[Tuple[str, str], ...]):
-    """The environment variables of a row set for its duration, the previous values restored after."""
-    saved = {k: os.environ.get(k) for k, _ in env}
-    os.environ.update(dict(env))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
     """Build, warm up and time one row (with its environment variables set); never raises for a failure of the
     row itself."""
-    with _row_env(spec.env):
+    with env_vars(spec.env):
         row = _run_row(spec, args, ctx)
     if spec.env:
         row["env"] = dict(spec.env)
