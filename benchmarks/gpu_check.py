@@ -6,8 +6,8 @@ are kept for stopping a stage and writing the results), so a slow stage cannot e
 that would not get its minimum time is skipped and says so. Stages, most important first:
 
   env         versions, GPU, the attention backends that can run, measured copy GB/s and bf16 GEMM TFLOP/s
-  tests       pytest tests/test_kernels.py tests/test_models_dit.py tests/test_models_attention.py on the
-              GPU (kernels, model parity, attention backends)
+  tests       pytest on the GPU of the files in GPU_TEST_FILES: tests/test_kernels*.py (every kernel,
+              compiled), tests/test_models_dit.py (model parity), tests/test_models_attention.py (backends)
   parity      benchmarks/parity.py: DiT-XL/2 fast vs reference, forward + every gradient, fp32 and bf16
   throughput  benchmarks/throughput.py, every row but the compiled ones and fused/math, fused/sdpa (the
               attention stage times the backends), at a batch that fits the card
@@ -80,7 +80,8 @@ STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "train
 # deadline that cuts the stage cuts the last row
 COMPILE_ROWS = ("deepspeed+compile", "fused+compile", "compile")
 GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/test_models_attention.py",
-                  "tests/test_kernels_gelu.py", "tests/test_kernels_qkv_grads.py", "tests/test_kernels_adamw.py")
+                  "tests/test_kernels_gelu.py", "tests/test_kernels_qkv_grads.py", "tests/test_kernels_adamw.py",
+                  "tests/test_kernels_tile_sums.py")
 # The throughput stage's rows, most wanted first (a deadline that cuts the stage cuts the last rows): the
 # rows each open switch is judged against, then the switches, then the baselines measured before.
 # fused/sdpa_packed is `fused` where flash-attn is absent (auto); fused/math and fused/sdpa are left out.
