@@ -269,6 +269,7 @@ def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, 
     dy = alloc_out((n, t, d), dy_dtype, device) if y is not None else None
     n_parts = (4 if bias is not None else 3) if y is not None else 2
     parts = alloc((n_parts, n, max(n_tiles, 1), d), torch.float32, device)     # one (N, tiles, D) per sum
+    dtypes = [mod_dtype, mod_dtype] + ([gate_dtype] if y is not None else [])  # dshift, dscale (, dgate)
     if n * t > 0:
         _modln_bwd_kernel[(n_tiles, n)](
             dout, *dout.stride(),
@@ -286,12 +287,11 @@ def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, 
             BLOCK_T=bt, BLOCK_D=block_d, NUM_STAGES=stages, num_warps=num_warps,
         )
         # (N, D) each, reduced once over the tiles; d(bias) over samples and tiles
-        sums = tile_sums(parts, [mod_dtype, mod_dtype] + ([gate_dtype] if y is not None else []))
+        sums = tile_sums(parts, dtypes)
         if bias is not None:
             sums.append(tile_sums(parts[3:4].view(1, 1, n * n_tiles, d), [bias.dtype])[0].view(d))
     else:
-        sums = [torch.zeros(n, d, dtype=dt, device=device)
-                for dt in [mod_dtype, mod_dtype] + ([gate_dtype] if y is not None else [])]
+        sums = [torch.zeros(n, d, dtype=dt, device=device) for dt in dtypes]
         if bias is not None:
             sums.append(torch.zeros(d, dtype=bias.dtype, device=device))
     dshift, dscale = sums[0], sums[1]
