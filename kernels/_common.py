@@ -339,15 +339,22 @@ DISPATCH_CHOICES = ("library", "direct")
 _DISPATCH_OVERRIDE: list = []   # kernel_dispatch()'s stack; it wins over the environment
 
 
+def env_choice(var: str, choices: Tuple[str, ...]) -> str:
+    """The value of the kernels' environment switch `var`, choices[0] (the default) when unset; a ValueError in
+    one line for any other value. Read at each call, so a switch can change between calls."""
+    value = os.environ.get(var, choices[0])
+    if value not in choices:
+        raise ValueError(f"{var}={value!r}; choose one of {choices}")
+    return value
+
+
 def direct_dispatch() -> bool:
     """Whether the public ops run as plain autograd.Functions over their launchers (the same kernels, the same
     backward) instead of through their torch.library ops: FASTDIT_KERNEL_DISPATCH=direct (or a
     kernel_dispatch("direct") block), never while torch.compile traces (it needs the library ops). The
     library path costs the host two dispatches per op and call (benchmarks/host_overhead.py); the default
     stays "library" until a GPU run shows the difference matters."""
-    mode = _DISPATCH_OVERRIDE[-1] if _DISPATCH_OVERRIDE else os.environ.get(DISPATCH_ENV, "library")
-    if mode not in DISPATCH_CHOICES:
-        raise ValueError(f"{DISPATCH_ENV}={mode!r}; choose one of {DISPATCH_CHOICES}")
+    mode = _DISPATCH_OVERRIDE[-1] if _DISPATCH_OVERRIDE else env_choice(DISPATCH_ENV, DISPATCH_CHOICES)
     return mode == "direct" and not torch.compiler.is_compiling()
 
 

@@ -29,7 +29,6 @@ Raises ValueError for a bad rank/shape, a patch size that does not divide H and 
 # No `from __future__ import annotations` here: the interpreter of triton < 3.2 finds tl.constexpr
 # parameters only through annotation objects, not strings.
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -37,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRETED, alloc, alloc_out, backward_op, check_same_device, check_tensor, direct_dispatch,
-                      direct_function, finish, num_sms, promote)
+                      direct_function, env_choice, finish, num_sms, promote)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,10 +328,7 @@ BWD_CHOICES = ("triton", "gemm")
 
 def bwd_mode() -> str:
     """The patch_embed backward's implementation: FASTDIT_PATCH_EMBED_BWD, "triton" when unset."""
-    mode = os.environ.get(BWD_ENV, "triton")
-    if mode not in BWD_CHOICES:
-        raise ValueError(f"{BWD_ENV}={mode!r}; choose one of {BWD_CHOICES}")
-    return mode
+    return env_choice(BWD_ENV, BWD_CHOICES)
 
 
 def _check_bwd(dout, x, weight, patch_size):

@@ -14,14 +14,13 @@ The two differ only in the order of fp32 additions.
 # No `from __future__ import annotations` here: the interpreter of triton < 3.2 finds tl.constexpr
 # parameters only through annotation objects, not strings.
 
-import os
 from typing import List, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc_out, finish
+from ._common import alloc_out, env_choice, finish
 
 ENV = "FASTDIT_TILE_SUMS"
 CHOICES = ("torch", "triton")
@@ -32,10 +31,7 @@ BLOCK_C = 256        # columns per program
 
 def mode() -> str:
     """FASTDIT_TILE_SUMS, "torch" when unset."""
-    m = os.environ.get(ENV, "torch")
-    if m not in CHOICES:
-        raise ValueError(f"{ENV}={m!r}; choose one of {CHOICES}")
-    return m
+    return env_choice(ENV, CHOICES)
 
 
 @triton.jit
