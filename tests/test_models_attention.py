@@ -17,7 +17,8 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TINY = dict(hidden_size=72, num_heads=2, depth=2, input_size=6, patch_size=2)  # a fast DiT to construct
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "sdpa_packed", "flash_attn", "xformers"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_packed", "flash_attn", "xformers",
+                                     pytest.param("triton", marks=pytest.mark.triton)])
 def test_attention_backends_match_math(backend):
     ok, why = attn_backends.backend_status()[backend]
     if not ok:
@@ -91,7 +92,7 @@ def test_probe_xformers_without_cuda_ops_is_unavailable(monkeypatch):
     assert "\n" not in why
     assert status["flash_attn"] == (False, f"not installed ({attn._INSTALL_HINT['flash_attn']})")
     assert attn.available_backends() == {"math": True, "sdpa": True, "sdpa_packed": True, "flash_attn": False,
-                                         "xformers": False}
+                                         "xformers": False, "triton": attn._triton_status()[0]}
     assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa_packed"
     with pytest.raises(ImportError, match="'xformers' cannot run here: a test call failed") as e:
         DiT(**TINY, attention="xformers")
@@ -131,3 +132,34 @@ def test_probe_broken_import_and_no_cuda(monkeypatch):
                                            "cannot open shared object file")
     assert status["xformers"] == (False, "needs a CUDA device and none is visible to torch")
     assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa_packed"
+
+
+@pytest.mark.triton
+def test_triton_backend_gradient_in_qkvs_layout_and_strided_input():
+    """attention="triton": the kernels' dqkv reaches a qkv made by the projection in its own layout; a qkv in
+    another layout is copied to the packed one first (the same values and gradient)."""
+    qkv = torch.randn(2, 12, 3, 2, 24, device=DEV, requires_grad=True)
+    out = attn_backends.attention(qkv, "triton")
+    ref = attn_backends.attention(qkv, "math")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+    g = torch.randn_like(out)
+    (dqkv,) = torch.autograd.grad(out, qkv, g)
+    (ref_g,) = torch.autograd.grad(ref, qkv, g)
+    torch.testing.assert_close(dqkv, ref_g, rtol=1e-5, atol=2e-6)
+    strided = qkv.detach().transpose(2, 3).contiguous().transpose(2, 3)     # (N, T, 3, H, hd), hd not packed
+    torch.testing.assert_close(attn_backends.attention(strided, "triton"), ref.detach(), rtol=1e-5, atol=2e-6)
+
+
+def test_triton_backend_status_without_a_device(monkeypatch):
+    """Without CUDA and without the interpreter the Triton backend cannot run: a reason, and a one-line error
+    at model construction; auto never picks it."""
+    import fastdit.kernels._common as common
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "INTERPRETED", False)
+    ok, why = attn_backends._triton_status()
+    assert not ok and "needs a CUDA device" in why and "TRITON_INTERPRET=1" in why
+    attn = fake_attention_probe(monkeypatch, {}, device=None)
+    assert attn.backend_status()["triton"] == (False, why)
+    assert attn.resolve_backend("auto", "cpu", torch.float32) == "sdpa"
+    with pytest.raises(ImportError, match="'triton' cannot run here: needs a CUDA device"):
+        DiT(**TINY, attention="triton")

@@ -164,6 +164,18 @@ def test_sdpa_packed_attention_forward_and_every_gradient():
 
 
 @pytest.mark.triton
+def test_triton_attention_forward_and_every_gradient():
+    """attention="triton" (fastdit's Triton attention kernels) with the Triton row kernels: the reference's
+    output and every gradient in fp32."""
+    assert_fp32_matches_reference(CONFIGS["odd/p2"], kernels="triton", attention="triton")
+
+
+@pytest.mark.triton
+def test_bf16_triton_attention_by_the_flash_attention_rule():
+    test_bf16_by_the_flash_attention_rule("S-width/p2", "fold", True, attention="triton")
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("cfg_name,mlp,bias_fold", [("S-width/p2", "plain", False), ("B-width/p4", "plain", False),
                                                     ("S-width/p2", "recompute", False), ("S-width/p2", "fold", False),
                                                     ("S-width/p2", "recompute-fold", False),

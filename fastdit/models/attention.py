@@ -9,6 +9,11 @@ Every backend computes softmax(q k^T / sqrt(hd)) v from the fused qkv projection
               (autograd's unbind + permute + reshape of `sdpa` make two: a stack, then a contiguous copy)
   flash_attn  FlashAttention 3 (flash_attn_interface) or 2 (flash_attn), fp16/bf16 on CUDA
   xformers    xformers.ops.memory_efficient_attention
+  triton      fastdit's own FlashAttention-style Triton kernels (fastdit.kernels.flash_attention): q, k, v read
+              from the qkv buffer as the projection wrote it, dqkv written in that layout (no copy either way),
+              a head dim of 72 computed as 64 + 16 columns instead of one 128-wide tile. CUDA (or the Triton
+              interpreter on CPU); a qkv that is not the projection's packed layout is copied to it first.
+              Under torch.compile it runs sdpa (compile does not trace the kernels' launchers).
   auto        flash_attn where it can run and the input is CUDA fp16/bf16, else sdpa_packed on CUDA (measured
               faster than sdpa: docs/performance.md) and sdpa on the CPU
 
@@ -27,7 +32,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "math", "sdpa", "sdpa_packed", "flash_attn", "xformers")
+BACKENDS = ("auto", "math", "sdpa", "sdpa_packed", "flash_attn", "xformers", "triton")
 _INSTALL_HINT = {
     "flash_attn": "pip install 'fastdit[flash]' (flash-attn 2) or install flash-attn 3 (flash_attn_interface)",
     "xformers": "pip install 'fastdit[xformers]'",
@@ -108,6 +113,7 @@ def probe() -> Dict[str, object]:
         _STATUS["sdpa"] = ((True, "") if hasattr(F, "scaled_dot_product_attention")
                            else (False, f"torch {torch.__version__} has no scaled_dot_product_attention"))
         _STATUS["sdpa_packed"] = _STATUS["sdpa"]
+        _STATUS["triton"] = _triton_status()
         for backend, modules in (("flash_attn", ("flash_attn_interface", "flash_attn")),
                                  ("xformers", ("xformers.ops",))):
             if any(_MODULES[m] is not None for m in modules):
@@ -117,6 +123,20 @@ def probe() -> Dict[str, object]:
                 _STATUS[backend] = (False, ("import failed: " + "; ".join(errors)) if errors
                                     else f"not installed ({_INSTALL_HINT[backend]})")
     return _MODULES
+
+
+def _triton_status() -> Tuple[bool, str]:
+    """(ok, reason) of the Triton attention kernels in this process: a CUDA device, or the interpreter."""
+    try:
+        from fastdit.kernels._common import INTERPRETED, interpreter_problem
+    except Exception as e:  # noqa: BLE001 - triton missing or broken: the backend cannot run
+        return False, f"the Triton kernels do not import ({_one_line(e)})"
+    if torch.cuda.is_available():
+        return True, ""
+    if INTERPRETED:
+        problem = interpreter_problem()
+        return (False, problem) if problem else (True, "")
+    return False, "needs a CUDA device (or the Triton interpreter: TRITON_INTERPRET=1 before triton is imported)"
 
 
 def _flash_module():
@@ -270,6 +290,13 @@ def _xformers_call(qkv: torch.Tensor) -> torch.Tensor:
     return xops.memory_efficient_attention(q, k, v).reshape(n, t, h * hd)
 
 
+def _triton(qkv: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _sdpa(qkv)
+    from fastdit.kernels.flash_attention import flash_attention, packed
+    return flash_attention(qkv if packed(qkv) else qkv.contiguous())
+
+
 # The libraries' own calls, without fastdit's input checks (the probe calls these).
 _LIBRARY_CALLS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "flash_attn": _flash_call, "xformers": _xformers_call,
@@ -289,6 +316,7 @@ def _xformers(qkv: torch.Tensor) -> torch.Tensor:
 
 _IMPLS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "math": _math, "sdpa": _sdpa, "sdpa_packed": _sdpa_packed, "flash_attn": _flash, "xformers": _xformers,
+    "triton": _triton,
 }
 
 
@@ -316,7 +344,7 @@ def attention(qkv: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     """Self-attention of a fused projection qkv (N, T, 3, H, hd) -> (N, T, H * hd)."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"attention expects qkv of shape (N, T, 3, H, hd), got {tuple(qkv.shape)}")
-    if backend == "auto" or backend in ("flash_attn", "xformers"):
+    if backend == "auto" or backend in ("flash_attn", "xformers", "triton"):
         backend = resolve_backend(backend, qkv.device, qkv.dtype)  # cached probe; raises if it cannot run
     elif backend not in _IMPLS:
         resolve_backend(backend)  # raises the unknown-name error

@@ -1,0 +1,422 @@
+"""Self-attention straight from the qkv projection's layout, in Triton (a FlashAttention-style kernel).
+
+The DiT block's qkv projection writes qkv (N, T, 3, H, hd). These kernels read q, k and v from that buffer
+as it is, write the output in the (N, T, H * hd) layout the output projection reads, and write the backward's
+dq, dk, dv into one dqkv (N, T, 3, H, hd) buffer in the projection's layout: no layout copy in either
+direction and no per-block stack of dq, dk, dv.
+
+Head dims that are not a power of two (DiT-XL: 1152 / 16 = 72) are split into a power-of-two part and a
+16-wide tail (72 = 64 + 8 valid of 16): the dot products run over 80 columns instead of the 128 a kernel with
+one power-of-two head tile pads 72 to (1.11x the FLOPs instead of 1.78x). Numerics as FlashAttention 2: fp32
+scores and accumulators, an online softmax in base 2, the probabilities rounded to the input dtype before the
+P V and dS K products, dq / dk / dv from recomputed probabilities with delta = rowsum(dO * O) and the
+log-sum-exp saved by the forward. fp32 inputs use IEEE products (no TF32). Deterministic: no atomics.
+
+Launch: forward one program per (BLOCK_M queries, sample x head); backward one program per (BLOCK_M queries)
+for dq (it also writes delta) and then one per (BLOCK_N keys) for dk and dv.
+
+Shapes: qkv (N, T, 3, H, hd) with unit stride along hd and along the (3, H) axes packed as the projection
+writes them (any N and T strides); out (N, T, H * hd); lse (N * H, T) fp32. Raises TypeError/ValueError like
+the other fastdit kernels (kernels/_common.py).
+"""
+# No `from __future__ import annotations`: the interpreter of old triton finds tl.constexpr only
+# through annotation objects.
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, alloc, alloc_out, check_same_device, check_tensor, finish
+
+LOG2E = 1.4426950408889634
+
+# Largest head dim the kernels take: the dk/dv program holds two (BLOCK_N, head tile) fp32 accumulators.
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _load_tile(BASE, rows, row_ok, s_t, cols, col_ok):
+    """(len(rows), len(cols)) tile of a row-major (T, hd) slice with row stride s_t; masked lanes read 0."""
+    return tl.load(BASE + rows[:, None] * s_t + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    QKV, s_qn, s_qt,                    # qkv (N, T, 3, H, HD): sample and token strides (elements)
+    OUT, s_on, s_ot,                    # out (N, T, H * HD)
+    LSE,                                # (N * H, T) fp32: log2-sum-exp2 of the scaled scores
+    T, H, qk_scale,                     # tokens, heads, hd^-0.5 * log2(e)
+    HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,   # head dim = first part + tail (0: none)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // H
+    h = nh - n * H
+    q_base = QKV + n.to(tl.int64) * s_qn + h * HD
+    k_base = q_base + H * HD
+    v_base = q_base + 2 * H * HD
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    da = tl.arange(0, HD_A)
+    a_ok = da < HD
+    q_a = _load_tile(q_base, rows, row_ok, s_qt, da, a_ok)
+    if UPCAST:
+        q_a = q_a.to(tl.float32)
+    acc_a = tl.zeros((BLOCK_M, HD_A), dtype=tl.float32)
+    if HD_B > 0:
+        db = HD_A + tl.arange(0, HD_B)
+        b_ok = db < HD
+        q_b = _load_tile(q_base, rows, row_ok, s_qt, db, b_ok)
+        if UPCAST:
+            q_b = q_b.to(tl.float32)
+        acc_b = tl.zeros((BLOCK_M, HD_B), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, T, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < T
+        k_a = _load_tile(k_base, cols, col_ok, s_qt, da, a_ok)
+        v_a = _load_tile(v_base, cols, col_ok, s_qt, da, a_ok)
+        if UPCAST:
+            k_a = k_a.to(tl.float32)
+            v_a = v_a.to(tl.float32)
+        s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+        if HD_B > 0:
+            k_b = _load_tile(k_base, cols, col_ok, s_qt, db, b_ok)
+            if UPCAST:
+                k_b = k_b.to(tl.float32)
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
+        s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(v_a.dtype)
+        acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
+        if HD_B > 0:
+            v_b = _load_tile(v_base, cols, col_ok, s_qt, db, b_ok)
+            if UPCAST:
+                v_b = v_b.to(tl.float32)
+            acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    inv = 1.0 / l_i
+    o_base = OUT + n.to(tl.int64) * s_on + h * HD + rows[:, None] * s_ot
+    tl.store(o_base + da[None, :], (acc_a * inv[:, None]).to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & a_ok[None, :])
+    if HD_B > 0:
+        tl.store(o_base + db[None, :], (acc_b * inv[:, None]).to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & b_ok[None, :])
+    tl.store(LSE + nh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    QKV, s_qn, s_qt,                    # qkv (N, T, 3, H, HD)
+    OUT, s_on, s_ot,                    # the forward's output (N, T, H * HD)
+    DOUT, s_dn, s_dt,                   # its gradient, same shape
+    LSE, DELTA,                         # (N * H, T) fp32: the forward's lse (read), rowsum(dO * O) (written)
+    DQKV, s_gn, s_gt,                   # dqkv (N, T, 3, H, HD): this kernel writes the dq slot
+    T, H, qk_scale, sm_scale,
+    HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // H
+    h = nh - n * H
+    n64 = n.to(tl.int64)
+    q_base = QKV + n64 * s_qn + h * HD
+    k_base = q_base + H * HD
+    v_base = q_base + 2 * H * HD
+    o_base = OUT + n64 * s_on + h * HD
+    do_base = DOUT + n64 * s_dn + h * HD
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    da = tl.arange(0, HD_A)
+    a_ok = da < HD
+    q_a = _load_tile(q_base, rows, row_ok, s_qt, da, a_ok)
+    do_a = _load_tile(do_base, rows, row_ok, s_dt, da, a_ok)
+    delta = tl.sum(do_a.to(tl.float32) * _load_tile(o_base, rows, row_ok, s_ot, da, a_ok).to(tl.float32), 1)
+    if UPCAST:
+        q_a = q_a.to(tl.float32)
+        do_a = do_a.to(tl.float32)
+    dq_a = tl.zeros((BLOCK_M, HD_A), dtype=tl.float32)
+    if HD_B > 0:
+        db = HD_A + tl.arange(0, HD_B)
+        b_ok = db < HD
+        q_b = _load_tile(q_base, rows, row_ok, s_qt, db, b_ok)
+        do_b = _load_tile(do_base, rows, row_ok, s_dt, db, b_ok)
+        delta += tl.sum(do_b.to(tl.float32) * _load_tile(o_base, rows, row_ok, s_ot, db, b_ok).to(tl.float32), 1)
+        if UPCAST:
+            q_b = q_b.to(tl.float32)
+            do_b = do_b.to(tl.float32)
+        dq_b = tl.zeros((BLOCK_M, HD_B), dtype=tl.float32)
+    stat = nh.to(tl.int64) * T + rows
+    tl.store(DELTA + stat, delta, mask=row_ok)
+    lse = tl.load(LSE + stat, mask=row_ok, other=0.0)
+    for start in range(0, T, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < T
+        k_a = _load_tile(k_base, cols, col_ok, s_qt, da, a_ok)
+        v_a = _load_tile(v_base, cols, col_ok, s_qt, da, a_ok)
+        if UPCAST:
+            k_a = k_a.to(tl.float32)
+            v_a = v_a.to(tl.float32)
+        s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+        dp = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PRECISION)
+        if HD_B > 0:
+            k_b = _load_tile(k_base, cols, col_ok, s_qt, db, b_ok)
+            v_b = _load_tile(v_base, cols, col_ok, s_qt, db, b_ok)
+            if UPCAST:
+                k_b = k_b.to(tl.float32)
+                v_b = v_b.to(tl.float32)
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
+            dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=DOT_PRECISION)
+        p = tl.where(col_ok[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+        dq_a = tl.dot(ds, k_a, dq_a, input_precision=DOT_PRECISION)
+        if HD_B > 0:
+            dq_b = tl.dot(ds, k_b, dq_b, input_precision=DOT_PRECISION)
+    g_base = DQKV + n64 * s_gn + h * HD + rows[:, None] * s_gt
+    tl.store(g_base + da[None, :], (dq_a * sm_scale).to(DQKV.dtype.element_ty), mask=row_ok[:, None] & a_ok[None, :])
+    if HD_B > 0:
+        tl.store(g_base + db[None, :], (dq_b * sm_scale).to(DQKV.dtype.element_ty),
+                 mask=row_ok[:, None] & b_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    QKV, s_qn, s_qt,                    # qkv (N, T, 3, H, HD)
+    DOUT, s_dn, s_dt,                   # the output's gradient (N, T, H * HD)
+    LSE, DELTA,                         # (N * H, T) fp32, both read
+    DQKV, s_gn, s_gt,                   # dqkv: this kernel writes the dk and dv slots
+    T, H, qk_scale, sm_scale,
+    HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,   # query rows per step, key rows per program
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // H
+    h = nh - n * H
+    n64 = n.to(tl.int64)
+    q_base = QKV + n64 * s_qn + h * HD
+    k_base = q_base + H * HD
+    v_base = q_base + 2 * H * HD
+    do_base = DOUT + n64 * s_dn + h * HD
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < T
+    da = tl.arange(0, HD_A)
+    a_ok = da < HD
+    k_a = _load_tile(k_base, cols, col_ok, s_qt, da, a_ok)
+    v_a = _load_tile(v_base, cols, col_ok, s_qt, da, a_ok)
+    if UPCAST:
+        k_a = k_a.to(tl.float32)
+        v_a = v_a.to(tl.float32)
+    dk_a = tl.zeros((BLOCK_N, HD_A), dtype=tl.float32)
+    dv_a = tl.zeros((BLOCK_N, HD_A), dtype=tl.float32)
+    if HD_B > 0:
+        db = HD_A + tl.arange(0, HD_B)
+        b_ok = db < HD
+        k_b = _load_tile(k_base, cols, col_ok, s_qt, db, b_ok)
+        v_b = _load_tile(v_base, cols, col_ok, s_qt, db, b_ok)
+        if UPCAST:
+            k_b = k_b.to(tl.float32)
+            v_b = v_b.to(tl.float32)
+        dk_b = tl.zeros((BLOCK_N, HD_B), dtype=tl.float32)
+        dv_b = tl.zeros((BLOCK_N, HD_B), dtype=tl.float32)
+    stat_base = nh.to(tl.int64) * T
+    for start in range(0, T, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        q_a = _load_tile(q_base, rows, row_ok, s_qt, da, a_ok)
+        do_a = _load_tile(do_base, rows, row_ok, s_dt, da, a_ok)
+        if UPCAST:
+            q_a = q_a.to(tl.float32)
+            do_a = do_a.to(tl.float32)
+        st = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PRECISION)        # (BLOCK_N, BLOCK_M) scores^T
+        dpt = tl.dot(v_a, tl.trans(do_a), input_precision=DOT_PRECISION)      # dP^T
+        if HD_B > 0:
+            q_b = _load_tile(q_base, rows, row_ok, s_qt, db, b_ok)
+            do_b = _load_tile(do_base, rows, row_ok, s_dt, db, b_ok)
+            if UPCAST:
+                q_b = q_b.to(tl.float32)
+                do_b = do_b.to(tl.float32)
+            st = tl.dot(k_b, tl.trans(q_b), st, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v_b, tl.trans(do_b), dpt, input_precision=DOT_PRECISION)
+        lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
+        pt = tl.where(row_ok[None, :], tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
+        dst = (pt * (dpt - delta[None, :])).to(q_a.dtype)
+        pt = pt.to(do_a.dtype)
+        dv_a = tl.dot(pt, do_a, dv_a, input_precision=DOT_PRECISION)
+        dk_a = tl.dot(dst, q_a, dk_a, input_precision=DOT_PRECISION)
+        if HD_B > 0:
+            dv_b = tl.dot(pt, do_b, dv_b, input_precision=DOT_PRECISION)
+            dk_b = tl.dot(dst, q_b, dk_b, input_precision=DOT_PRECISION)
+    g_base = DQKV + n64 * s_gn + h * HD + cols[:, None] * s_gt
+    mask_a = col_ok[:, None] & a_ok[None, :]
+    tl.store(g_base + H * HD + da[None, :], (dk_a * sm_scale).to(DQKV.dtype.element_ty), mask=mask_a)
+    tl.store(g_base + 2 * H * HD + da[None, :], dv_a.to(DQKV.dtype.element_ty), mask=mask_a)
+    if HD_B > 0:
+        mask_b = col_ok[:, None] & b_ok[None, :]
+        tl.store(g_base + H * HD + db[None, :], (dk_b * sm_scale).to(DQKV.dtype.element_ty), mask=mask_b)
+        tl.store(g_base + 2 * H * HD + db[None, :], dv_b.to(DQKV.dtype.element_ty), mask=mask_b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def head_split(hd: int) -> Tuple[int, int]:
+    """(HD_A, HD_B): the head dim as a power-of-two part (>= 16) and a power-of-two tail (0: none, else >= 16)
+    whose sum covers hd with the least padding a two-part split allows: 72 -> (64, 16), 64 -> (64, 0),
+    96 -> (64, 32), 8 -> (16, 0)."""
+    if hd < 1:
+        raise ValueError(f"head dim must be positive, got {hd}")
+    if hd <= 16:
+        return 16, 0
+    a = 1 << (hd.bit_length() - 1)              # largest power of two <= hd
+    rest = hd - a
+    return a, (0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for 2-byte inputs; fp32 (IEEE products) halves the
+# first two. Chosen from the sm_90 compile report (kernels/_sm90_check.py: no spills); not tuned on a GPU.
+FWD_CONFIG = (128, 64, 8, 2)
+BWD_DQ_CONFIG = (128, 32, 8, 2)
+BWD_DKDV_CONFIG = (32, 128, 8, 2)
+
+
+def _config(cfg: Tuple[int, int, int, int], dtype: torch.dtype, t: int) -> Tuple[int, int, int, int]:
+    bm, bn, warps, stages = cfg
+    if dtype == torch.float32:
+        bm, bn = max(16, bm // 2), max(16, bn // 2)
+    cap = max(16, triton.next_power_of_2(t))       # no tile longer than the sequence (tests' short T)
+    return min(bm, cap), min(bn, cap), warps, stages
+
+
+def _dot_flags(dtype: torch.dtype) -> Tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION): fp32 operands use IEEE products; the interpreter upcasts bf16/fp16 (its
+    tl.dot of 2-byte operands is wrong; kernels/_common.py)."""
+    return INTERPRETED and dtype != torch.float32, ("ieee" if dtype == torch.float32 else "tf32")
+
+
+def packed(qkv: torch.Tensor) -> bool:
+    """Whether qkv (N, T, 3, H, hd) has each token's (3, H, hd) values packed as the projection writes them."""
+    _, _, _, h, hd = qkv.shape
+    return qkv.stride(4) == 1 and qkv.stride(3) == hd and qkv.stride(2) == h * hd
+
+
+def check_qkv(qkv) -> None:
+    """Raise TypeError/ValueError unless the kernels take qkv: (N, T, 3, H, hd) floating, hd <= MAX_HEAD_DIM,
+    each token's 3 * H * hd values packed (unit stride along hd, the projection's (3, H) layout)."""
+    check_tensor("qkv", qkv, 5)
+    n, t, three, h, hd = qkv.shape
+    if three != 3:
+        raise ValueError(f"qkv must have shape (N, T, 3, H, hd), got {tuple(qkv.shape)}")
+    if hd > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {hd} is above {MAX_HEAD_DIM}, the largest the Triton attention takes")
+    if not packed(qkv):
+        raise ValueError(f"qkv must have each token's (3, H, hd) values packed as the projection writes them "
+                         f"(strides (.., .., {h * hd}, {hd}, 1)), got strides {qkv.stride()}")
+    check_same_device([("qkv", qkv)])
+
+
+def _flat_rows(name: str, x: torch.Tensor, n: int, t: int, width: int) -> torch.Tensor:
+    """x as (N, T, width) with unit stride along the last axis (a copy only when it is not)."""
+    if tuple(x.shape) != (n, t, width):
+        raise ValueError(f"{name} must have shape {(n, t, width)}, got {tuple(x.shape)}")
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def attention_fwd(qkv: torch.Tensor, *, config: Optional[Tuple[int, int, int, int]] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (N, T, H * hd) in qkv's dtype, lse (N * H, T) fp32) of softmax(q k^T / sqrt(hd)) v.
+    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tiling."""
+    check_qkv(qkv)
+    n, t, _, h, hd = qkv.shape
+    out = alloc_out((n, t, h * hd), qkv.dtype, qkv.device)
+    lse = alloc((n * h, t), torch.float32, qkv.device)
+    if n * t * h == 0:
+        return finish(out, qkv.dtype), lse
+    bm, bn, warps, stages = config or _config(FWD_CONFIG, qkv.dtype, t)
+    hd_a, hd_b = head_split(hd)
+    upcast, precision = _dot_flags(qkv.dtype)
+    _attn_fwd_kernel[(triton.cdiv(t, bm), n * h)](
+        qkv, qkv.stride(0), qkv.stride(1), out, out.stride(0), out.stride(1), lse,
+        t, h, hd ** -0.5 * LOG2E, HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn,
+        UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
+    return finish(out, qkv.dtype), lse
+
+
+def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                  dq_config: Optional[Tuple[int, int, int, int]] = None,
+                  dkdv_config: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+    """dqkv (N, T, 3, H, hd) contiguous, in qkv's dtype, for the output gradient dout (N, T, H * hd), from the
+    forward's qkv, out and lse. The configs override the two kernels' tilings."""
+    check_qkv(qkv)
+    n, t, _, h, hd = qkv.shape
+    check_tensor("dout", dout, 3)
+    check_tensor("out", out, 3)
+    dout = _flat_rows("dout", dout, n, t, h * hd)
+    out = _flat_rows("out", out, n, t, h * hd)
+    if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != (n * h, t) \
+            or not lse.is_contiguous():
+        raise ValueError(f"lse must be the forward's contiguous fp32 (N * H, T) = {(n * h, t)} tensor")
+    check_same_device([("qkv", qkv), ("dout", dout), ("out", out), ("lse", lse)])
+    dqkv = alloc_out((n, t, 3, h, hd), qkv.dtype, qkv.device)
+    if n * t * h == 0:
+        return finish(dqkv, qkv.dtype)
+    delta = alloc((n * h, t), torch.float32, qkv.device)
+    hd_a, hd_b = head_split(hd)
+    upcast, precision = _dot_flags(qkv.dtype)
+    sm_scale = hd ** -0.5
+    common = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, UPCAST=upcast, DOT_PRECISION=precision)
+    bm, bn, warps, stages = dq_config or _config(BWD_DQ_CONFIG, qkv.dtype, t)
+    _attn_bwd_dq_kernel[(triton.cdiv(t, bm), n * h)](
+        qkv, qkv.stride(0), qkv.stride(1), out, out.stride(0), out.stride(1), dout, dout.stride(0),
+        dout.stride(1), lse, delta, dqkv, dqkv.stride(0), dqkv.stride(1), t, h, sm_scale * LOG2E, sm_scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+    bm, bn, warps, stages = dkdv_config or _config(BWD_DKDV_CONFIG, qkv.dtype, t)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), n * h)](
+        qkv, qkv.stride(0), qkv.stride(1), dout, dout.stride(0), dout.stride(1), lse, delta,
+        dqkv, dqkv.stride(0), dqkv.stride(1), t, h, sm_scale * LOG2E, sm_scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+    return finish(dqkv, qkv.dtype)
+
+
+def attention_ref(qkv: torch.Tensor) -> torch.Tensor:
+    """The same attention from PyTorch ops, in fp32: (N, T, 3, H, hd) -> (N, T, H * hd) in qkv's dtype."""
+    n, t, _, h, hd = qkv.shape
+    q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)
+    p = ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(-1)
+    return (p @ v).transpose(1, 2).reshape(n, t, h * hd).to(qkv.dtype)
+
+
+class TritonAttention(torch.autograd.Function):
+    """attention_fwd / attention_bwd as an autograd function of qkv: the gradient comes back in qkv's layout."""
+
+    @staticmethod
+    def forward(ctx, qkv):
+        out, lse = attention_fwd(qkv)
+        ctx.save_for_backward(qkv, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse = ctx.saved_tensors
+        return attention_bwd(dout, qkv, out, lse)
+
+
+def flash_attention(qkv: torch.Tensor) -> torch.Tensor:
+    """Self-attention of qkv (N, T, 3, H, hd) -> (N, T, H * hd) through the Triton kernels, differentiable."""
+    return TritonAttention.apply(qkv)
+
+
+__all__ = ["attention_fwd", "attention_bwd", "attention_ref", "flash_attention", "head_split", "check_qkv", "packed",
+           "MAX_HEAD_DIM"]

@@ -1,0 +1,161 @@
+"""fastdit.kernels.flash_attention: the Triton attention over the packed qkv layout, forward and backward,
+against attention written out in float64. CPU: through the Triton interpreter (tests/conftest.py)."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+fa = importlib.import_module("fastdit.kernels.flash_attention")
+
+pytestmark = pytest.mark.triton
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _exact(qkv: torch.Tensor, dout: torch.Tensor):
+    """(out, dqkv) of softmax(q k^T / sqrt(hd)) v in float64, by autograd through the written-out formula."""
+    n, t, _, h, hd = qkv.shape
+    x = qkv.detach().double().requires_grad_(True)
+    q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+    out = ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(-1) @ v
+    out = out.transpose(1, 2).reshape(n, t, h * hd)
+    out.backward(dout.double())
+    return out.detach(), x.grad
+
+
+def _inputs(n, t, h, hd, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(n, t, 3, h, hd, generator=g) * scale).to(DEV, dtype)
+    dout = torch.randn(n, t, h * hd, generator=g).to(DEV, dtype)
+    return qkv, dout
+
+
+# fp32: IEEE products and fp32 softmax, so float64 agreement to ~1e-6. bf16: the probabilities are rounded to
+# bf16 before the P V and dS K products (FlashAttention's numerics); checked against float64 of the same bf16
+# inputs with a bf16-sized tolerance, and never worse than 2x the error of PyTorch's own bf16 SDPA.
+TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,configs", [
+    ((2, 40, 2, 72), {}),                                                 # DiT-XL's head dim: 64 + 16 (8 valid)
+    ((1, 33, 3, 24), dict(fwd=(16, 16, 4, 1), dq=(16, 32, 4, 1), dkdv=(32, 16, 4, 1))),   # edge tiles both ways
+    ((2, 16, 2, 64), {}),                                                 # a power of two: no tail
+    ((1, 7, 1, 8), {}),                                                   # hd < 16: one masked 16-wide tile
+    ((1, 20, 2, 96), dict(fwd=(16, 32, 4, 1), dq=(32, 16, 4, 1), dkdv=(16, 16, 4, 1))),   # 64 + 32
+])
+def test_forward_and_backward_match_float64(monkeypatch, shape, configs, dtype):
+    monkeypatch.setenv("FASTDIT_KERNEL_POISON", "1")              # an unwritten element stays NaN
+    n, t, h, hd = shape
+    qkv, dout = _inputs(n, t, h, hd, dtype)
+    out, lse = fa.attention_fwd(qkv, config=configs.get("fwd"))
+    dqkv = fa.attention_bwd(dout, qkv, out, lse, dq_config=configs.get("dq"), dkdv_config=configs.get("dkdv"))
+    ref_out, ref_grad = _exact(qkv, dout)
+    assert out.shape == (n, t, h * hd) and out.dtype == dtype and lse.shape == (n * h, t)
+    assert dqkv.shape == qkv.shape and dqkv.dtype == dtype and dqkv.is_contiguous()
+    torch.testing.assert_close(out.double(), ref_out, **TOL[dtype])
+    torch.testing.assert_close(dqkv.double(), ref_grad, **TOL[dtype])
+    # lse is the log2-sum-exp2 of the scaled scores: check it too (the backward depends on it)
+    q, k, _ = qkv.double().permute(2, 0, 3, 1, 4).unbind(0)
+    s = (q @ k.transpose(-2, -1)) * hd ** -0.5
+    torch.testing.assert_close(lse.double().view(n, h, t), torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0)),
+                               rtol=1e-5, atol=1e-4 if dtype == torch.float32 else 1e-2)
+    if dtype == torch.bfloat16:   # no worse than PyTorch's bf16 attention against the same float64
+        sd_in = qkv.detach().clone().requires_grad_(True)
+        sq, sk, sv = sd_in.permute(2, 0, 3, 1, 4).unbind(0)
+        sd_out = F.scaled_dot_product_attention(sq, sk, sv).transpose(1, 2).reshape(n, t, h * hd)
+        sd_out.backward(dout)
+        for ours, theirs, ref in ((out, sd_out, ref_out), (dqkv, sd_in.grad, ref_grad)):
+            err = (ours.double() - ref).abs().max().item()
+            assert err <= 2 * (theirs.detach().double() - ref).abs().max().item() + 1e-3
+
+
+def test_autograd_function_and_large_scores():
+    """flash_attention as an autograd function: the gradient reaches qkv in its own layout; scores of a few
+    hundred (a peaked softmax) stay finite, and as close to float64 as PyTorch's own fp32 attention gets (at
+    such scores fp32 rounding of the scores alone moves the probabilities by ~1e-4)."""
+    qkv, dout = _inputs(2, 24, 2, 40, torch.float32, scale=8.0)
+    x = qkv.clone().requires_grad_(True)
+    out = fa.flash_attention(x)
+    out.backward(dout)
+    ref_out, ref_grad = _exact(qkv, dout)
+    t32 = qkv.clone().requires_grad_(True)
+    q, k, v = t32.permute(2, 0, 3, 1, 4).unbind(0)
+    o32 = (((q @ k.transpose(-2, -1)) * 40 ** -0.5).softmax(-1) @ v).transpose(1, 2).reshape(out.shape)
+    o32.backward(dout)
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    for ours, theirs, ref in ((out.detach(), o32.detach(), ref_out), (x.grad, t32.grad, ref_grad)):
+        err = (ours.double() - ref).abs().max().item()
+        assert err <= 4 * (theirs.double() - ref).abs().max().item() + 1e-6
+
+
+def test_reads_any_sample_and_token_strides():
+    """A qkv whose (3, H, hd) part is packed but whose tokens sit in a larger buffer (a slice of a longer
+    sequence): the kernels use its strides; the result is that of the contiguous copy."""
+    big, dout = _inputs(2, 30, 2, 24, torch.float32)
+    qkv = big[:, 5:25]
+    assert not qkv.is_contiguous() and fa.packed(qkv)
+    out, lse = fa.attention_fwd(qkv)
+    dqkv = fa.attention_bwd(dout[:, :20], qkv, out, lse)
+    ref_out, ref_grad = _exact(qkv.contiguous(), dout[:, :20])
+    torch.testing.assert_close(out.double(), ref_out, **TOL[torch.float32])
+    torch.testing.assert_close(dqkv.double(), ref_grad, **TOL[torch.float32])
+
+
+def test_head_split():
+    assert fa.head_split(72) == (64, 16)
+    assert fa.head_split(64) == (64, 0)
+    assert fa.head_split(96) == (64, 32)
+    assert fa.head_split(8) == (16, 0)
+    assert fa.head_split(17) == (16, 16)
+    assert fa.head_split(200) == (128, 128)
+    for hd in range(1, 257):
+        a, b = fa.head_split(hd)
+        assert a + b >= hd and a >= 16 and (b == 0 or b >= 16) and a & (a - 1) == 0 and b & (b - 1) == 0
+
+
+def test_bad_inputs_raise():
+    qkv, dout = _inputs(1, 8, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="packed"):
+        fa.attention_fwd(qkv.transpose(2, 3).contiguous().transpose(2, 3))
+    with pytest.raises(ValueError, match=r"\(N, T, 3, H, hd\)"):
+        fa.attention_fwd(torch.zeros(1, 8, 2, 2, 16, device=DEV))
+    with pytest.raises(ValueError, match="5 dimensions"):
+        fa.attention_fwd(qkv[0])
+    with pytest.raises(TypeError, match="dtype"):
+        fa.attention_fwd(qkv.double())
+    with pytest.raises(ValueError, match="head dim 264"):
+        fa.attention_fwd(torch.zeros(1, 4, 3, 1, 264, device=DEV))
+    out, lse = fa.attention_fwd(qkv)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        fa.attention_bwd(dout[:, :4], qkv, out, lse)
+    with pytest.raises(ValueError, match="lse must be"):
+        fa.attention_bwd(dout, qkv, out, lse.double())
+    with pytest.raises(ValueError, match="head dim must be positive"):
+        fa.head_split(0)
+
+
+def test_empty_batch():
+    qkv = torch.zeros(0, 8, 3, 2, 16, device=DEV)
+    out, lse = fa.attention_fwd(qkv)
+    assert out.shape == (0, 8, 32) and lse.shape == (0, 8)
+    assert fa.attention_bwd(torch.zeros(0, 8, 32, device=DEV), qkv, out, lse).shape == qkv.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dit_xl2_shape_on_cuda_against_sdpa():
+    """The compiled kernels at DiT-XL/2's training shape (batch 32 of the 128, 16 heads, 256 tokens, hd 72) in
+    bf16: forward and dqkv within the flash-attention rule of float64, no worse than SDPA's bf16."""
+    n, t, h, hd = 32, 256, 16, 72
+    qkv, dout = _inputs(n, t, h, hd, torch.bfloat16)
+    out, lse = fa.attention_fwd(qkv)
+    dqkv = fa.attention_bwd(dout, qkv, out, lse)
+    ref_out, ref_grad = _exact(qkv, dout)
+    sd_in = qkv.detach().clone().requires_grad_(True)
+    sq, sk, sv = sd_in.permute(2, 0, 3, 1, 4).unbind(0)
+    sd_out = F.scaled_dot_product_attention(sq, sk, sv).transpose(1, 2).reshape(n, t, h * hd)
+    sd_out.backward(dout)
+    for ours, theirs, ref in ((out, sd_out, ref_out), (dqkv, sd_in.grad, ref_grad)):
+        err = (ours.double() - ref).abs().max().item()
+        assert err <= 2 * (theirs.detach().double() - ref).abs().max().item() + 1e-3
