@@ -9,8 +9,9 @@ and forward+backward (median over --rep calls, CUDA events on a GPU):
   sdpa:efficient
   sdpa:math
   sdpa_packed     fastdit's backends (fastdit.models.attention), when they run here; sdpa_packed is SDPA
-  flash_attn      with dq, dk, dv written into dqkv by one copy
-  xformers
+  flash_attn      with dq, dk, dv written into dqkv by one copy; triton is fastdit's Triton attention
+  xformers        (fastdit.kernels.flash_attention: reads the packed qkv, writes dqkv in its layout)
+  triton
 
 each in two input layouts:
 
@@ -19,9 +20,14 @@ each in two input layouts:
   contiguous  q, k, v already contiguous (N, H, T, hd) (flash_attn / xformers: (N, T, H, hd)); the
               kernel alone, the floor the packed layout is compared with
 
+With --sweep-triton it also times the Triton attention's kernels at each tiling of TRITON_SWEEP (the
+forward; the backward with one kernel's tiling varied and the other's at its default), in the packed layout,
+and names the fastest of each: how the launchers' defaults (FWD_CONFIG, BWD_DQ_CONFIG, BWD_DKDV_CONFIG)
+are chosen on a GPU.
+
 Usage:
   python benchmarks/attention.py [--batch 128] [--heads 16] [--head-dim 72] [--tokens 256]
-                                 [--dtype bf16] [--rep 50] [--warmup 10] [--json PATH]
+                                 [--dtype bf16] [--rep 50] [--warmup 10] [--sweep-triton] [--json PATH]
   python benchmarks/attention.py --smoke --json /tmp/a.json   # tiny CPU run: checks the tool, not a speed
 Nothing is printed that was not measured in this run.
 """
@@ -41,7 +47,14 @@ if ROOT not in sys.path:
 from benchmarks.common import IntervalTimer, environment, summarize, synchronize, write_json  # noqa: E402
 
 SDPA_KERNELS = ("default", "cudnn", "flash", "efficient", "math")
-BACKENDS = ("sdpa_packed", "flash_attn", "xformers")  # fastdit.models.attention backends
+BACKENDS = ("sdpa_packed", "flash_attn", "xformers", "triton")  # fastdit.models.attention backends
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tilings the sweep tries per Triton attention kernel, the launcher's
+# default first; each compiles for sm_90 without spills at DiT-XL/2's shape (triton 3.9, offline).
+TRITON_SWEEP = {
+    "fwd": [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3)],
+    "dq": [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2)],
+    "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3)],
+}
 LAYOUTS = ("packed", "contiguous")
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -57,6 +70,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, default=None, help="timed calls per row and pass (default 50; smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10; smoke 1)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--sweep-triton", action="store_true",
+                   help="also time the Triton attention's kernels at each tiling of TRITON_SWEEP")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the tool")
     a = p.parse_args(argv)
@@ -171,6 +186,48 @@ def run_row(kind: str, layout: str, a, device, dtype) -> Dict[str, Any]:
     return row
 
 
+def sweep_triton(a, device, dtype) -> Dict[str, Any]:
+    """Median ms of the Triton attention's forward at each forward tiling, and of its backward (both kernels)
+    at each dq tiling (dk/dv at its default) and each dk/dv tiling (dq at its default); the fastest of each.
+    A tiling that fails (e.g. too much shared memory on this card) is recorded with its error."""
+    import importlib
+
+    import torch
+    fa = importlib.import_module("fastdit.kernels.flash_attention")
+    torch.manual_seed(0)
+    qkv = torch.randn(a.batch, a.tokens, 3, a.heads, a.head_dim, device=device, dtype=dtype)
+    out, lse = fa.attention_fwd(qkv)
+    dout = torch.randn_like(out)
+    sweep = TRITON_SWEEP
+    if a.smoke:   # the tool, not a speed: the first two tilings, shrunk to the tiny sequence by the launcher's rule
+        sweep = {k: v[:2] for k, v in sweep.items()}
+    calls = {
+        "fwd": lambda c: fa.attention_fwd(qkv, config=c),
+        "dq": lambda c: fa.attention_bwd(dout, qkv, out, lse, dq_config=c),
+        "dkdv": lambda c: fa.attention_bwd(dout, qkv, out, lse, dkdv_config=c),
+    }
+    result: Dict[str, Any] = {}
+    for kernel, configs in sweep.items():
+        rows = []
+        for cfg in configs:
+            cfg = fa.tiling(cfg, dtype, a.tokens)
+            try:
+                ms = time_pass(lambda: calls[kernel](cfg), "fwd", device, a.rep, a.warmup)
+                rows.append(dict(config=list(cfg), ms=ms))
+                print(f"  triton {kernel:<5} BLOCK_M {cfg[0]:3d} BLOCK_N {cfg[1]:3d} warps {cfg[2]} stages {cfg[3]}: "
+                      f"{ms['median']:.3f} ms" + (" (with the other backward kernel at its default)"
+                                                  if kernel != "fwd" else ""), flush=True)
+            except Exception as e:  # noqa: BLE001 - a tiling this card cannot run is a result too
+                rows.append(dict(config=list(cfg), error=" ".join(str(e).split())[:300]))
+                print(f"  triton {kernel:<5} {cfg}: failed: {rows[-1]['error'][:90]}", flush=True)
+        ok = [r for r in rows if "ms" in r]
+        best = min(ok, key=lambda r: r["ms"]["median"]) if ok else None
+        result[kernel] = dict(rows=rows, fastest=(best["config"] if best else None))
+    del qkv, out, lse, dout
+    synchronize(device)
+    return result
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     a = parse_args(argv)
     import torch
@@ -196,10 +253,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if best:
         print(f"fastest fwd+bwd in the model's (packed) layout: {best['name']} "
               f"{best['fwd+bwd']['ms']['median']:.3f} ms")
+    triton_sweep = None
+    if a.sweep_triton:
+        from fastdit.models import attention as A
+        ok, why = A.backend_status()["triton"]
+        if ok:
+            print("Triton attention tilings (median ms):", flush=True)
+            triton_sweep = sweep_triton(a, device, dtype)
+            print("fastest tilings: " + ", ".join(f"{k} {v['fastest']}" for k, v in triton_sweep.items()))
+        else:
+            triton_sweep = dict(unavailable=why)
+            print(f"Triton attention sweep: unavailable ({why})")
     result = dict(benchmark="attention", environment=environment(device),
                   config=dict(batch=a.batch, heads=a.heads, head_dim=a.head_dim, tokens=a.tokens, dtype=a.dtype,
                               rep=a.rep, warmup=a.warmup, smoke=a.smoke),
-                  rows=rows, fastest_packed=(best["name"] if best else None))
+                  rows=rows, fastest_packed=(best["name"] if best else None), triton_sweep=triton_sweep)
     if a.json:
         print(f"wrote {write_json(a.json, result)}")
     return 0

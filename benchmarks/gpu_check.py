@@ -12,8 +12,9 @@ that would not get its minimum time is skipped and says so. Stages, most importa
   throughput  benchmarks/throughput.py, every row but the compiled ones and fused/math, fused/sdpa (the
               attention stage times the backends), at a batch that fits the card
   kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
-  attention   benchmarks/attention.py: SDPA's kernels (cuDNN, flash, efficient) and the optional libraries
-              at the DiT-XL/2 attention shape, in the model's packed qkv layout and contiguous
+  attention   benchmarks/attention.py: SDPA's kernels (cuDNN, flash, efficient), the optional libraries and
+              fastdit's Triton attention at the DiT-XL/2 attention shape, in the model's packed qkv layout and
+              contiguous, and the Triton attention's tilings (--sweep-triton)
   train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
   compile     benchmarks/throughput.py rows deepspeed+compile (train.compile), fused+compile and compile
               (compilation takes minutes)
@@ -81,12 +82,12 @@ STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "train
 COMPILE_ROWS = ("deepspeed+compile", "fused+compile", "compile")
 GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/test_models_attention.py",
                   "tests/test_kernels_gelu.py", "tests/test_kernels_qkv_grads.py", "tests/test_kernels_adamw.py",
-                  "tests/test_kernels_tile_sums.py")
+                  "tests/test_kernels_tile_sums.py", "tests/test_kernels_flash_attention.py")
 # The throughput stage's rows, most wanted first (a deadline that cuts the stage cuts the last rows): the
 # rows each open switch is judged against, then the switches, then the baselines measured before.
 # fused/sdpa_packed is `fused` where flash-attn is absent (auto); fused/math and fused/sdpa are left out.
 THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed+fused-step", "fused+bias-fold", "deepspeed+all-switches",
-                    "fused+all-switches", "fused+mlp-fold",
+                    "fused+all-switches", "fused/triton", "fused+mlp-fold",
                     "fused+mlp-recompute-fold", "fused+mlp-recompute", "eager", "eager/sdpa",
                     "fused/flash_attn", "fused/xformers", "fused/sdpa_packed")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.
@@ -358,7 +359,13 @@ def summarize_attention(out: str, st: Stage) -> str:
     ok = {(r["name"], r["layout"]): r["fwd+bwd"]["ms"]["median"] for r in d["rows"] if r["status"] == "ok"}
     st.detail = dict(fwd_bwd_ms={f"{n} {lay}": ms for (n, lay), ms in ok.items()}, fastest_packed=d["fastest_packed"])
     packed = sorted((ms, n) for (n, lay), ms in ok.items() if lay == "packed")
-    return "fwd+bwd ms (packed): " + ", ".join(f"{n} {ms:.2f}" for ms, n in packed[:4])
+    line = "fwd+bwd ms (packed): " + ", ".join(f"{n} {ms:.2f}" for ms, n in packed[:4])
+    sweep = d.get("triton_sweep") or {}
+    fastest = {k: v["fastest"] for k, v in sweep.items() if isinstance(v, dict) and v.get("fastest")}
+    if fastest:
+        st.detail["triton_fastest_tilings"] = fastest
+        line += "; triton tilings " + ", ".join(f"{k} {tuple(v)}" for k, v in fastest.items())
+    return line
 
 
 def summarize_profile(folder: str, st: Stage) -> str:
@@ -486,7 +493,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         compile_rows = ["compile"]
         par = ["--smoke"]
         kern = ["--smoke"]
-        att = ["--smoke"]
+        att = ["--smoke", "--sweep-triton"]
         train_cfg = ["--config", "configs/digits.json", "--set", "train.max_steps=4", "--set", "train.log_every=1"]
         prof = ["--smoke"]
         skip_windows = 1
@@ -501,7 +508,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         par = ["--model", "DiT-XL/2", "--batch", "4"]
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "fused-direct", "fused-gemm-bwd",
                 "fused-tile-sums", "eager", "compile", "--rep", "60", "--warmup", "15"]
-        att = ["--batch", str(batch)]
+        att = ["--batch", str(batch), "--sweep-triton"]
         train_cfg = ["--config", "configs/xl2_zero2.json", "--set", "data.kind=synthetic",
                      "--set", "data.synthetic_size=4096", "--set", "data.num_workers=4",
                      "--set", "train.max_steps=16", "--set", "train.log_every=2",
@@ -534,7 +541,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
               lambda s: summarize_throughput(j("throughput.json"), s)),
         Stage("kernels", [[py, "benchmarks/kernels.py", *kern, "--json", j("kernels.json"),
                            "--plot", j("kernels.png")]], 100, 15, lambda s: summarize_kernels(out, s)),
-        Stage("attention", [[py, "benchmarks/attention.py", *att, "--json", j("attention.json")]], 60, 10,
+        Stage("attention", [[py, "benchmarks/attention.py", *att, "--json", j("attention.json")]], 90, 10,
               lambda s: summarize_attention(out, s)),
         Stage("train", [train_cmd], 120, 30,
               lambda s: summarize_train(run_dir, out, skip_windows, s)),

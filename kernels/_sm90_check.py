@@ -30,6 +30,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 import torch
 import triton
@@ -45,6 +46,7 @@ aw = importlib.import_module(".adamw", __package__)
 ge = importlib.import_module(".gelu", __package__)
 qg = importlib.import_module(".qkv_grads", __package__)
 ts = importlib.import_module(".tile_sums", __package__)
+fa = importlib.import_module(".flash_attention", __package__)
 
 TARGET_ARCH = 90
 H100_SMS = 132
@@ -97,7 +99,7 @@ def _modln_cases(d: int, args: dict, res: bool, bias: bool = False, suffix: str 
 
 
 def cases():
-    """(label, kernel, argument values, constexprs, num_warps) for DiT-like shapes."""
+    """(label, kernel, argument values, constexprs, num_warps or (num_warps, num_stages)) for DiT-like shapes."""
     out = []
     for d in (384, 1152, 8192):
         bt, bd, nw = row_tile(d)
@@ -175,6 +177,21 @@ def cases():
     args = dict(PART="*fp32", stride_p=n * tiles * d, stride_r=tiles * d, stride_s=d, OUT0="*bf16", OUT1="*bf16",
                 OUT2="*bf16", S=tiles, C=d)
     out.append(("tile_sums P=3", ts._tile_sums_kernel, args, dict(P=3, BLOCK_S=ts.BLOCK_S, BLOCK_C=ts.BLOCK_C), 4))
+    # The Triton attention (attention="triton") at DiT-XL/2's training shape, bf16, with the launchers' default
+    # tilings: head dim 72 as 64 + 16 columns. Their num_warps entry is (num_warps, num_stages).
+    n, h, t, hd = 128, 16, 256, 72
+    hd_a, hd_b = fa.head_split(hd)
+    row, out_row = 3 * h * hd, h * hd
+    args = dict(QKV="*bf16", s_qn=t * row, s_qt=row, OUT="*bf16", s_on=t * out_row, s_ot=out_row, LSE="*fp32",
+                DELTA="*fp32", DOUT="*bf16", s_dn=t * out_row, s_dt=out_row, DQKV="*bf16", s_gn=t * row, s_gt=row,
+                T=t, H=h, qk_scale=0.17, sm_scale=0.12)
+    for label, kernel, cfg in (("attention_fwd", fa._attn_fwd_kernel, fa.FWD_CONFIG),
+                               ("attention_bwd_dq", fa._attn_bwd_dq_kernel, fa.BWD_DQ_CONFIG),
+                               ("attention_bwd_dkdv", fa._attn_bwd_dkdv_kernel, fa.BWD_DKDV_CONFIG)):
+        bm, bn, warps, stages = fa.tiling(cfg, torch.bfloat16, t)
+        out.append((f"{label} hd={hd}", kernel, args,
+                    dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32"),
+                    (warps, stages)))
     # fp32 GEMMs (IEEE products) once, at p = 2.
     args = {k_: ("*fp32" if isinstance(v, str) else v) for k_, v in _pe_args(32, 4, 32, 1152, 2).items()}
     bm, bn, bk = pe.fwd_blocks(1152, 16, torch.float32)
@@ -213,14 +230,16 @@ def runtime_arg_names(fn, values: dict, constexprs: dict):
     return [name for name in fn.arg_names if sig[name] != "constexpr"]
 
 
-def compile_sm90(fn, values: dict, constexprs: dict, num_warps: int):
+def compile_sm90(fn, values: dict, constexprs: dict, num_warps: int, num_stages: Optional[int] = None):
     """Compile `fn` for sm_90 with run-time-like specialisation; return the compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig, consts, attrs = _specialise(fn, values, constexprs)
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", TARGET_ARCH, 32),
-                          options={"num_warps": num_warps})
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    return triton.compile(src, target=GPUTarget("cuda", TARGET_ARCH, 32), options=options)
 
 
 def _cuobjdump(cubin: bytes, flag: str):
@@ -428,8 +447,9 @@ def main(argv=None) -> int:
         return 3
     rows, failed = [], False
     for label, fn, values, consts, nw in cases():
+        nw, stages = nw if isinstance(nw, tuple) else (nw, None)   # (num_warps, num_stages) where a case sets both
         try:
-            kernel = compile_sm90(fn, values, consts, nw)
+            kernel = compile_sm90(fn, values, consts, nw, stages)
             usage = resource_usage(kernel.asm["cubin"])
             regs, stack = usage if usage else (None, None)
             ok = stack in (None, 0)

@@ -292,7 +292,9 @@ BWD_DQ_CONFIG = (128, 32, 8, 2)
 BWD_DKDV_CONFIG = (32, 128, 8, 2)
 
 
-def _config(cfg: Tuple[int, int, int, int], dtype: torch.dtype, t: int) -> Tuple[int, int, int, int]:
+def tiling(cfg: Tuple[int, int, int, int], dtype: torch.dtype, t: int) -> Tuple[int, int, int, int]:
+    """A (BLOCK_M, BLOCK_N, num_warps, num_stages) tiling as the launchers run it for `dtype` and T = t: fp32
+    halves the blocks, and no block is longer than the sequence (at least 16, tl.dot's smallest)."""
     bm, bn, warps, stages = cfg
     if dtype == torch.float32:
         bm, bn = max(16, bm // 2), max(16, bn // 2)
@@ -344,7 +346,7 @@ def attention_fwd(qkv: torch.Tensor, *, config: Optional[Tuple[int, int, int, in
     lse = alloc((n * h, t), torch.float32, qkv.device)
     if n * t * h == 0:
         return finish(out, qkv.dtype), lse
-    bm, bn, warps, stages = config or _config(FWD_CONFIG, qkv.dtype, t)
+    bm, bn, warps, stages = config or tiling(FWD_CONFIG, qkv.dtype, t)
     hd_a, hd_b = head_split(hd)
     upcast, precision = _dot_flags(qkv.dtype)
     _attn_fwd_kernel[(triton.cdiv(t, bm), n * h)](
@@ -377,12 +379,12 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     upcast, precision = _dot_flags(qkv.dtype)
     sm_scale = hd ** -0.5
     common = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, UPCAST=upcast, DOT_PRECISION=precision)
-    bm, bn, warps, stages = dq_config or _config(BWD_DQ_CONFIG, qkv.dtype, t)
+    bm, bn, warps, stages = dq_config or tiling(BWD_DQ_CONFIG, qkv.dtype, t)
     _attn_bwd_dq_kernel[(triton.cdiv(t, bm), n * h)](
         qkv, qkv.stride(0), qkv.stride(1), out, out.stride(0), out.stride(1), dout, dout.stride(0),
         dout.stride(1), lse, delta, dqkv, dqkv.stride(0), dqkv.stride(1), t, h, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
-    bm, bn, warps, stages = dkdv_config or _config(BWD_DKDV_CONFIG, qkv.dtype, t)
+    bm, bn, warps, stages = dkdv_config or tiling(BWD_DKDV_CONFIG, qkv.dtype, t)
     _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), n * h)](
         qkv, qkv.stride(0), qkv.stride(1), dout, dout.stride(0), dout.stride(1), lse, delta,
         dqkv, dqkv.stride(0), dqkv.stride(1), t, h, sm_scale * LOG2E, sm_scale,

@@ -36,6 +36,20 @@ def test_smoke_run_records_every_kernel_and_layout(tmp_path, capsys):
     assert "smoke" in capsys.readouterr().out
 
 
+@pytest.mark.triton
+def test_smoke_sweep_of_the_triton_attention_tilings(tmp_path, capsys):
+    """--sweep-triton: each of the three kernels timed at its tilings (two in smoke mode), the fastest named."""
+    out = tmp_path / "a.json"
+    assert B.main(["--smoke", "--sweep-triton", "--json", str(out)]) == 0
+    sweep = json.loads(out.read_text())["triton_sweep"]
+    assert set(sweep) == {"fwd", "dq", "dkdv"}
+    for kernel, d in sweep.items():
+        assert len(d["rows"]) == 2 and all(r["ms"]["median"] > 0 for r in d["rows"]), d
+        assert d["fastest"] in [r["config"] for r in d["rows"]]
+        assert all(r["config"][0] <= 16 and r["config"][1] <= 16 for r in d["rows"])  # fitted to T = 16
+    assert "fastest tilings: fwd" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kind", ["default", "math"])
 def test_each_row_computes_the_models_attention(kind):
     """The packed and contiguous calls compute what fastdit's math attention computes, gradients too."""

@@ -27,7 +27,8 @@ from fastdit.models import attention as attn_backends  # noqa: E402
 EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
                  "fused+mlp-recompute-fold", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
                  "deepspeed+fused-step", "deepspeed+all-switches",
-                 "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers"]
+                 "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
+                 "fused/triton"]
 
 
 # ----------------------------------------------------------------------------------------------
