@@ -5,7 +5,8 @@ Same registry keys, constructor arguments, methods and state-dict layout as
 `fastdit.models.reference` (each loads the other's state dict strictly). Extra keyword arguments:
 
   kernels       "auto" (default: Triton on CUDA, PyTorch elsewhere) | "triton" | "torch"
-  attention     "auto" | "sdpa" | "flash_attn" | "xformers" | "math"   (see fastdit.models.attention)
+  attention     "auto" | "sdpa" | "sdpa_packed" | "flash_attn" | "xformers" | "triton" | "math"
+                (see fastdit.models.attention)
   checkpointing per-block activation checkpointing (recompute each block in backward)
   nvtx          emit nvtx ranges around the block's parts (off by default; free when off)
   mlp           "plain" (default) | "recompute": keep only fc1's input and output for the backward and
