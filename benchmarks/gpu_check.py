@@ -87,7 +87,8 @@ GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/te
 # rows each open switch is judged against, then the switches, then the baselines measured before.
 # fused/sdpa_packed is `fused` where flash-attn is absent (auto); fused/math and fused/sdpa are left out.
 THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed+fused-step", "fused+bias-fold", "deepspeed+all-switches",
-                    "fused+all-switches", "fused/triton", "fused+mlp-fold",
+                    "fused+all-switches", "fused/triton", "fused+all-switches/triton",
+                    "deepspeed+all-switches/triton", "fused+mlp-fold",
                     "fused+mlp-recompute-fold", "fused+mlp-recompute", "eager", "eager/sdpa",
                     "fused/flash_attn", "fused/xformers", "fused/sdpa_packed")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.

@@ -20,6 +20,9 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
     fused/<backend>    the fast model with attention=<backend>, one row per backend of fastdit.models.attention
                        (rows of backends that cannot run here are recorded as "unavailable", with
                        the reason fastdit.models.attention.backend_status() gives)
+    fused+<switches>   the fast model, and deepspeed+<switches> the real step, with unmeasured speed switches on
+    (and /triton)      (see row_specs: mlp folds, bias_fold, the kernels' environment switches, the fused optimizer
+                       step); the two all-switches rows ending in /triton also run attention "triton"
     deepspeed          the real training step: fastdit.training.trainer's engine built from --config (default
                        configs/xl2_zero2.json) exactly as fastdit/train.py builds it (its DeepSpeed section:
                        ZeRO stage, optimizer, gradient clipping; the model's impl/checkpointing), on one
@@ -91,7 +94,8 @@ SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
              "fused+mlp-recompute-fold", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
-             "deepspeed+fused-step", "deepspeed+all-switches")
+             "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
+             "deepspeed+all-switches/triton")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
 # for the rows that turn every switch on: the row ops' partial sums in one Triton pass, patch_embed's backward
 # from library GEMMs, the fused ops without the torch.library dispatch in eager mode.
@@ -282,6 +286,13 @@ def row_specs(names: List[str]) -> List[RowSpec]:
         elif name == "deepspeed+all-switches":  # the loop with every unmeasured speed switch on
             specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=True, mlp="fold", bias_fold=True,
                                  env=KERNEL_SWITCHES))
+        elif name in ("fused+all-switches/triton", "deepspeed+all-switches/triton"):
+            # the all-switches rows with fastdit's Triton attention (its kernels also give the qkv bias gradient)
+            base = row_specs([name.split("/")[0]])[0]
+            ok, reason = status["triton"]
+            specs.append(dataclasses.replace(base, name=name, attention="triton",
+                                             unavailable=None if ok else f"attention backend 'triton' cannot run "
+                                                                         f"here: {reason}"))
         elif name.startswith("fused/"):
             backend = name.split("/", 1)[1]
             ok, reason = status.get(backend, (False, "unknown attention backend"))
@@ -415,14 +426,15 @@ def deepspeed_row_config(args):
 
 def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any],
                          compile: bool = False, fused_step: bool = False, mlp: str = "plain",
-                         bias_fold: bool = False):
+                         bias_fold: bool = False, attention: str = "auto"):
     """The deepspeed row: fastdit.training.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
     Trainer cycling the harness's batches. Records what it runs in `row`; returns (step, setup), where
     step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update).
     `compile` (row deepspeed+compile) sets train.compile, so build_engine calls engine.compile() as
     fastdit/train.py does, with the harness's --compile-backend / --compile-mode. `fused_step` (row
     deepspeed+fused-step) sets train.fused_optimizer_step; `mlp` / `bias_fold` (row deepspeed+all-switches)
-    set model.mlp / model.bias_fold."""
+    set model.mlp / model.bias_fold; `attention` other than "auto" (row deepspeed+all-switches/triton) sets
+    model.attention."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     if os.environ.get("WORLD_SIZE", "1") != "1":
@@ -443,6 +455,8 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
         cfg.model.mlp = mlp
     if bias_fold:
         cfg.model.bias_fold = True
+    if attention != "auto":
+        cfg.model.attention = attention
     attention = cfg.model.attention
     if attention == "auto":  # resolved once, as for the fused row
         cfg.model.attention = resolve_backend(
@@ -568,7 +582,7 @@ def _run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
         t0 = time.perf_counter()
         if spec.impl == "deepspeed":
             step, setup = build_deepspeed_step(args, device, ctx["kernels"], ctx["batches"], row, spec.compile,
-                                               spec.fused_step, spec.mlp, spec.bias_fold)
+                                               spec.fused_step, spec.mlp, spec.bias_fold, spec.attention)
             if device.type == "cuda":  # the peak counts the engine's resident state, not its construction
                 free_memory(device)
                 torch.cuda.reset_peak_memory_stats(device)

@@ -184,14 +184,17 @@ def cases():
     row, out_row = 3 * h * hd, h * hd
     args = dict(QKV="*bf16", s_qn=t * row, s_qt=row, OUT="*bf16", s_on=t * out_row, s_ot=out_row, LSE="*fp32",
                 DELTA="*fp32", DOUT="*bf16", s_dn=t * out_row, s_dt=out_row, DQKV="*bf16", s_gn=t * row, s_gt=row,
-                T=t, H=h, qk_scale=0.17, sm_scale=0.12)
-    for label, kernel, cfg in (("attention_fwd", fa._attn_fwd_kernel, fa.FWD_CONFIG),
-                               ("attention_bwd_dq", fa._attn_bwd_dq_kernel, fa.BWD_DQ_CONFIG),
-                               ("attention_bwd_dkdv", fa._attn_bwd_dkdv_kernel, fa.BWD_DKDV_CONFIG)):
+                PART="*fp32", T=t, H=h, qk_scale=0.17, sm_scale=0.12)
+    for label, kernel, cfg, db in (("attention_fwd", fa._attn_fwd_kernel, fa.FWD_CONFIG, None),
+                                   ("attention_bwd_dq", fa._attn_bwd_dq_kernel, fa.BWD_DQ_CONFIG, False),
+                                   ("attention_bwd_dkdv", fa._attn_bwd_dkdv_kernel, fa.BWD_DKDV_CONFIG, False),
+                                   ("attention_bwd_dq +bias", fa._attn_bwd_dq_kernel, fa.BWD_DQ_CONFIG, True),
+                                   ("attention_bwd_dkdv +bias", fa._attn_bwd_dkdv_kernel, fa.BWD_DKDV_CONFIG, True)):
         bm, bn, warps, stages = fa.tiling(cfg, torch.bfloat16, t)
-        out.append((f"{label} hd={hd}", kernel, args,
-                    dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32"),
-                    (warps, stages)))
+        consts = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32")
+        if db is not None:   # the backward kernels' column sums for the qkv bias (bias_fold)
+            consts["HAS_DB"] = db
+        out.append((f"{label} hd={hd}", kernel, args, consts, (warps, stages)))
     # fp32 GEMMs (IEEE products) once, at p = 2.
     args = {k_: ("*fp32" if isinstance(v, str) else v) for k_, v in _pe_args(32, 4, 32, 1152, 2).items()}
     bm, bn, bk = pe.fwd_blocks(1152, 16, torch.float32)

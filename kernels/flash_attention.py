@@ -43,6 +43,16 @@ def _load_tile(BASE, rows, row_ok, s_t, cols, col_ok):
 
 
 @triton.jit
+def _store_grad(PTRS, g, mask, PART_PTRS, col_ok, HAS_DB: tl.constexpr):
+    """Store a gradient tile (rounded to the output's dtype) and, with HAS_DB, the column sums of the rounded
+    values over its unmasked rows (what autograd's bias gradient adds up) at PART_PTRS."""
+    g = g.to(PTRS.dtype.element_ty)
+    tl.store(PTRS, g, mask=mask)
+    if HAS_DB:
+        tl.store(PART_PTRS, tl.sum(tl.where(mask, g.to(tl.float32), 0.0), 0), mask=col_ok)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     QKV, s_qn, s_qt,                    # qkv (N, T, 3, H, HD): sample and token strides (elements)
     OUT, s_on, s_ot,                    # out (N, T, H * HD)
@@ -120,10 +130,11 @@ def _attn_bwd_dq_kernel(
     DOUT, s_dn, s_dt,                   # its gradient, same shape
     LSE, DELTA,                         # (N * H, T) fp32: the forward's lse (read), rowsum(dO * O) (written)
     DQKV, s_gn, s_gt,                   # dqkv (N, T, 3, H, HD): this kernel writes the dq slot
+    PART,                               # (N * cdiv(T, BLOCK_M), H * HD) fp32: dq's column sums per program (HAS_DB)
     T, H, qk_scale, sm_scale,
     HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DB: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     nh = tl.program_id(1)
@@ -183,10 +194,10 @@ def _attn_bwd_dq_kernel(
         if HD_B > 0:
             dq_b = tl.dot(ds, k_b, dq_b, input_precision=DOT_PRECISION)
     g_base = DQKV + n64 * s_gn + h * HD + rows[:, None] * s_gt
-    tl.store(g_base + da[None, :], (dq_a * sm_scale).to(DQKV.dtype.element_ty), mask=row_ok[:, None] & a_ok[None, :])
+    part = PART + (n64 * tl.num_programs(0) + pid_m) * (H * HD) + h * HD
+    _store_grad(g_base + da[None, :], dq_a * sm_scale, row_ok[:, None] & a_ok[None, :], part + da, a_ok, HAS_DB)
     if HD_B > 0:
-        tl.store(g_base + db[None, :], (dq_b * sm_scale).to(DQKV.dtype.element_ty),
-                 mask=row_ok[:, None] & b_ok[None, :])
+        _store_grad(g_base + db[None, :], dq_b * sm_scale, row_ok[:, None] & b_ok[None, :], part + db, b_ok, HAS_DB)
 
 
 @triton.jit
@@ -195,10 +206,11 @@ def _attn_bwd_dkdv_kernel(
     DOUT, s_dn, s_dt,                   # the output's gradient (N, T, H * HD)
     LSE, DELTA,                         # (N * H, T) fp32, both read
     DQKV, s_gn, s_gt,                   # dqkv: this kernel writes the dk and dv slots
+    PART,                               # (N * cdiv(T, BLOCK_N), 2, H * HD) fp32: dk's, dv's column sums (HAS_DB)
     T, H, qk_scale, sm_scale,
     HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,   # query rows per step, key rows per program
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     nh = tl.program_id(1)
@@ -260,13 +272,14 @@ def _attn_bwd_dkdv_kernel(
             dv_b = tl.dot(pt, do_b, dv_b, input_precision=DOT_PRECISION)
             dk_b = tl.dot(dst, q_b, dk_b, input_precision=DOT_PRECISION)
     g_base = DQKV + n64 * s_gn + h * HD + cols[:, None] * s_gt
+    part = PART + (n64 * tl.num_programs(0) + pid_n) * (2 * H * HD) + h * HD
     mask_a = col_ok[:, None] & a_ok[None, :]
-    tl.store(g_base + H * HD + da[None, :], (dk_a * sm_scale).to(DQKV.dtype.element_ty), mask=mask_a)
-    tl.store(g_base + 2 * H * HD + da[None, :], dv_a.to(DQKV.dtype.element_ty), mask=mask_a)
+    _store_grad(g_base + H * HD + da[None, :], dk_a * sm_scale, mask_a, part + da, a_ok, HAS_DB)
+    _store_grad(g_base + 2 * H * HD + da[None, :], dv_a, mask_a, part + H * HD + da, a_ok, HAS_DB)
     if HD_B > 0:
         mask_b = col_ok[:, None] & b_ok[None, :]
-        tl.store(g_base + H * HD + db[None, :], (dk_b * sm_scale).to(DQKV.dtype.element_ty), mask=mask_b)
-        tl.store(g_base + 2 * H * HD + db[None, :], dv_b.to(DQKV.dtype.element_ty), mask=mask_b)
+        _store_grad(g_base + H * HD + db[None, :], dk_b * sm_scale, mask_b, part + db, b_ok, HAS_DB)
+        _store_grad(g_base + 2 * H * HD + db[None, :], dv_b, mask_b, part + H * HD + db, b_ok, HAS_DB)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,10 +370,12 @@ def attention_fwd(qkv: torch.Tensor, *, config: Optional[Tuple[int, int, int, in
 
 
 def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
-                  dq_config: Optional[Tuple[int, int, int, int]] = None,
-                  dkdv_config: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+                  bias_sums: bool = False, dq_config: Optional[Tuple[int, int, int, int]] = None,
+                  dkdv_config: Optional[Tuple[int, int, int, int]] = None):
     """dqkv (N, T, 3, H, hd) contiguous, in qkv's dtype, for the output gradient dout (N, T, H * hd), from the
-    forward's qkv, out and lse. The configs override the two kernels' tilings."""
+    forward's qkv, out and lse. With bias_sums, (dqkv, db): db = dqkv summed over (N, T) as (3 * H * hd,) fp32
+    in qkv's column order (the qkv projection's bias gradient), from per-program column sums the kernels write
+    as they store dqkv (no second read). The configs override the two kernels' tilings."""
     check_qkv(qkv)
     n, t, _, h, hd = qkv.shape
     check_tensor("dout", dout, 3)
@@ -373,23 +388,29 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     check_same_device([("qkv", qkv), ("dout", dout), ("out", out), ("lse", lse)])
     dqkv = alloc_out((n, t, 3, h, hd), qkv.dtype, qkv.device)
     if n * t * h == 0:
-        return finish(dqkv, qkv.dtype)
+        dqkv = finish(dqkv, qkv.dtype)
+        return (dqkv, torch.zeros(3 * h * hd, dtype=torch.float32, device=qkv.device)) if bias_sums else dqkv
     delta = alloc((n * h, t), torch.float32, qkv.device)
     hd_a, hd_b = head_split(hd)
     upcast, precision = _dot_flags(qkv.dtype)
     sm_scale = hd ** -0.5
-    common = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, UPCAST=upcast, DOT_PRECISION=precision)
+    common = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, UPCAST=upcast, DOT_PRECISION=precision, HAS_DB=bias_sums)
     bm, bn, warps, stages = dq_config or tiling(BWD_DQ_CONFIG, qkv.dtype, t)
+    part_q = alloc((n * triton.cdiv(t, bm), h * hd) if bias_sums else (1,), torch.float32, qkv.device)
     _attn_bwd_dq_kernel[(triton.cdiv(t, bm), n * h)](
         qkv, qkv.stride(0), qkv.stride(1), out, out.stride(0), out.stride(1), dout, dout.stride(0),
-        dout.stride(1), lse, delta, dqkv, dqkv.stride(0), dqkv.stride(1), t, h, sm_scale * LOG2E, sm_scale,
+        dout.stride(1), lse, delta, dqkv, dqkv.stride(0), dqkv.stride(1), part_q, t, h, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
     bm, bn, warps, stages = dkdv_config or tiling(BWD_DKDV_CONFIG, qkv.dtype, t)
+    part_kv = alloc((n * triton.cdiv(t, bn), 2 * h * hd) if bias_sums else (1,), torch.float32, qkv.device)
     _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), n * h)](
         qkv, qkv.stride(0), qkv.stride(1), dout, dout.stride(0), dout.stride(1), lse, delta,
-        dqkv, dqkv.stride(0), dqkv.stride(1), t, h, sm_scale * LOG2E, sm_scale,
+        dqkv, dqkv.stride(0), dqkv.stride(1), part_kv, t, h, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
-    return finish(dqkv, qkv.dtype)
+    dqkv = finish(dqkv, qkv.dtype)
+    if not bias_sums:
+        return dqkv
+    return dqkv, torch.cat([part_q.sum(0), part_kv.sum(0)])
 
 
 def attention_ref(qkv: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ from fastdit.models import attention as attn_backends  # noqa: E402
 
 EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
                  "fused+mlp-recompute-fold", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
-                 "deepspeed+fused-step", "deepspeed+all-switches",
+                 "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
+                 "deepspeed+all-switches/triton",
                  "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
                  "fused/triton"]
 
@@ -100,6 +101,12 @@ def test_smoke_rows_and_statuses(smoke_run):
         assert ds[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
     for key in ("loss_first", "loss_last"):  # sdpa_packed: sdpa's gradients, so the same training
         assert rows["fused/sdpa_packed"][key] == pytest.approx(rows["fused/sdpa"][key], rel=1e-5, abs=1e-6), key
+    # the Triton attention (the interpreter here): the same training as sdpa, alone and with every switch on
+    for name, base in (("fused/triton", "fused/sdpa"), ("fused+all-switches/triton", "fused+all-switches"),
+                       ("deepspeed+all-switches/triton", "deepspeed+all-switches")):
+        assert rows[name]["status"] == "ok" and rows[name]["attention"] == "triton", rows[name]
+        for key in ("loss_first", "loss_last"):
+            assert rows[name][key] == pytest.approx(rows[base][key], rel=1e-5, abs=1e-6), (name, key)
     # fused+mlp-recompute: the fused model with mlp="recompute" trains the same (same losses, fp32)
     rec = rows["fused+mlp-recompute"]
     assert rec["mlp"] == "recompute" and rows["fused"]["mlp"] == "plain" and rows["eager"]["mlp"] is None

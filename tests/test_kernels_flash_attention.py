@@ -159,3 +159,25 @@ def test_dit_xl2_shape_on_cuda_against_sdpa():
     for ours, theirs, ref in ((out, sd_out, ref_out), (dqkv, sd_in.grad, ref_grad)):
         err = (ours.double() - ref).abs().max().item()
         assert err <= 2 * (theirs.detach().double() - ref).abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,configs", [((2, 40, 2, 72), {}),
+                                           ((1, 33, 3, 24), dict(dq_config=(16, 32, 4, 1), dkdv_config=(32, 16, 4, 1))),
+                                           ((2, 16, 2, 64), {})])
+def test_bias_sums_are_the_column_sums_of_dqkv(monkeypatch, shape, configs, dtype):
+    """bias_sums=True: the same dqkv, and db = dqkv summed over (N, T) (the qkv projection's bias gradient) from
+    the kernels' per-program sums; rows past T (edge tiles) add nothing."""
+    monkeypatch.setenv("FASTDIT_KERNEL_POISON", "1")
+    n, t, h, hd = shape
+    qkv, dout = _inputs(n, t, h, hd, dtype)
+    out, lse = fa.attention_fwd(qkv)
+    dqkv, db = fa.attention_bwd(dout, qkv, out, lse, bias_sums=True, **configs)
+    assert torch.equal(dqkv, fa.attention_bwd(dout, qkv, out, lse, **configs))
+    assert db.dtype == torch.float32 and db.shape == (3 * h * hd,)
+    exact = dqkv.double().reshape(n * t, 3 * h * hd).sum(0)
+    torch.testing.assert_close(db.double(), exact, rtol=1e-5, atol=1e-4 if dtype == torch.float32 else 2e-2)
+    empty = torch.zeros(0, t, 3, h, hd, device=DEV, dtype=dtype)
+    o, l = fa.attention_fwd(empty)
+    g, d = fa.attention_bwd(torch.zeros(0, t, h * hd, device=DEV, dtype=dtype), empty, o, l, bias_sums=True)
+    assert g.shape == empty.shape and torch.equal(d, torch.zeros(3 * h * hd, device=DEV))

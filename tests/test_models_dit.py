@@ -157,6 +157,11 @@ def test_bias_fold_removes_the_bias_reductions():
     assert after.count((rows, 3 * d)) == depth, after   # qkv: not folded with attention sdpa
     _, packed = make_pair(cfg, kernels=kernels, attention="sdpa_packed", mlp="fold", bias_fold=True)
     assert _backward_row_sums(packed, cfg) == [s for s in after if s != (rows, 3 * d)]   # sdpa_packed: folded
+    # triton: the bias gradient from its backward kernels' per-program sums (small (programs, width) buffers
+    # added up, not the (rows, 3D) gradient)
+    _, own = make_pair(cfg, kernels=kernels, attention="triton", mlp="fold", bias_fold=True)
+    own_sums = [s for s in _backward_row_sums(own, cfg) if s[0] == rows]
+    assert own_sums == [s for s in after if s[0] == rows and s != (rows, 3 * d)], own_sums
 
 
 def test_sdpa_packed_attention_forward_and_every_gradient():
@@ -168,6 +173,15 @@ def test_triton_attention_forward_and_every_gradient():
     """attention="triton" (fastdit's Triton attention kernels) with the Triton row kernels: the reference's
     output and every gradient in fp32."""
     assert_fp32_matches_reference(CONFIGS["odd/p2"], kernels="triton", attention="triton")
+
+
+@pytest.mark.triton
+def test_triton_attention_with_bias_fold_forward_and_every_gradient():
+    """bias_fold with attention="triton": the qkv projection and the attention in one autograd function whose
+    bias gradient comes from the attention's backward kernels; every gradient as the reference's (fp32)."""
+    fast = assert_fp32_matches_reference(CONFIGS["odd/p2"], kernels="triton", attention="triton", mlp="fold",
+                                         bias_fold=True)
+    assert all(b.attn.backend == "triton" for b in fast.blocks)
 
 
 @pytest.mark.triton

@@ -233,24 +233,55 @@ class _PackedQKVAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight = ctx.saved_tensors
         dqkv, db = ctx.stack_grads(*_inner_grads(ctx, dout))   # (N, T, 3, H, hd) contiguous, (3 H hd,) fp32
-        rows = x.shape[0] * x.shape[1]
-        g2 = dqkv.view(rows, -1)
-        dx = g2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = g2.t().mm(x.reshape(rows, -1)) if ctx.needs_input_grad[1] else None
-        db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None
+        return _projection_grads(ctx, dqkv, db) + (None, None)
+
+
+def _projection_grads(ctx, dqkv: torch.Tensor, db: torch.Tensor):
+    """(dx, dweight, dbias) of the qkv projection from dqkv (N, T, 3, H, hd) contiguous and its column sums db
+    (fp32), for the inputs ctx saved (x, weight) and the ones that need a gradient."""
+    x, weight = ctx.saved_tensors[:2]
+    rows = x.shape[0] * x.shape[1]
+    g2 = dqkv.view(rows, -1)
+    dx = g2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+    dw = g2.t().mm(x.reshape(rows, -1)) if ctx.needs_input_grad[1] else None
+    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+class _TritonQKVAttention(torch.autograd.Function):
+    """qkv projection + the Triton attention (backend `triton`) in one function: the attention's backward
+    kernels write dqkv in the projection's layout and its column sums as they go, so the projection's bias
+    gradient needs no separate reduction; then the projection's two GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_heads):
+        from fastdit.kernels.flash_attention import attention_fwd
+        n, t, _ = x.shape
+        qkv = F.linear(x, weight, bias).view(n, t, 3, num_heads, weight.shape[0] // (3 * num_heads))
+        out, lse = attention_fwd(qkv)
+        ctx.save_for_backward(x, weight, qkv, out, lse)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from fastdit.kernels.flash_attention import attention_bwd
+        _, _, qkv, out, lse = ctx.saved_tensors
+        dqkv, db = attention_bwd(dout, qkv, out, lse, bias_sums=True)
+        return _projection_grads(ctx, dqkv, db) + (None,)
 
 
 def projected_attention(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
                         backend: str = "sdpa", stack_grads: Optional[Callable] = None) -> torch.Tensor:
     """attention(F.linear(x, weight, bias) as (N, T, 3, H, hd), backend) -> (N, T, H * hd).
 
-    With `stack_grads(dq, dk, dv) -> (dqkv, column sums)` (fastdit.kernels.qkv_grads) and a backend that
-    resolves to sdpa_packed, a training forward runs _PackedQKVAttention: the same values and gradients,
-    with the projection's bias gradient taken from the pass that assembles dqkv. Every other case (another
-    backend, no gradient, autocast, torch.compile, no stack_grads) is the plain projection + attention().
+    With `stack_grads(dq, dk, dv) -> (dqkv, column sums)` (fastdit.kernels.qkv_grads; the model passes it with
+    bias_fold) and a backend that resolves to sdpa_packed, a training forward runs _PackedQKVAttention: the
+    same values and gradients, with the projection's bias gradient taken from the pass that assembles dqkv.
+    With stack_grads and the backend `triton`, _TritonQKVAttention: the bias gradient from the attention's own
+    backward kernels. Every other case (another backend, no gradient, autocast, torch.compile, no
+    stack_grads) is the plain projection + attention().
     """
     n, t, _ = x.shape
     if stack_grads is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
@@ -259,6 +290,8 @@ def projected_attention(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         resolved = resolve_backend(backend, x.device, x.dtype) if backend == "auto" else backend
         if resolved == "sdpa_packed":
             return _PackedQKVAttention.apply(x, weight, bias, num_heads, stack_grads)
+        if resolved == "triton":
+            return _TritonQKVAttention.apply(x, weight, bias, num_heads)
     qkv = F.linear(x, weight, bias).view(n, t, 3, num_heads, weight.shape[0] // (3 * num_heads))
     return attention(qkv, backend)
 

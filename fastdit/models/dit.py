@@ -16,7 +16,7 @@ Same registry keys, constructor arguments, methods and state-dict layout as
   bias_fold     False (default) | True: the attention projection's and fc2's biases are added inside the
                 fused residual kernel (x + gate * (y + b)), whose backward pass also gives their gradients,
                 and with attention sdpa_packed the qkv bias gradient comes from the pass that assembles dqkv
-                (kernels/qkv_grads.py): no column-sum reduction over those linears' output gradients (with
+                (kernels/qkv_grads.py; with attention triton from its backward kernels): no column-sum reduction over those linears' output gradients (with
                 mlp="fold" or "recompute-fold", fc1's bias is folded too)
 
 Data flow of the adaLN-Zero stack (D = hidden size); each arrow is one fused kernel:
@@ -108,7 +108,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, proj_bias: bool = True, stack_grads=None) -> torch.Tensor:
         """proj(attention(qkv(x))); proj_bias=False leaves the projection's bias out (the caller adds it);
         stack_grads: the qkv projection's bias gradient from the pass that assembles dqkv
-        (attention.projected_attention; sdpa_packed only)."""
+        (attention.projected_attention; sdpa_packed, and triton, whose kernels need no stack)."""
         n, t, d = x.shape
         if stack_grads is not None:
             o = attn_backends.projected_attention(x, self.qkv.weight, self.qkv.bias, self.num_heads, self.backend,
