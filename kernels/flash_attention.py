@@ -37,9 +37,24 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _load_tile(BASE, rows, row_ok, s_t, cols, col_ok):
-    """(len(rows), len(cols)) tile of a row-major (T, hd) slice with row stride s_t; masked lanes read 0."""
-    return tl.load(BASE + rows[:, None] * s_t + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+def _load_tile(BASE, rows, row_ok, s_t, cols, col_ok, UPCAST: tl.constexpr):
+    """(len(rows), len(cols)) tile of a row-major (T, hd) slice with row stride s_t; masked lanes read 0. With
+    UPCAST (the interpreter's 2-byte dot operands) in fp32."""
+    x = tl.load(BASE + rows[:, None] * s_t + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _head_bases(QKV, s_qn, H, HD: tl.constexpr):
+    """(sample as int64, head, q / k / v base pointers) of the (sample, head) on program axis 1."""
+    nh = tl.program_id(1)
+    n = nh // H
+    h = nh - n * H
+    n64 = n.to(tl.int64)
+    q_base = QKV + n64 * s_qn + h * HD
+    return n64, h, q_base, q_base + H * HD, q_base + 2 * H * HD
 
 
 @triton.jit
@@ -63,42 +78,28 @@ def _attn_fwd_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    nh = tl.program_id(1)
-    n = nh // H
-    h = nh - n * H
-    q_base = QKV + n.to(tl.int64) * s_qn + h * HD
-    k_base = q_base + H * HD
-    v_base = q_base + 2 * H * HD
+    n64, h, q_base, k_base, v_base = _head_bases(QKV, s_qn, H, HD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     da = tl.arange(0, HD_A)
     a_ok = da < HD
-    q_a = _load_tile(q_base, rows, row_ok, s_qt, da, a_ok)
-    if UPCAST:
-        q_a = q_a.to(tl.float32)
+    q_a = _load_tile(q_base, rows, row_ok, s_qt, da, a_ok, UPCAST)
     acc_a = tl.zeros((BLOCK_M, HD_A), dtype=tl.float32)
     if HD_B > 0:
         db = HD_A + tl.arange(0, HD_B)
         b_ok = db < HD
-        q_b = _load_tile(q_base, rows, row_ok, s_qt, db, b_ok)
-        if UPCAST:
-            q_b = q_b.to(tl.float32)
+        q_b = _load_tile(q_base, rows, row_ok, s_qt, db, b_ok, UPCAST)
         acc_b = tl.zeros((BLOCK_M, HD_B), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, T, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < T
-        k_a = _load_tile(k_base, cols, col_ok, s_qt, da, a_ok)
-        v_a = _load_tile(v_base, cols, col_ok, s_qt, da, a_ok)
-        if UPCAST:
-            k_a = k_a.to(tl.float32)
-            v_a = v_a.to(tl.float32)
+        k_a = _load_tile(k_base, cols, col_ok, s_qt, da, a_ok, UPCAST)
+        v_a = _load_tile(v_base, cols, col_ok, s_qt, da, a_ok, UPCAST)
         s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
         if HD_B > 0:
-            k_b = _load_tile(k_base, cols, col_ok, s_qt, db, b_ok)
-            if UPCAST:
-                k_b = k_b.to(tl.float32)
+            k_b = _load_tile(k_base, cols, col_ok, s_qt, db, b_ok, UPCAST)
             s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
         s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -108,19 +109,17 @@ def _attn_fwd_kernel(
         p = p.to(v_a.dtype)
         acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
         if HD_B > 0:
-            v_b = _load_tile(v_base, cols, col_ok, s_qt, db, b_ok)
-            if UPCAST:
-                v_b = v_b.to(tl.float32)
+            v_b = _load_tile(v_base, cols, col_ok, s_qt, db, b_ok, UPCAST)
             acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     inv = 1.0 / l_i
-    o_base = OUT + n.to(tl.int64) * s_on + h * HD + rows[:, None] * s_ot
+    o_base = OUT + n64 * s_on + h * HD + rows[:, None] * s_ot
     tl.store(o_base + da[None, :], (acc_a * inv[:, None]).to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & a_ok[None, :])
     if HD_B > 0:
         tl.store(o_base + db[None, :], (acc_b * inv[:, None]).to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & b_ok[None, :])
-    tl.store(LSE + nh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=row_ok)
+    tl.store(LSE + tl.program_id(1).to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -137,55 +136,39 @@ def _attn_bwd_dq_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DB: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    nh = tl.program_id(1)
-    n = nh // H
-    h = nh - n * H
-    n64 = n.to(tl.int64)
-    q_base = QKV + n64 * s_qn + h * HD
-    k_base = q_base + H * HD
-    v_base = q_base + 2 * H * HD
+    n64, h, q_base, k_base, v_base = _head_bases(QKV, s_qn, H, HD)
     o_base = OUT + n64 * s_on + h * HD
     do_base = DOUT + n64 * s_dn + h * HD
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     da = tl.arange(0, HD_A)
     a_ok = da < HD
-    q_a = _load_tile(q_base, rows, row_ok, s_qt, da, a_ok)
-    do_a = _load_tile(do_base, rows, row_ok, s_dt, da, a_ok)
-    delta = tl.sum(do_a.to(tl.float32) * _load_tile(o_base, rows, row_ok, s_ot, da, a_ok).to(tl.float32), 1)
-    if UPCAST:
-        q_a = q_a.to(tl.float32)
-        do_a = do_a.to(tl.float32)
+    q_a = _load_tile(q_base, rows, row_ok, s_qt, da, a_ok, UPCAST)
+    do_a = _load_tile(do_base, rows, row_ok, s_dt, da, a_ok, UPCAST)
+    o_a = _load_tile(o_base, rows, row_ok, s_ot, da, a_ok, UPCAST)
+    delta = tl.sum(do_a.to(tl.float32) * o_a.to(tl.float32), 1)
     dq_a = tl.zeros((BLOCK_M, HD_A), dtype=tl.float32)
     if HD_B > 0:
         db = HD_A + tl.arange(0, HD_B)
         b_ok = db < HD
-        q_b = _load_tile(q_base, rows, row_ok, s_qt, db, b_ok)
-        do_b = _load_tile(do_base, rows, row_ok, s_dt, db, b_ok)
-        delta += tl.sum(do_b.to(tl.float32) * _load_tile(o_base, rows, row_ok, s_ot, db, b_ok).to(tl.float32), 1)
-        if UPCAST:
-            q_b = q_b.to(tl.float32)
-            do_b = do_b.to(tl.float32)
+        q_b = _load_tile(q_base, rows, row_ok, s_qt, db, b_ok, UPCAST)
+        do_b = _load_tile(do_base, rows, row_ok, s_dt, db, b_ok, UPCAST)
+        o_b = _load_tile(o_base, rows, row_ok, s_ot, db, b_ok, UPCAST)
+        delta += tl.sum(do_b.to(tl.float32) * o_b.to(tl.float32), 1)
         dq_b = tl.zeros((BLOCK_M, HD_B), dtype=tl.float32)
-    stat = nh.to(tl.int64) * T + rows
+    stat = tl.program_id(1).to(tl.int64) * T + rows
     tl.store(DELTA + stat, delta, mask=row_ok)
     lse = tl.load(LSE + stat, mask=row_ok, other=0.0)
     for start in range(0, T, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < T
-        k_a = _load_tile(k_base, cols, col_ok, s_qt, da, a_ok)
-        v_a = _load_tile(v_base, cols, col_ok, s_qt, da, a_ok)
-        if UPCAST:
-            k_a = k_a.to(tl.float32)
-            v_a = v_a.to(tl.float32)
+        k_a = _load_tile(k_base, cols, col_ok, s_qt, da, a_ok, UPCAST)
+        v_a = _load_tile(v_base, cols, col_ok, s_qt, da, a_ok, UPCAST)
         s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
         dp = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PRECISION)
         if HD_B > 0:
-            k_b = _load_tile(k_base, cols, col_ok, s_qt, db, b_ok)
-            v_b = _load_tile(v_base, cols, col_ok, s_qt, db, b_ok)
-            if UPCAST:
-                k_b = k_b.to(tl.float32)
-                v_b = v_b.to(tl.float32)
+            k_b = _load_tile(k_base, cols, col_ok, s_qt, db, b_ok, UPCAST)
+            v_b = _load_tile(v_base, cols, col_ok, s_qt, db, b_ok, UPCAST)
             s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
             dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=DOT_PRECISION)
         p = tl.where(col_ok[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
@@ -213,52 +196,34 @@ def _attn_bwd_dkdv_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    nh = tl.program_id(1)
-    n = nh // H
-    h = nh - n * H
-    n64 = n.to(tl.int64)
-    q_base = QKV + n64 * s_qn + h * HD
-    k_base = q_base + H * HD
-    v_base = q_base + 2 * H * HD
+    n64, h, q_base, k_base, v_base = _head_bases(QKV, s_qn, H, HD)
     do_base = DOUT + n64 * s_dn + h * HD
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < T
     da = tl.arange(0, HD_A)
     a_ok = da < HD
-    k_a = _load_tile(k_base, cols, col_ok, s_qt, da, a_ok)
-    v_a = _load_tile(v_base, cols, col_ok, s_qt, da, a_ok)
-    if UPCAST:
-        k_a = k_a.to(tl.float32)
-        v_a = v_a.to(tl.float32)
+    k_a = _load_tile(k_base, cols, col_ok, s_qt, da, a_ok, UPCAST)
+    v_a = _load_tile(v_base, cols, col_ok, s_qt, da, a_ok, UPCAST)
     dk_a = tl.zeros((BLOCK_N, HD_A), dtype=tl.float32)
     dv_a = tl.zeros((BLOCK_N, HD_A), dtype=tl.float32)
     if HD_B > 0:
         db = HD_A + tl.arange(0, HD_B)
         b_ok = db < HD
-        k_b = _load_tile(k_base, cols, col_ok, s_qt, db, b_ok)
-        v_b = _load_tile(v_base, cols, col_ok, s_qt, db, b_ok)
-        if UPCAST:
-            k_b = k_b.to(tl.float32)
-            v_b = v_b.to(tl.float32)
+        k_b = _load_tile(k_base, cols, col_ok, s_qt, db, b_ok, UPCAST)
+        v_b = _load_tile(v_base, cols, col_ok, s_qt, db, b_ok, UPCAST)
         dk_b = tl.zeros((BLOCK_N, HD_B), dtype=tl.float32)
         dv_b = tl.zeros((BLOCK_N, HD_B), dtype=tl.float32)
-    stat_base = nh.to(tl.int64) * T
+    stat_base = tl.program_id(1).to(tl.int64) * T
     for start in range(0, T, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < T
-        q_a = _load_tile(q_base, rows, row_ok, s_qt, da, a_ok)
-        do_a = _load_tile(do_base, rows, row_ok, s_dt, da, a_ok)
-        if UPCAST:
-            q_a = q_a.to(tl.float32)
-            do_a = do_a.to(tl.float32)
+        q_a = _load_tile(q_base, rows, row_ok, s_qt, da, a_ok, UPCAST)
+        do_a = _load_tile(do_base, rows, row_ok, s_dt, da, a_ok, UPCAST)
         st = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PRECISION)        # (BLOCK_N, BLOCK_M) scores^T
         dpt = tl.dot(v_a, tl.trans(do_a), input_precision=DOT_PRECISION)      # dP^T
         if HD_B > 0:
-            q_b = _load_tile(q_base, rows, row_ok, s_qt, db, b_ok)
-            do_b = _load_tile(do_base, rows, row_ok, s_dt, db, b_ok)
-            if UPCAST:
-                q_b = q_b.to(tl.float32)
-                do_b = do_b.to(tl.float32)
+            q_b = _load_tile(q_base, rows, row_ok, s_qt, db, b_ok, UPCAST)
+            do_b = _load_tile(do_base, rows, row_ok, s_dt, db, b_ok, UPCAST)
             st = tl.dot(k_b, tl.trans(q_b), st, input_precision=DOT_PRECISION)
             dpt = tl.dot(v_b, tl.trans(do_b), dpt, input_precision=DOT_PRECISION)
         lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0)

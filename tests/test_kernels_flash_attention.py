@@ -30,6 +30,19 @@ def _inputs(n, t, h, hd, dtype, seed=0, scale=1.0):
     return qkv, dout
 
 
+def _assert_no_worse_than_sdpa(qkv, dout, out, dqkv, ref_out, ref_grad):
+    """The kernels' output and dqkv are within 2x (+1e-3) of PyTorch's SDPA error, on the same inputs, against
+    the float64 results."""
+    n, t, _, h, hd = qkv.shape
+    sd_in = qkv.detach().clone().requires_grad_(True)
+    sq, sk, sv = sd_in.permute(2, 0, 3, 1, 4).unbind(0)
+    sd_out = F.scaled_dot_product_attention(sq, sk, sv).transpose(1, 2).reshape(n, t, h * hd)
+    sd_out.backward(dout)
+    for ours, theirs, ref in ((out, sd_out, ref_out), (dqkv, sd_in.grad, ref_grad)):
+        err = (ours.double() - ref).abs().max().item()
+        assert err <= 2 * (theirs.detach().double() - ref).abs().max().item() + 1e-3
+
+
 # fp32: IEEE products and fp32 softmax, so float64 agreement to ~1e-6. bf16: the probabilities are rounded to
 # bf16 before the P V and dS K products (FlashAttention's numerics); checked against float64 of the same bf16
 # inputs with a bf16-sized tolerance, and never worse than 2x the error of PyTorch's own bf16 SDPA.
@@ -61,13 +74,7 @@ def test_forward_and_backward_match_float64(monkeypatch, shape, configs, dtype):
     torch.testing.assert_close(lse.double().view(n, h, t), torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0)),
                                rtol=1e-5, atol=1e-4 if dtype == torch.float32 else 1e-2)
     if dtype == torch.bfloat16:   # no worse than PyTorch's bf16 attention against the same float64
-        sd_in = qkv.detach().clone().requires_grad_(True)
-        sq, sk, sv = sd_in.permute(2, 0, 3, 1, 4).unbind(0)
-        sd_out = F.scaled_dot_product_attention(sq, sk, sv).transpose(1, 2).reshape(n, t, h * hd)
-        sd_out.backward(dout)
-        for ours, theirs, ref in ((out, sd_out, ref_out), (dqkv, sd_in.grad, ref_grad)):
-            err = (ours.double() - ref).abs().max().item()
-            assert err <= 2 * (theirs.detach().double() - ref).abs().max().item() + 1e-3
+        _assert_no_worse_than_sdpa(qkv, dout, out, dqkv, ref_out, ref_grad)
 
 
 def test_autograd_function_and_large_scores():
@@ -152,13 +159,7 @@ def test_dit_xl2_shape_on_cuda_against_sdpa():
     out, lse = fa.attention_fwd(qkv)
     dqkv = fa.attention_bwd(dout, qkv, out, lse)
     ref_out, ref_grad = _exact(qkv, dout)
-    sd_in = qkv.detach().clone().requires_grad_(True)
-    sq, sk, sv = sd_in.permute(2, 0, 3, 1, 4).unbind(0)
-    sd_out = F.scaled_dot_product_attention(sq, sk, sv).transpose(1, 2).reshape(n, t, h * hd)
-    sd_out.backward(dout)
-    for ours, theirs, ref in ((out, sd_out, ref_out), (dqkv, sd_in.grad, ref_grad)):
-        err = (ours.double() - ref).abs().max().item()
-        assert err <= 2 * (theirs.detach().double() - ref).abs().max().item() + 1e-3
+    _assert_no_worse_than_sdpa(qkv, dout, out, dqkv, ref_out, ref_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
