@@ -257,10 +257,12 @@ def test_cfg_matches_reference():
                                    rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["auto", "sdpa_packed"])  # sdpa_packed: its inner graph when recomputed
-def test_activation_checkpointing_same_gradients(attention):
+@pytest.mark.parametrize("attention,bias_fold", [
+    ("auto", False), ("sdpa_packed", False),              # sdpa_packed: its inner graph when recomputed
+    pytest.param("triton", True, marks=pytest.mark.triton)])   # the Triton attention + projection function
+def test_activation_checkpointing_same_gradients(attention, bias_fold):
     cfg = CONFIGS["odd/p2"]
-    _, fast = make_pair(cfg, kernels="torch", attention=attention)
+    _, fast = make_pair(cfg, kernels="triton" if bias_fold else "torch", attention=attention, bias_fold=bias_fold)
     x, t, y = inputs(cfg)
     out_a, g_a = run(fast, x, t, y)
     fast.checkpointing = True
@@ -285,7 +287,8 @@ def test_other_conditioning_blocks_match_reference(block_type):
 @pytest.mark.triton
 @pytest.mark.parametrize("attention,mlp,bias_fold", [("sdpa", "plain", False), ("sdpa_packed", "plain", False),
                                                      ("auto", "plain", False), ("sdpa", "fold", False),
-                                                     ("sdpa", "recompute-fold", False), ("sdpa", "fold", True)])
+                                                     ("sdpa", "recompute-fold", False), ("sdpa", "fold", True),
+                                                     ("triton", "fold", True)])   # compiled: runs sdpa
 def test_torch_compile_fullgraph_matches_eager(attention, mlp, bias_fold):
     cfg = CONFIGS["odd/p2"]
     _, fast = make_pair(cfg, kernels="triton", attention=attention, mlp=mlp, bias_fold=bias_fold)

@@ -233,14 +233,15 @@ class _PackedQKVAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
         dqkv, db = ctx.stack_grads(*_inner_grads(ctx, dout))   # (N, T, 3, H, hd) contiguous, (3 H hd,) fp32
-        return _projection_grads(ctx, dqkv, db) + (None, None)
+        return _projection_grads(ctx, x, weight, dqkv, db) + (None, None)
 
 
-def _projection_grads(ctx, dqkv: torch.Tensor, db: torch.Tensor):
-    """(dx, dweight, dbias) of the qkv projection from dqkv (N, T, 3, H, hd) contiguous and its column sums db
-    (fp32), for the inputs ctx saved (x, weight) and the ones that need a gradient."""
-    x, weight = ctx.saved_tensors[:2]
+def _projection_grads(ctx, x: torch.Tensor, weight: torch.Tensor, dqkv: torch.Tensor, db: torch.Tensor):
+    """(dx, dweight, dbias) of the qkv projection of x by weight from dqkv (N, T, 3, H, hd) contiguous and its
+    column sums db (fp32), for the inputs that need a gradient (ctx.needs_input_grad; ctx.saved_tensors is left
+    to the caller: under activation checkpointing it may be read once only)."""
     rows = x.shape[0] * x.shape[1]
     g2 = dqkv.view(rows, -1)
     dx = g2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
@@ -267,9 +268,9 @@ class _TritonQKVAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         from fastdit.kernels.flash_attention import attention_bwd
-        _, _, qkv, out, lse = ctx.saved_tensors
+        x, weight, qkv, out, lse = ctx.saved_tensors
         dqkv, db = attention_bwd(dout, qkv, out, lse, bias_sums=True)
-        return _projection_grads(ctx, dqkv, db) + (None,)
+        return _projection_grads(ctx, x, weight, dqkv, db) + (None,)
 
 
 def projected_attention(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
