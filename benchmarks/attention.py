@@ -72,6 +72,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--sweep-triton", action="store_true",
                    help="also time the Triton attention's kernels at each tiling of TRITON_SWEEP")
+    p.add_argument("--no-rows", action="store_true", help="leave out the kernel x layout rows (with --sweep-triton)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the tool")
     a = p.parse_args(argv)
@@ -85,6 +86,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
     if a.warmup < 0:
         p.error(f"--warmup must be >= 0, got {a.warmup}")
+    if a.no_rows and not a.sweep_triton:
+        p.error("--no-rows leaves nothing to run without --sweep-triton")
     return a
 
 
@@ -186,10 +189,11 @@ def run_row(kind: str, layout: str, a, device, dtype) -> Dict[str, Any]:
     return row
 
 
-def sweep_triton(a, device, dtype) -> Dict[str, Any]:
+def sweep_triton(a, device, dtype, progress: Callable[[Dict[str, Any]], None] = lambda r: None) -> Dict[str, Any]:
     """Median ms of the Triton attention's forward at each forward tiling, and of its backward (both kernels)
     at each dq tiling (dk/dv at its default) and each dk/dv tiling (dq at its default); the fastest of each.
-    A tiling that fails (e.g. too much shared memory on this card) is recorded with its error."""
+    A tiling that fails (e.g. too much shared memory on this card) is recorded with its error. `progress` gets
+    the results so far after each tiling (the caller writes them: a deadline that kills the sweep keeps them)."""
     import importlib
 
     import torch
@@ -220,9 +224,10 @@ def sweep_triton(a, device, dtype) -> Dict[str, Any]:
             except Exception as e:  # noqa: BLE001 - a tiling this card cannot run is a result too
                 rows.append(dict(config=list(cfg), error=" ".join(str(e).split())[:300]))
                 print(f"  triton {kernel:<5} {cfg}: failed: {rows[-1]['error'][:90]}", flush=True)
-        ok = [r for r in rows if "ms" in r]
-        best = min(ok, key=lambda r: r["ms"]["median"]) if ok else None
-        result[kernel] = dict(rows=rows, fastest=(best["config"] if best else None))
+            ok = [r for r in rows if "ms" in r]
+            best = min(ok, key=lambda r: r["ms"]["median"]) if ok else None
+            result[kernel] = dict(rows=rows, fastest=(best["config"] if best else None))
+            progress(result)
     del qkv, out, lse, dout
     synchronize(device)
     return result
@@ -233,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
     device = resolve_device(a)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    kinds = list(SDPA_KERNELS) + list(BACKENDS)
+    kinds = [] if a.no_rows else list(SDPA_KERNELS) + list(BACKENDS)
     rows = []
     print(f"attention N={a.batch} H={a.heads} hd={a.head_dim} T={a.tokens} {a.dtype} on {device}"
           + (" (smoke: CPU, tiny; times say nothing about a GPU)" if a.smoke else ""), flush=True)
@@ -253,21 +258,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     if best:
         print(f"fastest fwd+bwd in the model's (packed) layout: {best['name']} "
               f"{best['fwd+bwd']['ms']['median']:.3f} ms")
-    triton_sweep = None
+    result = dict(benchmark="attention", environment=environment(device),
+                  config=dict(batch=a.batch, heads=a.heads, head_dim=a.head_dim, tokens=a.tokens, dtype=a.dtype,
+                              rep=a.rep, warmup=a.warmup, smoke=a.smoke),
+                  rows=rows, fastest_packed=(best["name"] if best else None), triton_sweep=None, complete=False)
     if a.sweep_triton:
         from fastdit.models import attention as A
         ok, why = A.backend_status()["triton"]
         if ok:
             print("Triton attention tilings (median ms):", flush=True)
-            triton_sweep = sweep_triton(a, device, dtype)
-            print("fastest tilings: " + ", ".join(f"{k} {v['fastest']}" for k, v in triton_sweep.items()))
+
+            def progress(sweep):
+                result["triton_sweep"] = sweep
+                if a.json:
+                    write_json(a.json, result)
+            sweep = sweep_triton(a, device, dtype, progress)
+            result["triton_sweep"] = sweep
+            print("fastest tilings: " + ", ".join(f"{k} {v['fastest']}" for k, v in sweep.items()))
         else:
-            triton_sweep = dict(unavailable=why)
+            result["triton_sweep"] = dict(unavailable=why)
             print(f"Triton attention sweep: unavailable ({why})")
-    result = dict(benchmark="attention", environment=environment(device),
-                  config=dict(batch=a.batch, heads=a.heads, head_dim=a.head_dim, tokens=a.tokens, dtype=a.dtype,
-                              rep=a.rep, warmup=a.warmup, smoke=a.smoke),
-                  rows=rows, fastest_packed=(best["name"] if best else None), triton_sweep=triton_sweep)
+    result["complete"] = True
     if a.json:
         print(f"wrote {write_json(a.json, result)}")
     return 0

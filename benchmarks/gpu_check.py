@@ -14,7 +14,9 @@ that would not get its minimum time is skipped and says so. Stages, most importa
   kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
   attention   benchmarks/attention.py: SDPA's kernels (cuDNN, flash, efficient), the optional libraries and
               fastdit's Triton attention at the DiT-XL/2 attention shape, in the model's packed qkv layout and
-              contiguous, and the Triton attention's tilings (--sweep-triton)
+              contiguous
+  attn_sweep  benchmarks/attention.py --sweep-triton --no-rows: the Triton attention's kernels at each tiling
+              of its sweep (results written after each tiling, so a deadline keeps what was timed)
   train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
   compile     benchmarks/throughput.py rows deepspeed+compile (train.compile), fused+compile and compile
               (compilation takes minutes)
@@ -75,8 +77,8 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
-STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "train", "compile", "profile",
-          "gpu_tests")
+STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "attn_sweep", "train", "compile",
+          "profile", "gpu_tests")
 # deepspeed+compile first: the one row not measured before (compile and fused+compile were, at 864d10f); a
 # deadline that cuts the stage cuts the last row
 COMPILE_ROWS = ("deepspeed+compile", "fused+compile", "compile")
@@ -360,13 +362,24 @@ def summarize_attention(out: str, st: Stage) -> str:
     ok = {(r["name"], r["layout"]): r["fwd+bwd"]["ms"]["median"] for r in d["rows"] if r["status"] == "ok"}
     st.detail = dict(fwd_bwd_ms={f"{n} {lay}": ms for (n, lay), ms in ok.items()}, fastest_packed=d["fastest_packed"])
     packed = sorted((ms, n) for (n, lay), ms in ok.items() if lay == "packed")
-    line = "fwd+bwd ms (packed): " + ", ".join(f"{n} {ms:.2f}" for ms, n in packed[:4])
+    return "fwd+bwd ms (packed): " + ", ".join(f"{n} {ms:.2f}" for ms, n in packed[:4])
+
+
+def summarize_attn_sweep(out: str, st: Stage) -> str:
+    """The Triton attention's fastest tiling per kernel, and its median ms, from attention_sweep.json (partial
+    when a deadline cut the sweep)."""
+    d = _load(os.path.join(out, "attention_sweep.json"))
     sweep = d.get("triton_sweep") or {}
-    fastest = {k: v["fastest"] for k, v in sweep.items() if isinstance(v, dict) and v.get("fastest")}
-    if fastest:
-        st.detail["triton_fastest_tilings"] = fastest
-        line += "; triton tilings " + ", ".join(f"{k} {tuple(v)}" for k, v in fastest.items())
-    return line
+    if "unavailable" in sweep:
+        return f"unavailable: {sweep['unavailable']}"
+    best = {}
+    for kernel, v in sweep.items():
+        ms = {tuple(r["config"]): r["ms"]["median"] for r in v["rows"] if "ms" in r}
+        if v.get("fastest"):
+            best[kernel] = dict(config=v["fastest"], ms=ms[tuple(v["fastest"])], tried=len(v["rows"]))
+    st.detail = dict(fastest=best, complete=d.get("complete", False))
+    return ("" if d.get("complete") else "(cut short) ") + "fastest: " + ", ".join(
+        f"{k} {tuple(b['config'])} {b['ms']:.3f} ms of {b['tried']}" for k, b in best.items())
 
 
 def summarize_profile(folder: str, st: Stage) -> str:
@@ -494,7 +507,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         compile_rows = ["compile"]
         par = ["--smoke"]
         kern = ["--smoke"]
-        att = ["--smoke", "--sweep-triton"]
+        att = ["--smoke"]
         train_cfg = ["--config", "configs/digits.json", "--set", "train.max_steps=4", "--set", "train.log_every=1"]
         prof = ["--smoke"]
         skip_windows = 1
@@ -509,7 +522,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         par = ["--model", "DiT-XL/2", "--batch", "4"]
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "fused-direct", "fused-gemm-bwd",
                 "fused-tile-sums", "eager", "compile", "--rep", "60", "--warmup", "15"]
-        att = ["--batch", str(batch), "--sweep-triton"]
+        att = ["--batch", str(batch)]
         train_cfg = ["--config", "configs/xl2_zero2.json", "--set", "data.kind=synthetic",
                      "--set", "data.synthetic_size=4096", "--set", "data.num_workers=4",
                      "--set", "train.max_steps=16", "--set", "train.log_every=2",
@@ -542,8 +555,12 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
               lambda s: summarize_throughput(j("throughput.json"), s)),
         Stage("kernels", [[py, "benchmarks/kernels.py", *kern, "--json", j("kernels.json"),
                            "--plot", j("kernels.png")]], 100, 15, lambda s: summarize_kernels(out, s)),
-        Stage("attention", [[py, "benchmarks/attention.py", *att, "--json", j("attention.json")]], 90, 10,
+        Stage("attention", [[py, "benchmarks/attention.py", *att, "--json", j("attention.json")]], 60, 10,
               lambda s: summarize_attention(out, s)),
+        # its own stage: a deadline that cuts the sweep keeps the rows above and the tilings timed so far
+        Stage("attn_sweep", [[py, "benchmarks/attention.py", *att, "--no-rows", "--sweep-triton",
+                              "--json", j("attention_sweep.json")]], 75, 20,
+              lambda s: summarize_attn_sweep(out, s)),
         Stage("train", [train_cmd], 120, 30,
               lambda s: summarize_train(run_dir, out, skip_windows, s)),
         Stage("compile", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(compile_rows),
@@ -572,7 +589,7 @@ def write_readme(out: str, info: Dict[str, Any], stages: List[Stage], table: str
 Written by `{info['command']}` ({'smoke rehearsal on CPU: the numbers say nothing about a GPU' if info['smoke']
 else 'make gpu-check'}); budget {info['budget_s']:.0f} s, {info['wall_s']:.0f} s used. Training batch {info['batch']}.
 Files: env.json (versions, measured ceilings), tests_*.xml (pytest), parity.json, throughput.json,
-throughput_compile.json, kernels.json / kernels.png, attention.json, train_metrics.jsonl, summary.json, log.txt (everything printed).
+throughput_compile.json, kernels.json / kernels.png, attention.json, attention_sweep.json, train_metrics.jsonl, summary.json, log.txt (everything printed).
 
 ```
 {table}

@@ -40,14 +40,22 @@ def test_smoke_run_records_every_kernel_and_layout(tmp_path, capsys):
 def test_smoke_sweep_of_the_triton_attention_tilings(tmp_path, capsys):
     """--sweep-triton: each of the three kernels timed at its tilings (two in smoke mode), the fastest named."""
     out = tmp_path / "a.json"
-    assert B.main(["--smoke", "--sweep-triton", "--json", str(out)]) == 0
-    sweep = json.loads(out.read_text())["triton_sweep"]
+    assert B.main(["--smoke", "--sweep-triton", "--no-rows", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rows"] == [] and data["complete"] is True
+    sweep = data["triton_sweep"]
     assert set(sweep) == {"fwd", "dq", "dkdv"}
     for kernel, d in sweep.items():
         assert len(d["rows"]) == 2 and all(r["ms"]["median"] > 0 for r in d["rows"]), d
         assert d["fastest"] in [r["config"] for r in d["rows"]]
         assert all(r["config"][0] <= 16 and r["config"][1] <= 16 for r in d["rows"])  # fitted to T = 16
     assert "fastest tilings: fwd" in capsys.readouterr().out
+
+    # the results so far reach the caller after each tiling (gpu-check keeps them when a deadline kills the run)
+    seen = []
+    a = B.parse_args(["--smoke"])
+    B.sweep_triton(a, torch.device("cpu"), torch.float32, lambda r: seen.append(sum(len(v["rows"]) for v in r.values())))
+    assert seen == list(range(1, 7))
 
 
 @pytest.mark.parametrize("kind", ["default", "math"])
@@ -70,3 +78,6 @@ def test_bad_sizes_are_one_line_errors(capsys):
     with pytest.raises(SystemExit) as e:
         B.main(["--smoke", "--heads", "0"])
     assert e.value.code == 2 and "--heads must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        B.main(["--smoke", "--no-rows"])
+    assert e.value.code == 2 and "--no-rows leaves nothing to run" in capsys.readouterr().err
