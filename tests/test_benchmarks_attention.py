@@ -44,7 +44,7 @@ def test_smoke_sweep_of_the_triton_attention_tilings(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["rows"] == [] and data["complete"] is True
     sweep = data["triton_sweep"]
-    assert set(sweep) == {"fwd", "dq", "dkdv"}
+    assert set(sweep) == {"fwd", "dq", "dkdv", "dq+bias"}
     for kernel, d in sweep.items():
         assert len(d["rows"]) == 2 and all(r["ms"]["median"] > 0 for r in d["rows"]), d
         assert d["fastest"] in [r["config"] for r in d["rows"]]
@@ -55,7 +55,7 @@ def test_smoke_sweep_of_the_triton_attention_tilings(tmp_path, capsys):
     seen = []
     a = B.parse_args(["--smoke"])
     B.sweep_triton(a, torch.device("cpu"), torch.float32, lambda r: seen.append(sum(len(v["rows"]) for v in r.values())))
-    assert seen == list(range(1, 7))
+    assert seen == list(range(1, 9))
 
 
 @pytest.mark.parametrize("kind", ["default", "math"])

@@ -30,7 +30,7 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     assert st["train"]["detail"]["img_per_s_median"] > 0
     assert all(v["img_per_s"] > 0 for v in st["throughput"]["detail"].values())
     assert st["attention"]["detail"]["fastest_packed"]
-    assert set(st["attn_sweep"]["detail"]["fastest"]) == {"fwd", "dq", "dkdv"}   # the Triton attention's tilings
+    assert set(st["attn_sweep"]["detail"]["fastest"]) == {"fwd", "dq", "dkdv", "dq+bias"}   # the Triton attention's tilings
     assert st["attn_sweep"]["detail"]["complete"] is True
     assert set(st["profile"]["detail"]["phases_ms"]) >= {"forward", "backward", "optimizer"}
     assert (out / "step_profile" / "profile.json").is_file()
