@@ -346,6 +346,52 @@ def summarize_throughput(path: str, st: Stage) -> str:
     return "img/s: " + ", ".join(parts) + ("" if d.get("complete") else " (incomplete)")
 
 
+# Predictions written before measuring (benchmarks/predictions.json) against what the throughput stages measured.
+PREDICTIONS = os.path.join(ROOT, "benchmarks", "predictions.json")
+# A delta within this many ms of the predicted range counts as held: the same row's median differed by 1.2 ms
+# between two calls on one H100 (fused/sdpa_packed, 5843182: 216.8 and 218.0 ms per step).
+NOISE_MS = 1.2
+
+
+def prediction_verdicts(figures: Dict[str, Dict], predictions: List[Dict]) -> List[Dict]:
+    """For each prediction (row, baseline, delta_ms = [lo, hi]): the measured change of the row's median ms per
+    step against its baseline's in the same run, and a verdict: held (within [lo, hi] +- NOISE_MS), faster or
+    slower than predicted, or not measured (either row missing or not ok)."""
+    out = []
+    for p in predictions:
+        row, base = figures.get(p["row"], {}), figures.get(p["baseline"], {})
+        lo, hi = p["delta_ms"]
+        v = dict(row=p["row"], baseline=p["baseline"], predicted_ms=[lo, hi], measured_ms=None)
+        if "ms_per_step" not in row or "ms_per_step" not in base:
+            v["verdict"] = "not measured"
+        else:
+            d = row["ms_per_step"] - base["ms_per_step"]
+            v["measured_ms"] = round(d, 2)
+            v["verdict"] = ("held" if lo - NOISE_MS <= d <= hi + NOISE_MS
+                            else "faster than predicted" if d < lo else "slower than predicted")
+        out.append(v)
+    return out
+
+
+def stage_verdicts(stages: List["Stage"], path: str = PREDICTIONS) -> List[Dict]:
+    """prediction_verdicts of the predictions in `path` for the rows the throughput and compile stages measured."""
+    figures: Dict[str, Dict] = {}
+    for st in stages:
+        if st.name in ("throughput", "compile"):
+            figures.update({k: v for k, v in st.detail.items() if isinstance(v, dict)})
+    with open(path) as f:
+        return prediction_verdicts(figures, json.load(f)["rows"])
+
+
+def format_verdicts(verdicts: List[Dict]) -> List[str]:
+    lines = [f"{'row':<32} {'baseline':<24} {'predicted ms':>15} {'measured ms':>12}  verdict"]
+    for v in verdicts:
+        lo, hi = v["predicted_ms"]
+        measured = "-" if v["measured_ms"] is None else f"{v['measured_ms']:+.1f}"
+        lines.append(f"{v['row']:<32} {v['baseline']:<24} {f'{lo:+.1f}..{hi:+.1f}':>15} {measured:>12}  {v['verdict']}")
+    return lines
+
+
 def summarize_kernels(out: str, st: Stage) -> str:
     d = _load(os.path.join(out, "kernels.json"))
     share = {}
@@ -582,8 +628,14 @@ def summary_table(stages: List[Stage]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(out: str, info: Dict[str, Any], stages: List[Stage], table: str) -> None:
+def write_readme(out: str, info: Dict[str, Any], stages: List[Stage], table: str,
+                 verdicts: Optional[List[Dict]] = None) -> None:
     cmds = "\n".join("$ " + " ".join(shlex.quote(c) for c in cmd) for s in stages for cmd in s.commands)
+    predictions = ""
+    if verdicts is not None:
+        predictions = ("\nPredictions written before this run (benchmarks/predictions.json) against it: the change of "
+                       "each row's median ms per step against its baseline row (held: within the range +- "
+                       f"{NOISE_MS} ms):\n```\n" + "\n".join(format_verdicts(verdicts)) + "\n```\n")
     text = f"""# GPU check: {info['gpu'] or 'CPU (smoke)'}, {info['date']}, commit {info['commit']}
 
 Written by `{info['command']}` ({'smoke rehearsal on CPU: the numbers say nothing about a GPU' if info['smoke']
@@ -594,7 +646,7 @@ throughput_compile.json, kernels.json / kernels.png, attention.json, attention_s
 ```
 {table}
 ```
-
+{predictions}
 Setup: {'; '.join(info['setup'])}
 
 Commands, in order (run from the repository root; PYTHONPATH={info['pythonpath']}):
@@ -647,6 +699,7 @@ def main(argv=None) -> int:
     run_stages(stages, deadline, env, log)
 
     table = summary_table(stages)
+    verdicts = None if a.smoke else stage_verdicts(stages)   # CPU smoke figures say nothing about them
     info = dict(gpu=info_gpu["name"], gpu_mem_gib=info_gpu["mem_gib"], commit=commit, date=date,
                 smoke=a.smoke, budget_s=a.budget, wall_s=time.time() - t_start, batch=batch, setup=setup,
                 pythonpath=env["PYTHONPATH"], skipped_by_request=a.skip,
@@ -654,11 +707,16 @@ def main(argv=None) -> int:
                                                               " " + " ".join(shlex.quote(x) for x in
                                                                              (sys.argv[1:] if argv is None else argv))))
     write_json(os.path.join(out, "summary.json"), dict(
-        benchmark="gpu_check", **info,
+        benchmark="gpu_check", **info, predictions=verdicts,
         stages=[dict(name=s.name, status=s.status, wall_s=s.wall, returncodes=s.returncodes, result=s.result,
                      detail=s.detail, commands=[" ".join(shlex.quote(c) for c in cmd) for cmd in s.commands])
                 for s in stages]))
-    write_readme(out, info, stages, table)
+    write_readme(out, info, stages, table, verdicts)
+    if verdicts is not None:
+        log("")
+        log("predictions (benchmarks/predictions.json; change of ms per step against the baseline row, same run):")
+        for line in format_verdicts(verdicts):
+            log(line)
     log("")
     log(f"gpu-check summary ({time.time() - t_start:.0f} s of {a.budget:.0f}; results in {out})")
     log(table)

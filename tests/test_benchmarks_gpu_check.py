@@ -164,3 +164,50 @@ def test_junit_counts(tmp_path):
                    '</testsuite></testsuites>')
     c = gc.junit_counts([str(xml), str(tmp_path / "absent.xml")])
     assert (c["passed"], c["failures"], c["skipped"], c["failed_tests"]) == (2, 1, 1, ["a::bad"])
+
+
+def test_predictions_file_names_known_rows():
+    """benchmarks/predictions.json: every prediction names rows throughput.py has, and a range lo <= hi."""
+    from benchmarks.throughput import ALL_ROWS
+    with open(gc.PREDICTIONS) as f:
+        rows = json.load(f)["rows"]
+    assert rows
+    for p in rows:
+        assert p["row"] in ALL_ROWS and p["baseline"] in ALL_ROWS and p["row"] != p["baseline"], p
+        lo, hi = p["delta_ms"]
+        assert lo <= hi and p["written"] and p["what"], p
+        assert lo <= p.get("central_ms", lo) <= hi, p
+
+
+def test_prediction_verdicts():
+    """Measured change of ms per step against the baseline in the same run, against the predicted range."""
+    preds = [dict(row="a", baseline="b", delta_ms=[-4.0, -2.0]), dict(row="c", baseline="b", delta_ms=[-4.0, -2.0]),
+             dict(row="d", baseline="b", delta_ms=[-4.0, -2.0]), dict(row="e", baseline="b", delta_ms=[-1.0, 1.0]),
+             dict(row="f", baseline="b", delta_ms=[-1.0, 1.0])]
+    figures = dict(b=dict(ms_per_step=200.0), a=dict(ms_per_step=197.0), c=dict(ms_per_step=190.0),
+                   d=dict(ms_per_step=200.0 - 2.0 + gc.NOISE_MS - 0.1), e=dict(status="error"))
+    v = {x["row"]: x for x in gc.prediction_verdicts(figures, preds)}
+    assert v["a"]["verdict"] == "held" and v["a"]["measured_ms"] == -3.0
+    assert v["c"]["verdict"] == "faster than predicted" and v["c"]["measured_ms"] == -10.0
+    assert v["d"]["verdict"] == "held"                                  # within the noise allowance
+    assert v["e"]["verdict"] == v["f"]["verdict"] == "not measured"     # an errored row, a missing row
+    figures["d"]["ms_per_step"] = 200.0 - 2.0 + gc.NOISE_MS + 0.1
+    assert gc.prediction_verdicts(figures, preds[2:3])[0]["verdict"] == "slower than predicted"
+    lines = gc.format_verdicts(list(v.values()))
+    assert len(lines) == 6 and "faster than predicted" in lines[2] and "-10.0" in lines[2]
+
+
+def test_stage_verdicts_read_both_throughput_stages(tmp_path):
+    """The verdicts come from the rows of the throughput and compile stages (each stage's detail: row -> figures)."""
+    pred = tmp_path / "p.json"
+    pred.write_text(json.dumps(dict(rows=[dict(row="x", baseline="y", delta_ms=[-3.0, -1.0]),
+                                          dict(row="z", baseline="y", delta_ms=[-3.0, -1.0])])))
+    thr = gc.Stage("throughput", [], 1, 1)
+    thr.detail = dict(y=dict(ms_per_step=100.0), x=dict(ms_per_step=98.0))
+    comp = gc.Stage("compile", [], 1, 1)
+    comp.detail = dict(z=dict(ms_per_step=110.0))
+    other = gc.Stage("kernels", [], 1, 1)
+    other.detail = dict(z=dict(ms_per_step=99.0))                 # not a throughput stage: ignored
+    v = gc.stage_verdicts([thr, comp, other], str(pred))
+    assert [(x["row"], x["measured_ms"], x["verdict"]) for x in v] == [("x", -2.0, "held"),
+                                                                        ("z", 10.0, "slower than predicted")]
