@@ -6,7 +6,8 @@ host runs ahead of the GPU and this is hidden, but where the GPU waits for the h
 benchmarks/kernels.py, the start of a forward after a synchronising optimizer step) it is what gets
 timed. This script measures it without a GPU: on the CPU, with TRITON_INTERPRET=1 and each fastdit
 @triton.jit kernel replaced by a launch that does nothing, so what is left is the host path; the
-`*_ref` (plain PyTorch) ops run for real at the same tiny shape as the comparison.
+`*_ref` (plain PyTorch) ops run for real at the same tiny shape as the comparison. The attention row is the
+Triton attention (attention backend `triton`, no library op, so no fused-direct row) against SDPA.
 
   python benchmarks/host_overhead.py [--reps 300] [--json PATH]
 
@@ -33,7 +34,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU
 
 from benchmarks.common import environment, write_json  # noqa: E402
 
-KERNEL_MODULES = ("modulate_layernorm", "gated_residual", "patch_embed", "gelu", "qkv_grads", "tile_sums")
+KERNEL_MODULES = ("modulate_layernorm", "gated_residual", "patch_embed", "gelu", "qkv_grads", "tile_sums",
+                  "flash_attention")
+# Ops without a torch.library op (an autograd.Function over their launchers): no separate fused-direct row.
+NO_LIBRARY_OP = ("attention",)
 
 
 class _NoLaunch:
@@ -70,6 +74,11 @@ def cases():
     x, y, dout, v = rnd(n, t, d), rnd(n, t, d), rnd(n, t, d), [rnd(n, d) for _ in range(3)]
     bias = rnd(d)
     img, w, b, pos = rnd(n, 4, 8, 8), rnd(d, 4, 2, 2), rnd(d), rnd(1, t, d)
+    import importlib
+
+    from fastdit.models.attention import attention
+    fa = importlib.import_module("fastdit.kernels.flash_attention")
+    qkv = rnd(n, t, 3, 2, d // 2)                      # 2 heads of 32
     return [
         ("modulate_layernorm", K.modulate_layernorm, K.modulate_layernorm_ref, [x, v[0], v[1]], [dout]),
         ("gated_residual", K.gated_residual, K.gated_residual_ref, [x, y, v[0]], [dout]),
@@ -80,6 +89,8 @@ def cases():
          lambda *a: K.gated_residual_modulate_layernorm_ref(*a[:5], bias=a[5]), [x, y, *v, bias], [dout, dout]),
         ("patch_embed", lambda i, w_, b_: K.patch_embed(i, w_, b_, pos, 2),
          lambda i, w_, b_: K.patch_embed_ref(i, w_, b_, pos, 2), [img, w, b], [dout]),
+        # attention "triton" (its three kernels) against SDPA on the packed qkv, as the model calls them
+        ("attention", fa.flash_attention, lambda q: attention(q, "sdpa"), [qkv], [dout]),
     ]
 
 
@@ -108,7 +119,8 @@ def run(argv=None):
     rows = []
     for op, fused, ref, leaves, grad_outs in cases():
         switched = [(impl, fused) for impl, (_, _, ops) in ENV_IMPLS.items() if op.split("+")[0] in ops]
-        for impl, fn in [("fused", fused), ("fused-direct", fused)] + switched + [("ref", ref)]:
+        direct = [] if op in NO_LIBRARY_OP else [("fused-direct", fused)]
+        for impl, fn in [("fused", fused)] + direct + switched + [("ref", ref)]:
             def dispatch(impl=impl):
                 return kernel_dispatch("direct") if impl == "fused-direct" else _impl_env(impl)
             params = [leaf.clone().requires_grad_() for leaf in leaves]
