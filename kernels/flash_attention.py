@@ -378,14 +378,6 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     return dqkv, torch.cat([part_q.sum(0), part_kv.sum(0)])
 
 
-def attention_ref(qkv: torch.Tensor) -> torch.Tensor:
-    """The same attention from PyTorch ops, in fp32: (N, T, 3, H, hd) -> (N, T, H * hd) in qkv's dtype."""
-    n, t, _, h, hd = qkv.shape
-    q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)
-    p = ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(-1)
-    return (p @ v).transpose(1, 2).reshape(n, t, h * hd).to(qkv.dtype)
-
-
 class TritonAttention(torch.autograd.Function):
     """attention_fwd / attention_bwd as an autograd function of qkv: the gradient comes back in qkv's layout."""
 
@@ -406,5 +398,5 @@ def flash_attention(qkv: torch.Tensor) -> torch.Tensor:
     return TritonAttention.apply(qkv)
 
 
-__all__ = ["attention_fwd", "attention_bwd", "attention_ref", "flash_attention", "head_split", "check_qkv", "packed",
+__all__ = ["attention_fwd", "attention_bwd", "flash_attention", "head_split", "check_qkv", "packed",
            "MAX_HEAD_DIM"]
