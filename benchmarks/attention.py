@@ -20,10 +20,10 @@ each in two input layouts:
   contiguous  q, k, v already contiguous (N, H, T, hd) (flash_attn / xformers: (N, T, H, hd)); the
               kernel alone, the floor the packed layout is compared with
 
-With --sweep-triton it also times the Triton attention's kernels at each tiling of TRITON_SWEEP (the
-forward; the backward with one kernel's tiling varied and the other's at its default; the backward with the
-qkv bias sums of bias_fold), in the packed layout, and names the fastest of each: how the launchers' defaults
-(FWD_CONFIG, BWD_DQ_CONFIG, BWD_DKDV_CONFIG) are chosen on a GPU.
+With --sweep-triton it also times the Triton attention's kernels at each tiling of its SWEEP
+(kernels/flash_attention.py: the forward; the backward with one kernel's tiling varied and the other's at its
+default; the backward with the qkv bias sums of bias_fold), in the packed layout, and names the fastest of
+each: how the launchers' defaults (FWD_CONFIG, BWD_DQ_CONFIG, BWD_DKDV_CONFIG) are chosen on a GPU.
 
 Usage:
   python benchmarks/attention.py [--batch 128] [--heads 16] [--head-dim 72] [--tokens 256]
@@ -48,16 +48,6 @@ from benchmarks.common import IntervalTimer, environment, summarize, synchronize
 
 SDPA_KERNELS = ("default", "cudnn", "flash", "efficient", "math")
 BACKENDS = ("sdpa_packed", "flash_attn", "xformers", "triton")  # fastdit.models.attention backends
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tilings the sweep tries per Triton attention kernel, the launcher's
-# default first; each compiles for sm_90 without spills at DiT-XL/2's shape (triton 3.9, offline).
-TRITON_SWEEP = {
-    "fwd": [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3)],
-    "dq": [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2)],
-    "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3)],
-    # the backward with the qkv bias sums (bias_fold): the dq kernel's registers rise 124 -> 133 on sm_90 at its
-    # default tiling (one program per SM instead of two); against "dq" at the same tilings: what the sums cost
-    "dq+bias": [(128, 32, 8, 2), (64, 64, 4, 2)],
-}
 LAYOUTS = ("packed", "contiguous")
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -74,7 +64,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10; smoke 1)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--sweep-triton", action="store_true",
-                   help="also time the Triton attention's kernels at each tiling of TRITON_SWEEP")
+                   help="also time the Triton attention's kernels at each tiling of its SWEEP")
     p.add_argument("--no-rows", action="store_true", help="leave out the kernel x layout rows (with --sweep-triton)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the tool")
@@ -205,7 +195,7 @@ def sweep_triton(a, device, dtype, progress: Callable[[Dict[str, Any]], None] = 
     qkv = torch.randn(a.batch, a.tokens, 3, a.heads, a.head_dim, device=device, dtype=dtype)
     out, lse = fa.attention_fwd(qkv)
     dout = torch.randn_like(out)
-    sweep = TRITON_SWEEP
+    sweep = fa.SWEEP
     if a.smoke:   # the tool, not a speed: the first two tilings, shrunk to the tiny sequence by the launcher's rule
         sweep = {k: v[:2] for k, v in sweep.items()}
     calls = {

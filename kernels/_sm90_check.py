@@ -17,6 +17,10 @@ the LayerNorm rows) are narrower by nature. A narrow access to anything else is 
 
 Run in a process where TRITON_INTERPRET is unset:
     python -m fastdit.kernels._sm90_check [--json PATH]
+    python -m fastdit.kernels._sm90_check --attention-sweep   # the Triton attention at every tiling a GPU
+                                                              # sweep tries, instead of every kernel
+Another triton release than the installed one (e.g. the GPU machine's) can be checked without changing the
+environment: `pip install --target DIR --no-deps triton==X`, then run with PYTHONPATH=DIR.
 Exit status (access widths never change it): 0 all compiled without spills; 1 a kernel failed to
 compile or spills; 3 the NVIDIA toolchain of this triton install is unavailable (nothing checked).
 """
@@ -177,24 +181,11 @@ def cases():
     args = dict(PART="*fp32", stride_p=n * tiles * d, stride_r=tiles * d, stride_s=d, OUT0="*bf16", OUT1="*bf16",
                 OUT2="*bf16", S=tiles, C=d)
     out.append(("tile_sums P=3", ts._tile_sums_kernel, args, dict(P=3, BLOCK_S=ts.BLOCK_S, BLOCK_C=ts.BLOCK_C), 4))
-    # The Triton attention (attention="triton") at DiT-XL/2's training shape, bf16, with the launchers' default
-    # tilings: head dim 72 as 64 + 16 columns. Their num_warps entry is (num_warps, num_stages).
-    n, h, t, hd = 128, 16, 256, 72
-    hd_a, hd_b = fa.head_split(hd)
-    row, out_row = 3 * h * hd, h * hd
-    args = dict(QKV="*bf16", s_qn=t * row, s_qt=row, OUT="*bf16", s_on=t * out_row, s_ot=out_row, LSE="*fp32",
-                DELTA="*fp32", DOUT="*bf16", s_dn=t * out_row, s_dt=out_row, DQKV="*bf16", s_gn=t * row, s_gt=row,
-                PART="*fp32", T=t, H=h, qk_scale=0.17, sm_scale=0.12)
-    for label, kernel, cfg, db in (("attention_fwd", fa._attn_fwd_kernel, fa.FWD_CONFIG, None),
-                                   ("attention_bwd_dq", fa._attn_bwd_dq_kernel, fa.BWD_DQ_CONFIG, False),
-                                   ("attention_bwd_dkdv", fa._attn_bwd_dkdv_kernel, fa.BWD_DKDV_CONFIG, False),
-                                   ("attention_bwd_dq +bias", fa._attn_bwd_dq_kernel, fa.BWD_DQ_CONFIG, True),
-                                   ("attention_bwd_dkdv +bias", fa._attn_bwd_dkdv_kernel, fa.BWD_DKDV_CONFIG, True)):
-        bm, bn, warps, stages = fa.tiling(cfg, torch.bfloat16, t)
-        consts = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32")
-        if db is not None:   # the backward kernels' column sums for the qkv bias (bias_fold)
-            consts["HAS_DB"] = db
-        out.append((f"{label} hd={hd}", kernel, args, consts, (warps, stages)))
+    # The Triton attention (attention="triton") at its launchers' default tilings.
+    out += attention_cases([("attention_fwd", "fwd", fa.FWD_CONFIG), ("attention_bwd_dq", "dq", fa.BWD_DQ_CONFIG),
+                            ("attention_bwd_dkdv", "dkdv", fa.BWD_DKDV_CONFIG),
+                            ("attention_bwd_dq +bias", "dq+bias", fa.BWD_DQ_CONFIG),
+                            ("attention_bwd_dkdv +bias", "dkdv+bias", fa.BWD_DKDV_CONFIG)])
     # fp32 GEMMs (IEEE products) once, at p = 2.
     args = {k_: ("*fp32" if isinstance(v, str) else v) for k_, v in _pe_args(32, 4, 32, 1152, 2).items()}
     bm, bn, bk = pe.fwd_blocks(1152, 16, torch.float32)
@@ -202,6 +193,40 @@ def cases():
                 dict(P=2, HAS_BIAS=True, HAS_POS=True, UPCAST=False, DOT_PRECISION="ieee",
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), pe.NUM_WARPS))
     return out
+
+
+# The Triton attention's kernels by the names of flash_attention.SWEEP; "+bias": with the qkv bias sums.
+_ATTENTION_KERNELS = {"fwd": ("_attn_fwd_kernel", None), "dq": ("_attn_bwd_dq_kernel", False),
+                      "dkdv": ("_attn_bwd_dkdv_kernel", False), "dq+bias": ("_attn_bwd_dq_kernel", True),
+                      "dkdv+bias": ("_attn_bwd_dkdv_kernel", True)}
+
+
+def attention_cases(tilings):
+    """Cases for the Triton attention at DiT-XL/2's training shape (bf16, head dim 72 as 64 + 16 columns), one
+    per (label, kernel name of _ATTENTION_KERNELS, (BLOCK_M, BLOCK_N, num_warps, num_stages)) as the launcher
+    runs that tiling; their num_warps entry is (num_warps, num_stages)."""
+    n, h, t, hd = 128, 16, 256, 72
+    hd_a, hd_b = fa.head_split(hd)
+    row, out_row = 3 * h * hd, h * hd
+    args = dict(QKV="*bf16", s_qn=t * row, s_qt=row, OUT="*bf16", s_on=t * out_row, s_ot=out_row, LSE="*fp32",
+                DELTA="*fp32", DOUT="*bf16", s_dn=t * out_row, s_dt=out_row, DQKV="*bf16", s_gn=t * row, s_gt=row,
+                PART="*fp32", T=t, H=h, qk_scale=0.17, sm_scale=0.12)
+    out = []
+    for label, name, cfg in tilings:
+        kernel, db = _ATTENTION_KERNELS[name]
+        bm, bn, warps, stages = fa.tiling(cfg, torch.bfloat16, t)
+        consts = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32")
+        if db is not None:   # the backward kernels' column sums for the qkv bias (bias_fold)
+            consts["HAS_DB"] = db
+        out.append((f"{label} hd={hd}", getattr(fa, kernel), args, consts, (warps, stages)))
+    return out
+
+
+def attention_sweep_cases():
+    """Every tiling a GPU sweep of the Triton attention tries (flash_attention.SWEEP), so that a tiling that
+    cannot compile or spills is known before GPU time is spent on it."""
+    return attention_cases([(f"attention_sweep {name} {'/'.join(map(str, cfg))}", name, cfg)
+                            for name, cfgs in fa.SWEEP.items() for cfg in cfgs])
 
 
 def _specialise(fn, values: dict, constexprs: dict):
@@ -439,6 +464,8 @@ def _toolchain_probe(ptr):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", help="write the per-kernel rows here")
+    p.add_argument("--attention-sweep", action="store_true",
+                   help="compile the Triton attention at every tiling of its GPU sweep instead of every kernel")
     a = p.parse_args(argv)
     if INTERPRETED:
         print("TRITON_INTERPRET is set: run this check in a process without it", file=sys.stderr)
@@ -449,7 +476,7 @@ def main(argv=None) -> int:
         print(f"NVIDIA toolchain unavailable: {e!r}", file=sys.stderr)
         return 3
     rows, failed = [], False
-    for label, fn, values, consts, nw in cases():
+    for label, fn, values, consts, nw in (attention_sweep_cases() if a.attention_sweep else cases()):
         nw, stages = nw if isinstance(nw, tuple) else (nw, None)   # (num_warps, num_stages) where a case sets both
         try:
             kernel = compile_sm90(fn, values, consts, nw, stages)

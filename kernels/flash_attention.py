@@ -268,6 +268,16 @@ def head_split(hd: int) -> Tuple[int, int]:
 FWD_CONFIG = (128, 64, 8, 2)
 BWD_DQ_CONFIG = (128, 32, 8, 2)
 BWD_DKDV_CONFIG = (32, 128, 8, 2)
+# The tilings a GPU sweep tries per kernel (benchmarks/attention.py --sweep-triton), each kernel's default first;
+# every one compiles for sm_90 without spills at DiT-XL/2's shape with triton 3.6 and 3.9 (kernels/_sm90_check.py
+# --attention-sweep). "dq+bias" is the dq kernel with the qkv bias sums of bias_fold: its registers rise at the
+# default tiling (one program per SM instead of two), so it is swept against "dq" at the same tilings.
+SWEEP = {
+    "fwd": [FWD_CONFIG, (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3)],
+    "dq": [BWD_DQ_CONFIG, (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2)],
+    "dkdv": [BWD_DKDV_CONFIG, (64, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3)],
+    "dq+bias": [BWD_DQ_CONFIG, (64, 64, 4, 2)],
+}
 
 
 def tiling(cfg: Tuple[int, int, int, int], dtype: torch.dtype, t: int) -> Tuple[int, int, int, int]:

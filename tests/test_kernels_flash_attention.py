@@ -182,3 +182,20 @@ def test_bias_sums_are_the_column_sums_of_dqkv(monkeypatch, shape, configs, dtyp
     o, l = fa.attention_fwd(empty)
     g, d = fa.attention_bwd(torch.zeros(0, t, h * hd, device=DEV, dtype=dtype), empty, o, l, bias_sums=True)
     assert g.shape == empty.shape and torch.equal(d, torch.zeros(3 * h * hd, device=DEV))
+
+
+def test_the_sm90_check_compiles_every_tiling_of_the_gpu_sweep():
+    """`_sm90_check --attention-sweep` builds one case per tiling of SWEEP, as the launcher would run it at
+    DiT-XL/2's shape (bf16, T = 256), with the qkv bias sums only where the sweep asks for them; each kernel's
+    default tiling is swept first (the fastest of a sweep is compared with it)."""
+    check = importlib.import_module("fastdit.kernels._sm90_check")
+    want = [(name, fa.tiling(cfg, torch.bfloat16, 256)) for name, cfgs in fa.SWEEP.items() for cfg in cfgs]
+    cases = check.attention_sweep_cases()
+    assert len(cases) == len(want) and len({c[0] for c in cases}) == len(cases)
+    for (label, kernel, _, consts, (warps, stages)), (name, (bm, bn, w, st)) in zip(cases, want):
+        assert label.split()[1] == name
+        assert (consts["BLOCK_M"], consts["BLOCK_N"], warps, stages) == (bm, bn, w, st)
+        assert kernel is {"fwd": fa._attn_fwd_kernel, "dkdv": fa._attn_bwd_dkdv_kernel}.get(name, fa._attn_bwd_dq_kernel)
+        assert consts.get("HAS_DB") is (None if name == "fwd" else name == "dq+bias")
+    assert [fa.SWEEP[k][0] for k in ("fwd", "dq", "dkdv", "dq+bias")] == [
+        fa.FWD_CONFIG, fa.BWD_DQ_CONFIG, fa.BWD_DKDV_CONFIG, fa.BWD_DQ_CONFIG]
