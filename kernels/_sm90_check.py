@@ -377,11 +377,13 @@ def ptx_accesses(ptx: str, arg_names) -> list:
 
 
 def sass_widths(cubin: bytes):
-    """{'ld': {bytes: count}, 'st': {...}} of the LDG / STG instructions; None without cuobjdump."""
+    """{'ld': {bytes: count}, 'st': {...}} of the LDG / STG instructions, and 'mma': {opcode: count} of the
+    tensor-core instructions (HGMMA: Hopper's warpgroup wgmma; HMMA: the older per-warp mma.sync, about half
+    the rate on sm_90); None without cuobjdump."""
     sass = _cuobjdump(cubin, "-sass")
     if sass is None:
         return None
-    out = {"ld": {}, "st": {}}
+    out = {"ld": {}, "st": {}, "mma": {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA")}}
     for op, modifiers in _SASS_ACCESS.findall(sass):
         size = next((_SASS_BYTES[m] for m in modifiers.split(".") if m in _SASS_BYTES), 4)
         hist = out["st" if op == "STG" else "ld"]
@@ -421,6 +423,7 @@ def access_report(kernel, arg_names) -> dict:
     if sass is not None:
         row["sass_load_bytes"] = {str(b): sass["ld"][b] for b in sorted(sass["ld"], reverse=True)}
         row["sass_store_bytes"] = {str(b): sass["st"][b] for b in sorted(sass["st"], reverse=True)}
+        row["sass_mma"] = sass["mma"]
         # Counts may differ (ptxas can unroll loops or drop predicated copies); widths should not.
         row["sass_widths_match_ptx"] = (set(row["sass_load_bytes"]) == set(row["load_bytes"]) and
                                         set(row["sass_store_bytes"]) == set(row["store_bytes"]))
@@ -443,6 +446,7 @@ def format_row(row: dict) -> str:
             f"st {_widths(row['store_bytes'])}  bulk 128-bit: {'yes' if row['bulk_128bit'] else 'no'}")
     if row.get("async_loads"):
         line += f"  cp.async {row['async_loads']}, shared {row.get('shared_bytes', '?')} B"
+    line += "".join(f"  {op} {n}" for op, n in row.get("sass_mma", {}).items() if n)
     if row["narrow_bulk"]:
         line += "\n    narrow bulk: " + ", ".join(row["narrow_bulk"])
     scalars = sorted(k for k in row["accesses"] if set(k.split()[1].split("+")) <= ROW_SCALARS)

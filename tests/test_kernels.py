@@ -808,6 +808,12 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     # load, straight from the packed qkv buffer; nothing spills (checked for every row above).
     for label in ("attention_fwd hd=72", "attention_bwd_dq hd=72", "attention_bwd_dkdv hd=72"):
         assert "16" in by_label[label]["accesses"]["ld QKV"], by_label[label]["accesses"]
+    # Tensor cores: every bf16 tl.dot (the attention's, patch_embed's) is Hopper's wgmma (HGMMA in the SASS), none
+    # the older mma.sync (HMMA, about half the rate); the fp32 GEMM (IEEE products) and the row ops use none.
+    if all("sass_mma" in r for r in rows):
+        for r in rows:
+            dots = r["kernel"].startswith(("attention", "patch_embed")) and "fp32" not in r["kernel"]
+            assert (r["sass_mma"]["HGMMA"] > 0) == dots and r["sass_mma"]["HMMA"] == 0, (r["kernel"], r["sass_mma"])
     xl_rows = [r for r in rows if "D=1152" in r["kernel"]]
     assert len(xl_rows) >= 9
     assert all(r["bulk_128bit"] for r in xl_rows), [(r["kernel"], r["narrow_bulk"]) for r in xl_rows]
