@@ -432,11 +432,15 @@ def summarize_profile(folder: str, st: Stage) -> str:
     """The step profiler's phase medians (ms) and step time from its profile.json."""
     d = _load(os.path.join(folder, "profile.json"))
     phases = d["phases"]["median_ms"]
-    gaps = (d.get("trace") or {}).get("idle_gaps_by_phase_ms")
-    st.detail = dict(phases_ms=phases, step=d.get("step"), idle_gaps_by_phase_ms=gaps)
+    tr = d.get("trace") or {}
+    gaps = tr.get("idle_gaps_by_phase_ms")
+    st.detail = dict(phases_ms=phases, step=d.get("step"), idle_gaps_by_phase_ms=gaps,
+                     idle_gaps_first_step_ms=tr.get("idle_gaps_first_step_ms"),
+                     idle_gaps_basis=tr.get("idle_gaps_basis"))
     line = "ms/step by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
     if gaps:
-        line += "; idle gaps (traced): " + ", ".join(f"{k} {v:.1f}" for k, v in gaps.items() if v > 0)
+        which = "steady traced steps" if tr.get("idle_gaps_first_step_ms") else "one traced step, starts idle"
+        line += f"; idle gaps ({which}): " + ", ".join(f"{k} {v:.1f}" for k, v in gaps.items() if v > 0)
     return line
 
 
@@ -576,7 +580,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
                      "--set", f"deepspeed.train_batch_size={batch}"]
         prof = ["--config", "configs/xl2_zero2.json", "--set", f"deepspeed.train_micro_batch_size_per_gpu={batch}",
                 "--set", f"deepspeed.train_batch_size={batch}", "--set", "train.fused_optimizer_step=true",
-                "--trace-steps", "1"]
+                "--trace-steps", "2"]  # two: the idle gaps by phase come from the second (the first starts idle)
         skip_windows = 2  # the first two windows hold the warm-up (allocator, cuDNN/Triton autotuning)
     if a.rows:
         fast_rows = [r.strip() for r in a.rows.split(",") if r.strip()]

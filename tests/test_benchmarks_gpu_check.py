@@ -72,6 +72,7 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "-m gpu" in by["gpu_tests"][0] and "--ignore=tests/test_models_dit.py" in by["gpu_tests"][0]
     assert "benchmarks/step_profile.py --config configs/xl2_zero2.json" in by["profile"][0]
     assert "train.fused_optimizer_step=true" in by["profile"][0] and "train_batch_size=128" in by["profile"][0]
+    assert "--trace-steps 2" in by["profile"][0]  # the idle gaps by phase need a step after the first
     assert "deepspeed+fused-step" in by["throughput"][0] and "fused+mlp-fold" in by["throughput"][0]
     tp = by["throughput"][0].split("--rows ")[1].split()[0].split(",")
     assert tp[:4] == ["fused", "deepspeed", "deepspeed+fused-step", "fused+bias-fold"]   # most wanted first

@@ -199,6 +199,43 @@ def test_idle_gaps_by_the_phase_that_launched_the_next_kernel():
     assert gaps["backward"] == 0 and set(sp.PHASES) <= set(gaps)
     assert sp.analyse_device_trace({"traceEvents": ev}, 2, 1.0)["idle_gaps_by_phase_ms"] == gaps
 
+    assert "only traced step" in sp.analyse_device_trace({"traceEvents": ev}, 2, 1.0)["idle_gaps_basis"]
+
+
+def test_idle_gaps_leave_out_the_first_traced_step():
+    """With two or more traced steps the first (its forward starts on a device the profiler's sync idled)
+    is reported alone; the steady steps' gaps are averaged over the steps after it."""
+    def kernel(ts, dur, corr):
+        return dict(ph="X", cat="kernel", name="k", ts=ts, dur=dur, args=dict(correlation=corr))
+
+    def launch(ts, corr):
+        return dict(ph="X", cat="cuda_runtime", name="cudaLaunchKernel", ts=ts, dur=2, args=dict(correlation=corr))
+
+    def rng(name, ts, dur, cat="user_annotation"):
+        return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur)
+    ev = [rng("step 7", 0, 1000), rng("step 8", 1000, 1000), rng("step 9", 2000, 1000),
+          rng("step 8", 1000, 1000, cat="gpu_user_annotation"),         # device-side copy: not a host range
+          rng("forward", 0, 400), rng("forward", 1000, 400), rng("forward", 2000, 400),
+          rng("optimizer", 600, 300), rng("optimizer", 1600, 300), rng("optimizer", 2600, 300),
+          launch(10, 1), kernel(20, 10, 1),
+          launch(300, 2), kernel(330, 100, 2),           # step 7's forward: 300 us, the drained-queue start
+          launch(700, 3), kernel(700, 400, 3),           # step 7's optimizer: 270 us
+          launch(1050, 4), kernel(1150, 50, 4),          # step 8's forward: 50 us (device busy until 1100)
+          launch(1650, 5), kernel(1700, 10, 5),          # step 8's optimizer: 500 us
+          launch(2020, 6), kernel(2030, 10, 6),          # step 9's forward: 320 us
+          kernel(2100, 10, 99)]                          # no launch event, starts in step 9: 60 us
+    gaps = sp.idle_gaps({"traceEvents": ev}, 3)
+    assert "steps 2-3" in gaps["basis"]
+    assert gaps["first_step_ms"]["forward"] == pytest.approx(0.3)
+    assert gaps["first_step_ms"]["optimizer"] == pytest.approx(0.27)
+    steady = gaps["by_phase_ms"]
+    assert steady["forward"] == pytest.approx((0.05 + 0.32) / 2)
+    assert steady["optimizer"] == pytest.approx(0.5 / 2)
+    assert steady["unattributed"] == pytest.approx(0.06 / 2)
+    out = sp.analyse_device_trace({"traceEvents": ev}, 3, 1.0)
+    assert out["idle_gaps_by_phase_ms"] == steady and out["idle_gaps_first_step_ms"] == gaps["first_step_ms"]
+    assert [r[2] for r in sp.step_ranges({"traceEvents": ev})] == [7, 8, 9]
+
 
 def test_phase_timer_sums_repeated_phases():
     timer = sp.PhaseTimer(torch.device("cpu"))

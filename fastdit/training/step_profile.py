@@ -11,7 +11,8 @@ A StepProfiler wraps chosen optimizer steps of a fastdit.training.trainer.Traine
           synchronised only before the first and after the last: device time by category
           (kernel_category), the top kernels, and idle = step time - busy time (busy: the union of the
           kernel intervals; idle: launch-bound stretches, host syncs), and that idle by phase (each gap
-          before a kernel counted in the phase whose host code launched the kernel). The step time is the plain
+          before a kernel counted in the phase whose host code launched the kernel; over the traced steps
+          after the first, whose forward starts on a device idled by the sync). The step time is the plain
           steps' median when there are plain steps (tracing slows the host down, not the kernels),
           else the traced wall time. Without a GPU the "kernels" are the CPU ops (self CPU time; busy
           = time inside any op).
@@ -144,12 +145,28 @@ def set_idle(trace: Dict[str, Any], step_ms: float, basis: str) -> None:
     trace["idle_ms"] = trace["by_category_ms"]["idle"] = max(0.0, step_ms - trace["busy_ms"])
 
 
-def idle_by_phase(trace: Dict[str, Any], steps: int) -> Dict[str, float]:
+_STEP_RANGE = re.compile(r"^step (\d+)$")  # the range StepProfiler puts around each traced step
+
+
+def step_ranges(trace: Dict[str, Any]) -> List[tuple]:
+    """(host start, host end, step) of each traced step, from the "step N" ranges StepProfiler marks."""
+    out = []
+    for e in trace.get("traceEvents", []):
+        m = _STEP_RANGE.match(str(e.get("name", "")))
+        if m and e.get("ph") == "X" and e.get("cat") == "user_annotation":
+            out.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), int(m.group(1))))
+    return sorted(out)
+
+
+def idle_by_phase(trace: Dict[str, Any], steps: int, since: Optional[float] = None,
+                  until: Optional[float] = None) -> Dict[str, float]:
     """Device idle time per step (ms) by phase: every gap on the device timeline before a kernel, memcpy or
     memset, counted in the phase (PHASES, the Trainer's record_function ranges on the host) during which
     the host launched it (found through the launch's correlation id); "between phases" when the launch
     lies in none, "unattributed" when the launch is not in the trace. A phase whose host code is slower
-    than its kernels (e.g. the start of a forward after a synchronising optimizer step) shows here."""
+    than its kernels (e.g. the start of a forward after a synchronising optimizer step) shows here.
+    `since` / `until` (host timestamps, the trace's microseconds): count only the gaps whose launch (for an
+    unattributed one, its kernel) starts in [since, until); `steps` is the number of steps that window holds."""
     events = trace.get("traceEvents", [])
     ranges = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e["name"]) for e in events
                     if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name") in PHASES)
@@ -158,22 +175,42 @@ def idle_by_phase(trace: Dict[str, Any], steps: int) -> Dict[str, float]:
                 and isinstance(e.get("args"), dict) and "correlation" in e["args"]}
     device = sorted((float(e["ts"]), float(e.get("dur", 0.0)), (e.get("args") or {}).get("correlation"))
                     for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_EVENT_CATS)
+    lo = float("-inf") if since is None else since
+    hi = float("inf") if until is None else until
     out: Dict[str, float] = {p: 0.0 for p in PHASES}
     end = None
     for start, dur, corr in device:
         if end is not None and start > end:
             t = launches.get(corr)
-            phase = "unattributed" if t is None else next(
-                (name for lo, hi, name in ranges if lo <= t <= hi), "between phases")
-            out[phase] = out.get(phase, 0.0) + (start - end) / 1e3 / steps
+            if lo <= (start if t is None else t) < hi:
+                phase = "unattributed" if t is None else next(
+                    (name for r_lo, r_hi, name in ranges if r_lo <= t <= r_hi), "between phases")
+                out[phase] = out.get(phase, 0.0) + (start - end) / 1e3 / steps
         end = start + dur if end is None else max(end, start + dur)
     return out
+
+
+def idle_gaps(trace: Dict[str, Any], steps: int) -> Dict[str, Any]:
+    """idle_by_phase over the steady traced steps. The profiler synchronises the device before the first
+    traced step, so that step's forward starts on an idle device, where in a run it starts while the
+    previous step's last kernels still run: with two or more traced steps (StepProfiler's "step N" ranges
+    in the trace) the first is left out of `by_phase_ms` and reported alone as `first_step_ms`; with one,
+    `by_phase_ms` is that step's and `basis` says that its forward's gaps are an upper bound."""
+    ranges = step_ranges(trace)
+    if len(ranges) >= 2:
+        return dict(by_phase_ms=idle_by_phase(trace, len(ranges) - 1, since=ranges[1][0]),
+                    first_step_ms=idle_by_phase(trace, 1, until=ranges[1][0]),
+                    basis=f"traced steps 2-{len(ranges)} (the first, which starts on an idle device after "
+                          f"the profiler's synchronisation, left out)")
+    return dict(by_phase_ms=idle_by_phase(trace, steps), first_step_ms=None,
+                basis="the only traced step, which starts on an idle device after the profiler's "
+                      "synchronisation: its forward's gaps are an upper bound (trace two or more steps)")
 
 
 def analyse_device_trace(trace: Dict[str, Any], steps: int, wall_ms: float) -> Dict[str, Any]:
     """Device time per step by category from a Chrome trace (torch.profiler's export): every kernel,
     memcpy and memset event; busy = the union of their intervals (streams may overlap); the idle gaps
-    between them by phase (idle_by_phase)."""
+    between them by phase (idle_gaps)."""
     per_name: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
     spans = []
     for ev in trace.get("traceEvents", []):
@@ -185,7 +222,10 @@ def analyse_device_trace(trace: Dict[str, Any], steps: int, wall_ms: float) -> D
         spans.append((start, start + dur))
     rows = [(n, us, calls) for n, (us, calls) in per_name.items()]
     out = _breakdown(rows, _span_union_us(spans), steps, wall_ms)
-    out["idle_gaps_by_phase_ms"] = idle_by_phase(trace, steps)
+    gaps = idle_gaps(trace, steps)
+    out["idle_gaps_by_phase_ms"] = gaps["by_phase_ms"]
+    out["idle_gaps_first_step_ms"] = gaps["first_step_ms"]
+    out["idle_gaps_basis"] = gaps["basis"]
     return out
 
 
@@ -374,8 +414,13 @@ def format_summary(s: Dict[str, Any]) -> str:
                 lines.append(f"  {c:<14} {ms:10.2f}  {100 * ms / step:5.1f}%")
         gaps = tr.get("idle_gaps_by_phase_ms")
         if gaps:
-            lines.append("device idle gaps by the phase that launched the next kernel, ms per step (traced): "
+            lines.append(f"device idle gaps by the phase that launched the next kernel, ms per step "
+                         f"({tr.get('idle_gaps_basis', 'traced')}): "
                          + ", ".join(f"{k} {v:.2f}" for k, v in gaps.items() if v > 0 or k in PHASES))
+        first = tr.get("idle_gaps_first_step_ms")
+        if first:
+            lines.append("  the first traced step's: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in first.items() if v > 0 or k in PHASES))
         lines.append("top (ms/step, calls/step, category, name):")
         lines += [f"  {k['ms_per_step']:9.3f} {k['calls_per_step']:7.1f}  {k['category']:<13} {k['name'][:100]}"
                   for k in tr["top"][:15]]
