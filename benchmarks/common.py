@@ -10,6 +10,7 @@ What each helper computes:
   environment(device)      versions, device, git commit, date and the exact command line of this run
   git_commit(root)         "<sha>" or "<sha>-dirty" (uncommitted changes), "unknown" outside a checkout
   IntervalTimer(device)    wall time of a block of work: CUDA events on a CUDA device, perf_counter else
+  MarkTimer(device)        back-to-back intervals between marks, one synchronisation at the end (steady state)
   summarize(samples)       median / min / max / n of repeated measurements
   write_json(path, obj)    pretty JSON, parent folders created, NaN/inf written as null
 """
@@ -177,6 +178,45 @@ class IntervalTimer:
             ms = (time.perf_counter() - self._t0) * 1e3
         self._t0 = None
         return ms
+
+
+class MarkTimer:
+    """Milliseconds between consecutive mark() calls, for work measured in its steady state.
+
+    On CUDA each mark records an event on the current stream and nothing waits for the device until
+    intervals(), so an interval starts behind the work queued before it, as a training step does in a run
+    (IntervalTimer synchronises at its start: the host code before the first kernel is then billed to the
+    interval with the device idle). Mark after some queued work (e.g. one untimed step) for the first interval
+    to be steady too. Elsewhere: time.perf_counter at each mark.
+    """
+
+    def __init__(self, device: Any):
+        import torch
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._marks: List[Any] = []
+
+    @property
+    def method(self) -> str:
+        return "cuda events, back to back" if self.cuda else "time.perf_counter"
+
+    def mark(self) -> None:
+        if self.cuda:
+            import torch
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._marks.append(ev)
+        else:
+            self._marks.append(time.perf_counter())
+
+    def intervals(self) -> List[float]:
+        """ms between each mark and the next (waits for the last mark's work on CUDA)."""
+        if len(self._marks) < 2:
+            raise RuntimeError(f"MarkTimer.intervals() needs at least two marks, got {len(self._marks)}")
+        if self.cuda:
+            self._marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self._marks, self._marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self._marks, self._marks[1:])]
 
 
 def summarize(samples: Iterable[float]) -> Dict[str, Any]:

@@ -83,7 +83,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.common import IntervalTimer, env_vars, environment, summarize, synchronize, write_json  # noqa: E402
+from benchmarks.common import MarkTimer, env_vars, environment, summarize, synchronize, write_json  # noqa: E402
 from fastdit.dist import nvtx_range  # noqa: E402
 from fastdit.flops import peak_flops  # noqa: E402
 from fastdit.generate.vae import DOWNSAMPLE as VAE_DOWNSAMPLE  # noqa: E402
@@ -619,13 +619,16 @@ def _run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
             row["compile_graphs"] = int(counters["stats"].get("unique_graphs", 0))
             row["compile_graph_breaks"] = int(sum(counters["graph_break"].values()))
 
-        timer = IntervalTimer(device)
-        repeat_ms = []
+        # steady state: one untimed step queues work, then the repeats are back-to-back intervals with one
+        # synchronisation at the end (no interval starts on an idle device, as no step of a run does)
+        timer = MarkTimer(device)
+        losses.append(step())
+        timer.mark()
         for _ in range(args.repeats):
-            timer.start()
             for _ in range(args.steps):
                 losses.append(step())
-            repeat_ms.append(timer.stop())
+            timer.mark()
+        repeat_ms = timer.intervals()
         loss_values = [float(v) for v in losses]
         if not all(math.isfinite(v) for v in loss_values):
             raise FloatingPointError(f"non-finite training loss: {loss_values}")
@@ -761,7 +764,7 @@ def _run(args, device: torch.device) -> Dict[str, Any]:
         loss='create_diffusion("").training_losses(...)["loss"].mean(), t uniform, labels uniform',
         flops_per_image=fpi, flops_convention="fastdit.flops: 2 FLOPs/MAC x 3 (fwd + bwd) x forward MACs",
         peak_flops=peak, peak_flops_source=peak_src,
-        timer=("cuda events" if device.type == "cuda" else "time.perf_counter"),
+        timer=MarkTimer(device).method + ", after one untimed step",
         torch_threads=torch.get_num_threads(),
         tf32=(device.type == "cuda"))
     result = dict(benchmark="throughput", complete=False, config=config, environment=env, rows=[])

@@ -276,6 +276,19 @@ def test_interval_timer_cpu():
     assert timer.method == "time.perf_counter"
 
 
+
+def test_mark_timer_cpu():
+    timer = common.MarkTimer("cpu")
+    timer.mark()
+    with pytest.raises(RuntimeError, match="at least two marks"):
+        timer.intervals()
+    time.sleep(0.03)
+    timer.mark()
+    timer.mark()
+    a, b = timer.intervals()
+    assert 30.0 <= a < 2000.0 and 0.0 <= b < 30.0
+    assert timer.method == "time.perf_counter"
+
 def test_write_json_strict(tmp_path):
     path = tmp_path / "a" / "b" / "r.json"
     common.write_json(str(path), dict(x=float("nan"), y=[1.5, float("inf")], z={"k": (1, 2)}))
