@@ -43,8 +43,9 @@ Precision (the same for every row; --precision):
     masters) and fp32 to bf16 and fp16 off; autocast has no DeepSpeed counterpart there, so that row is
     recorded as unavailable. The learning rate of that row is the config's (--lr does not apply).
 
-Timing: --warmup steps first (not timed; they include torch.compile's compilation), then --repeats
-intervals of --steps steps each, timed with CUDA events (perf_counter on CPU). ms/step = interval/steps;
+Timing: --warmup steps first (not timed; they include torch.compile's compilation), one untimed step,
+then --repeats intervals of --steps steps each, back to back: CUDA events between them and one
+synchronisation after the last (benchmarks.common.MarkTimer; perf_counter on CPU). ms/step = interval/steps;
 reported: median, min and max over the repeats. img/s = batch / (s/step). MFU = training FLOPs per
 image (fastdit.flops: 2 FLOPs per MAC x 3 x forward MACs) x img/s / peak bf16 FLOP/s of the GPU
 (fastdit.flops.PEAK_FLOPS, or --peak-tflops); n/a on CPU. Peak memory:
