@@ -276,7 +276,6 @@ def test_interval_timer_cpu():
     assert timer.method == "time.perf_counter"
 
 
-
 def test_mark_timer_cpu():
     timer = common.MarkTimer("cpu")
     timer.mark()
@@ -288,6 +287,7 @@ def test_mark_timer_cpu():
     a, b = timer.intervals()
     assert 30.0 <= a < 2000.0 and 0.0 <= b < 30.0
     assert timer.method == "time.perf_counter"
+
 
 def test_write_json_strict(tmp_path):
     path = tmp_path / "a" / "b" / "r.json"
