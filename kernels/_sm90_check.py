@@ -19,6 +19,7 @@ Run in a process where TRITON_INTERPRET is unset:
     python -m fastdit.kernels._sm90_check [--json PATH]
     python -m fastdit.kernels._sm90_check --attention-sweep   # the Triton attention at every tiling a GPU
                                                               # sweep tries, instead of every kernel
+    python -m fastdit.kernels._sm90_check --gemm-sweep        # the same for the MLP's GELU-epilogue GEMMs
 Another triton release than the installed one (e.g. the GPU machine's) can be checked without changing the
 environment: `pip install --target DIR --no-deps triton==X`, then run with PYTHONPATH=DIR.
 Exit status (access widths never change it): 0 all compiled without spills; 1 a kernel failed to
@@ -51,6 +52,7 @@ ge = importlib.import_module(".gelu", __package__)
 qg = importlib.import_module(".qkv_grads", __package__)
 ts = importlib.import_module(".tile_sums", __package__)
 fa = importlib.import_module(".flash_attention", __package__)
+gg = importlib.import_module(".gemm_gelu", __package__)
 
 TARGET_ARCH = 90
 H100_SMS = 132
@@ -186,6 +188,8 @@ def cases():
                             ("attention_bwd_dkdv", "dkdv", fa.BWD_DKDV_CONFIG),
                             ("attention_bwd_dq +bias", "dq+bias", fa.BWD_DQ_CONFIG),
                             ("attention_bwd_dkdv +bias", "dkdv+bias", fa.BWD_DKDV_CONFIG)])
+    # The MLP's GEMMs with GELU in the epilogue (mlp="epilogue") at the launchers' default tiling.
+    out += gemm_gelu_cases([gg.DEFAULT_CONFIG])
     # fp32 GEMMs (IEEE products) once, at p = 2.
     args = {k_: ("*fp32" if isinstance(v, str) else v) for k_, v in _pe_args(32, 4, 32, 1152, 2).items()}
     bm, bn, bk = pe.fwd_blocks(1152, 16, torch.float32)
@@ -227,6 +231,31 @@ def attention_sweep_cases():
     cannot compile or spills is known before GPU time is spent on it."""
     return attention_cases([(f"attention_sweep {name} {'/'.join(map(str, cfg))}", name, cfg)
                             for name, cfgs in fa.SWEEP.items() for cfg in cfgs])
+
+
+def gemm_gelu_cases(configs):
+    """kernels/gemm_gelu.py at DiT-XL/2's MLP shape (bf16, M = 128 x 256 tokens, D = 1152, 4D = 4608), per
+    config: the forward (fc1 + bias + GELU) and the backward (fc2's data gradient + GELU' + bias sums); strides as
+    the model passes them (w1 read transposed)."""
+    m, d, n = 128 * 256, 1152, 4 * 1152
+    fwd = dict(A="*bf16", stride_am=d, stride_ak=1, B="*bf16", stride_bk=1, stride_bn=d, BIAS="*bf16", Z="*bf16",
+               stride_zm=n, stride_zn=1, OUT="*bf16", DB_PART="*fp32", M=m, N=n, K=d)
+    bwd = dict(fwd, stride_bk=n, stride_bn=1)
+    out = []
+    for cfg in configs:
+        tag = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/{cfg.num_warps}/{cfg.num_stages}"
+        base = dict(EVEN_K=d % cfg.block_k == 0, ROUND=tl.bfloat16, UPCAST=False, DOT_PRECISION="tf32",
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+        out.append((f"gemm_gelu_fwd {tag}", gg._gemm_gelu_kernel, fwd, dict(base, BACKWARD=False, HAS_BIAS=True),
+                    (cfg.num_warps, cfg.num_stages)))
+        out.append((f"gemm_gelu_bwd {tag}", gg._gemm_gelu_kernel, bwd, dict(base, BACKWARD=True, HAS_BIAS=False),
+                    (cfg.num_warps, cfg.num_stages)))
+    return out
+
+
+def gemm_gelu_sweep_cases():
+    """Every tiling benchmarks/mlp_gemm.py sweeps (gemm_gelu.SWEEP), compiled before GPU time is spent on it."""
+    return gemm_gelu_cases(gg.SWEEP)
 
 
 def _specialise(fn, values: dict, constexprs: dict):
@@ -470,6 +499,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the per-kernel rows here")
     p.add_argument("--attention-sweep", action="store_true",
                    help="compile the Triton attention at every tiling of its GPU sweep instead of every kernel")
+    p.add_argument("--gemm-sweep", action="store_true",
+                   help="compile the MLP's GELU-epilogue GEMMs at every tiling of their GPU sweep instead")
     a = p.parse_args(argv)
     if INTERPRETED:
         print("TRITON_INTERPRET is set: run this check in a process without it", file=sys.stderr)
@@ -480,7 +511,8 @@ def main(argv=None) -> int:
         print(f"NVIDIA toolchain unavailable: {e!r}", file=sys.stderr)
         return 3
     rows, failed = [], False
-    for label, fn, values, consts, nw in (attention_sweep_cases() if a.attention_sweep else cases()):
+    todo = attention_sweep_cases() if a.attention_sweep else gemm_gelu_sweep_cases() if a.gemm_sweep else cases()
+    for label, fn, values, consts, nw in todo:
         nw, stages = nw if isinstance(nw, tuple) else (nw, None)   # (num_warps, num_stages) where a case sets both
         try:
             kernel = compile_sm90(fn, values, consts, nw, stages)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fastdit.kernels.gelu import gelu_tanh_bwd_op, gelu_tanh_bwd_ref
-from fastdit.models.mlp import fold_gelu_mlp, recompute_gelu_mlp
+from fastdit.kernels.gemm_gelu import linear_dgelu_op, linear_dgelu_ref, linear_gelu_op, linear_gelu_ref
+from fastdit.models.mlp import epilogue_gelu_mlp, fold_gelu_mlp, recompute_gelu_mlp
 from fastdit.models.reference import Mlp
 
 # The MLP variants under test, each as fn(mlp, h). "fold" variants with the PyTorch reference of the
@@ -13,10 +14,12 @@ VARIANTS = {
     "recompute": recompute_gelu_mlp,
     "fold/torch": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_ref),
     "recompute-fold/torch": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_ref, recompute=True),
+    "epilogue/torch": lambda m, x: epilogue_gelu_mlp(m, x, linear_gelu_ref, linear_dgelu_ref),
 }
 TRITON_VARIANTS = {
     "fold/triton": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_op),
     "recompute-fold/triton": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_op, recompute=True),
+    "epilogue/triton": lambda m, x: epilogue_gelu_mlp(m, x, linear_gelu_op, linear_dgelu_op),
 }
 
 
@@ -90,7 +93,8 @@ def _saved_activation_bytes(fn, mlp, h):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("variant,less", [("recompute", 1), ("fold/torch", 0), ("recompute-fold/torch", 1)])
+@pytest.mark.parametrize("variant,less", [("recompute", 1), ("fold/torch", 0), ("recompute-fold/torch", 1),
+                                          ("epilogue/torch", 0)])
 def test_keeps_one_hidden_wide_tensor_less(variant, less):
     mlp, h = make(dtype=torch.float32)
     plain = _saved_activation_bytes(lambda m, x: m(x), mlp, h)

@@ -12,12 +12,13 @@ Same registry keys, constructor arguments, methods and state-dict layout as
   mlp           "plain" (default) | "recompute": keep only fc1's input and output for the backward and
                 recompute GELU there (fastdit.models.mlp; one 4D-wide activation less per block) |
                 "fold" / "recompute-fold": the same, with GELU's backward and fc1's bias gradient in one
-                pass (kernels/gelu.py)
+                pass (kernels/gelu.py) | "epilogue": GELU in fc1's GEMM and GELU's backward + fc1's bias
+                gradient in fc2's data-gradient GEMM (kernels/gemm_gelu.py; Triton GEMMs instead of cuBLAS)
   bias_fold     False (default) | True: the attention projection's and fc2's biases are added inside the
                 fused residual kernel (x + gate * (y + b)), whose backward pass also gives their gradients,
                 and with attention sdpa_packed the qkv bias gradient comes from the pass that assembles dqkv
                 (kernels/qkv_grads.py; with attention triton from its backward kernels): no column-sum reduction over those linears' output gradients (with
-                mlp="fold" or "recompute-fold", fc1's bias is folded too)
+                mlp="fold", "recompute-fold" or "epilogue", fc1's bias is folded too)
 
 Data flow of the adaLN-Zero stack (D = hidden size); each arrow is one fused kernel:
 
@@ -47,7 +48,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from fastdit.dist import nvtx_range
 from fastdit.models import attention as attn_backends
-from fastdit.models.mlp import MLP_CHOICES, fold_gelu_mlp, plain_mlp, recompute_gelu_mlp
+from fastdit.models.mlp import MLP_CHOICES, epilogue_gelu_mlp, fold_gelu_mlp, plain_mlp, recompute_gelu_mlp
 from fastdit.models import reference as ref
 from fastdit.models.registry import KERNEL_CHOICES, make_registry
 
@@ -59,20 +60,24 @@ def _torch_ops():
     from fastdit.kernels import (gated_residual_modulate_layernorm_ref, gated_residual_ref,
                                  modulate_layernorm_ref, patch_embed_ref)
     from fastdit.kernels.gelu import gelu_tanh_bwd_ref
+    from fastdit.kernels.gemm_gelu import linear_dgelu_ref, linear_gelu_ref
     from fastdit.kernels.qkv_grads import stack_qkv_grads_ref
     return dict(modulate_layernorm=modulate_layernorm_ref, gated_residual=gated_residual_ref,
                 gated_residual_modulate_layernorm=gated_residual_modulate_layernorm_ref,
-                patch_embed=patch_embed_ref, gelu_tanh_bwd=gelu_tanh_bwd_ref, stack_qkv_grads=stack_qkv_grads_ref)
+                patch_embed=patch_embed_ref, gelu_tanh_bwd=gelu_tanh_bwd_ref, stack_qkv_grads=stack_qkv_grads_ref,
+                linear_gelu=linear_gelu_ref, linear_dgelu=linear_dgelu_ref)
 
 
 def _triton_ops():
     from fastdit.kernels import (gated_residual, gated_residual_modulate_layernorm,
                                  modulate_layernorm, patch_embed)
     from fastdit.kernels.gelu import gelu_tanh_bwd_op
+    from fastdit.kernels.gemm_gelu import linear_dgelu_op, linear_gelu_op
     from fastdit.kernels.qkv_grads import stack_qkv_grads_op
     return dict(modulate_layernorm=modulate_layernorm, gated_residual=gated_residual,
                 gated_residual_modulate_layernorm=gated_residual_modulate_layernorm,
-                patch_embed=patch_embed, gelu_tanh_bwd=gelu_tanh_bwd_op, stack_qkv_grads=stack_qkv_grads_op)
+                patch_embed=patch_embed, gelu_tanh_bwd=gelu_tanh_bwd_op, stack_qkv_grads=stack_qkv_grads_op,
+                linear_gelu=linear_gelu_op, linear_dgelu=linear_dgelu_op)
 
 
 def triton_usable(device: torch.device) -> tuple[bool, str]:
@@ -149,6 +154,8 @@ class FastDiTBlock(nn.Module):
             elif self.mlp_mode in ("fold", "recompute-fold"):
                 m = fold_gelu_mlp(self.mlp, h, ops["gelu_tanh_bwd"], recompute=self.mlp_mode == "recompute-fold",
                                   fc2_bias=not fold)
+            elif self.mlp_mode == "epilogue":
+                m = epilogue_gelu_mlp(self.mlp, h, ops["linear_gelu"], ops["linear_dgelu"], fc2_bias=not fold)
             else:
                 m = plain_mlp(self.mlp, h, fc2_bias=not fold)
         with nvtx_range("residual+ln", nvtx):
