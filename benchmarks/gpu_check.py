@@ -17,6 +17,8 @@ that would not get its minimum time is skipped and says so. Stages, most importa
               contiguous
   attn_sweep  benchmarks/attention.py --sweep-triton --no-rows: the Triton attention's kernels at each tiling
               of its sweep (results written after each tiling, so a deadline keeps what was timed)
+  mlp_gemm    benchmarks/mlp_gemm.py: the MLP's GEMMs with GELU in the epilogue (mlp="epilogue") at each tiling
+              of their sweep against cuBLAS + the separate GELU pass, forward and backward
   train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
   compile     benchmarks/throughput.py rows deepspeed+compile (train.compile), fused+compile and compile
               (compilation takes minutes)
@@ -77,20 +79,21 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
-STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "attn_sweep", "train", "compile",
-          "profile", "gpu_tests")
+STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "attn_sweep", "mlp_gemm", "train",
+          "compile", "profile", "gpu_tests")
 # deepspeed+compile first: the one row not measured before (compile and fused+compile were, at 864d10f); a
 # deadline that cuts the stage cuts the last row
 COMPILE_ROWS = ("deepspeed+compile", "fused+compile", "compile")
 GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/test_models_attention.py",
                   "tests/test_kernels_gelu.py", "tests/test_kernels_qkv_grads.py", "tests/test_kernels_adamw.py",
-                  "tests/test_kernels_tile_sums.py", "tests/test_kernels_flash_attention.py")
+                  "tests/test_kernels_tile_sums.py", "tests/test_kernels_flash_attention.py",
+                  "tests/test_kernels_gemm_gelu.py")
 # The throughput stage's rows, most wanted first (a deadline that cuts the stage cuts the last rows): the
 # rows each open switch is judged against, then the switches, then the baselines measured before.
 # fused/sdpa_packed is `fused` where flash-attn is absent (auto); fused/math and fused/sdpa are left out.
 THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed+fused-step", "fused+bias-fold", "deepspeed+all-switches",
-                    "fused+all-switches", "fused/triton", "fused+all-switches/triton",
-                    "deepspeed+all-switches/triton", "fused+mlp-fold",
+                    "fused+all-switches", "fused/triton", "fused+mlp-epilogue", "fused+mlp-fold",
+                    "fused+all-switches/triton", "deepspeed+all-switches/triton",
                     "fused+mlp-recompute-fold", "fused+mlp-recompute", "eager", "eager/sdpa",
                     "fused/flash_attn", "fused/xformers", "fused/sdpa_packed")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.
@@ -428,6 +431,19 @@ def summarize_attn_sweep(out: str, st: Stage) -> str:
         f"{k} {tuple(b['config'])} {b['ms']:.3f} ms of {b['tried']}" for k, b in best.items())
 
 
+def summarize_mlp_gemm(out: str, st: Stage) -> str:
+    """Per pass: the GELU-epilogue GEMM's fastest tiling against cuBLAS + the separate pass, from mlp_gemm.json
+    (partial when its deadline cut the sweep)."""
+    d = _load(os.path.join(out, "mlp_gemm.json"))
+    summ = d.get("summary") or {}
+    st.detail = dict(summary=summ, stopped_early=d.get("meta", {}).get("stopped_early"))
+    parts = [f"{p} best {s['best'].split()[-1]} {s['best_ms']:.3f} ms vs {s['baseline']} {s['baseline_ms']:.3f} "
+             f"(x{s['best_vs_baseline']:.2f})" for p, s in summ.items() if isinstance(s, dict)]
+    if "derived_step_change_ms" in summ:
+        parts.append(f"derived step change {summ['derived_step_change_ms']:+.1f} ms")
+    return ("(cut short) " if d.get("meta", {}).get("stopped_early") else "") + ("; ".join(parts) or "no rows")
+
+
 def summarize_profile(folder: str, st: Stage) -> str:
     """The step profiler's phase medians (ms) and step time from its profile.json."""
     d = _load(os.path.join(folder, "profile.json"))
@@ -558,6 +574,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         par = ["--smoke"]
         kern = ["--smoke"]
         att = ["--smoke"]
+        mg = ["--smoke"]
         train_cfg = ["--config", "configs/digits.json", "--set", "train.max_steps=4", "--set", "train.log_every=1"]
         prof = ["--smoke"]
         skip_windows = 1
@@ -573,6 +590,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "fused-direct", "fused-gemm-bwd",
                 "fused-tile-sums", "eager", "compile", "--rep", "60", "--warmup", "15"]
         att = ["--batch", str(batch)]
+        # the backward first: its predicted saving is the larger (a deadline cuts the forward's last tilings)
+        mg = ["--batch", str(batch), "--passes", "bwd", "fwd", "--deadline-s", "60", "--rep", "50", "--warmup", "10"]
         train_cfg = ["--config", "configs/xl2_zero2.json", "--set", "data.kind=synthetic",
                      "--set", "data.synthetic_size=4096", "--set", "data.num_workers=4",
                      "--set", "train.max_steps=16", "--set", "train.log_every=2",
@@ -611,6 +630,9 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         Stage("attn_sweep", [[py, "benchmarks/attention.py", *att, "--no-rows", "--sweep-triton",
                               "--json", j("attention_sweep.json")]], 75, 20,
               lambda s: summarize_attn_sweep(out, s)),
+        # the GEMM sweep stops itself 10 s before the stage's cap (its JSON keeps the tilings timed so far)
+        Stage("mlp_gemm", [[py, "benchmarks/mlp_gemm.py", *mg, "--json", j("mlp_gemm.json")]], 70, 20,
+              lambda s: summarize_mlp_gemm(out, s)),
         Stage("train", [train_cmd], 120, 30,
               lambda s: summarize_train(run_dir, out, skip_windows, s)),
         Stage("compile", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(compile_rows),

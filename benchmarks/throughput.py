@@ -21,7 +21,7 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
                        (rows of backends that cannot run here are recorded as "unavailable", with
                        the reason fastdit.models.attention.backend_status() gives)
     fused+<switches>   the fast model, and deepspeed+<switches> the real step, with unmeasured speed switches on
-    (and /triton)      (see row_specs: mlp folds, bias_fold, the kernels' environment switches, the fused optimizer
+    (and /triton)      (see row_specs: mlp folds / epilogues, bias_fold, the kernels' environment switches, the fused optimizer
                        step); the two all-switches rows ending in /triton also run attention "triton"
     deepspeed          the real training step: fastdit.training.trainer's engine built from --config (default
                        configs/xl2_zero2.json) exactly as fastdit/train.py builds it (its DeepSpeed section:
@@ -94,7 +94,7 @@ from fastdit.models.attention import BACKENDS  # noqa: E402
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
-             "fused+mlp-recompute-fold", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
+             "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
              "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
              "deepspeed+all-switches/triton")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
@@ -274,6 +274,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold"))
         elif name == "fused+mlp-recompute-fold":  # both: GELU recomputed by the same pass
             specs.append(RowSpec(name, "fast", False, "auto", mlp="recompute-fold"))
+        elif name == "fused+mlp-epilogue":  # GELU in the GEMMs' epilogues (kernels/gemm_gelu.py, Triton GEMMs)
+            specs.append(RowSpec(name, "fast", False, "auto", mlp="epilogue"))
         elif name == "fused+bias-fold":  # every linear's bias gradient from a kernel already reading its grad
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", bias_fold=True))
         elif name == "fused+all-switches":  # the harness's step with every unmeasured model and kernel switch on

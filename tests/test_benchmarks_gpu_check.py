@@ -32,10 +32,11 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     assert st["attention"]["detail"]["fastest_packed"]
     assert set(st["attn_sweep"]["detail"]["fastest"]) == {"fwd", "dq", "dkdv", "dq+bias"}   # the Triton attention's tilings
     assert st["attn_sweep"]["detail"]["complete"] is True
+    assert {"fwd", "bwd", "derived_step_change_ms"} <= set(st["mlp_gemm"]["detail"]["summary"])   # GELU-epilogue GEMMs
     assert set(st["profile"]["detail"]["phases_ms"]) >= {"forward", "backward", "optimizer"}
     assert (out / "step_profile" / "profile.json").is_file()
     for name in ("env.json", "parity.json", "throughput.json", "throughput_compile.json", "kernels.json",
-                 "kernels.png", "attention.json", "attention_sweep.json", "train_metrics.jsonl", "README.md",
+                 "kernels.png", "attention.json", "attention_sweep.json", "mlp_gemm.json", "train_metrics.jsonl", "README.md",
                  "log.txt"):
         assert (out / name).is_file(), name
     # the summary table is the last thing printed
@@ -68,6 +69,8 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "benchmarks/attention.py --batch 128" in by["attention"][0]
     assert "--no-rows --sweep-triton" in by["attn_sweep"][0] and "--batch 128" in by["attn_sweep"][0]
     assert "tests/test_kernels_flash_attention.py" in by["tests"][0] and "fused/triton" in by["throughput"][0]
+    assert "benchmarks/mlp_gemm.py --batch 128 --passes bwd fwd --deadline-s 60" in by["mlp_gemm"][0]
+    assert "tests/test_kernels_gemm_gelu.py" in by["tests"][0] and "fused+mlp-epilogue" in by["throughput"][0]
     assert "configs/xl2_zero2.json" in by["train"][0] and "train_micro_batch_size_per_gpu=128" in by["train"][0]
     assert "-m gpu" in by["gpu_tests"][0] and "--ignore=tests/test_models_dit.py" in by["gpu_tests"][0]
     assert "benchmarks/step_profile.py --config configs/xl2_zero2.json" in by["profile"][0]

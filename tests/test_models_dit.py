@@ -86,16 +86,17 @@ def test_fp32_forward_and_every_gradient(cfg_name, kernels):
 
 
 @pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
-@pytest.mark.parametrize("mlp", ["recompute", "fold", "recompute-fold"])
+@pytest.mark.parametrize("mlp", ["recompute", "fold", "recompute-fold", "epilogue"])
 def test_mlp_modes_forward_and_every_gradient(kernels, mlp):
-    """mlp="recompute" (GELU recomputed in backward) and "fold" / "recompute-fold" (GELU backward + fc1's
-    bias gradient in one pass, kernels/gelu.py; fastdit.models.mlp) are the reference, fp32."""
+    """mlp="recompute" (GELU recomputed in backward), "fold" / "recompute-fold" (GELU backward + fc1's
+    bias gradient in one pass, kernels/gelu.py) and "epilogue" (GELU in the GEMMs, kernels/gemm_gelu.py;
+    fastdit.models.mlp) are the reference, fp32."""
     fast = assert_fp32_matches_reference(CONFIGS["S-width/p2"], kernels=kernels, attention="sdpa", mlp=mlp)
     assert all(b.mlp_mode == mlp for b in fast.blocks)
 
 
 @pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
-@pytest.mark.parametrize("mlp", ["plain", "recompute", "fold"])
+@pytest.mark.parametrize("mlp", ["plain", "recompute", "fold", "epilogue"])
 def test_bias_fold_forward_and_every_gradient(kernels, mlp):
     """bias_fold=True (the projection's and fc2's biases added in the fused residual op, their gradients
     from its backward) is the reference, fp32, with each MLP mode; with activation checkpointing too."""
@@ -162,6 +163,10 @@ def test_bias_fold_removes_the_bias_reductions():
     _, own = make_pair(cfg, kernels=kernels, attention="triton", mlp="fold", bias_fold=True)
     own_sums = [s for s in _backward_row_sums(own, cfg) if s[0] == rows]
     assert own_sums == [s for s in after if s[0] == rows and s != (rows, 3 * d)], own_sums
+    # mlp="epilogue": fc1's bias gradient from the GEMM epilogue's per-tile sums, as the fold's
+    _, epi = make_pair(cfg, kernels=kernels, attention="sdpa_packed", mlp="epilogue", bias_fold=True)
+    epi_sums = [s for s in _backward_row_sums(epi, cfg) if s[0] == rows]
+    assert epi_sums == [s for s in after if s[0] == rows and s != (rows, 3 * d)], epi_sums
 
 
 def test_sdpa_packed_attention_forward_and_every_gradient():
@@ -193,7 +198,7 @@ def test_bf16_triton_attention_by_the_flash_attention_rule():
 @pytest.mark.parametrize("cfg_name,mlp,bias_fold", [("S-width/p2", "plain", False), ("B-width/p4", "plain", False),
                                                     ("S-width/p2", "recompute", False), ("S-width/p2", "fold", False),
                                                     ("S-width/p2", "recompute-fold", False),
-                                                    ("S-width/p2", "fold", True)])
+                                                    ("S-width/p2", "fold", True), ("S-width/p2", "epilogue", True)])
 def test_bf16_by_the_flash_attention_rule(cfg_name, mlp, bias_fold, attention="sdpa"):
     """|fast_bf16 - ref_fp32| <= 2 |ref_bf16 - ref_fp32| + atol, for the output and every gradient."""
     cfg = CONFIGS[cfg_name]
@@ -288,6 +293,7 @@ def test_other_conditioning_blocks_match_reference(block_type):
 @pytest.mark.parametrize("attention,mlp,bias_fold", [("sdpa", "plain", False), ("sdpa_packed", "plain", False),
                                                      ("auto", "plain", False), ("sdpa", "fold", False),
                                                      ("sdpa", "recompute-fold", False), ("sdpa", "fold", True),
+                                                     ("sdpa", "epilogue", True),
                                                      ("triton", "fold", True)])   # compiled: runs sdpa
 def test_torch_compile_fullgraph_matches_eager(attention, mlp, bias_fold):
     cfg = CONFIGS["odd/p2"]
