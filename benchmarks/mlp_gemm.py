@@ -45,7 +45,8 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, write_json  # noqa: E402
 
-SMOKE_NOTE = ("--smoke: tiny shape on CPU through the Triton interpreter (TRITON_INTERPRET=1), two tilings; "
+SMOKE_NOTE = ("--smoke: tiny shape on CPU through the Triton interpreter (TRITON_INTERPRET=1), two tilings (TMA and "
+              "pointer kernels); "
               "the timings say nothing about kernel speed")
 WRONG_REL = 2e-2
 
@@ -87,7 +88,7 @@ def run(args, argv=None):
     ge = importlib.import_module("fastdit.kernels.gelu")
     if args.smoke:
         device = torch.device("cpu")
-        m, d, sweep = 2 * 16, 32, [gg.GemmConfig(16, 32, 16, 4, 2, 2), gg.GemmConfig(32, 16, 16, 4, 2, 2)]
+        m, d, sweep = 2 * 16, 32, [gg.GemmConfig(16, 32, 16, 4, 2, 2, tma=True), gg.GemmConfig(32, 16, 16, 4, 2, 2)]
     else:
         if not torch.cuda.is_available():
             raise SystemExit("benchmarks/mlp_gemm.py needs a CUDA device (or --smoke for a CPU check)")
@@ -143,7 +144,7 @@ def run(args, argv=None):
         base_ms = None
         base_out = None
         todo = [("cublas", spec["gemm"], None), (spec["baseline"][0], spec["baseline"][1], None)]
-        todo += [(f"epilogue {c.block_m}x{c.block_n}x{c.block_k}/{c.num_warps}/{c.num_stages}", None, c)
+        todo += [(f"epilogue {c.tag()}", None, c)
                  for c in sweep]
         for impl, fn, cfg in todo:
             if time.monotonic() - t_start > args.deadline_s:

@@ -243,13 +243,21 @@ def gemm_gelu_cases(configs):
     bwd = dict(fwd, stride_bk=n, stride_bn=1)
     out = []
     for cfg in configs:
-        tag = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/{cfg.num_warps}/{cfg.num_stages}"
-        base = dict(EVEN_K=d % cfg.block_k == 0, ROUND=tl.bfloat16, UPCAST=False, DOT_PRECISION="tf32",
-                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
-        out.append((f"gemm_gelu_fwd {tag}", gg._gemm_gelu_kernel, fwd, dict(base, BACKWARD=False, HAS_BIAS=True),
-                    (cfg.num_warps, cfg.num_stages)))
-        out.append((f"gemm_gelu_bwd {tag}", gg._gemm_gelu_kernel, bwd, dict(base, BACKWARD=True, HAS_BIAS=False),
-                    (cfg.num_warps, cfg.num_stages)))
+        tag = cfg.tag()
+        base = dict(ROUND=tl.bfloat16, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                    BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+        for backward in (False, True):
+            if cfg.tma:
+                bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+                desc = lambda r, c: f"tensordesc<bf16[{r},{c}]>"   # noqa: E731
+                kernel, consts = gg._gemm_gelu_tma_kernel, dict(base)
+                values = dict(a_desc=desc(bm, bk), b_desc=desc(bk, bn) if backward else desc(bn, bk), BIAS="*bf16",
+                              z_desc=desc(bm, bn), out_desc=desc(bm, bn), DB_PART="*fp32", M=m, N=n, K=d)
+            else:
+                kernel, consts, values = gg._gemm_gelu_kernel, dict(base, EVEN_K=d % cfg.block_k == 0), \
+                    (bwd if backward else fwd)
+            out.append((f"gemm_gelu_{'bwd' if backward else 'fwd'} {tag}", kernel, values,
+                        dict(consts, BACKWARD=backward, HAS_BIAS=not backward), (cfg.num_warps, cfg.num_stages)))
     return out
 
 
@@ -266,7 +274,9 @@ def _specialise(fn, values: dict, constexprs: dict):
             sig[name] = "constexpr"
             continue
         v = values[name]
-        if isinstance(v, str):
+        if isinstance(v, str) and v.startswith("tensordesc"):   # a host TMA descriptor, e.g. tensordesc<bf16[128,64]>
+            sig[name] = v
+        elif isinstance(v, str):
             sig[name] = v
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
@@ -282,9 +292,18 @@ def _specialise(fn, values: dict, constexprs: dict):
 
 
 def runtime_arg_names(fn, values: dict, constexprs: dict):
-    """The arguments that stay kernel parameters (in PTX order): constexprs and 1s are folded in."""
+    """The arguments that stay kernel parameters (in PTX order): constexprs and 1s are folded in; a TMA
+    descriptor argument is its CUtensorMap parameter, then its shape (i32) and strides (i64) per dimension."""
     sig, _, _ = _specialise(fn, values, constexprs)
-    return [name for name in fn.arg_names if sig[name] != "constexpr"]
+    names = []
+    for name in fn.arg_names:
+        if sig[name] == "constexpr":
+            continue
+        names.append(name)
+        if sig[name].startswith("tensordesc"):
+            ndim = sig[name].count(",") + 1
+            names += [f"{name}.shape{i}" for i in range(ndim)] + [f"{name}.stride{i}" for i in range(ndim)]
+    return names
 
 
 def compile_sm90(fn, values: dict, constexprs: dict, num_warps: int, num_stages: Optional[int] = None):

@@ -17,6 +17,11 @@ shapes (K = 1152): `benchmarks/mlp_gemm.py` measures both sides; the model keeps
 The MLP keeps g for fc2's weight gradient (as mlp="fold" does); an epilogue that also rewrites g for a
 recomputing MLP spilled registers at every tiling of the sm_90 compile report and is not built.
 
+Two kernels compute the same thing: `_gemm_gelu_kernel` addresses its tiles with pointers (loads pipelined with
+cp.async), `_gemm_gelu_tma_kernel` moves every tile with Hopper's TMA unit through host-built tensor
+descriptors (GemmConfig.tma; tensors TMA cannot address, e.g. a row stride that is not a multiple of 16 bytes,
+run the pointer kernel). The interpreter runs both.
+
 Numerics (as the reference's ops, in fp32 inside the tile): z is rounded to its dtype first and GELU is
 computed from the rounded z, so g equals GELU of the stored z (what a recompute in the backward gives).
 dz = GELU'(z) * dg uses the fp32 dg of the accumulator (the reference rounds dg to bf16 first: this is
@@ -48,35 +53,46 @@ class GemmConfig(NamedTuple):
     num_warps: int
     num_stages: int
     group_m: int = 8
+    tma: bool = False          # operands, z and the outputs through TMA tensor descriptors (see _gemm_gelu_tma_kernel)
+
+    def tag(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k}/{self.num_warps}/{self.num_stages}" + (
+            "/tma" if self.tma else "")
 
 
-# The launchers' default tiling on a GPU, and what benchmarks/mlp_gemm.py sweeps (default first). Chosen
-# from the sm_90 compile report (python -m fastdit.kernels._sm90_check --gemm-sweep, triton 3.6, DiT-XL/2's
-# shapes) until a GPU sweep measures them: the default compiles without spills in both epilogues (143 / 151
-# registers, 128 KB of shared memory); 128x256 and 256x128, the usual Hopper GEMM tiles, spill 48-80 bytes in
-# an epilogue and are swept all the same (a small spill in the epilogue may cost less than the smaller
-# tile). FASTDIT_GEMM_GELU_CONFIG="BMxBNxBK/warps/stages" overrides the default without an edit.
-DEFAULT_CONFIG = GemmConfig(128, 128, 64, 8, 4)
+# The launchers' default tiling on a GPU, and what benchmarks/mlp_gemm.py sweeps (default first). Chosen from
+# the sm_90 compile report (python -m fastdit.kernels._sm90_check --gemm-sweep; triton 3.6, the GPU machine's,
+# and 3.9; DiT-XL/2's shapes) until a GPU sweep measures them. The default moves every tile by TMA and compiles
+# without spills in both epilogues: under triton 3.6, 96 (forward) and 128 (backward) registers and 96 KB of
+# shared memory, so two programs fit on an SM and one's epilogue can overlap the other's K loop (3.9's backward
+# takes 146 registers: one program). 128x256 and 256x128, the usual Hopper GEMM tiles, spill 8-48 bytes in the
+# backward's epilogue; the pointer (cp.async) kernel is swept for comparison.
+# FASTDIT_GEMM_GELU_CONFIG="BMxBNxBK/warps/stages[/tma]" overrides the default without an edit.
+DEFAULT_CONFIG = GemmConfig(128, 128, 64, 8, 3, tma=True)
 SWEEP = (DEFAULT_CONFIG,
+         GemmConfig(128, 128, 64, 8, 4, tma=True),
+         GemmConfig(128, 256, 64, 8, 3, tma=True),
+         GemmConfig(256, 128, 64, 8, 3, tma=True),
+         GemmConfig(128, 64, 64, 4, 4, tma=True),
+         GemmConfig(128, 128, 64, 8, 5, tma=True),
          GemmConfig(128, 128, 64, 8, 3),
-         GemmConfig(128, 128, 64, 8, 5),
-         GemmConfig(128, 256, 64, 8, 3),
-         GemmConfig(256, 128, 64, 8, 3),
-         GemmConfig(128, 64, 64, 4, 4),
-         GemmConfig(64, 128, 64, 4, 4),
-         GemmConfig(128, 128, 32, 8, 5))
+         GemmConfig(128, 128, 64, 8, 4))
 CONFIG_ENV = "FASTDIT_GEMM_GELU_CONFIG"
 
 
 def parse_config(text: str) -> GemmConfig:
-    """'128x128x64/8/4' -> GemmConfig(128, 128, 64, 8, 4); ValueError naming the expected form otherwise."""
+    """'128x128x64/8/4' -> GemmConfig(128, 128, 64, 8, 4), '.../tma' with tma=True (the form of GemmConfig.tag);
+    ValueError naming the expected form otherwise."""
     try:
-        blocks, warps, stages = text.strip().split("/")
-        bm, bn, bk = (int(v) for v in blocks.lower().split("x"))
-        cfg = GemmConfig(bm, bn, bk, int(warps), int(stages))
+        parts = text.strip().lower().split("/")
+        tma = len(parts) == 4 and parts[3] == "tma"
+        if len(parts) != 3 and not tma:
+            raise ValueError
+        bm, bn, bk = (int(v) for v in parts[0].split("x"))
+        cfg = GemmConfig(bm, bn, bk, int(parts[1]), int(parts[2]), tma=tma)
     except ValueError:
-        raise ValueError(f"{CONFIG_ENV}={text!r}: expected BLOCK_MxBLOCK_NxBLOCK_K/num_warps/num_stages, "
-                         "e.g. 128x128x64/8/4") from None
+        raise ValueError(f"{CONFIG_ENV}={text!r}: expected BLOCK_MxBLOCK_NxBLOCK_K/num_warps/num_stages[/tma], "
+                         "e.g. 128x128x64/8/3/tma") from None
     try:
         check_config(cfg)
     except ValueError as e:
@@ -200,6 +216,79 @@ def _gemm_gelu_kernel(
         tl.store(OUT + tile + offs, (0.5 * z * (1.0 + _tanh_u(z))).to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gemm_gelu_tma_kernel(
+    a_desc,                             # (M, K) left operand, blocks (BLOCK_M, BLOCK_K)
+    b_desc,                             # forward: w1 (N, K), blocks (BLOCK_N, BLOCK_K); backward: w2 (K, N), (BLOCK_K, BLOCK_N)
+    BIAS,                               # (N,) fc1's bias (forward, HAS_BIAS)
+    z_desc,                             # (M, N) z: written (forward) or read (backward), blocks (BLOCK_M, BLOCK_N)
+    out_desc,                           # (M, N) g (forward) or dz (backward), blocks (BLOCK_M, BLOCK_N)
+    DB_PART,                            # (cdiv(M, BLOCK_M), N) fp32 output: per-tile column sums of dz (backward)
+    M, N, K,
+    BACKWARD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROUND: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # _gemm_gelu_kernel with every tile moved by the TMA unit (Hopper): the loads of the K loop are
+    # asynchronous bulk copies into shared memory (no address registers), and out-of-bounds rows and columns
+    # read as zeros and are dropped at the stores, so the epilogue needs no masks: a row past M has a zero
+    # accumulator, hence a zero dz in the column sums.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([off_m, k * BLOCK_K])
+        if BACKWARD:
+            b = b_desc.load([k * BLOCK_K, off_n])
+        else:
+            b = tl.trans(b_desc.load([off_n, k * BLOCK_K]))
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    rn = off_n + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    if BACKWARD:
+        z = z_desc.load([off_m, off_n]).to(tl.float32)
+        t = _tanh_u(z)
+        dz = acc * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z))
+        out_desc.store([off_m, off_n], dz.to(out_desc.dtype))
+        tl.store(DB_PART + pid_m.to(tl.int64) * N + rn, tl.sum(dz, axis=0), mask=n_ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
+        if ROUND == tl.bfloat16:
+            z = _round_to_bf16(acc)
+        else:
+            z = acc.to(ROUND).to(tl.float32)
+        out_desc.store([off_m, off_n], (0.5 * z * (1.0 + _tanh_u(z))).to(out_desc.dtype))
+
+
+def tma_usable(*tensors) -> bool:
+    """Whether TMA descriptors can address these 2-D tensors: last stride 1, the other stride and the base
+    address 16-byte aligned (the TMA unit's rules). Otherwise the launchers run the pointer kernel."""
+    for t in tensors:
+        if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -211,18 +300,29 @@ def _check(named, dtype_of: str) -> torch.device:
     return check_same_device(named)
 
 
-def _launch(a, b_t, bias, z, out, part, m, n, k, backward, cfg):
-    """Run the kernel over (m, n) with b_t the (K, N) right operand (a strided view)."""
+def _launch(a, b, bias, z, out, part, m, n, k, backward, cfg):
+    """Run the kernel over (m, n): b is w1 (N, K) in the forward, w2 (K, N) in the backward."""
     check_config(cfg)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     dummy = out
+    common = dict(BACKWARD=backward, HAS_BIAS=bias is not None, ROUND=_TL_DTYPE[a.dtype],
+                  UPCAST=INTERPRETED and a.dtype != torch.float32,
+                  DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.tma and tma_usable(a, b, z, out):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+        desc = TensorDescriptor.from_tensor
+        _gemm_gelu_tma_kernel[grid](
+            desc(a, [bm, bk]), desc(b, [bk, bn] if backward else [bn, bk]), bias if bias is not None else dummy,
+            desc(z, [bm, bn]), desc(out, [bm, bn]), part if part is not None else dummy, m, n, k, **common)
+        return
+    b_t = b if backward else b.t()             # the (K, N) right operand
     _gemm_gelu_kernel[grid](
         a, *a.stride(), b_t, *b_t.stride(), bias if bias is not None else dummy,
         z, *z.stride(), out, part if part is not None else dummy,
-        m, n, k, BACKWARD=backward, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
-        ROUND=_TL_DTYPE[a.dtype], UPCAST=INTERPRETED and a.dtype != torch.float32, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        m, n, k, EVEN_K=k % cfg.block_k == 0, **common)
 
 
 def linear_gelu(h: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor] = None, *,
@@ -245,7 +345,7 @@ def linear_gelu(h: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor] = 
     if k == 0:                                   # an empty sum: z = b1 (or 0), as F.linear gives
         zz = (b1.expand(m, n) if b1 is not None else h.new_zeros(m, n)).contiguous()
         return zz, torch.nn.functional.gelu(zz, approximate="tanh")
-    _launch(h, w1.t(), b1, z, g, None, m, n, k, False, config or default_config())
+    _launch(h, w1, b1, z, g, None, m, n, k, False, config or default_config())
     return finish(z, h.dtype), finish(g, h.dtype)
 
 

@@ -8,10 +8,13 @@ import torch
 
 from fastdit.kernels.gemm_gelu import (CONFIG_ENV, DEFAULT_CONFIG, SWEEP, GemmConfig, default_config, linear_dgelu,
                                        linear_dgelu_op, linear_dgelu_ref, linear_gelu, linear_gelu_op,
-                                       linear_gelu_ref, parse_config)
+                                       linear_gelu_ref, parse_config, tma_usable)
+
+gg = importlib.import_module("fastdit.kernels.gemm_gelu")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = GemmConfig(32, 32, 16, 4, 2, group_m=2)   # several tiles, groups and K steps at test sizes
+SMALL_TMA = SMALL._replace(tma=True)
 
 
 def _inputs(m, k, n, dtype, seed=0):
@@ -27,7 +30,10 @@ def _inputs(m, k, n, dtype, seed=0):
 @pytest.mark.parametrize("m,k,n,cfg", [(70, 48, 72, SMALL),            # edge tiles in M and N, K % BLOCK_K == 0
                                        (33, 40, 100, SMALL),           # K % BLOCK_K != 0 (masked K steps)
                                        (130, 64, 96, GemmConfig(64, 32, 32, 4, 3, group_m=8)),
-                                       (5, 24, 17, None)])             # the default tiling, one mostly-empty tile
+                                       (70, 48, 72, SMALL_TMA),        # TMA: out-of-bounds tiles read as zeros
+                                       (33, 40, 100, SMALL_TMA),       # TMA: a partial last K step
+                                       (5, 24, 17, None),              # the default tiling: fp32 rows of 17 are
+                                       (5, 24, 20, None)])             # not TMA-addressable, rows of 20 are
 def test_fp32_matches_pytorch(monkeypatch, m, k, n, cfg):
     monkeypatch.setenv("FASTDIT_KERNEL_POISON", "1")
     h, w1, b1, dy, w2 = _inputs(m, k, n, torch.float32)
@@ -51,22 +57,53 @@ def test_no_bias():
     torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_against_fp64():
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_TMA])
+def test_bf16_against_fp64(cfg):
     """bf16: z is the GEMM rounded once (as cuBLAS's), g is GELU of that stored z, and dz / db are at least as
     close to the fp64 result as the reference's (which rounds dg to bf16 before GELU's backward)."""
     m, k, n = 96, 64, 80
     h, w1, b1, dy, w2 = _inputs(m, k, n, torch.bfloat16, seed=1)
-    z, g = linear_gelu(h, w1, b1, config=SMALL)
+    z, g = linear_gelu(h, w1, b1, config=cfg)
     exact_z = torch.nn.functional.linear(h.double(), w1.double(), b1.double())
     torch.testing.assert_close(z.double(), exact_z, rtol=2 ** -8, atol=1e-2)          # one rounding of the sum
     g_of_z = torch.nn.functional.gelu(z.float(), approximate="tanh").to(torch.bfloat16)
     torch.testing.assert_close(g.float(), g_of_z.float(), rtol=2 ** -7, atol=1e-5)    # GELU of the stored z
-    dz, db = linear_dgelu(dy, w2, z, config=SMALL)
+    dz, db = linear_dgelu(dy, w2, z, config=cfg)
     rdz, rdb = linear_dgelu_ref(dy, w2, z)
     exact = torch.ops.aten.gelu_backward(dy.double().mm(w2.double()), z.double(), approximate="tanh")
     for ours, ref, want in ((dz, rdz, exact), (db, rdb, exact.sum(0))):
         err, err_ref = (ours.double() - want).abs().max(), (ref.double() - want).abs().max()
         assert err <= 1.5 * err_ref + 1e-6, (err, err_ref)
+
+
+def test_tma_needs_aligned_rows_and_falls_back_to_pointers(monkeypatch):
+    """TMA addresses rows whose stride is a multiple of 16 bytes; others (bf16 rows of 44 or 100) run the
+    pointer kernel, with the same results."""
+    h, w1, b1, dy, w2 = _inputs(40, 44, 96, torch.bfloat16)
+    assert not tma_usable(h) and not tma_usable(torch.empty(40, 100, dtype=torch.bfloat16, device=DEV))
+    assert tma_usable(torch.empty(40, 96, dtype=torch.bfloat16, device=DEV))
+    assert not tma_usable(torch.empty(96, 40, dtype=torch.bfloat16, device=DEV).t())   # last stride not 1
+    calls = []
+    monkeypatch.setattr(gg, "_gemm_gelu_tma_kernel", _Recorder(gg._gemm_gelu_tma_kernel, calls, "tma"))
+    monkeypatch.setattr(gg, "_gemm_gelu_kernel", _Recorder(gg._gemm_gelu_kernel, calls, "ptr"))
+    z, g = linear_gelu(h, w1, b1, config=SMALL_TMA)
+    assert calls == ["ptr"]
+    z2, g2 = linear_gelu(h, w1, b1, config=SMALL)
+    assert torch.equal(z, z2) and torch.equal(g, g2)
+    h, w1, b1, dy, w2 = _inputs(40, 48, 96, torch.bfloat16)
+    linear_gelu(h, w1, b1, config=SMALL_TMA)
+    assert calls == ["ptr", "ptr", "tma"]
+
+
+class _Recorder:
+    """A kernel's `kernel[grid](...)` that notes `name` in `calls` before launching."""
+
+    def __init__(self, kernel, calls, name):
+        self.kernel, self.calls, self.name = kernel, calls, name
+
+    def __getitem__(self, grid):
+        self.calls.append(self.name)
+        return self.kernel[grid]
 
 
 def test_strided_operands():
@@ -126,7 +163,11 @@ def test_config_from_the_environment(monkeypatch):
     assert default_config() == DEFAULT_CONFIG
     monkeypatch.setenv(CONFIG_ENV, "128x256x64/8/3")
     assert default_config() == GemmConfig(128, 256, 64, 8, 3)
+    monkeypatch.setenv(CONFIG_ENV, "128x256x64/8/3/TMA")
+    assert default_config() == GemmConfig(128, 256, 64, 8, 3, tma=True)
+    assert all(parse_config(c.tag()) == c for c in SWEEP)
     for bad, why in (("128x128/8/4", "expected"), ("128x128x64/8", "expected"), ("big", "expected"),
+                     ("128x128x64/8/3/tmb", "expected"),
                      ("128x128x48/8/4", "power of two"), ("128x128x64/8/0", "num_stages")):
         with pytest.raises(ValueError, match=f"{CONFIG_ENV}=.*{why}"):
             parse_config(bad)
@@ -146,7 +187,11 @@ def test_the_sm90_check_compiles_every_tiling_of_the_gpu_sweep():
             assert consts["BACKWARD"] is backward and consts["HAS_BIAS"] is not backward
             assert (consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"], warps, stages) == cfg[:5]
             assert (values["M"], values["N"], values["K"]) == (32768, 4608, 1152)
-            # w1 (N, K) is read transposed in the forward, w2 (K, N) as it is in the backward
-            assert (values["stride_bk"], values["stride_bn"]) == ((1, 1152) if not backward else (4608, 1))
+            assert label.endswith(cfg.tag())
+            if cfg.tma:   # w1 (N, K) is read in (BLOCK_N, BLOCK_K) boxes in the forward, w2 (K, N) in (BLOCK_K, BLOCK_N)
+                box = (cfg.block_k, cfg.block_n) if backward else (cfg.block_n, cfg.block_k)
+                assert values["b_desc"] == "tensordesc<bf16[%d,%d]>" % box
+            else:         # w1 (N, K) is read transposed in the forward, w2 (K, N) as it is in the backward
+                assert (values["stride_bk"], values["stride_bn"]) == ((1, 1152) if not backward else (4608, 1))
     labels = [c[0] for c in check.cases()]
-    assert "gemm_gelu_fwd 128x128x64/8/4" in labels and "gemm_gelu_bwd 128x128x64/8/4" in labels
+    assert f"gemm_gelu_fwd {DEFAULT_CONFIG.tag()}" in labels and f"gemm_gelu_bwd {DEFAULT_CONFIG.tag()}" in labels
