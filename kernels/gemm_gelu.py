@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRETED, alloc, alloc_out, check_same_device, check_tensor, finish
+from .gelu import gelu_tanh_grad, tanh_u
 
 
 class GemmConfig(NamedTuple):
@@ -117,13 +118,30 @@ def default_config() -> GemmConfig:
 
 
 @triton.jit
-def _tanh_u(z):
-    # tanh(u), u = sqrt(2/pi) (z + 0.044715 z^3): GELU_tanh(z) = 0.5 z (1 + tanh(u)). kernels/gelu.py's formula:
-    # tanh(u) as 1 - 2 / (exp(2u) + 1), u clamped to [-15, 15]
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    u = tl.minimum(tl.maximum(u, -15.0), 15.0)
-    t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-    return t
+def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # (row tile, column tile) of program `pid`, GROUP_M row tiles at a time (the tiles of one group share B's
+    # column tiles in L2)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def _gelu_of_stored(acc, ROUND: tl.constexpr):
+    # GELU_tanh of the accumulator rounded to the stored z's dtype (bf16 by _round_to_bf16)
+    if ROUND == tl.bfloat16:
+        z = _round_to_bf16(acc)
+    else:
+        z = acc.to(ROUND).to(tl.float32)
+    return 0.5 * z * (1.0 + tanh_u(z))
+
+
+@triton.jit
+def _dgelu(acc, z):
+    # GELU_tanh'(z) * acc, z in fp32
+    return acc * gelu_tanh_grad(z, tanh_u(z))
 
 
 @triton.jit
@@ -155,14 +173,7 @@ def _gemm_gelu_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,              # row tiles per group of the launch order (L2 reuse of B)
 ):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -200,20 +211,14 @@ def _gemm_gelu_kernel(
     if BACKWARD:
         z_tile = Z + pid_m.to(tl.int64) * BLOCK_M * stride_zm + pid_n * BLOCK_N * stride_zn
         z = tl.load(z_tile + om[:, None] * stride_zm + on[None, :] * stride_zn, mask=mask, other=0.0).to(tl.float32)
-        t = _tanh_u(z)
-        dz = acc * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z))
-        dz = tl.where(mask, dz, 0.0)
+        dz = tl.where(mask, _dgelu(acc, z), 0.0)
         tl.store(OUT + tile + offs, dz.to(OUT.dtype.element_ty), mask=mask)
         tl.store(DB_PART + pid_m.to(tl.int64) * N + rn, tl.sum(dz, axis=0), mask=n_ok)
     else:
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Z + tile + offs, acc.to(Z.dtype.element_ty), mask=mask)
-        if ROUND == tl.bfloat16:
-            z = _round_to_bf16(acc)
-        else:
-            z = acc.to(ROUND).to(tl.float32)
-        tl.store(OUT + tile + offs, (0.5 * z * (1.0 + _tanh_u(z))).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + tile + offs, _gelu_of_stored(acc, ROUND).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -239,14 +244,7 @@ def _gemm_gelu_tma_kernel(
     # asynchronous bulk copies into shared memory (no address registers), and out-of-bounds rows and columns
     # read as zeros and are dropped at the stores, so the epilogue needs no masks: a row past M has a zero
     # accumulator, hence a zero dz in the column sums.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -265,19 +263,14 @@ def _gemm_gelu_tma_kernel(
     n_ok = rn < N
     if BACKWARD:
         z = z_desc.load([off_m, off_n]).to(tl.float32)
-        t = _tanh_u(z)
-        dz = acc * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z))
+        dz = _dgelu(acc, z)
         out_desc.store([off_m, off_n], dz.to(out_desc.dtype))
         tl.store(DB_PART + pid_m.to(tl.int64) * N + rn, tl.sum(dz, axis=0), mask=n_ok)
     else:
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
-        if ROUND == tl.bfloat16:
-            z = _round_to_bf16(acc)
-        else:
-            z = acc.to(ROUND).to(tl.float32)
-        out_desc.store([off_m, off_n], (0.5 * z * (1.0 + _tanh_u(z))).to(out_desc.dtype))
+        out_desc.store([off_m, off_n], _gelu_of_stored(acc, ROUND).to(out_desc.dtype))
 
 
 def tma_usable(*tensors) -> bool:
