@@ -15,7 +15,8 @@ Per block at DiT-XL/2 that is 0.3 GB less in the forward and 0.6 GB less in the 
 0.2 ms at an H100's copy bandwidth). Whether it wins depends on this GEMM keeping cuBLAS's rate at these
 shapes (K = 1152): `benchmarks/mlp_gemm.py` measures both sides; the model keeps mlp="plain" by default.
 The MLP keeps g for fc2's weight gradient (as mlp="fold" does); an epilogue that also rewrites g for a
-recomputing MLP spilled registers at every tiling of the sm_90 compile report and is not built.
+recomputing MLP spilled registers at every tiling of the pointer kernel in the sm_90 compile report and is
+not built (the TMA kernel, written after, leaves registers to spare).
 
 Two kernels compute the same thing: `_gemm_gelu_kernel` addresses its tiles with pointers (loads pipelined with
 cp.async), `_gemm_gelu_tma_kernel` moves every tile with Hopper's TMA unit through host-built tensor
