@@ -94,7 +94,8 @@ GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/te
 THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed+fused-step", "fused+bias-fold", "deepspeed+all-switches",
                     "fused+all-switches", "fused/triton", "fused+mlp-epilogue", "fused+mlp-fold",
                     "fused+all-switches/triton", "deepspeed+all-switches/triton",
-                    "fused+mlp-recompute-fold", "fused+mlp-recompute", "eager", "eager/sdpa",
+                    "fused+mlp-recompute-fold", "fused+mlp-recompute-epilogue", "fused+mlp-recompute", "eager",
+                    "eager/sdpa",
                     "fused/flash_attn", "fused/xformers", "fused/sdpa_packed")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.
 NEEDED = {"deepspeed": "deepspeed", "pydantic": "pydantic", "hjson": "hjson"}

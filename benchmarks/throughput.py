@@ -94,7 +94,7 @@ from fastdit.models.attention import BACKENDS  # noqa: E402
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
-             "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
+             "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
              "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
              "deepspeed+all-switches/triton")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
@@ -276,6 +276,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", False, "auto", mlp="recompute-fold"))
         elif name == "fused+mlp-epilogue":  # GELU in the GEMMs' epilogues (kernels/gemm_gelu.py, Triton GEMMs)
             specs.append(RowSpec(name, "fast", False, "auto", mlp="epilogue"))
+        elif name == "fused+mlp-recompute-epilogue":  # the same, GELU recomputed by the backward GEMM's epilogue
+            specs.append(RowSpec(name, "fast", False, "auto", mlp="recompute-epilogue"))
         elif name == "fused+bias-fold":  # every linear's bias gradient from a kernel already reading its grad
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", bias_fold=True))
         elif name == "fused+all-switches":  # the harness's step with every unmeasured model and kernel switch on

@@ -189,7 +189,7 @@ def cases():
                             ("attention_bwd_dq +bias", "dq+bias", fa.BWD_DQ_CONFIG),
                             ("attention_bwd_dkdv +bias", "dkdv+bias", fa.BWD_DKDV_CONFIG)])
     # The MLP's GEMMs with GELU in the epilogue (mlp="epilogue") at the launchers' default tiling.
-    out += gemm_gelu_cases([gg.DEFAULT_CONFIG])
+    out += gemm_gelu_cases([gg.DEFAULT_CONFIG], with_g=True)
     # fp32 GEMMs (IEEE products) once, at p = 2.
     args = {k_: ("*fp32" if isinstance(v, str) else v) for k_, v in _pe_args(32, 4, 32, 1152, 2).items()}
     bm, bn, bk = pe.fwd_blocks(1152, 16, torch.float32)
@@ -233,10 +233,11 @@ def attention_sweep_cases():
                             for name, cfgs in fa.SWEEP.items() for cfg in cfgs])
 
 
-def gemm_gelu_cases(configs):
+def gemm_gelu_cases(configs, with_g: bool = False):
     """kernels/gemm_gelu.py at DiT-XL/2's MLP shape (bf16, M = 128 x 256 tokens, D = 1152, 4D = 4608), per
     config: the forward (fc1 + bias + GELU) and the backward (fc2's data gradient + GELU' + bias sums); strides as
-    the model passes them (w1 read transposed)."""
+    the model passes them (w1 read transposed). with_g: also the TMA backward that rewrites GELU(z)
+    (mlp="recompute-epilogue")."""
     m, d, n = 128 * 256, 1152, 4 * 1152
     fwd = dict(A="*bf16", stride_am=d, stride_ak=1, B="*bf16", stride_bk=1, stride_bn=d, BIAS="*bf16", Z="*bf16",
                stride_zm=n, stride_zn=1, OUT="*bf16", DB_PART="*fp32", M=m, N=n, K=d)
@@ -246,18 +247,21 @@ def gemm_gelu_cases(configs):
         tag = cfg.tag()
         base = dict(ROUND=tl.bfloat16, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                     BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
-        for backward in (False, True):
+        passes = [(False, False), (True, False)] + ([(True, True)] if with_g and cfg.tma else [])
+        for backward, write_g in passes:
             if cfg.tma:
                 bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
                 desc = lambda r, c: f"tensordesc<bf16[{r},{c}]>"   # noqa: E731
-                kernel, consts = gg._gemm_gelu_tma_kernel, dict(base)
+                kernel, consts = gg._gemm_gelu_tma_kernel, dict(base, WRITE_G=write_g)
                 values = dict(a_desc=desc(bm, bk), b_desc=desc(bk, bn) if backward else desc(bn, bk), BIAS="*bf16",
-                              z_desc=desc(bm, bn), out_desc=desc(bm, bn), DB_PART="*fp32", M=m, N=n, K=d)
+                              z_desc=desc(bm, bn), out_desc=desc(bm, bn), g_desc=desc(bm, bn), DB_PART="*fp32",
+                              M=m, N=n, K=d)
             else:
                 kernel, consts, values = gg._gemm_gelu_kernel, dict(base, EVEN_K=d % cfg.block_k == 0), \
                     (bwd if backward else fwd)
-            out.append((f"gemm_gelu_{'bwd' if backward else 'fwd'} {tag}", kernel, values,
-                        dict(consts, BACKWARD=backward, HAS_BIAS=not backward), (cfg.num_warps, cfg.num_stages)))
+            label = f"gemm_gelu_{'bwd' if backward else 'fwd'}{' +g' if write_g else ''} {tag}"
+            out.append((label, kernel, values, dict(consts, BACKWARD=backward, HAS_BIAS=not backward),
+                        (cfg.num_warps, cfg.num_stages)))
     return out
 
 

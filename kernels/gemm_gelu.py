@@ -8,15 +8,17 @@ each):
             (kernels/gelu.py also sums dz over rows for fc1's bias gradient)
 Here one Triton GEMM does each with the elementwise work on its output tile before it leaves registers:
   `linear_gelu(h, w1, b1) -> (z, g)`              z and g written from the tile: z is not read back
-  `linear_dgelu(dy, w2, z) -> (dz, db)`           dg never reaches memory: the epilogue reads z's tile,
-                                                  writes dz and the fp32 column sums of dz (fc1's bias
-                                                  gradient, reduced once by the launcher)
+  `linear_dgelu(dy, w2, z) -> (dz, db, g|None)`   dg never reaches memory: the epilogue reads z's tile,
+                                                  writes dz, the fp32 column sums of dz (fc1's bias
+                                                  gradient, reduced once by the launcher) and, for an MLP
+                                                  that recomputes g (write_g), GELU(z)
 Per block at DiT-XL/2 that is 0.3 GB less in the forward and 0.6 GB less in the backward (about 0.1 and
 0.2 ms at an H100's copy bandwidth). Whether it wins depends on this GEMM keeping cuBLAS's rate at these
 shapes (K = 1152): `benchmarks/mlp_gemm.py` measures both sides; the model keeps mlp="plain" by default.
-The MLP keeps g for fc2's weight gradient (as mlp="fold" does); an epilogue that also rewrites g for a
-recomputing MLP spilled registers at every tiling of the pointer kernel in the sm_90 compile report and is
-not built (the TMA kernel, written after, leaves registers to spare).
+mlp="epilogue" keeps g for fc2's weight gradient (as mlp="fold" does); mlp="recompute-epilogue" keeps only h
+and z and has the backward's epilogue rewrite g (write_g). Only the TMA kernel writes g there (179 registers
+under triton 3.6, 174 under 3.9, at the default tiling, no spills); in the pointer kernel that epilogue
+spilled at every tiling of the sm_90 compile report, so with it g comes from a separate GELU pass over z.
 
 Two kernels compute the same thing: `_gemm_gelu_kernel` addresses its tiles with pointers (loads pipelined with
 cp.async), `_gemm_gelu_tma_kernel` moves every tile with Hopper's TMA unit through host-built tensor
@@ -229,10 +231,12 @@ def _gemm_gelu_tma_kernel(
     BIAS,                               # (N,) fc1's bias (forward, HAS_BIAS)
     z_desc,                             # (M, N) z: written (forward) or read (backward), blocks (BLOCK_M, BLOCK_N)
     out_desc,                           # (M, N) g (forward) or dz (backward), blocks (BLOCK_M, BLOCK_N)
+    g_desc,                             # (M, N) GELU(z) written by the backward (WRITE_G), blocks (BLOCK_M, BLOCK_N)
     DB_PART,                            # (cdiv(M, BLOCK_M), N) fp32 output: per-tile column sums of dz (backward)
     M, N, K,
     BACKWARD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    WRITE_G: tl.constexpr,              # backward: also write GELU(z) (an MLP that recomputes it)
     ROUND: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -264,7 +268,12 @@ def _gemm_gelu_tma_kernel(
     n_ok = rn < N
     if BACKWARD:
         z = z_desc.load([off_m, off_n]).to(tl.float32)
-        dz = _dgelu(acc, z)
+        if WRITE_G:      # GELU(z) first: its tile leaves registers before dz's is formed
+            t = tanh_u(z)
+            g_desc.store([off_m, off_n], (0.5 * z * (1.0 + t)).to(g_desc.dtype))
+            dz = acc * gelu_tanh_grad(z, t)
+        else:
+            dz = _dgelu(acc, z)
         out_desc.store([off_m, off_n], dz.to(out_desc.dtype))
         tl.store(DB_PART + pid_m.to(tl.int64) * N + rn, tl.sum(dz, axis=0), mask=n_ok)
     else:
@@ -294,8 +303,9 @@ def _check(named, dtype_of: str) -> torch.device:
     return check_same_device(named)
 
 
-def _launch(a, b, bias, z, out, part, m, n, k, backward, cfg):
-    """Run the kernel over (m, n): b is w1 (N, K) in the forward, w2 (K, N) in the backward."""
+def _launch(a, b, bias, z, out, part, m, n, k, backward, cfg, g=None) -> bool:
+    """Run the kernel over (m, n): b is w1 (N, K) in the forward, w2 (K, N) in the backward; g: the backward's
+    GELU(z) output, written by the TMA kernel only. Returns whether g was written."""
     check_config(cfg)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     dummy = out
@@ -304,19 +314,22 @@ def _launch(a, b, bias, z, out, part, m, n, k, backward, cfg):
                   DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.tma and tma_usable(a, b, z, out):
+    if cfg.tma and tma_usable(a, b, z, out, *([g] if g is not None else [])):
         from triton.tools.tensor_descriptor import TensorDescriptor
         bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
         desc = TensorDescriptor.from_tensor
+        out_d = desc(out, [bm, bn])
         _gemm_gelu_tma_kernel[grid](
             desc(a, [bm, bk]), desc(b, [bk, bn] if backward else [bn, bk]), bias if bias is not None else dummy,
-            desc(z, [bm, bn]), desc(out, [bm, bn]), part if part is not None else dummy, m, n, k, **common)
-        return
+            desc(z, [bm, bn]), out_d, desc(g, [bm, bn]) if g is not None else out_d,
+            part if part is not None else dummy, m, n, k, WRITE_G=g is not None, **common)
+        return g is not None
     b_t = b if backward else b.t()             # the (K, N) right operand
     _gemm_gelu_kernel[grid](
         a, *a.stride(), b_t, *b_t.stride(), bias if bias is not None else dummy,
         z, *z.stride(), out, part if part is not None else dummy,
         m, n, k, EVEN_K=k % cfg.block_k == 0, **common)
+    return False
 
 
 def linear_gelu(h: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor] = None, *,
@@ -343,10 +356,13 @@ def linear_gelu(h: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor] = 
     return finish(z, h.dtype), finish(g, h.dtype)
 
 
-def linear_dgelu(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, *,
-                 config: Optional[GemmConfig] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dz, db): dz = GELU_tanh'(z) * (dy @ w2) in z's dtype, db = dz summed over rows (fp32, before
-    rounding). dy (M, K), w2 (K, N), z (M, N)."""
+def linear_dgelu(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, *, write_g: bool = False,
+                 config: Optional[GemmConfig] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(dz, db, g): dz = GELU_tanh'(z) * (dy @ w2) in z's dtype, db = dz summed over rows (fp32, before
+    rounding), g = GELU_tanh(z) when write_g (else None): from the same epilogue under the TMA kernel, else
+    from a separate GELU pass over z (the pointer kernel's epilogue would spill). dy (M, K), w2 (K, N),
+    z (M, N)."""
     check_tensor("dy", dy, 2)
     check_tensor("w2", w2, 2)
     check_tensor("z", z, 2)
@@ -354,14 +370,19 @@ def linear_dgelu(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, *,
         raise ValueError(f"dy {tuple(dy.shape)} @ w2 {tuple(w2.shape)} must match z {tuple(z.shape)}")
     _check([("dy", dy), ("w2", w2), ("z", z)], "dy")
     (m, k), n = dy.shape, w2.shape[1]
+    gelu = lambda: torch.nn.functional.gelu(z, approximate="tanh").contiguous() if write_g else None  # noqa: E731
     if m * n == 0 or k == 0:                     # dg = 0
         return (torch.zeros(m, n, dtype=z.dtype, device=z.device),
-                torch.zeros(n, dtype=torch.float32, device=z.device))
+                torch.zeros(n, dtype=torch.float32, device=z.device), gelu())
     cfg = config or default_config()
     dz = alloc_out((m, n), z.dtype, z.device)
+    g = alloc_out((m, n), z.dtype, z.device) if write_g and cfg.tma else None
     part = alloc((triton.cdiv(m, cfg.block_m), n), torch.float32, z.device)
-    _launch(dy, w2, None, z, dz, part, m, n, k, True, cfg)
-    return finish(dz, z.dtype), part.sum(0)
+    if _launch(dy, w2, None, z, dz, part, m, n, k, True, cfg, g=g):
+        g = finish(g, z.dtype)
+    else:
+        g = gelu()
+    return finish(dz, z.dtype), part.sum(0), g
 
 
 def linear_gelu_ref(h, w1, b1=None, **_):
@@ -370,10 +391,10 @@ def linear_gelu_ref(h, w1, b1=None, **_):
     return z, torch.nn.functional.gelu(z, approximate="tanh")
 
 
-def linear_dgelu_ref(dy, w2, z, **_):
-    """(dz, db) from PyTorch ops: the GEMM, autograd's GELU backward, the column sum."""
+def linear_dgelu_ref(dy, w2, z, *, write_g: bool = False, **_):
+    """(dz, db, g) from PyTorch ops: the GEMM, autograd's GELU backward, the column sum, GELU(z) if write_g."""
     dz = torch.ops.aten.gelu_backward(dy.mm(w2), z, approximate="tanh")
-    return dz, dz.float().sum(0)
+    return dz, dz.float().sum(0), (torch.nn.functional.gelu(z, approximate="tanh") if write_g else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,11 +414,19 @@ def _(h, w1, b1):
 
 
 @torch.library.custom_op("fastdit::linear_dgelu", mutates_args=())
-def linear_dgelu_op(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """linear_dgelu as a registered op (default tiling)."""
-    return linear_dgelu(dy, w2, z)
+def _linear_dgelu_op(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, write_g: bool
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dz, db, g = linear_dgelu(dy, w2, z, write_g=write_g)
+    return dz, db, (g if g is not None else z.new_empty((0,)))
 
 
-@linear_dgelu_op.register_fake
-def _(dy, w2, z):
-    return z.new_empty(z.shape), z.new_empty((z.shape[1],), dtype=torch.float32)
+@_linear_dgelu_op.register_fake
+def _(dy, w2, z, write_g):
+    g = z.new_empty(z.shape) if write_g else z.new_empty((0,))
+    return z.new_empty(z.shape), z.new_empty((z.shape[1],), dtype=torch.float32), g
+
+
+def linear_dgelu_op(dy, w2, z, *, write_g: bool = False):
+    """linear_dgelu through the registered op (default tiling): (dz, db fp32, g or None)."""
+    dz, db, g = _linear_dgelu_op(dy, w2, z, write_g)
+    return dz, db, (g if write_g else None)

@@ -42,11 +42,17 @@ def test_fp32_matches_pytorch(monkeypatch, m, k, n, cfg):
     torch.testing.assert_close(z, rz, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-5)
     assert z.is_contiguous() and g.is_contiguous() and z.dtype == g.dtype == torch.float32
-    dz, db = linear_dgelu(dy, w2, rz, config=cfg)
-    rdz, rdb = linear_dgelu_ref(dy, w2, rz)
-    torch.testing.assert_close(dz, rdz, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(db, rdb, rtol=1e-5, atol=1e-4)
-    assert db.dtype == torch.float32 and db.shape == (n,)
+    for write_g in (False, True):
+        dz, db, g2 = linear_dgelu(dy, w2, rz, write_g=write_g, config=cfg)
+        rdz, rdb, _ = linear_dgelu_ref(dy, w2, rz)
+        torch.testing.assert_close(dz, rdz, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(db, rdb, rtol=1e-5, atol=1e-4)
+        assert db.dtype == torch.float32 and db.shape == (n,)
+        if write_g:
+            torch.testing.assert_close(g2, rg, rtol=1e-5, atol=1e-5)
+            assert g2.is_contiguous()
+        else:
+            assert g2 is None
 
 
 def test_no_bias():
@@ -68,8 +74,12 @@ def test_bf16_against_fp64(cfg):
     torch.testing.assert_close(z.double(), exact_z, rtol=2 ** -8, atol=1e-2)          # one rounding of the sum
     g_of_z = torch.nn.functional.gelu(z.float(), approximate="tanh").to(torch.bfloat16)
     torch.testing.assert_close(g.float(), g_of_z.float(), rtol=2 ** -7, atol=1e-5)    # GELU of the stored z
-    dz, db = linear_dgelu(dy, w2, z, config=cfg)
-    rdz, rdb = linear_dgelu_ref(dy, w2, z)
+    dz, db, g2 = linear_dgelu(dy, w2, z, write_g=True, config=cfg)
+    if cfg.tma:          # the backward's epilogue computes GELU(z) as the forward's did: the same bits
+        assert torch.equal(g2, g)
+    else:                # the pointer kernel leaves it to a separate (PyTorch) pass: one rounding apart
+        torch.testing.assert_close(g2.float(), g.float(), rtol=2 ** -7, atol=1e-5)
+    rdz, rdb, _ = linear_dgelu_ref(dy, w2, z)
     exact = torch.ops.aten.gelu_backward(dy.double().mm(w2.double()), z.double(), approximate="tanh")
     for ours, ref, want in ((dz, rdz, exact), (db, rdb, exact.sum(0))):
         err, err_ref = (ours.double() - want).abs().max(), (ref.double() - want).abs().max()
@@ -91,8 +101,13 @@ def test_tma_needs_aligned_rows_and_falls_back_to_pointers(monkeypatch):
     z2, g2 = linear_gelu(h, w1, b1, config=SMALL)
     assert torch.equal(z, z2) and torch.equal(g, g2)
     h, w1, b1, dy, w2 = _inputs(40, 48, 96, torch.bfloat16)
-    linear_gelu(h, w1, b1, config=SMALL_TMA)
+    z, g = linear_gelu(h, w1, b1, config=SMALL_TMA)
     assert calls == ["ptr", "ptr", "tma"]
+    # the backward's GELU(z): from the TMA epilogue, or after the pointer kernel from a separate pass; the same
+    _, _, g_tma = linear_dgelu(dy, w2, z, write_g=True, config=SMALL_TMA)
+    _, _, g_ptr = linear_dgelu(dy, w2, z, write_g=True, config=SMALL)
+    assert calls[3:] == ["tma", "ptr"] and torch.equal(g_tma, g)
+    torch.testing.assert_close(g_ptr.float(), g.float(), rtol=2 ** -7, atol=1e-5)
 
 
 class _Recorder:
@@ -114,8 +129,8 @@ def test_strided_operands():
     rz, _ = linear_gelu_ref(h, w1, b1)
     torch.testing.assert_close(z, rz, rtol=1e-5, atol=1e-5)
     zt = rz.t().contiguous().t()
-    dz, db = linear_dgelu(dy[:, :], w2.t().contiguous().t(), zt, config=SMALL)
-    rdz, rdb = linear_dgelu_ref(dy, w2, rz)
+    dz, db, _ = linear_dgelu(dy[:, :], w2.t().contiguous().t(), zt, config=SMALL)
+    rdz, rdb, _ = linear_dgelu_ref(dy, w2, rz)
     torch.testing.assert_close(dz, rdz, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(db, rdb, rtol=1e-5, atol=1e-4)
 
@@ -124,14 +139,15 @@ def test_empty_shapes():
     h, w1, b1, dy, w2 = _inputs(0, 16, 32, torch.float32)
     z, g = linear_gelu(h, w1, b1)
     assert z.shape == g.shape == (0, 32)
-    dz, db = linear_dgelu(dy, w2, z)
-    assert dz.shape == (0, 32) and torch.equal(db, torch.zeros(32, device=DEV))
+    dz, db, g2 = linear_dgelu(dy, w2, z, write_g=True)
+    assert dz.shape == g2.shape == (0, 32) and torch.equal(db, torch.zeros(32, device=DEV))
     # K = 0: z is the bias, dz and db are zero
     h0, w0 = torch.zeros(4, 0, device=DEV), torch.zeros(8, 0, device=DEV)
     z, g = linear_gelu(h0, w0, b1[:8])
     torch.testing.assert_close(z, b1[:8].expand(4, 8))
-    dz, db = linear_dgelu(torch.zeros(4, 0, device=DEV), torch.zeros(0, 8, device=DEV), z)
+    dz, db, g2 = linear_dgelu(torch.zeros(4, 0, device=DEV), torch.zeros(0, 8, device=DEV), z, write_g=True)
     assert not dz.any() and not db.any()
+    torch.testing.assert_close(g2, g)
 
 
 def test_registered_ops_and_their_fakes():
@@ -139,7 +155,10 @@ def test_registered_ops_and_their_fakes():
     torch.library.opcheck(linear_gelu_op, (h, w1, b1))
     torch.library.opcheck(linear_gelu_op, (h, w1, None))
     z, _ = linear_gelu_op(h, w1, b1)
-    torch.library.opcheck(linear_dgelu_op, (dy, w2, z))
+    torch.library.opcheck(gg._linear_dgelu_op, (dy, w2, z, False))
+    torch.library.opcheck(gg._linear_dgelu_op, (dy, w2, z, True))
+    dz, db, g = linear_dgelu_op(dy, w2, z)
+    assert g is None and dz.shape == z.shape and db.shape == (32,)
 
 
 @pytest.mark.parametrize("call,exc,msg", [
@@ -194,4 +213,5 @@ def test_the_sm90_check_compiles_every_tiling_of_the_gpu_sweep():
             else:         # w1 (N, K) is read transposed in the forward, w2 (K, N) as it is in the backward
                 assert (values["stride_bk"], values["stride_bn"]) == ((1, 1152) if not backward else (4608, 1))
     labels = [c[0] for c in check.cases()]
-    assert f"gemm_gelu_fwd {DEFAULT_CONFIG.tag()}" in labels and f"gemm_gelu_bwd {DEFAULT_CONFIG.tag()}" in labels
+    for kind in ("fwd", "bwd", "bwd +g"):    # +g: the backward that rewrites GELU(z) (mlp="recompute-epilogue")
+        assert f"gemm_gelu_{kind} {DEFAULT_CONFIG.tag()}" in labels

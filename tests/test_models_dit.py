@@ -86,11 +86,11 @@ def test_fp32_forward_and_every_gradient(cfg_name, kernels):
 
 
 @pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
-@pytest.mark.parametrize("mlp", ["recompute", "fold", "recompute-fold", "epilogue"])
+@pytest.mark.parametrize("mlp", ["recompute", "fold", "recompute-fold", "epilogue", "recompute-epilogue"])
 def test_mlp_modes_forward_and_every_gradient(kernels, mlp):
     """mlp="recompute" (GELU recomputed in backward), "fold" / "recompute-fold" (GELU backward + fc1's
-    bias gradient in one pass, kernels/gelu.py) and "epilogue" (GELU in the GEMMs, kernels/gemm_gelu.py;
-    fastdit.models.mlp) are the reference, fp32."""
+    bias gradient in one pass, kernels/gelu.py) and "epilogue" / "recompute-epilogue" (GELU in the GEMMs,
+    kernels/gemm_gelu.py; fastdit.models.mlp) are the reference, fp32."""
     fast = assert_fp32_matches_reference(CONFIGS["S-width/p2"], kernels=kernels, attention="sdpa", mlp=mlp)
     assert all(b.mlp_mode == mlp for b in fast.blocks)
 
@@ -198,7 +198,8 @@ def test_bf16_triton_attention_by_the_flash_attention_rule():
 @pytest.mark.parametrize("cfg_name,mlp,bias_fold", [("S-width/p2", "plain", False), ("B-width/p4", "plain", False),
                                                     ("S-width/p2", "recompute", False), ("S-width/p2", "fold", False),
                                                     ("S-width/p2", "recompute-fold", False),
-                                                    ("S-width/p2", "fold", True), ("S-width/p2", "epilogue", True)])
+                                                    ("S-width/p2", "fold", True), ("S-width/p2", "epilogue", True),
+                                                    ("S-width/p2", "recompute-epilogue", False)])
 def test_bf16_by_the_flash_attention_rule(cfg_name, mlp, bias_fold, attention="sdpa"):
     """|fast_bf16 - ref_fp32| <= 2 |ref_bf16 - ref_fp32| + atol, for the output and every gradient."""
     cfg = CONFIGS[cfg_name]

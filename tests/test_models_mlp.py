@@ -15,11 +15,15 @@ VARIANTS = {
     "fold/torch": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_ref),
     "recompute-fold/torch": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_ref, recompute=True),
     "epilogue/torch": lambda m, x: epilogue_gelu_mlp(m, x, linear_gelu_ref, linear_dgelu_ref),
+    "recompute-epilogue/torch": lambda m, x: epilogue_gelu_mlp(m, x, linear_gelu_ref, linear_dgelu_ref,
+                                                               recompute=True),
 }
 TRITON_VARIANTS = {
     "fold/triton": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_op),
     "recompute-fold/triton": lambda m, x: fold_gelu_mlp(m, x, gelu_tanh_bwd_op, recompute=True),
     "epilogue/triton": lambda m, x: epilogue_gelu_mlp(m, x, linear_gelu_op, linear_dgelu_op),
+    "recompute-epilogue/triton": lambda m, x: epilogue_gelu_mlp(m, x, linear_gelu_op, linear_dgelu_op,
+                                                                recompute=True),
 }
 
 
@@ -94,7 +98,7 @@ def _saved_activation_bytes(fn, mlp, h):
 
 
 @pytest.mark.parametrize("variant,less", [("recompute", 1), ("fold/torch", 0), ("recompute-fold/torch", 1),
-                                          ("epilogue/torch", 0)])
+                                          ("epilogue/torch", 0), ("recompute-epilogue/torch", 1)])
 def test_keeps_one_hidden_wide_tensor_less(variant, less):
     mlp, h = make(dtype=torch.float32)
     plain = _saved_activation_bytes(lambda m, x: m(x), mlp, h)

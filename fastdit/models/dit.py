@@ -12,13 +12,14 @@ Same registry keys, constructor arguments, methods and state-dict layout as
   mlp           "plain" (default) | "recompute": keep only fc1's input and output for the backward and
                 recompute GELU there (fastdit.models.mlp; one 4D-wide activation less per block) |
                 "fold" / "recompute-fold": the same, with GELU's backward and fc1's bias gradient in one
-                pass (kernels/gelu.py) | "epilogue": GELU in fc1's GEMM and GELU's backward + fc1's bias
-                gradient in fc2's data-gradient GEMM (kernels/gemm_gelu.py; Triton GEMMs instead of cuBLAS)
+                pass (kernels/gelu.py) | "epilogue" / "recompute-epilogue": GELU in fc1's GEMM and GELU's
+                backward + fc1's bias gradient (and the recomputed GELU) in fc2's data-gradient GEMM
+                (kernels/gemm_gelu.py; Triton GEMMs instead of cuBLAS)
   bias_fold     False (default) | True: the attention projection's and fc2's biases are added inside the
                 fused residual kernel (x + gate * (y + b)), whose backward pass also gives their gradients,
                 and with attention sdpa_packed the qkv bias gradient comes from the pass that assembles dqkv
                 (kernels/qkv_grads.py; with attention triton from its backward kernels): no column-sum reduction over those linears' output gradients (with
-                mlp="fold", "recompute-fold" or "epilogue", fc1's bias is folded too)
+                mlp="fold", "recompute-fold", "epilogue" or "recompute-epilogue", fc1's bias is folded too)
 
 Data flow of the adaLN-Zero stack (D = hidden size); each arrow is one fused kernel:
 
@@ -154,8 +155,9 @@ class FastDiTBlock(nn.Module):
             elif self.mlp_mode in ("fold", "recompute-fold"):
                 m = fold_gelu_mlp(self.mlp, h, ops["gelu_tanh_bwd"], recompute=self.mlp_mode == "recompute-fold",
                                   fc2_bias=not fold)
-            elif self.mlp_mode == "epilogue":
-                m = epilogue_gelu_mlp(self.mlp, h, ops["linear_gelu"], ops["linear_dgelu"], fc2_bias=not fold)
+            elif self.mlp_mode in ("epilogue", "recompute-epilogue"):
+                m = epilogue_gelu_mlp(self.mlp, h, ops["linear_gelu"], ops["linear_dgelu"],
+                                      recompute=self.mlp_mode == "recompute-epilogue", fc2_bias=not fold)
             else:
                 m = plain_mlp(self.mlp, h, fc2_bias=not fold)
         with nvtx_range("residual+ln", nvtx):

@@ -19,7 +19,8 @@ reference with kernels="torch"): one read of the 4D-wide dz less per block, and 
 read of z less as well. mlp="epilogue": GELU inside the GEMMs instead (kernels/gemm_gelu.py with Triton, its
 PyTorch reference with kernels="torch"): fc1's GEMM writes z and GELU(z), fc2's data-gradient GEMM writes
 dz and fc1's bias-gradient sums, so z is not read back in the forward and dg never reaches memory (the
-saved tensors are mlp="fold"'s). Under autocast the plain path runs (the custom functions take the
+saved tensors are mlp="fold"'s); "recompute-epilogue" keeps h and z only and that backward GEMM's epilogue
+rewrites GELU(z) as well (recompute-fold's layout). Under autocast the plain path runs (the custom functions take the
 parameters' dtype as they are).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MLP_CHOICES = ("plain", "recompute", "fold", "recompute-fold", "epilogue")
+MLP_CHOICES = ("plain", "recompute", "fold", "recompute-fold", "epilogue", "recompute-epilogue")
 
 
 class _RecomputeGeluMlp(torch.autograd.Function):
@@ -89,28 +90,30 @@ class _FoldGeluMlp(torch.autograd.Function):
 
 class _EpilogueGeluMlp(torch.autograd.Function):
     """The MLP with GELU in the GEMMs' epilogues: `linear_gelu(h, w1, b1) -> (z, g)` for fc1 and GELU,
-    `linear_dgelu(dy, w2, z) -> (dz, db1)` for fc2's data gradient, GELU's backward and fc1's bias gradient
-    (kernels/gemm_gelu.py). Keeps h, z and g, as _FoldGeluMlp without recompute."""
+    `linear_dgelu(dy, w2, z, write_g=...) -> (dz, db1, g)` for fc2's data gradient, GELU's backward and fc1's
+    bias gradient (kernels/gemm_gelu.py). Keeps h, z and g, as _FoldGeluMlp; recompute: h and z only, with g
+    rewritten by the backward's GEMM epilogue."""
 
     @staticmethod
-    def forward(ctx, h, w1, b1, w2, b2, linear_gelu, linear_dgelu):
+    def forward(ctx, h, w1, b1, w2, b2, recompute, linear_gelu, linear_dgelu):
         z, g = linear_gelu(h.reshape(-1, h.shape[-1]), w1, b1)
         y = F.linear(g, w2, b2).view(*h.shape[:-1], w2.shape[0])
-        ctx.save_for_backward(h, z, g, w1, w2)
-        ctx.linear_dgelu = linear_dgelu
+        ctx.save_for_backward(h, z, w1, w2, *(() if recompute else (g,)))
+        ctx.recompute, ctx.linear_dgelu = recompute, linear_dgelu
         ctx.bias = (b1 is not None, b2 is not None, b1.dtype if b1 is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        h, z, g, w1, w2 = ctx.saved_tensors
+        h, z, w1, w2, *kept = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dz, db1 = ctx.linear_dgelu(dy2, w2, z)
+        dz, db1, g = ctx.linear_dgelu(dy2, w2, z, write_g=ctx.recompute)
+        g = g if ctx.recompute else kept[0]
         dw2 = dy2.t().mm(g)
         db2 = dy2.sum(0) if ctx.bias[1] else None
         dw1 = dz.t().mm(h.reshape(-1, h.shape[-1]))
         dh = dz.mm(w1).view(h.shape)
-        return dh, dw1, (db1.to(ctx.bias[2]) if ctx.bias[0] else None), dw2, db2, None, None
+        return dh, dw1, (db1.to(ctx.bias[2]) if ctx.bias[0] else None), dw2, db2, None, None, None
 
 
 def plain_mlp(mlp: torch.nn.Module, h: torch.Tensor, fc2_bias: bool = True) -> torch.Tensor:
@@ -132,14 +135,14 @@ def fold_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, gelu_bwd, recompute: bo
                               mlp.fc2.bias if fc2_bias else None, recompute, gelu_bwd)
 
 
-def epilogue_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, linear_gelu, linear_dgelu,
+def epilogue_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, linear_gelu, linear_dgelu, recompute: bool = False,
                       fc2_bias: bool = True) -> torch.Tensor:
     """mlp(h) for a reference Mlp with GELU in the GEMMs' epilogues (see _EpilogueGeluMlp; kernels/gemm_gelu.py's
-    linear_gelu / linear_dgelu or their references); fc2_bias: see plain_mlp."""
+    linear_gelu / linear_dgelu or their references); recompute: keep h and z only; fc2_bias: see plain_mlp."""
     if torch.is_autocast_enabled(h.device.type):
         return plain_mlp(mlp, h, fc2_bias)
     return _EpilogueGeluMlp.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                                  mlp.fc2.bias if fc2_bias else None, linear_gelu, linear_dgelu)
+                                  mlp.fc2.bias if fc2_bias else None, recompute, linear_gelu, linear_dgelu)
 
 
 def recompute_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, fc2_bias: bool = True) -> torch.Tensor:

@@ -46,7 +46,8 @@ class ModelConfig:
     checkpointing: bool = False                 # activation checkpointing (fast model only)
     mlp: Literal[MLP_CHOICES] = "plain"         # fast model only; recompute = GELU recomputed in backward;
     #                                             fold = GELU backward + fc1 bias gradient in one pass (kernels/gelu.py);
-    #                                             epilogue = GELU in the GEMMs' epilogues (kernels/gemm_gelu.py)
+    #                                             epilogue / recompute-epilogue = GELU in the GEMMs' epilogues
+    #                                             (kernels/gemm_gelu.py)
     # fast model only: attention-projection and fc2 biases added in the fused residual kernel, which also
     # gives their gradients (no column-sum reductions); off until a GPU run measures it (docs/performance.md)
     bias_fold: bool = False
