@@ -25,6 +25,8 @@ parameters' dtype as they are).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -56,64 +58,49 @@ class _RecomputeGeluMlp(torch.autograd.Function):
         return dh, dw1, db1, dw2, db2
 
 
-class _FoldGeluMlp(torch.autograd.Function):
-    """The MLP with GELU's backward and fc1's bias gradient in one pass (`gelu_bwd`, e.g. the Triton
-    kernels/gelu.py op): dz and sum_rows(dz) come from one read of z and dg, where autograd writes dz and
-    reads it again for the bias. recompute: keep h and z only and let the same pass rewrite GELU(z) for
-    fc2's weight gradient (z read once for both)."""
+class _GeluMlp(torch.autograd.Function):
+    """fc2(GELU_tanh(fc1(h))) with the GELU work in two pluggable steps:
+    `fc1_gelu(h2, w1, b1) -> (z, g)` (fc1 and GELU) and `dgelu(dy2, w2, z, write_g=...) -> (dz, db1, g)` (fc2's
+    data gradient, GELU's backward and fc1's bias gradient; g = GELU(z) when write_g). Keeps h, z and g;
+    recompute: h and z only, with g rewritten by `dgelu`.
+      mlp="fold" / "recompute-fold"    cuBLAS GEMMs, then GELU's backward and fc1's bias gradient in one pass
+                                       (`gelu_bwd`, e.g. the Triton kernels/gelu.py op): dz and sum_rows(dz) from
+                                       one read of z and dg, where autograd writes dz and reads it again for the
+                                       bias (recompute: the same pass rewrites GELU(z), z read once for both)
+      mlp="epilogue" / "recompute-epilogue"   kernels/gemm_gelu.py's GEMMs with that work in their epilogues"""
 
     @staticmethod
-    def forward(ctx, h, w1, b1, w2, b2, recompute, gelu_bwd):
-        z = F.linear(h, w1, b1)
-        g = F.gelu(z, approximate="tanh")
-        y = F.linear(g, w2, b2)
+    def forward(ctx, h, w1, b1, w2, b2, recompute, fc1_gelu, dgelu):
+        z, g = fc1_gelu(h.reshape(-1, h.shape[-1]), w1, b1)
+        y = F.linear(g, w2, b2).view(*h.shape[:-1], w2.shape[0])
         ctx.save_for_backward(h, z, w1, w2, *(() if recompute else (g,)))
-        ctx.recompute, ctx.gelu_bwd = recompute, gelu_bwd
+        ctx.recompute, ctx.dgelu = recompute, dgelu
         ctx.bias = (b1 is not None, b2 is not None, b1.dtype if b1 is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         h, z, w1, w2, *kept = ctx.saved_tensors
-        cols = z.shape[-1]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dg = dy2.mm(w2)                                                       # (N*T, 4D)
-        dz, db1, g = ctx.gelu_bwd(z.reshape(-1, cols), dg, write_g=ctx.recompute)
-        g = g if ctx.recompute else kept[0].reshape(-1, cols)
+        dz, db1, g = ctx.dgelu(dy2, w2, z, write_g=ctx.recompute)
+        g = g if ctx.recompute else kept[0]
         dw2 = dy2.t().mm(g)
         db2 = dy2.sum(0) if ctx.bias[1] else None
         del g
         dw1 = dz.t().mm(h.reshape(-1, h.shape[-1]))
         dh = dz.mm(w1).view(h.shape)
-        return dh, dw1, (db1.to(ctx.bias[2]) if ctx.bias[0] else None), dw2, db2, None, None
-
-
-class _EpilogueGeluMlp(torch.autograd.Function):
-    """The MLP with GELU in the GEMMs' epilogues: `linear_gelu(h, w1, b1) -> (z, g)` for fc1 and GELU,
-    `linear_dgelu(dy, w2, z, write_g=...) -> (dz, db1, g)` for fc2's data gradient, GELU's backward and fc1's
-    bias gradient (kernels/gemm_gelu.py). Keeps h, z and g, as _FoldGeluMlp; recompute: h and z only, with g
-    rewritten by the backward's GEMM epilogue."""
-
-    @staticmethod
-    def forward(ctx, h, w1, b1, w2, b2, recompute, linear_gelu, linear_dgelu):
-        z, g = linear_gelu(h.reshape(-1, h.shape[-1]), w1, b1)
-        y = F.linear(g, w2, b2).view(*h.shape[:-1], w2.shape[0])
-        ctx.save_for_backward(h, z, w1, w2, *(() if recompute else (g,)))
-        ctx.recompute, ctx.linear_dgelu = recompute, linear_dgelu
-        ctx.bias = (b1 is not None, b2 is not None, b1.dtype if b1 is not None else None)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        h, z, w1, w2, *kept = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dz, db1, g = ctx.linear_dgelu(dy2, w2, z, write_g=ctx.recompute)
-        g = g if ctx.recompute else kept[0]
-        dw2 = dy2.t().mm(g)
-        db2 = dy2.sum(0) if ctx.bias[1] else None
-        dw1 = dz.t().mm(h.reshape(-1, h.shape[-1]))
-        dh = dz.mm(w1).view(h.shape)
         return dh, dw1, (db1.to(ctx.bias[2]) if ctx.bias[0] else None), dw2, db2, None, None, None
+
+
+def _linear_then_gelu(h2, w1, b1):
+    """fold's fc1_gelu: cuBLAS's fc1, then GELU_tanh."""
+    z = F.linear(h2, w1, b1)
+    return z, F.gelu(z, approximate="tanh")
+
+
+def _matmul_then_gelu_bwd(gelu_bwd, dy2, w2, z, write_g=False):
+    """fold's dgelu: cuBLAS's dg = dy2 @ w2, then `gelu_bwd(z, dg, write_g=...) -> (dz, db1, g)`."""
+    return gelu_bwd(z, dy2.mm(w2), write_g=write_g)
 
 
 def plain_mlp(mlp: torch.nn.Module, h: torch.Tensor, fc2_bias: bool = True) -> torch.Tensor:
@@ -127,22 +114,22 @@ def plain_mlp(mlp: torch.nn.Module, h: torch.Tensor, fc2_bias: bool = True) -> t
 def fold_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, gelu_bwd, recompute: bool = False,
                   fc2_bias: bool = True) -> torch.Tensor:
     """mlp(h) for a reference Mlp, with `gelu_bwd(z, dg, write_g=...) -> (dz, db, g)` doing GELU's
-    backward and fc1's bias gradient in one pass (kernels/gelu.py); recompute: see _FoldGeluMlp;
+    backward and fc1's bias gradient in one pass (kernels/gelu.py); recompute: see _GeluMlp;
     fc2_bias: see plain_mlp."""
     if torch.is_autocast_enabled(h.device.type):
         return plain_mlp(mlp, h, fc2_bias)
-    return _FoldGeluMlp.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                              mlp.fc2.bias if fc2_bias else None, recompute, gelu_bwd)
+    return _GeluMlp.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias if fc2_bias else None,
+                          recompute, _linear_then_gelu, functools.partial(_matmul_then_gelu_bwd, gelu_bwd))
 
 
 def epilogue_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, linear_gelu, linear_dgelu, recompute: bool = False,
                       fc2_bias: bool = True) -> torch.Tensor:
-    """mlp(h) for a reference Mlp with GELU in the GEMMs' epilogues (see _EpilogueGeluMlp; kernels/gemm_gelu.py's
+    """mlp(h) for a reference Mlp with GELU in the GEMMs' epilogues (see _GeluMlp; kernels/gemm_gelu.py's
     linear_gelu / linear_dgelu or their references); recompute: keep h and z only; fc2_bias: see plain_mlp."""
     if torch.is_autocast_enabled(h.device.type):
         return plain_mlp(mlp, h, fc2_bias)
-    return _EpilogueGeluMlp.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                                  mlp.fc2.bias if fc2_bias else None, recompute, linear_gelu, linear_dgelu)
+    return _GeluMlp.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias if fc2_bias else None,
+                          recompute, linear_gelu, linear_dgelu)
 
 
 def recompute_gelu_mlp(mlp: torch.nn.Module, h: torch.Tensor, fc2_bias: bool = True) -> torch.Tensor:
