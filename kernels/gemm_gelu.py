@@ -376,7 +376,8 @@ def linear_dgelu(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, *, write_g
                 torch.zeros(n, dtype=torch.float32, device=z.device), gelu())
     cfg = config or default_config()
     dz = alloc_out((m, n), z.dtype, z.device)
-    g = alloc_out((m, n), z.dtype, z.device) if write_g and cfg.tma else None
+    # g's buffer only where the TMA kernel will write it (a fallback would hold a 4D-wide buffer it never fills)
+    g = alloc_out((m, n), z.dtype, z.device) if write_g and cfg.tma and tma_usable(dy, w2, z, dz) else None
     part = alloc((triton.cdiv(m, cfg.block_m), n), torch.float32, z.device)
     if _launch(dy, w2, None, z, dz, part, m, n, k, True, cfg, g=g):
         g = finish(g, z.dtype)
