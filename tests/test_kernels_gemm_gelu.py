@@ -75,8 +75,8 @@ def test_bf16_against_fp64(cfg):
     g_of_z = torch.nn.functional.gelu(z.float(), approximate="tanh").to(torch.bfloat16)
     torch.testing.assert_close(g.float(), g_of_z.float(), rtol=2 ** -7, atol=1e-5)    # GELU of the stored z
     dz, db, g2 = linear_dgelu(dy, w2, z, write_g=True, config=cfg)
-    if cfg.tma:          # the backward's epilogue computes GELU(z) as the forward's did: the same bits
-        assert torch.equal(g2, g)
+    if cfg.tma:          # the backward's epilogue computes GELU(z) as the forward's did
+        _assert_same_gelu(g2, g)
     else:                # the pointer kernel leaves it to a separate (PyTorch) pass: one rounding apart
         torch.testing.assert_close(g2.float(), g.float(), rtol=2 ** -7, atol=1e-5)
     rdz, rdb, _ = linear_dgelu_ref(dy, w2, z)
@@ -106,7 +106,8 @@ def test_tma_needs_aligned_rows_and_falls_back_to_pointers(monkeypatch):
     # the backward's GELU(z): from the TMA epilogue, or after the pointer kernel from a separate pass; the same
     _, _, g_tma = linear_dgelu(dy, w2, z, write_g=True, config=SMALL_TMA)
     _, _, g_ptr = linear_dgelu(dy, w2, z, write_g=True, config=SMALL)
-    assert calls[3:] == ["tma", "ptr"] and torch.equal(g_tma, g)
+    assert calls[3:] == ["tma", "ptr"]
+    _assert_same_gelu(g_tma, g)
     torch.testing.assert_close(g_ptr.float(), g.float(), rtol=2 ** -7, atol=1e-5)
     # misaligned rows (bf16 rows of K = 44): the pointer kernel both ways, and g from the separate pass
     h, w1, b1, dy, w2 = _inputs(40, 44, 48, torch.bfloat16)
@@ -125,6 +126,16 @@ class _Recorder:
     def __getitem__(self, grid):
         self.calls.append(self.name)
         return self.kernel[grid]
+
+
+def _assert_same_gelu(a, b):
+    """GELU(z) of the backward's epilogue vs the forward's: the same bits through the interpreter (one formula,
+    no fused multiply-adds); on a GPU each kernel's compiler may contract the same expression differently, so at
+    most one bf16 rounding apart there."""
+    if DEV == "cpu":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-6)
 
 
 def test_strided_operands():
