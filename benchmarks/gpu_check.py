@@ -442,6 +442,8 @@ def summarize_mlp_gemm(out: str, st: Stage) -> str:
              f"(x{s['best_vs_baseline']:.2f})" for p, s in summ.items() if isinstance(s, dict)]
     if "derived_step_change_ms" in summ:
         parts.append(f"derived step change {summ['derived_step_change_ms']:+.1f} ms")
+    if "derived_recompute_step_change_ms" in summ:
+        parts.append(f"with recompute {summ['derived_recompute_step_change_ms']:+.1f} ms")
     return ("(cut short) " if d.get("meta", {}).get("stopped_early") else "") + ("; ".join(parts) or "no rows")
 
 

@@ -8,6 +8,11 @@ What is timed, per pass, at DiT-XL/2's MLP shape (M = batch x 256 tokens, D = 11
   bwd  cublas           dy.mm(w2)                                         the data-gradient GEMM alone
        cublas+fold      dy.mm(w2), then kernels/gelu.py's gelu_tanh_bwd   what mlp="fold" runs (dz + bias sums)
        epilogue <cfg>   gemm_gelu.linear_dgelu(dy, w2, z, config=cfg)     dz + bias sums, dg never written
+  bwd+g (mlp="recompute-*": the backward also rebuilds GELU(z) for fc2's weight gradient)
+       cublas           dy.mm(w2)
+       cublas+fold      dy.mm(w2), then gelu_tanh_bwd(..., write_g=True)  what mlp="recompute-fold" runs
+       epilogue <cfg>   linear_dgelu(dy, w2, z, write_g=True, config=cfg) GELU(z) from the epilogue (TMA tilings;
+                                                                          the pointer ones add a GELU pass)
 Each row: the median ms (triton.testing.do_bench, L2 flushed, as benchmarks/kernels.py), TFLOP/s of the GEMM's
 2 M N K (the separate pass adds none), and for epilogue rows `vs_baseline` = baseline ms / row ms (> 1: the
 epilogue is faster than cuBLAS + the separate pass). Each epilogue row's outputs are compared with the
@@ -17,7 +22,8 @@ and never reported as the best).
 
 The summary gives per pass the best epilogue tiling and its time against the baseline, and the change of a
 DiT-XL/2 training step if both passes of all `--depth` (28) blocks ran the best tilings: depth x (best -
-baseline) per pass, summed. That figure is derived from these timings, not measured in a training step
+baseline) per pass, summed (and with bwd+g in place of bwd, the change for mlp="recompute-epilogue" against
+"recompute-fold"). Those figures are derived from these timings, not measured in a training step
 (the throughput row `fused+mlp-epilogue` measures that).
 
 Stops cleanly at --deadline-s (checked before each row; compiles included) and writes what was measured;
@@ -58,7 +64,7 @@ def _parse(argv=None):
     p.add_argument("--hidden", type=int, default=1152, help="D (the MLP is D -> 4D -> D)")
     p.add_argument("--depth", type=int, default=28, help="blocks per model, for the derived step change")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=("fwd", "bwd"))
+    p.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=("fwd", "bwd", "bwd+g"))
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--deadline-s", type=float, default=300.0)
@@ -127,6 +133,10 @@ def run(args, argv=None):
         "bwd": dict(gemm=lambda: dy.mm(w2),
                     baseline=("cublas+fold", lambda: ge.gelu_tanh_bwd(z, dy.mm(w2))[:2]),
                     fused=lambda cfg: gg.linear_dgelu(dy, w2, z, config=cfg), outputs=("dz", "db")),
+        "bwd+g": dict(gemm=lambda: dy.mm(w2),
+                      baseline=("cublas+fold", lambda: ge.gelu_tanh_bwd(z, dy.mm(w2), write_g=True)),
+                      fused=lambda cfg: gg.linear_dgelu(dy, w2, z, write_g=True, config=cfg),
+                      outputs=("dz", "db", "g")),
     }
 
     def add(row):
@@ -178,19 +188,23 @@ def run(args, argv=None):
         save()
         if stop:
             break
-    if {"fwd", "bwd"} <= set(summary):
-        summary["derived_step_change_ms"] = args.depth * sum(summary[p]["best_ms"] - summary[p]["baseline_ms"]
-                                                             for p in ("fwd", "bwd"))
-        summary["derived_note"] = (f"{args.depth} x (best - baseline), fwd + bwd: what the best tilings would change "
-                                   "in a training step, from these kernel timings (not a training measurement)")
+    for key, bwd in (("derived_step_change_ms", "bwd"), ("derived_recompute_step_change_ms", "bwd+g")):
+        if {"fwd", bwd} <= set(summary):
+            summary[key] = args.depth * sum(summary[p]["best_ms"] - summary[p]["baseline_ms"] for p in ("fwd", bwd))
+            summary["derived_note"] = (f"{args.depth} x (best - baseline), fwd + bwd (recompute: fwd + bwd+g): what "
+                                       "the best tilings would change in a training step, from these kernel timings "
+                                       "(not a training measurement)")
     save()
-    for pas in ("fwd", "bwd"):
+    for pas in ("fwd", "bwd", "bwd+g"):
         s = summary.get(pas)
         if s:
             print(f"{pas}: best {s['best']} {s['best_ms']:.3f} ms vs {s['baseline']} {s['baseline_ms']:.3f} ms "
                   f"(x{s['best_vs_baseline']:.3f}); the GEMM alone (cuBLAS) {s['cublas_gemm_ms']:.3f} ms", flush=True)
     if "derived_step_change_ms" in summary:
         print(f"derived step change, {args.depth} blocks: {summary['derived_step_change_ms']:+.2f} ms", flush=True)
+    if "derived_recompute_step_change_ms" in summary:
+        print(f"derived step change with recompute, {args.depth} blocks: "
+              f"{summary['derived_recompute_step_change_ms']:+.2f} ms", flush=True)
     return dict(meta=meta, summary=summary, results=rows)
 
 
