@@ -204,6 +204,7 @@ class Stage:
     returncodes: List[int] = field(default_factory=list)
     result: str = ""
     detail: Dict[str, Any] = field(default_factory=dict)
+    output: List[str] = field(default_factory=list)  # what its commands printed, for summaries of a cut run
 
 
 class Log:
@@ -219,14 +220,18 @@ class Log:
             self.f.write(line + "\n")
 
 
-def run_command(cmd: List[str], env: Dict[str, str], timeout: float, log: Log) -> int:
-    """Run cmd in its own process group, streaming its output; kill the group at the timeout (rc 124)."""
+def run_command(cmd: List[str], env: Dict[str, str], timeout: float, log: Log,
+                sink: Optional[List[str]] = None) -> int:
+    """Run cmd in its own process group, streaming its output (into log, and sink if given); kill the group at
+    the timeout (rc 124)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True)
 
     def pump():
         for line in proc.stdout:
             log("    " + line.rstrip("\n"))
+            if sink is not None:
+                sink.append(line.rstrip("\n"))
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -263,7 +268,7 @@ def run_stages(stages: List[Stage], deadline: float, env: Dict[str, str], log: L
         t0 = time.time()
         for cmd in st.commands:
             log("$ " + " ".join(shlex.quote(c) for c in cmd))
-            rc = run_command(cmd, env, t0 + allowed - time.time(), log)
+            rc = run_command(cmd, env, t0 + allowed - time.time(), log, st.output)
             st.returncodes.append(rc)
             if rc == 124:
                 break
@@ -315,11 +320,37 @@ def summarize_env(out: str, st: Stage) -> str:
             f"GEMM {c['gemm_tflops']:.0f} TFLOP/s")
 
 
+# pytest -v's line per test: "tests/f.py::t PASSED [ 3%]", or under xdist "[gw0] [ 3%] PASSED tests/f.py::t"
+# (the path as pytest prints it, relative to the working directory)
+_VERBOSE_RESULT = re.compile(r"(?:^|\s)(?:(?P<id1>\S+::\S+)\s+(?P<o1>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"
+                             r"|(?P<o2>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(?P<id2>\S+::\S+))")
+
+
+def verbose_counts(lines: List[str]) -> Dict[str, Any]:
+    """junit_counts' figures from pytest -v output (a run killed before it wrote its XML); each test id once,
+    its last outcome."""
+    outcome: Dict[str, str] = {}
+    for line in lines:
+        m = _VERBOSE_RESULT.search(line)
+        if m:
+            outcome[m.group("id1") or m.group("id2")] = m.group("o1") or m.group("o2")
+    vals = list(outcome.values())
+    c = dict(tests=len(vals), failures=vals.count("FAILED") + vals.count("XPASS"), errors=vals.count("ERROR"),
+             skipped=vals.count("SKIPPED") + vals.count("XFAIL"))
+    c["passed"] = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
+    c["failed_tests"] = [t for t, o in outcome.items() if o in ("FAILED", "ERROR", "XPASS")]
+    return c
+
+
 def summarize_tests(xmls: List[str], st: Stage) -> str:
     c = junit_counts(xmls)
+    cut = ""
+    if not any(os.path.isfile(x) for x in xmls) and st.output:  # killed before pytest wrote its XML
+        c, cut = verbose_counts(st.output), " (no XML: the tests that finished before the cut, from the log)"
+        c["from_log"] = True
     st.detail = c
     s = f"{c['passed']} passed, {c['failures'] + c['errors']} failed, {c['skipped']} skipped"
-    return s + (f" ({', '.join(c['failed_tests'][:5])})" if c["failed_tests"] else "")
+    return s + (f" ({', '.join(c['failed_tests'][:5])})" if c["failed_tests"] else "") + cut
 
 
 def summarize_parity(out: str, st: Stage) -> str:
@@ -606,7 +637,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         skip_windows = 2  # the first two windows hold the warm-up (allocator, cuDNN/Triton autotuning)
     if a.rows:
         fast_rows = [r.strip() for r in a.rows.split(",") if r.strip()]
-    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    # -v: a line per test as it finishes, so a stage cut by its time limit still says what passed (verbose_counts)
+    pytest = [py, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts="]
     train_cmd = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
                  "fastdit/train.py"] + train_cfg + [
                  "--set", "train.ckpt_every=1000000", "--set", "train.final_sample=false",

@@ -170,6 +170,38 @@ def test_junit_counts(tmp_path):
     assert (c["passed"], c["failures"], c["skipped"], c["failed_tests"]) == (2, 1, 1, ["a::bad"])
 
 
+def test_verbose_counts_read_both_pytest_formats():
+    lines = ["[gw0] [ 10%] PASSED tests/test_a.py::test_one[cpu-fp32]",
+             "tests/test_b.py::test_two PASSED                                   [ 20%]",
+             "[gw1] [ 30%] FAILED tests/test_a.py::test_bad",
+             "[gw1] [ 40%] SKIPPED tests/test_a.py::test_skip",
+             "tests/test_b.py::test_err ERROR",
+             "FAILED tests/test_a.py::test_bad - AssertionError: 1 != 2",   # the short summary repeats it
+             "collected 9 items"]
+    c = gc.verbose_counts(lines)
+    assert (c["tests"], c["passed"], c["failures"], c["errors"], c["skipped"]) == (5, 2, 1, 1, 1)
+    assert c["failed_tests"] == ["tests/test_a.py::test_bad", "tests/test_b.py::test_err"]
+
+
+def test_a_test_stage_cut_by_its_limit_still_counts_the_tests_that_finished(tmp_path):
+    """pytest killed before it writes its XML: the summary counts the -v lines it printed, and says so."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_slow.py").write_text(
+        "import time\n"
+        "def test_quick():\n    pass\n"
+        "def test_fails():\n    assert False\n"
+        "def test_hangs():\n    time.sleep(60)\n")
+    xml = str(tmp_path / "r.xml")
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=",
+           "--rootdir", str(tmp_path), str(tmp_path / "tests" / "test_slow.py"), "--junitxml", xml]
+    st = gc.Stage("tests", [cmd], 8, 1, lambda s: gc.summarize_tests([xml], s))
+    log = gc.Log(str(tmp_path / "log.txt"))
+    gc.run_stages([st], time.time() + gc.FINISH_S + 10, dict(os.environ), log)
+    assert st.status == "timeout" and not os.path.exists(xml)
+    assert st.detail["from_log"] is True and (st.detail["passed"], st.detail["failures"]) == (1, 1), st.output
+    assert st.result.startswith("1 passed, 1 failed, 0 skipped") and "from the log" in st.result
+
+
 def test_predictions_file_names_known_rows():
     """benchmarks/predictions.json: every prediction names rows throughput.py has, and a range lo <= hi."""
     from benchmarks.throughput import ALL_ROWS
