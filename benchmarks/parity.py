@@ -15,9 +15,10 @@ Verdicts:  fp32 cases  out and all-grads error < 1e-4, worst parameter < 1e-3 (T
 and every case finite with a gradient for every parameter. Exit code 1 when a case fails.
 
 Switch cases (--switches, default all): the speed switches whose defaults wait for a GPU measurement, each
-built as the throughput row that times it builds its model (SWITCH_CASES: model options, and the kernels'
-environment switches where the row sets them), in bf16, plus the case that turns every new path on at once
-in fp32 too. A default flips only where its row wins and its case here passes on the same GPU.
+as one of benchmarks/throughput.py's rows (SWITCH_ROWS): the model built from that row's spec (its mlp,
+bias_fold and attention options) under the row's environment (the kernels' switches), in bf16, and the rows
+that between them run every new path also in fp32. A default flips only where its row wins and its case here
+passes on the same GPU.
 
     python benchmarks/parity.py --json parity.json                    # DiT-XL/2, batch 4, on CUDA
     python benchmarks/parity.py --smoke                                # tiny model on CPU
@@ -41,17 +42,10 @@ import torch  # noqa: E402
 from benchmarks.common import environment, write_json  # noqa: E402
 
 FP32_TOL, FP32_WORST_TOL, BF16_ATOL = 1e-4, 1e-3, 1e-3
-# name: (fast DiT options, whether the kernels' environment switches are on, whether an fp32 case runs too);
-# as benchmarks/throughput.py's rows fused+mlp-epilogue, fused+mlp-recompute-epilogue, fused+all-switches
-# (attention "auto" is sdpa_packed on the GPU machine) and fused+all-switches/triton; the last case is every
-# new path at once (GELU-epilogue GEMMs, bias folds, fastdit's attention, the kernels' switches)
-SWITCH_CASES = {
-    "mlp-epilogue": (dict(attention="sdpa", mlp="epilogue"), False, False),
-    "mlp-recompute-epilogue": (dict(attention="sdpa", mlp="recompute-epilogue"), False, False),
-    "all-switches": (dict(attention="sdpa_packed", mlp="fold", bias_fold=True), True, False),
-    "all-switches/triton": (dict(attention="triton", mlp="fold", bias_fold=True), True, False),
-    "everything-new": (dict(attention="triton", mlp="epilogue", bias_fold=True), True, True),
-}
+# throughput rows whose models carry unmeasured switches -> whether an fp32 case runs too (the two with fp32
+# cover every new path: GELU-epilogue GEMMs; fold, bias folds, fastdit's attention, the kernels' switches)
+SWITCH_ROWS = {"fused+mlp-epilogue": True, "fused+mlp-recompute-epilogue": False, "fused+all-switches": False,
+               "fused+all-switches/triton": True}
 # --smoke: a tiny custom DiT (constructor kwargs of fastdit.models.reference.DiT)
 SMOKE_ARCH = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4)
 
@@ -63,9 +57,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--attention", nargs="+", default=["sdpa", "flash_attn", "xformers"],
                     help="attention backends of the bf16 fast cases (those that cannot run are listed)")
-    ap.add_argument("--switches", nargs="*", default=list(SWITCH_CASES), choices=list(SWITCH_CASES),
-                    metavar="CASE", help=f"switch cases to run (default all: {', '.join(SWITCH_CASES)}; "
-                                         "none when given without names)")
+    ap.add_argument("--switches", nargs="*", default=list(SWITCH_ROWS), choices=list(SWITCH_ROWS),
+                    metavar="ROW", help=f"throughput rows to check (default all: {', '.join(SWITCH_ROWS)}; "
+                                        "none when given without names)")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH")
@@ -197,19 +191,18 @@ def main(argv=None) -> int:
                       torch.bfloat16))
 
     from benchmarks.common import env_vars
-    from benchmarks.throughput import KERNEL_SWITCHES
+    from benchmarks.throughput import row_specs
     envs: Dict[str, tuple] = {}
-    for sw in a.switches:
-        opts, kernel_env, fp32_too = SWITCH_CASES[sw]
-        b = opts["attention"]
-        if not attn.available_backends().get(b, False):
-            skipped[f"switches {sw}"] = f"attention {b} cannot run here"
-            print(f"switch case {sw}: skipped (attention {b} cannot run here)", flush=True)
+    for spec in row_specs(a.switches):
+        if spec.unavailable:
+            skipped[spec.name] = spec.unavailable
+            print(f"row {spec.name}: skipped ({spec.unavailable})", flush=True)
             continue
-        for dtype in ((torch.float32, torch.bfloat16) if fp32_too else (torch.bfloat16,)):
-            name = f"fast {'fp32' if dtype == torch.float32 else 'bf16'} {kern}+{sw}"
+        opts = dict(attention=spec.attention, mlp=spec.mlp, bias_fold=spec.bias_fold)
+        for dtype in ((torch.float32, torch.bfloat16) if SWITCH_ROWS[spec.name] else (torch.bfloat16,)):
+            name = f"fast {'fp32' if dtype == torch.float32 else 'bf16'} {kern} {spec.name}"
             cases.append((name, lambda o=opts, d=dtype: from_reference(ref, kernels=kern, **o).to(dev).to(d), dtype))
-            envs[name] = KERNEL_SWITCHES if kernel_env else ()
+            envs[name] = spec.env
 
     results = []
     for name, build, dtype in cases:

@@ -21,19 +21,21 @@ def test_smoke_runs_every_switch_case_through_the_kernels(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     d = json.loads(out.read_text())
     by = {r["case"]: r for r in d["results"]}
-    want = [f"fast bf16 triton+{sw}" for sw in parity.SWITCH_CASES] + ["fast fp32 triton+everything-new"]
+    want = [f"fast bf16 triton {row}" for row in parity.SWITCH_ROWS]
+    want += [f"fast fp32 triton {row}" for row, fp32 in parity.SWITCH_ROWS.items() if fp32]
+    assert len(want) == 6
     for name in want:
         assert by[name]["pass"] is True and not by[name]["missing_grads"], by.get(name)
-    assert by["fast bf16 triton+all-switches"]["env"]["FASTDIT_TILE_SUMS"] == "triton"
-    assert "env" not in by["fast bf16 triton+mlp-epilogue"]
-    assert by["fast fp32 triton+everything-new"]["grad_rel"] < parity.FP32_TOL
+    assert by["fast bf16 triton fused+all-switches"]["env"]["FASTDIT_TILE_SUMS"] == "triton"   # the row's env
+    assert "env" not in by["fast bf16 triton fused+mlp-epilogue"]
+    assert by["fast fp32 triton fused+all-switches/triton"]["grad_rel"] < parity.FP32_TOL
     assert os.environ.get("FASTDIT_TILE_SUMS") is None  # the switches' environment is restored
 
 
 def test_no_switch_cases_when_asked_and_a_wrong_switch_fails(tmp_path, monkeypatch):
     out = tmp_path / "none.json"
     assert parity.main(["--smoke", "--device", "cpu", "--switches", "--json", str(out)]) == 0
-    assert not [r for r in json.loads(out.read_text())["results"] if "+" in r["case"]]
+    assert not [r for r in json.loads(out.read_text())["results"] if "fused+" in r["case"]]
 
     gg = importlib.import_module("fastdit.kernels.gemm_gelu")
     right = gg.linear_dgelu_ref
@@ -44,6 +46,6 @@ def test_no_switch_cases_when_asked_and_a_wrong_switch_fails(tmp_path, monkeypat
     monkeypatch.setattr(gg, "linear_dgelu_ref", wrong)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "wrong.json"
-    assert parity.main(["--smoke", "--device", "cpu", "--switches", "mlp-epilogue", "--json", str(out)]) == 1
+    assert parity.main(["--smoke", "--device", "cpu", "--switches", "fused+mlp-epilogue", "--json", str(out)]) == 1
     d = json.loads(out.read_text())
-    assert d["failed"] == ["fast bf16 torch+mlp-epilogue"], d["failed"]
+    assert d["failed"] == ["fast fp32 torch fused+mlp-epilogue", "fast bf16 torch fused+mlp-epilogue"], d["failed"]
