@@ -167,9 +167,9 @@ def main(argv=None) -> int:
     cases: List[Tuple[str, Callable[[], torch.nn.Module], torch.dtype]] = [
         ("reference fp32", lambda: copy.deepcopy(ref).to(dev), torch.float32),
         ("reference bf16", lambda: copy.deepcopy(ref).to(dev).bfloat16(), torch.bfloat16),
-        (f"fast fp32 {kern}/sdpa", lambda: from_reference(ref, kernels=kern, attention="sdpa").to(dev),
+        (f"fast fp32 {kern}/sdpa", lambda: from_reference(ref, device=dev, kernels=kern, attention="sdpa"),
          torch.float32),
-        ("fast bf16 torch/sdpa", lambda: from_reference(ref, kernels="torch", attention="sdpa").to(dev).bfloat16(),
+        ("fast bf16 torch/sdpa", lambda: from_reference(ref, device=dev, kernels="torch", attention="sdpa").bfloat16(),
          torch.bfloat16),
     ]
     status = attn.backend_status() if hasattr(attn, "backend_status") else None
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         if any(c[0] == f"fast bf16 {kern}/{b}" for c in cases):
             continue  # already there (kernels=torch off CUDA without the interpreter)
         cases.append((f"fast bf16 {kern}/{b}",
-                      lambda b=b: from_reference(ref, kernels=kern, attention=b).to(dev).bfloat16(),
+                      lambda b=b: from_reference(ref, device=dev, kernels=kern, attention=b).bfloat16(),
                       torch.bfloat16))
 
     from benchmarks.common import env_vars
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         opts = dict(attention=spec.attention, mlp=spec.mlp, bias_fold=spec.bias_fold)
         for dtype in ((torch.float32, torch.bfloat16) if SWITCH_ROWS[spec.name] else (torch.bfloat16,)):
             name = f"fast {'fp32' if dtype == torch.float32 else 'bf16'} {kern} {spec.name}"
-            cases.append((name, lambda o=opts, d=dtype: from_reference(ref, kernels=kern, **o).to(dev).to(d), dtype))
+            cases.append((name, lambda o=opts, d=dtype: from_reference(ref, device=dev, kernels=kern, **o).to(d), dtype))
             envs[name] = spec.env
 
     results = []

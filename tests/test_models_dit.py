@@ -13,6 +13,7 @@ from _helpers import assert_flash_rule
 
 from fastdit.models import attention as attn_backends
 from fastdit.models import DiT, DiT_models, ReferenceDiT, ReferenceDiT_models, from_reference
+from fastdit.models.dit import constructor_kwargs, hidden_tensors
 from fastdit.models.reference import BLOCK_TYPES
 
 # (hidden, heads, depth, input_size, patch): S- and B-width models at small inputs, patch 2 and 4
@@ -238,6 +239,42 @@ def test_state_dicts_load_both_ways_strictly():
     bad.pop("blocks.0.attn.qkv.weight")
     with pytest.raises(KeyError, match="blocks.0.attn.qkv.weight"):
         fast.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("fast_kw", [dict(kernels="torch"), dict(kernels="torch", mlp="recompute-epilogue"),
+                                     dict(kernels="torch", mlp="fold", bias_fold=True, attention="sdpa_packed")])
+def test_from_reference_equals_building_and_loading(fast_kw):
+    """from_reference skips the fast model's own init (meta build): every tensor and every output as if built eagerly."""
+    cfg = CONFIGS["odd/p2"]
+    ref, fast = make_pair(cfg, **fast_kw)
+    eager = DiT(**constructor_kwargs(ref), **fast_kw).to(DEV)
+    eager.load_state_dict(ref.state_dict())
+    assert hidden_tensors(fast) == []
+    for (k, a), (k2, b) in zip(fast.state_dict().items(), eager.state_dict().items(), strict=True):
+        assert k == k2 and a.device == b.device and torch.equal(a, b), k
+    assert [p.requires_grad for p in fast.parameters()] == [p.requires_grad for p in eager.parameters()]
+    x, t, y = inputs(cfg)
+    out_f, g_f = run(fast.train(), x, t, y)
+    out_e, g_e = run(eager.train(), x, t, y)
+    assert torch.equal(out_f, out_e) and g_f.keys() == g_e.keys()
+    assert all(torch.equal(g_f[k], g_e[k]) for k in g_e)
+
+
+def test_from_reference_builds_eagerly_when_a_tensor_is_outside_the_state_dict(monkeypatch):
+    """A tensor a meta build could not fill from the state dict makes from_reference initialise as usual."""
+    original_init = DiT.__init__
+
+    def init_with_hidden_state(self, *a, **kw):
+        original_init(self, *a, **kw)
+        self.register_buffer("scale_table", torch.arange(4.0), persistent=False)
+        self.lookup = torch.ones(3)
+
+    monkeypatch.setattr(DiT, "__init__", init_with_hidden_state)
+    ref, fast = make_pair(CONFIGS["odd/p2"], kernels="torch")
+    assert hidden_tensors(fast) == ["scale_table", "lookup"]
+    assert fast.scale_table.device == DEV and torch.equal(fast.scale_table.cpu(), torch.arange(4.0))
+    assert torch.equal(fast.lookup, torch.ones(3))  # a real tensor, not a meta one
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), ref.state_dict().values()))
 
 
 def test_xl2_loads_an_official_layout_state_dict_strictly():
