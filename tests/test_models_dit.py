@@ -13,7 +13,8 @@ from _helpers import assert_flash_rule
 
 from fastdit.models import attention as attn_backends
 from fastdit.models import DiT, DiT_models, ReferenceDiT, ReferenceDiT_models, from_reference
-from fastdit.models.dit import constructor_kwargs, hidden_tensors
+from fastdit.models.dit import constructor_kwargs
+from fastdit.models.empty import hidden_tensors
 from fastdit.models.reference import BLOCK_TYPES
 
 # (hidden, heads, depth, input_size, patch): S- and B-width models at small inputs, patch 2 and 4

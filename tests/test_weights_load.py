@@ -186,3 +186,14 @@ def test_registry_name_builds_the_registry_architecture():
     assert name == "DiT-S/8" and kwargs["depth"] == 12 and kwargs["num_heads"] == 6
     assert kwargs["input_size"] == 16 and kwargs["num_classes"] == 3
     same_outputs(official, model.eval())
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_build_model_holds_exactly_the_loaded_weights(impl):
+    """build_model skips the model's own init (fastdit.models.empty): every tensor is the checkpoint's."""
+    sd = random_dit(6).state_dict()
+    model, _, _, used = C.build_model(sd, None, {"model_kwargs": {"num_heads": KW["num_heads"]}}, None, impl,
+                                      **({"kernels": "torch"} if impl == "fast" else {}))
+    assert used == impl and model.state_dict().keys() == sd.keys()
+    assert all(torch.equal(v, sd[k]) and v.device.type == "cpu" for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in random_dit(6).parameters()]

@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from fastdit.dist import nvtx_range
 from fastdit.models import attention as attn_backends
+from fastdit.models.empty import for_loading
 from fastdit.models.mlp import MLP_CHOICES, epilogue_gelu_mlp, fold_gelu_mlp, plain_mlp, recompute_gelu_mlp
 from fastdit.models import reference as ref
 from fastdit.models.registry import KERNEL_CHOICES, make_registry
@@ -272,31 +273,11 @@ def constructor_kwargs(model: ref.DiT) -> dict:
                 block_type=model.block_type)
 
 
-def hidden_tensors(module: nn.Module) -> list:
-    """Tensors `module` holds outside its state dict: non-persistent buffers and plain tensor attributes."""
-    found = []
-    for name, m in module.named_modules():
-        prefix = f"{name}." if name else ""
-        found += [prefix + k for k in getattr(m, "_non_persistent_buffers_set", ())]
-        found += [prefix + k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
-    return found
-
-
 def from_reference(model: ref.DiT, device=None, **fast_kwargs) -> DiT:
     """A fast DiT with the same configuration and weights as a reference model, on `device` (default: the
     reference's; another device gets the weights copied straight there, with no second copy on the host).
-
-    The fast model is built on the meta device and then filled from the reference's state dict (strict), so
-    its own weight initialisation, which the load would overwrite (~11 s at XL/2 on a CPU core), is skipped.
-    That is exact only when every tensor the model holds is in its state dict; where one is not (a
-    non-persistent buffer or a tensor attribute, none today) the model is built and initialised as usual.
-    """
+    Built without the initialisation the load overwrites (fastdit.models.empty)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    with torch.device("meta"):
-        fast = DiT(**constructor_kwargs(model), **fast_kwargs)
-    if hidden_tensors(fast):
-        fast = DiT(**constructor_kwargs(model), **fast_kwargs).to(device)
-    else:
-        fast = fast.to_empty(device=device)
+    fast = for_loading(lambda: DiT(**constructor_kwargs(model), **fast_kwargs), device)
     fast.load_state_dict(model.state_dict())
     return fast

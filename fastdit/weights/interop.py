@@ -62,6 +62,7 @@ import torch
 
 from fastdit.models.reference import get_2d_sincos_pos_embed
 from fastdit.models.build import build_dit
+from fastdit.models.empty import for_loading
 from fastdit.weights import load as weights_load
 from fastdit.state_dict import check_state_dict_keys, strip_prefixes
 
@@ -228,8 +229,8 @@ def export_diffusers(model_or_sd, out_dir: str, model_kwargs: Optional[dict] = N
     if model_kwargs is None and hasattr(model_or_sd, "num_heads"):
         model_kwargs = {"num_heads": model_or_sd.num_heads}
     _, kwargs = weights_load.resolve_model_config(_clean(sd), model_name, {"model_kwargs": model_kwargs or {}})
-    model = build_dit("reference", **kwargs)
-    model.load_state_dict(_clean(sd))
+    model = for_loading(lambda: build_dit("reference", **kwargs), "cpu")
+    model.load_state_dict(_clean(sd))  # strict: every entry
     diff = measure_difference(model.eval(), dmodel)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(model_card(kwargs, diff, pipeline_problem(kwargs, vae)))

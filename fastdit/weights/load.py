@@ -36,6 +36,7 @@ import torch
 
 from fastdit.models.reference import get_2d_sincos_pos_embed
 from fastdit.models.build import build_dit, resolve_impl
+from fastdit.models.empty import for_loading
 from fastdit.models.registry import MODEL_NAMES, model_config
 from fastdit.weights import layout, safe_load
 from fastdit.state_dict import check_state_dict_keys, strip_prefixes
@@ -275,8 +276,8 @@ def build_model(sd: Dict[str, torch.Tensor], model_name: Optional[str] = None,
     load it strictly; returns (model, name, kwargs, impl used)."""
     name, kwargs = resolve_model_config(sd, model_name, meta, overrides)
     used = resolve_impl(impl, kwargs.get("block_type", "adaln_zero"))
-    model = build_dit(used, **kwargs, **fast_options)
-    load_strict(model, sd)
+    model = for_loading(lambda: build_dit(used, **kwargs, **fast_options), "cpu")
+    load_strict(model, sd)  # every entry (its key check raises before anything is copied)
     return model, name, kwargs, used
 
 
