@@ -10,7 +10,8 @@ install:
 
 # The suite runs on TEST_JOBS pytest-xdist workers (default 2, the CI machine's cores; TEST_JOBS=1 runs it in one
 # process). --dist loadfile keeps each test file on one worker, so a module's shared fixture (the throughput smoke
-# run, the exported runs) is built once. Measured on a 2-core machine: 775 s in one process, 460 s on 2 workers.
+# run, the exported runs) is built once. Measured on a 2-core machine, DeepSpeed's CPU ops not yet built (their first
+# use compiles them, ~75 s): 850 s in one process, 560 s on 2 workers (peak 5.9 GB in use).
 TEST_JOBS ?= 2
 
 test: install
