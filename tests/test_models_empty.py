@@ -1,9 +1,16 @@
 """fastdit.models.empty: a module built for loading is the module built as usual once every weight is loaded."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn as nn
 
 from fastdit.models.empty import for_loading, hidden_tensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class WithHidden(nn.Module):
@@ -46,3 +53,36 @@ def test_every_dit_block_type_holds_nothing_outside_its_state_dict(impl):
         with torch.device("meta"):
             model = build_dit(impl, name="DiT-S/2", input_size=8, block_type=block_type, **opts)
         assert hidden_tensors(model) == [], block_type
+
+
+def test_requires_grad_and_dtype_survive_the_empty_storage():
+    def build():
+        m = nn.Sequential(nn.Linear(3, 4), nn.Embedding(5, 4).to(torch.float64))
+        m[0].bias.requires_grad_(False)
+        return m
+    empty = for_loading(build, "cpu")
+    assert [p.requires_grad for p in empty.parameters()] == [True, False, True]
+    assert [p.dtype for p in empty.parameters()] == [torch.float32, torch.float32, torch.float64]
+    assert not any(p.is_meta for p in empty.parameters())
+
+
+def test_the_meta_build_skips_initialisers_that_would_import_dynamo():
+    """Tensor.normal_ on a meta tensor (the DiT's label embedding, nn.init.normal_) imports torch._dynamo on its
+    first call in a process (seconds); for_loading skips the fill, so a small model's build does not pay it."""
+    code = textwrap.dedent("""
+        import sys
+        from fastdit.models.build import build_dit
+        from fastdit.models.empty import for_loading
+        from fastdit.models.registry import model_config
+        if "torch._dynamo" in sys.modules:
+            print("already imported"); sys.exit(0)
+        for impl in ("reference", "fast"):
+            for_loading(lambda: build_dit(impl, **model_config("DiT-S/2"), input_size=4), "cpu")
+        print("imported" if "torch._dynamo" in sys.modules else "not imported")
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if proc.stdout.strip() == "already imported":
+        pytest.skip("torch._dynamo is imported before any build here: nothing for for_loading to avoid")
+    assert proc.stdout.strip() == "not imported"
