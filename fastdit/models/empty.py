@@ -1,5 +1,6 @@
 """Models built only to be filled by a strict load of every weight, without the initialisation the load
-would overwrite (~11 s for DiT-XL/2 on a CPU core; the whole build then costs about what the load does).
+would overwrite. DiT-XL/2, build and strict load on a 2-core CPU: 4.1 s the usual way, 0.2 s this way
+(benchmarks/build_for_loading.py; benchmarks/results/cpu-2026-11-27-a7c4068/).
 
     model = for_loading(lambda: build_dit("fast", **kwargs), device)
     model.load_state_dict(sd)   # strict, every entry: the model's storage is uninitialised until then
