@@ -55,13 +55,15 @@ def test_every_dit_block_type_holds_nothing_outside_its_state_dict(impl):
         assert hidden_tensors(model) == [], block_type
 
 
-def test_requires_grad_and_dtype_survive_the_empty_storage():
+def test_requires_grad_dtype_and_strides_survive_the_empty_storage():
     def build():
         m = nn.Sequential(nn.Linear(3, 4), nn.Embedding(5, 4).to(torch.float64))
         m[0].bias.requires_grad_(False)
+        m[0].weight = nn.Parameter(torch.empty(3, 4).t())  # a column-major weight keeps its strides
         return m
     empty = for_loading(build, "cpu")
     assert [p.requires_grad for p in empty.parameters()] == [True, False, True]
+    assert empty[0].weight.stride() == (1, 4)
     assert [p.dtype for p in empty.parameters()] == [torch.float32, torch.float32, torch.float64]
     assert not any(p.is_meta for p in empty.parameters())
 

@@ -49,6 +49,7 @@ def for_loading(build: Callable[[], nn.Module], device) -> nn.Module:
     if hidden_tensors(module):
         return build().to(device)
     # Module.to_empty would do this with empty_like, whose meta-to-device path runs through torch._refs and
-    # imports sympy on its first call in a process (0.6-1.9 s measured here); torch.empty does not.
+    # imports sympy on its first call in a process (0.6-1.9 s measured here); torch.empty_strided (same
+    # sizes and strides) does not.
     device = torch.device(device)
-    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    return module._apply(lambda t: torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device))
