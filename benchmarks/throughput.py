@@ -28,10 +28,14 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
                        ZeRO stage, optimizer, gradient clipping; the model's impl/checkpointing), on one
                        rank, micro-batch = global batch = --batch, no gradient accumulation, and
                        Trainer.train_step() timed: forward, engine.backward, engine.step, the fp32 EMA
-                       update. The model is --model at --image-size, kernels as the fast rows, attention
+                       update (with the config's train.fused_optimizer_step, on in the shipped bf16
+                       ZeRO-1/2 configs since 2026-11-27: AdamW, the bf16 copy and the EMA in one pass).
+                       The model is --model at --image-size, kernels as the fast rows, attention
                        "auto" resolved as in `fused`. Its ZeRO stage, optimizer and precision are recorded
                        in the row (`deepspeed`). torch.distributed is initialised once for one rank (gloo
                        on CPU, NCCL on CUDA) when no launcher did; the engine is destroyed after the row.
+    deepspeed/ds-step  the same with train.fused_optimizer_step off: DeepSpeed's own optimizer step and the
+                       separate EMA update (the `deepspeed` row before 2026-11-27)
 
 Precision (the same for every row; --precision):
     bf16      (default) parameters, activations and gradients in bf16, AdamW on fp32 master copies of the
@@ -95,7 +99,7 @@ SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
              "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
-             "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
+             "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
              "deepspeed+all-switches/triton")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
 # for the rows that turn every switch on: the row ops' partial sums in one Triton pass, patch_embed's backward
@@ -246,7 +250,7 @@ class RowSpec:
     attention: Optional[str] = None  # "auto" or a backend name; reference: None = its own math attention
     unavailable: Optional[str] = None
     mlp: str = "plain"               # the fast model's mlp= option (fastdit.models.mlp)
-    fused_step: bool = False         # deepspeed rows: train.fused_optimizer_step
+    fused_step: Optional[bool] = None  # deepspeed rows: train.fused_optimizer_step (None: --config's)
     bias_fold: bool = False          # the fast model's bias_fold= option (fastdit.models.dit)
     env: Tuple[Tuple[str, str], ...] = ()   # environment variables set while the row runs (KERNEL_SWITCHES)
 
@@ -286,6 +290,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
         elif name == "deepspeed+compile":  # train.compile: the engine's model under engine.compile()
             specs.append(RowSpec(name, "deepspeed", True, "auto"))
+        elif name == "deepspeed/ds-step":  # DeepSpeed's own optimizer step and the separate EMA update
+            specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=False))
         elif name == "deepspeed+fused-step":  # train.fused_optimizer_step: AdamW + bf16 copy + EMA in one pass
             specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=True))
         elif name == "deepspeed+all-switches":  # the loop with every unmeasured speed switch on
@@ -430,14 +436,14 @@ def deepspeed_row_config(args):
 
 
 def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any],
-                         compile: bool = False, fused_step: bool = False, mlp: str = "plain",
+                         compile: bool = False, fused_step: Optional[bool] = None, mlp: str = "plain",
                          bias_fold: bool = False, attention: str = "auto"):
     """The deepspeed row: fastdit.training.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
     Trainer cycling the harness's batches. Records what it runs in `row`; returns (step, setup), where
     step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update).
     `compile` (row deepspeed+compile) sets train.compile, so build_engine calls engine.compile() as
-    fastdit/train.py does, with the harness's --compile-backend / --compile-mode. `fused_step` (row
-    deepspeed+fused-step) sets train.fused_optimizer_step; `mlp` / `bias_fold` (row deepspeed+all-switches)
+    fastdit/train.py does, with the harness's --compile-backend / --compile-mode. `fused_step` (rows
+    deepspeed+fused-step, deepspeed/ds-step) sets train.fused_optimizer_step (None keeps --config's); `mlp` / `bias_fold` (row deepspeed+all-switches)
     set model.mlp / model.bias_fold; `attention` other than "auto" (row deepspeed+all-switches/triton) sets
     model.attention."""
     if device.type == "cpu":
@@ -454,8 +460,8 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
     cfg.model.kernels = kernels
     if compile:
         cfg.train.compile = True
-    if fused_step:
-        cfg.train.fused_optimizer_step = True
+    if fused_step is not None:
+        cfg.train.fused_optimizer_step = fused_step
     if mlp != "plain":
         cfg.model.mlp = mlp
     if bias_fold:

@@ -258,10 +258,33 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, bloc
     return res, out, mean.view(n, t), rstd.view(n, t)
 
 
+# The fused residual+LN backward's tiling where a GPU run measured one better than row_tile's: (BLOCK_T,
+# num_warps, num_stages) by BLOCK_D, for 2-byte row tensors on sm_90 or newer (its shared memory, 227 KB per
+# block, holds the pipelined loop's 3 row tiles; a 100 KB consumer part would not). H100, DiT-XL/2 (N=128,
+# T=256, D=1152, bf16): 0.197 ms against row_tile's bt2/w8 plain loop 0.2515 ms, 1.28x, best of 91 tilings
+# (benchmarks/kernel_sweep.py; benchmarks/results/h100-2026-11-27-570862f/second_call/kernel_sweep.json).
+# Other widths, dtypes and devices keep row_tile's tiling and a plain loop.
+RESIDUAL_BWD_TILING = {2048: (4, 8, 3)}
+
+
+def residual_bwd_tiling(d: int, itemsize: int, device: torch.device) -> Optional[Tuple[int, int, int]]:
+    """(BLOCK_T, num_warps, num_stages) of the fused residual+LN backward's measured default for rows of
+    width `d` and `itemsize`-byte row tensors on `device`, or None: row_tile's tiling, a plain loop."""
+    tiling = RESIDUAL_BWD_TILING.get(triton.next_power_of_2(d))
+    if tiling is None or itemsize != 2 or device.type != "cuda":
+        return None
+    return tiling if torch.cuda.get_device_capability(device)[0] >= 9 else None
+
+
 def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, mod_dtype,
                 gate_dtype, tokens_per_tile=None, block_t=None, num_warps=None, bias=None, num_stages=None):
     n, t, d = xn.shape
     device = xn.device
+    if y is not None and bias is None and block_t is None and num_warps is None and num_stages is None:
+        rows = [dout, xn, y] + ([dres] if dres is not None else [])
+        tiling = residual_bwd_tiling(d, max(r.element_size() for r in rows), device)
+        if tiling is not None:
+            block_t, num_warps, num_stages = tiling
     bt, block_d, num_warps = launch_tile(d, block_t, num_warps)
     stages = loop_stages(num_stages)
     tok, n_iters, n_tiles = token_tiles(n, t, bt, device, tokens_per_tile)
@@ -369,7 +392,9 @@ def gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean,
     dx = dx', dy = dx' * gate, dgate = sum_t dx' * (y [+ bias]), dbias = sum_{n,t} dx' * gate
     (fp32 per-tile partials, reduced once).
     `tokens_per_tile` / `block_t` / `num_warps` override the tiling (None: the heuristics), `num_stages`
-    the token loop's pipeline depth (None: 1, a plain loop).
+    the token loop's pipeline depth (None: 1, a plain loop). With all of block_t, num_warps and num_stages
+    None and no bias, 2-byte rows on sm_90+ take the measured tiling of RESIDUAL_BWD_TILING where it has
+    one for their width.
     """
     check_rows("x_new", xnew, [("dh", dh, "NTD"), ("y", y, "NTD"), ("gate", gate, "ND"),
                                ("scale", scale, "ND")]

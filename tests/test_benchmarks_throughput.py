@@ -27,7 +27,7 @@ from fastdit.models import attention as attn_backends  # noqa: E402
 EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
                  "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold",
                  "fused+all-switches", "deepspeed", "deepspeed+compile",
-                 "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
+                 "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
                  "deepspeed+all-switches/triton",
                  "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
                  "fused/triton"]
@@ -143,10 +143,14 @@ def test_smoke_rows_and_statuses(smoke_run):
     for key in ("loss_first", "loss_last"):
         assert dsc[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
     # deepspeed+fused-step: the smoke run trains in fp32, where the fused step (bf16 only) says why it is
-    # refused and DeepSpeed's step runs: the same losses as the deepspeed row
-    dsf = rows["deepspeed+fused-step"]
-    assert ds["fused_optimizer_step"] == "off" and dsf["fused_optimizer_step"].startswith("refused")
-    assert dsf["deepspeed"]["fused_optimizer_step"] is True
+    # refused and DeepSpeed's step runs: the same losses as the deepspeed row, which takes the switch from
+    # configs/xl2_zero2.json (on), and as deepspeed/ds-step, which turns it off
+    dsf, dso = rows["deepspeed+fused-step"], rows["deepspeed/ds-step"]
+    assert ds["fused_optimizer_step"].startswith("refused") and dsf["fused_optimizer_step"].startswith("refused")
+    assert ds["deepspeed"]["fused_optimizer_step"] is True and dsf["deepspeed"]["fused_optimizer_step"] is True
+    assert dso["fused_optimizer_step"] == "off" and dso["deepspeed"]["fused_optimizer_step"] is False
+    for key in ("loss_first", "loss_last"):
+        assert dso[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
     assert "train.fused_optimizer_step: DeepSpeed's own optimizer step kept: the model dtype is torch.float32" \
         in smoke_run["stdout"]
     for key in ("loss_first", "loss_last"):

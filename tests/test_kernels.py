@@ -335,6 +335,49 @@ def test_residual_tilings_and_mixed():
     _check_fp32("mixed out", out, K.gated_residual_ref(x.double(), yb.double(), gb.double()))
 
 
+def test_residual_bwd_tiling_applies_where_measured(monkeypatch):
+    """RESIDUAL_BWD_TILING: bf16/fp16 rows of its widths on sm_90+ only; elsewhere row_tile and a plain loop."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert ML.residual_bwd_tiling(1152, 2, cuda) == ML.RESIDUAL_BWD_TILING[2048] == (4, 8, 3)
+    assert ML.residual_bwd_tiling(1536, 2, cuda) == (4, 8, 3)       # the same BLOCK_D, 2048
+    assert ML.residual_bwd_tiling(1024, 2, cuda) is None            # BLOCK_D 1024: not measured
+    assert ML.residual_bwd_tiling(1152, 4, cuda) is None            # fp32: 3 stages of 4-byte rows overflow
+    assert ML.residual_bwd_tiling(768, 2, cuda) is None             # a width not measured
+    assert ML.residual_bwd_tiling(1152, 2, torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert ML.residual_bwd_tiling(1152, 2, cuda) is None            # ~100 KB of shared memory per block
+
+
+def test_residual_bwd_launch_takes_the_measured_tiling(monkeypatch):
+    """The launcher asks residual_bwd_tiling only when no tiling is given and the op has no bias, and what
+    it returns is launched (here a small tiling on the interpreter, still matching the reference)."""
+    asked, launched = [], []
+    monkeypatch.setattr(ML, "residual_bwd_tiling", lambda d, itemsize, device: asked.append((d, itemsize)) or (1, 2, 2))
+    real_launch_tile, real_stages = ML.launch_tile, ML.loop_stages
+    monkeypatch.setattr(ML, "launch_tile", lambda d, bt, nw: launched.append((bt, nw)) or real_launch_tile(d, bt, nw))
+    monkeypatch.setattr(ML, "loop_stages", lambda k: launched.append(k) or real_stages(k))
+    n, t, d = 2, 9, 37
+    x, y, dh, dxn = randn(n, t, d), randn(n, t, d), randn(n, t, d), randn(n, t, d)
+    gate, shift, scale = rand_mod(n, d, 3, torch.float32).chunk(3, 1)
+    xnew, _, mean, rstd = ML.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale)
+    launched.clear()
+    grads = ML.gated_residual_modulate_layernorm_bwd(dh, dxn, xnew, y, gate, scale, mean, rstd,
+                                                     torch.float32, torch.float32)
+    assert asked == [(d, 4)] and launched == [(1, 2), 2]
+    r_outs, r_grads = _run(K.gated_residual_modulate_layernorm_ref, [x, y, gate, shift, scale],
+                           lambda l: l, [dxn, dh], to=torch.float64)
+    for name, g, r in zip(["dx", "dy", "dgate", "dshift", "dscale"], grads, r_grads):
+        _check_fp32(name, g, r)
+    asked.clear(), launched.clear()
+    ML.gated_residual_modulate_layernorm_bwd(dh, dxn, xnew, y, gate, scale, mean, rstd, torch.float32,
+                                             torch.float32, num_stages=1)
+    ML.gated_residual_modulate_layernorm_bwd(dh, dxn, xnew, y, gate, scale, mean, rstd, torch.float32,
+                                             torch.float32, bias=randn(d))
+    ML.modulate_layernorm_bwd(dh, x, scale, mean, rstd, torch.float32)
+    assert asked == [] and launched == [(None, None), 1, (None, None), None, (None, None), None]
+
+
 # ----------------------------------------------------------------------------------------------
 # patch_embed
 # ----------------------------------------------------------------------------------------------
@@ -889,9 +932,34 @@ def test_gpu_pipelined_token_loop_equals_plain_xl(num_stages):
                                                                  bias=bias, **o),
             lambda **o: gr.gated_residual_bwd(dh, y, gate, **o),
         ]
-        for call in calls:
-            for a, b in zip(call(num_stages=num_stages), call()):
+        for call in calls:   # num_stages=1: the plain loop at row_tile's tiling (None may pick a measured one)
+            for a, b in zip(call(num_stages=num_stages), call(num_stages=1)):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_residual_bwd_default_tiling_xl():
+    """The fused residual+LN backward's measured default tiling (RESIDUAL_BWD_TILING, bf16 at DiT-XL/2's width
+    on sm_90+) gives the plain loop's dx and dy exactly and its per-sample sums up to their summation order,
+    with and without the gradient from x's other uses."""
+    ml = ML
+    n, t, d = XL
+    bf = torch.bfloat16
+    x, y, dh, dxnew = (randn(n, t, d, dtype=bf) for _ in range(4))
+    c = rand_mod(n, d, 6, bf)
+    gate, shift, scale = c[:, 2 * d:3 * d], c[:, 3 * d:4 * d], c[:, 4 * d:5 * d]
+    measured = ml.residual_bwd_tiling(d, 2, x.device)
+    if measured is None:
+        pytest.skip(f"no measured tiling for this device ({torch.cuda.get_device_name()})")
+    with torch.no_grad():
+        xnew, _, m2, r2 = ml.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale)
+        for dx_other in (dxnew, None):
+            got = ml.gated_residual_modulate_layernorm_bwd(dh, dx_other, xnew, y, gate, scale, m2, r2, bf, bf)
+            plain = ml.gated_residual_modulate_layernorm_bwd(dh, dx_other, xnew, y, gate, scale, m2, r2, bf, bf,
+                                                             num_stages=1)
+            assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+            for a, b in zip(got[2:], plain[2:]):      # dgate, dshift, dscale: fp32 sums rounded to bf16
+                torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-3 * b.abs().max().item())
 
 
 @pytest.mark.gpu
