@@ -89,13 +89,14 @@ GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/te
                   "tests/test_kernels_tile_sums.py", "tests/test_kernels_flash_attention.py",
                   "tests/test_kernels_gemm_gelu.py")
 # The throughput stage's rows, most wanted first (a deadline that cuts the stage cuts the last rows): the
-# rows each open switch is judged against, then the switches, then the baselines measured before.
+# real loop as shipped and the rows it is judged against, the memory-saving rows, then the switches measured
+# slower at 570862f (kept for their verdicts), then the baselines measured before.
 # fused/sdpa_packed is `fused` where flash-attn is absent (auto); fused/math and fused/sdpa are left out.
-THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed+fused-step", "fused+bias-fold", "deepspeed+all-switches",
-                    "fused+all-switches", "fused/triton", "fused+mlp-epilogue", "fused+mlp-fold",
-                    "fused+all-switches/triton", "deepspeed+all-switches/triton",
-                    "fused+mlp-recompute-fold", "fused+mlp-recompute-epilogue", "fused+mlp-recompute", "eager",
-                    "eager/sdpa",
+THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed/ds-step", "fused+mlp-recompute-fold", "fused+mlp-recompute",
+                    "fused+bias-fold", "fused+all-switches", "deepspeed+all-switches", "fused/triton",
+                    "fused+mlp-epilogue", "fused+mlp-fold", "fused+all-switches/triton",
+                    "deepspeed+all-switches/triton", "fused+mlp-recompute-epilogue", "deepspeed+fused-step",
+                    "eager", "eager/sdpa",
                     "fused/flash_attn", "fused/xformers", "fused/sdpa_packed")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.
 NEEDED = {"deepspeed": "deepspeed", "pydantic": "pydantic", "hjson": "hjson"}
@@ -733,6 +734,9 @@ def main(argv=None) -> int:
     deadline = t_start + a.budget
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # the Triton attention is off on CUDA by default (a wrong output on an H100: fastdit.models.attention);
+    # the check keeps testing and timing it, so its failing test reads as such until the kernels are fixed
+    env["FASTDIT_ATTENTION_TRITON"] = "1"
     if a.smoke:
         env["TRITON_INTERPRET"] = "1"  # Triton kernels on CPU tensors, through the interpreter
         env.setdefault("CUDA_VISIBLE_DEVICES", "")
