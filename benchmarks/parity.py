@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from benchmarks.common import environment, write_json  # noqa: E402
 
 FP32_TOL, FP32_WORST_TOL, BF16_ATOL = 1e-4, 1e-3, 1e-3
-# throughput rows whose models carry unmeasured switches -> whether an fp32 case runs too (the two with fp32
+# throughput rows whose models carry speed switches -> whether an fp32 case runs too (the two with fp32
 # cover every new path: GELU-epilogue GEMMs; fold, bias folds, fastdit's attention, the kernels' switches)
 SWITCH_ROWS = {"fused+mlp-epilogue": True, "fused+mlp-recompute-epilogue": False, "fused+all-switches": False,
                "fused+all-switches/triton": True}

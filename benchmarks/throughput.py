@@ -20,7 +20,7 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
     fused/<backend>    the fast model with attention=<backend>, one row per backend of fastdit.models.attention
                        (rows of backends that cannot run here are recorded as "unavailable", with
                        the reason fastdit.models.attention.backend_status() gives)
-    fused+<switches>   the fast model, and deepspeed+<switches> the real step, with unmeasured speed switches on
+    fused+<switches>   the fast model, and deepspeed+<switches> the real step, with speed switches on
     (and /triton)      (see row_specs: mlp folds / epilogues, bias_fold, the kernels' environment switches, the fused optimizer
                        step); the two all-switches rows ending in /triton also run attention "triton"
     deepspeed          the real training step: fastdit.training.trainer's engine built from --config (default
@@ -284,7 +284,7 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", False, "auto", mlp="recompute-epilogue"))
         elif name == "fused+bias-fold":  # every linear's bias gradient from a kernel already reading its grad
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", bias_fold=True))
-        elif name == "fused+all-switches":  # the harness's step with every unmeasured model and kernel switch on
+        elif name == "fused+all-switches":  # the harness's step with every model and kernel speed switch on
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", bias_fold=True, env=KERNEL_SWITCHES))
         elif name == "deepspeed":
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
@@ -294,7 +294,7 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=False))
         elif name == "deepspeed+fused-step":  # train.fused_optimizer_step: AdamW + bf16 copy + EMA in one pass
             specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=True))
-        elif name == "deepspeed+all-switches":  # the loop with every unmeasured speed switch on
+        elif name == "deepspeed+all-switches":  # the loop with every speed switch on
             specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=True, mlp="fold", bias_fold=True,
                                  env=KERNEL_SWITCHES))
         elif name in ("fused+all-switches/triton", "deepspeed+all-switches/triton"):
