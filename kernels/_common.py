@@ -226,6 +226,27 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_smem_optin(index: int) -> Optional[int]:
+    props = torch.cuda.get_device_properties(index)
+    value = getattr(props, "shared_memory_per_block_optin", None)   # torch's name for the opt-in limit
+    if value:
+        return int(value)
+    try:                                                             # Triton's own reading of it
+        from triton.runtime import driver
+        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - unknown: callers then keep their smaller default
+        return None
+
+
+def shared_memory_per_block(device: torch.device) -> Optional[int]:
+    """Bytes of shared memory one program may use on a CUDA device (the opt-in limit: 227 KB on an H100,
+    ~99 KB on consumer Ada/Blackwell parts), None where unknown or not CUDA."""
+    if device.type != "cuda":
+        return None
+    return _cuda_smem_optin(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 2 under the interpreter (keeps grids small)."""
     if device.type == "cuda":

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._common import (alloc, alloc_out, backward_op, check_rows, direct_dispatch, direct_function, finish,
-                      launch_tile, loop_stages, promote, token_tiles)
+                      launch_tile, loop_stages, promote, shared_memory_per_block, token_tiles)
 from .gated_residual import gated_residual_ref
 from .tile_sums import tile_sums
 
@@ -259,12 +259,14 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, bloc
 
 
 # The fused residual+LN backward's tiling where a GPU run measured one better than row_tile's: (BLOCK_T,
-# num_warps, num_stages) by BLOCK_D, for 2-byte row tensors on sm_90 or newer (its shared memory, 227 KB per
-# block, holds the pipelined loop's 3 row tiles; a 100 KB consumer part would not). H100, DiT-XL/2 (N=128,
+# num_warps, num_stages) by BLOCK_D, for 2-byte row tensors on sm_90 or newer with the shared memory its
+# pipelined loop takes (3 stages of 4-row tiles: ~131 KB per program at BLOCK_D 2048, twice the 65.6 KB the
+# sm_90 report gives at BLOCK_T 2; an H100 allows 227 KB, a consumer part ~99 KB). H100, DiT-XL/2 (N=128,
 # T=256, D=1152, bf16): 0.197 ms against row_tile's bt2/w8 plain loop 0.2515 ms, 1.28x, best of 91 tilings
 # (benchmarks/kernel_sweep.py; benchmarks/results/h100-2026-11-27-570862f/second_call/kernel_sweep.json).
 # Other widths, dtypes and devices keep row_tile's tiling and a plain loop.
 RESIDUAL_BWD_TILING = {2048: (4, 8, 3)}
+RESIDUAL_BWD_SHARED_MEMORY = 140 * 1024     # bytes per program a device must allow for that tiling
 
 
 def residual_bwd_tiling(d: int, itemsize: int, device: torch.device) -> Optional[Tuple[int, int, int]]:
@@ -273,7 +275,10 @@ def residual_bwd_tiling(d: int, itemsize: int, device: torch.device) -> Optional
     tiling = RESIDUAL_BWD_TILING.get(triton.next_power_of_2(d))
     if tiling is None or itemsize != 2 or device.type != "cuda":
         return None
-    return tiling if torch.cuda.get_device_capability(device)[0] >= 9 else None
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return None
+    smem = shared_memory_per_block(device)
+    return tiling if smem is not None and smem >= RESIDUAL_BWD_SHARED_MEMORY else None
 
 
 def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, mod_dtype,

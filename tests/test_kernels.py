@@ -339,14 +339,22 @@ def test_residual_bwd_tiling_applies_where_measured(monkeypatch):
     """RESIDUAL_BWD_TILING: bf16/fp16 rows of its widths on sm_90+ only; elsewhere row_tile and a plain loop."""
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(ML, "shared_memory_per_block", lambda device: 232448)      # an H100's opt-in limit
     assert ML.residual_bwd_tiling(1152, 2, cuda) == ML.RESIDUAL_BWD_TILING[2048] == (4, 8, 3)
     assert ML.residual_bwd_tiling(1536, 2, cuda) == (4, 8, 3)       # the same BLOCK_D, 2048
     assert ML.residual_bwd_tiling(1024, 2, cuda) is None            # BLOCK_D 1024: not measured
     assert ML.residual_bwd_tiling(1152, 4, cuda) is None            # fp32: 3 stages of 4-byte rows overflow
     assert ML.residual_bwd_tiling(768, 2, cuda) is None             # a width not measured
     assert ML.residual_bwd_tiling(1152, 2, torch.device("cpu")) is None
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
-    assert ML.residual_bwd_tiling(1152, 2, cuda) is None            # ~100 KB of shared memory per block
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    monkeypatch.setattr(ML, "shared_memory_per_block", lambda device: 101376)      # a consumer Blackwell part
+    assert ML.residual_bwd_tiling(1152, 2, cuda) is None            # the 3 stages would not fit
+    monkeypatch.setattr(ML, "shared_memory_per_block", lambda device: None)        # unknown: the plain loop
+    assert ML.residual_bwd_tiling(1152, 2, cuda) is None
+    monkeypatch.setattr(ML, "shared_memory_per_block", lambda device: 232448)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert ML.residual_bwd_tiling(1152, 2, cuda) is None            # before sm_90: not measured
+    assert COMMON.shared_memory_per_block(torch.device("cpu")) is None
 
 
 def test_residual_bwd_launch_takes_the_measured_tiling(monkeypatch):
