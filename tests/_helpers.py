@@ -3,6 +3,7 @@ import importlib.abc
 import importlib.util
 import sys
 
+import pytest
 import torch
 
 
@@ -243,3 +244,10 @@ def run_two_ranks(script: str, tmp_path, timeout: int = 300):
     return subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                            str(free_port()), str(path)], capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=str(tmp_path))
+
+
+# The Triton attention's wrong forward output on an H100 (docs/performance.md, known issues): on CUDA the cases
+# that showed it, or may, are expected to fail (strict=False: each that passes reads XPASS, which locates the bug).
+KNOWN_CUDA_BUG = pytest.mark.xfail(torch.cuda.is_available(), strict=False,
+                                   reason="the Triton attention's wrong output on an H100 (docs/performance.md, "
+                                          "known issues)")

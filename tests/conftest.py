@@ -11,6 +11,9 @@ if not torch.cuda.is_available():
     # The CPU tests run tiny models: one intra-op thread is fastest and never oversubscribes the cores
     # (measured here: a 30-step tiny-DiT training test took 16 s on 2 threads under load, 2 s on 1).
     torch.set_num_threads(1)
+# The Triton attention is off on CUDA unless asked for (a wrong output on an H100: fastdit.models.attention); the
+# suite asks, so its tests keep running there, and the known failing cases are marked as such (_helpers.KNOWN_CUDA_BUG).
+os.environ.setdefault("FASTDIT_ATTENTION_TRITON", "1")
 
 import pytest  # noqa: E402
 

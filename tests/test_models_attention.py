@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from _helpers import assert_flash_rule, fake_attention_probe
+from _helpers import KNOWN_CUDA_BUG, assert_flash_rule, fake_attention_probe
 
 from fastdit.models import DiT
 from fastdit.models import attention as attn_backends
@@ -18,7 +18,7 @@ TINY = dict(hidden_size=72, num_heads=2, depth=2, input_size=6, patch_size=2)  #
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_packed", "flash_attn", "xformers",
-                                     pytest.param("triton", marks=pytest.mark.triton)])
+                                     pytest.param("triton", marks=[pytest.mark.triton, KNOWN_CUDA_BUG])])
 def test_attention_backends_match_math(backend):
     ok, why = attn_backends.backend_status()[backend]
     if not ok:
