@@ -25,9 +25,10 @@ Two more columns say whether a call's time is its kernels' or the host's:
             torch.library dispatch, the launches. Where host_ms approaches ms, do_bench timed the host.
   ms_graph  the same call captured once in a CUDA graph and replayed (triton.testing.do_bench_cudagraph,
             no L2 flush): the GPU time of its kernels and allocations without host gaps
-            (`copy_share_graph`). fwd and fwd+bwd only (a bwd alone would replay an autograd graph built
-            outside the capture, on another stream: its time is fwd+bwd minus fwd). None (with
-            `graph_error`) where capture fails or for bwd; CUDA only.
+            (`copy_share_graph`). Captured for fwd and fwd+bwd (the latter differentiating new leaf views
+            per call: fresh_leaves_fwd_bwd); a bwd alone would replay an autograd graph built outside the
+            capture, so the bwd row gets fwd+bwd minus fwd (`graph_basis`). None (with `graph_error`) where
+            capture fails; CUDA only.
 
 Bytes counted per op (e = element size; partial-sum buffers and L2 re-reads are not counted):
   modulate_layernorm  fwd: read x, write y (2*NTD*e) + shift, scale (2*ND*e) + mean, rstd (2*NT*4)
@@ -240,6 +241,41 @@ def _pass_fns(fn, args, grad_outs):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
+def fresh_leaves_fwd_bwd(fn, args, grad_outs):
+    """fwd+bwd of fn(*args) as captured into a CUDA graph: each call differentiates new leaves (detached views of
+    the inputs, no copy), so their autograd nodes take the stream current at the call, the capturing one.
+    The inputs' own gradient-accumulation nodes keep the stream they were first used on (the default stream,
+    outside the capture), and the engine would make that stream wait on the capturing one, which invalidates the
+    capture (PyTorch's CUDA-graph notes: warm a captured backward up on a side stream). The likely cause of every
+    fwd+bwd capture failing on an H100 (torch 2.11, cudaErrorStreamCaptureInvalidated), eager's too; not yet
+    rerun on a GPU."""
+    import torch
+
+    def both():
+        leaves = [a.detach().requires_grad_() if a.requires_grad else a for a in args]
+        return torch.autograd.grad(_as_list(fn(*leaves)), [a for a in leaves if a.requires_grad], grad_outs)
+    return both
+
+
+def derive_bwd_graph_times(rows) -> None:
+    """Give each bwd row whose fwd and fwd+bwd rows (same op, impl, shape) have graph times the difference as its
+    graph time (`graph_basis` "fwd+bwd minus fwd"): the backward's GPU time without host gaps, which a capture of
+    the backward alone cannot give (its autograd graph was built outside the capture)."""
+    key = lambda r: (r["op"], r["impl"], r["N"], r["T"], r["D"], r["dtype"])  # noqa: E731
+    graph = {(key(r), r["pass"]): r["ms_graph"] for r in rows if r.get("ms_graph")}
+    for r in rows:
+        f, fb = graph.get((key(r), "fwd")), graph.get((key(r), "fwd+bwd"))
+        if r["pass"] != "bwd" or r.get("ms_graph") or not (f and fb):
+            continue
+        if fb <= f:   # noise larger than the backward: no figure rather than a wrong one
+            r["graph_error"] = f"fwd+bwd graph time {fb:.4f} ms not above fwd's {f:.4f} ms"
+            continue
+        r["ms_graph"] = fb - f
+        r["gbps_graph"] = r["bytes"] / (r["ms_graph"] * 1e-3) / 1e9
+        r["copy_share_graph"] = r["gbps_graph"] * r["copy_share"] / r["gbps"]
+        r["graph_error"], r["graph_basis"] = None, "fwd+bwd minus fwd"
+
+
 def _host_ms(fn, device, reps=10):
     """Median CPU time (ms) to issue one call of fn, each started with the device idle."""
     import time
@@ -353,9 +389,13 @@ def run(args):
                             # ~20 ms of calls unrolled into one graph: capture stays short, the median is stable.
                             # Not the bwd pass: its autograd graph was built outside the capture, so its backward
                             # would run on the forward's stream, outside the capturing one (fwd+bwd - fwd gives it).
-                            ms_graph, graph_error = ((None, "bwd alone: its forward ran outside the capture; see "
-                                                      "fwd+bwd minus fwd") if pas == "bwd" and device.type == "cuda"
-                                                     else _graph_ms(call, device, min(args.rep, 20)))
+                            if pas == "bwd" and device.type == "cuda":
+                                ms_graph, graph_error = None, ("bwd alone: its forward ran outside the capture; "
+                                                               "see fwd+bwd minus fwd")
+                            else:
+                                graph_call = (fresh_leaves_fwd_bwd(fn, inputs, grad_outs) if pas == "fwd+bwd"
+                                              else call)
+                                ms_graph, graph_error = _graph_ms(graph_call, device, min(args.rep, 20))
                             nbytes = {"fwd": b_fwd, "bwd": b_bwd, "fwd+bwd": b_fwd + b_bwd}[pas]
                             flops = {"fwd": f_fwd, "bwd": f_bwd, "fwd+bwd": f_fwd + f_bwd}[pas]
                             gbps = nbytes / (ms * 1e-3) / 1e9
@@ -374,6 +414,7 @@ def run(args):
                                   f"D={shape[2]:<5d} {ms:9.4f} ms {gbps:8.1f} GB/s "
                                   f"{100 * gbps / copy_gbps:5.1f}% of copy  host {host_ms:8.4f} ms  {graph}  "
                                   f"err {err:.2e}", flush=True)
+    derive_bwd_graph_times(rows)
     for r in rows:
         base = [e for e in rows if e["impl"] == "eager" and e["op"] == r["op"]
                 and e["pass"] == r["pass"] and (e["N"], e["T"], e["D"]) == (r["N"], r["T"], r["D"])]
