@@ -211,7 +211,8 @@ def attention_cases(tilings):
     runs that tiling; their num_warps entry is (num_warps, num_stages)."""
     n, h, t, hd = 128, 16, 256, 72
     hd_a, hd_b = fa.head_split(hd)
-    row, out_row = 3 * h * hd, h * hd
+    unit = 8   # the launchers' stride unit for contiguous bf16 tensors (flash_attention._stride_unit)
+    row, out_row = 3 * h * hd // unit, h * hd // unit
     args = dict(QKV="*bf16", s_qn=t * row, s_qt=row, OUT="*bf16", s_on=t * out_row, s_ot=out_row, LSE="*fp32",
                 DELTA="*fp32", DOUT="*bf16", s_dn=t * out_row, s_dt=out_row, DQKV="*bf16", s_gn=t * row, s_gt=row,
                 PART="*fp32", T=t, H=h, qk_scale=0.17, sm_scale=0.12)
@@ -219,7 +220,8 @@ def attention_cases(tilings):
     for label, name, cfg in tilings:
         kernel, db = _ATTENTION_KERNELS[name]
         bm, bn, warps, stages = fa.tiling(cfg, torch.bfloat16, t)
-        consts = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32")
+        consts = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32",
+                      STRIDE_UNIT=unit)
         if db is not None:   # the backward kernels' column sums for the qkv bias (bias_fold)
             consts["HAS_DB"] = db
         out.append((f"{label} hd={hd}", getattr(fa, kernel), args, consts, (warps, stages)))
@@ -231,6 +233,53 @@ def attention_sweep_cases():
     cannot compile or spills is known before GPU time is spent on it."""
     return attention_cases([(f"attention_sweep {name} {'/'.join(map(str, cfg))}", name, cfg)
                             for name, cfgs in fa.SWEEP.items() for cfg in cfgs])
+
+
+def ptx_instruction_mix(ptx: str) -> dict:
+    """Static counts of the PTX memory, barrier and tensor-core instructions (ld.*, st.*, cp.*, ldmatrix,
+    stmatrix, wgmma.*, mma.*, bar.*), by full opcode: two kernels with the same mix took the same code path."""
+    mix = {}
+    for m in re.finditer(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)", ptx, re.M):
+        op = m.group(1)
+        if op.split(".")[0] in ("ld", "st", "cp", "ldmatrix", "stmatrix", "wgmma", "mma", "bar"):
+            mix[op] = mix.get(op, 0) + 1
+    return mix
+
+
+def attention_path_rows(heads, reference_heads: int = 16):
+    """For each Triton attention kernel (fwd, dq, dkdv at their default tilings; bf16, 2 x 256 tokens, hd 72) and
+    each head count in `heads`, compiled as the launcher runs a contiguous qkv (stride unit 8) and as it ran before
+    the stride unit (unit 1): whether the PTX instruction mix equals DiT-XL/2's (`reference_heads`, unit 8), and
+    the opcodes whose counts differ."""
+    t, hd = 256, 72
+    hd_a, hd_b = fa.head_split(hd)
+    kernels = (("fwd", fa._attn_fwd_kernel, fa.FWD_CONFIG), ("dq", fa._attn_bwd_dq_kernel, fa.BWD_DQ_CONFIG),
+               ("dkdv", fa._attn_bwd_dkdv_kernel, fa.BWD_DKDV_CONFIG))
+
+    def mix(fn, cfg, h, unit):
+        row, out_row = 3 * h * hd // unit, h * hd // unit
+        values = dict(QKV="*bf16", s_qn=t * row, s_qt=row, OUT="*bf16", s_on=t * out_row, s_ot=out_row, LSE="*fp32",
+                      DELTA="*fp32", DOUT="*bf16", s_dn=t * out_row, s_dt=out_row, DQKV="*bf16", s_gn=t * row,
+                      s_gt=row, PART="*fp32", T=t, H=h, qk_scale=0.17, sm_scale=0.12)
+        bm, bn, warps, stages = fa.tiling(cfg, torch.bfloat16, t)
+        consts = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32",
+                      STRIDE_UNIT=unit)
+        if "HAS_DB" in fn.arg_names:
+            consts["HAS_DB"] = False
+        values = {k: v for k, v in values.items() if k in fn.arg_names}
+        return ptx_instruction_mix(compile_sm90(fn, values, consts, warps, stages).asm["ptx"])
+
+    rows = []
+    for name, fn, cfg in kernels:
+        ref = mix(fn, cfg, reference_heads, 8)
+        for h in heads:
+            for unit in (8, 1):
+                got = mix(fn, cfg, h, unit)
+                # ld.param: H = 1 is a constant to the JIT (one kernel parameter fewer), not another code path
+                diff = {op: [got.get(op, 0), ref.get(op, 0)] for op in sorted(set(got) | set(ref))
+                        if got.get(op, 0) != ref.get(op, 0) and not op.startswith("ld.param")}
+                rows.append(dict(kernel=name, heads=h, stride_unit=unit, same_as_reference=not diff, differs=diff))
+    return rows
 
 
 def gemm_gelu_cases(configs, with_g: bool = False):
@@ -524,6 +573,9 @@ def main(argv=None) -> int:
                    help="compile the Triton attention at every tiling of its GPU sweep instead of every kernel")
     p.add_argument("--gemm-sweep", action="store_true",
                    help="compile the MLP's GELU-epilogue GEMMs at every tiling of their GPU sweep instead")
+    p.add_argument("--attention-paths", type=int, nargs="+", metavar="HEADS",
+                   help="instead: whether the Triton attention's kernels at these head counts (hd 72) compile to "
+                        "DiT-XL/2's code path (its PTX instruction mix), with and without the stride unit")
     a = p.parse_args(argv)
     if INTERPRETED:
         print("TRITON_INTERPRET is set: run this check in a process without it", file=sys.stderr)
@@ -533,6 +585,17 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - no NVIDIA backend / ptxas in this triton install
         print(f"NVIDIA toolchain unavailable: {e!r}", file=sys.stderr)
         return 3
+    if a.attention_paths:
+        rows = attention_path_rows(a.attention_paths)
+        for r in rows:
+            print(f"{r['kernel']:5s} H={r['heads']:<3d} stride unit {r['stride_unit']}: "
+                  + ("the same instruction mix as H=16" if r["same_as_reference"] else
+                     "differs from H=16 (count here, there): "
+                     + ", ".join(f"{op} {a_}/{b_}" for op, (a_, b_) in r["differs"].items())), flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(dict(arch=f"sm_{TARGET_ARCH}", triton=triton.__version__, rows=rows), f, indent=1)
+        return 0
     rows, failed = [], False
     todo = attention_sweep_cases() if a.attention_sweep else gemm_gelu_sweep_cases() if a.gemm_sweep else cases()
     for label, fn, values, consts, nw in todo:

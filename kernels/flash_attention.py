@@ -76,7 +76,9 @@ def _attn_fwd_kernel(
     HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,   # head dim = first part + tail (0: none)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr,          # the strides are passed divided by this (see _stride_unit)
 ):
+    s_qn, s_qt, s_on, s_ot = s_qn * STRIDE_UNIT, s_qt * STRIDE_UNIT, s_on * STRIDE_UNIT, s_ot * STRIDE_UNIT
     pid_m = tl.program_id(0)
     n64, h, q_base, k_base, v_base = _head_bases(QKV, s_qn, H, HD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,7 +136,10 @@ def _attn_bwd_dq_kernel(
     HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DB: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr,          # the strides are passed divided by this (see _stride_unit)
 ):
+    s_qn, s_qt, s_on, s_ot = s_qn * STRIDE_UNIT, s_qt * STRIDE_UNIT, s_on * STRIDE_UNIT, s_ot * STRIDE_UNIT
+    s_dn, s_dt, s_gn, s_gt = s_dn * STRIDE_UNIT, s_dt * STRIDE_UNIT, s_gn * STRIDE_UNIT, s_gt * STRIDE_UNIT
     pid_m = tl.program_id(0)
     n64, h, q_base, k_base, v_base = _head_bases(QKV, s_qn, H, HD)
     o_base = OUT + n64 * s_on + h * HD
@@ -194,7 +199,10 @@ def _attn_bwd_dkdv_kernel(
     HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,   # query rows per step, key rows per program
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DB: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr,          # the strides are passed divided by this (see _stride_unit)
 ):
+    s_qn, s_qt, s_dn, s_dt = s_qn * STRIDE_UNIT, s_qt * STRIDE_UNIT, s_dn * STRIDE_UNIT, s_dt * STRIDE_UNIT
+    s_gn, s_gt = s_gn * STRIDE_UNIT, s_gt * STRIDE_UNIT
     pid_n = tl.program_id(0)
     n64, h, q_base, k_base, v_base = _head_bases(QKV, s_qn, H, HD)
     do_base = DOUT + n64 * s_dn + h * HD
@@ -324,6 +332,26 @@ def _flat_rows(name: str, x: torch.Tensor, n: int, t: int, width: int) -> torch.
     return x if x.stride(2) == 1 else x.contiguous()
 
 
+def _stride_unit(*tensors: torch.Tensor) -> int:
+    """8 when every tensor starts 16-byte aligned and its sample and token strides are multiples of 8 elements
+    (the launchers then pass those strides divided by 8 and the kernels multiply them back by a constant), else 1.
+
+    The JIT marks an integer argument only when it is a multiple of 16, and a packed qkv row is 3 * H * hd
+    elements: with hd = 72 that is a multiple of 16 only for an even H. Without the mark the compiler assumes
+    nothing of a row's start and emits 2-byte loads and stores without the cp.async pipeline (the sm_90 PTX of
+    H = 3: 80 scalar loads, 40 scalar stores); with it the same code as DiT-XL/2's 16 heads, whose row
+    (3456) is marked. The 2-byte path is also the one an H100 computed wrongly (qkv (2, 256, 3, 3, 72) bf16,
+    docs/performance.md, Known issues); this unit gives such shapes the 16-byte path."""
+    ok = all(t.element_size() * 8 % 16 == 0 and t.data_ptr() % 16 == 0
+             and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 for t in tensors)
+    return 8 if ok else 1
+
+
+def _strides(x: torch.Tensor, unit: int) -> Tuple[int, int]:
+    """x's sample and token strides divided by the stride unit."""
+    return x.stride(0) // unit, x.stride(1) // unit
+
+
 def attention_fwd(qkv: torch.Tensor, *, config: Optional[Tuple[int, int, int, int]] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out (N, T, H * hd) in qkv's dtype, lse (N * H, T) fp32) of softmax(q k^T / sqrt(hd)) v.
@@ -337,10 +365,11 @@ def attention_fwd(qkv: torch.Tensor, *, config: Optional[Tuple[int, int, int, in
     bm, bn, warps, stages = config or tiling(FWD_CONFIG, qkv.dtype, t)
     hd_a, hd_b = head_split(hd)
     upcast, precision = _dot_flags(qkv.dtype)
+    unit = _stride_unit(qkv, out)
     _attn_fwd_kernel[(triton.cdiv(t, bm), n * h)](
-        qkv, qkv.stride(0), qkv.stride(1), out, out.stride(0), out.stride(1), lse,
+        qkv, *_strides(qkv, unit), out, *_strides(out, unit), lse,
         t, h, hd ** -0.5 * LOG2E, HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn,
-        UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
+        UPCAST=upcast, DOT_PRECISION=precision, STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
     return finish(out, qkv.dtype), lse
 
 
@@ -369,18 +398,20 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     hd_a, hd_b = head_split(hd)
     upcast, precision = _dot_flags(qkv.dtype)
     sm_scale = hd ** -0.5
-    common = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, UPCAST=upcast, DOT_PRECISION=precision, HAS_DB=bias_sums)
+    unit = _stride_unit(qkv, out, dout, dqkv)
+    common = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, UPCAST=upcast, DOT_PRECISION=precision, HAS_DB=bias_sums,
+                  STRIDE_UNIT=unit)
     bm, bn, warps, stages = dq_config or tiling(BWD_DQ_CONFIG, qkv.dtype, t)
     part_q = alloc((n * triton.cdiv(t, bm), h * hd) if bias_sums else (1,), torch.float32, qkv.device)
     _attn_bwd_dq_kernel[(triton.cdiv(t, bm), n * h)](
-        qkv, qkv.stride(0), qkv.stride(1), out, out.stride(0), out.stride(1), dout, dout.stride(0),
-        dout.stride(1), lse, delta, dqkv, dqkv.stride(0), dqkv.stride(1), part_q, t, h, sm_scale * LOG2E, sm_scale,
+        qkv, *_strides(qkv, unit), out, *_strides(out, unit), dout, *_strides(dout, unit),
+        lse, delta, dqkv, *_strides(dqkv, unit), part_q, t, h, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
     bm, bn, warps, stages = dkdv_config or tiling(BWD_DKDV_CONFIG, qkv.dtype, t)
     part_kv = alloc((n * triton.cdiv(t, bn), 2 * h * hd) if bias_sums else (1,), torch.float32, qkv.device)
     _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), n * h)](
-        qkv, qkv.stride(0), qkv.stride(1), dout, dout.stride(0), dout.stride(1), lse, delta,
-        dqkv, dqkv.stride(0), dqkv.stride(1), part_kv, t, h, sm_scale * LOG2E, sm_scale,
+        qkv, *_strides(qkv, unit), dout, *_strides(dout, unit), lse, delta,
+        dqkv, *_strides(dqkv, unit), part_kv, t, h, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
     dqkv = finish(dqkv, qkv.dtype)
     if not bias_sums:
