@@ -79,8 +79,8 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
-STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "attn_sweep", "train", "mlp_gemm",
-          "compile", "profile", "gpu_tests")
+STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "attn_sweep", "train", "bias_profile",
+          "mlp_gemm", "compile", "profile", "gpu_tests")
 # deepspeed+compile first: the one row not measured before (compile and fused+compile were, at 864d10f); a
 # deadline that cuts the stage cuts the last row
 COMPILE_ROWS = ("deepspeed+compile", "fused+compile", "compile")
@@ -495,6 +495,41 @@ def summarize_profile(folder: str, st: Stage) -> str:
     return line
 
 
+def profile_diff(base: Dict[str, Any], other: Dict[str, Any], top: int = 8) -> Dict[str, Any]:
+    """What changed from one step profile (profile.json) to another: the step's median ms, the ms per step of
+    each kernel category and phase, and the `top` kernels by the size of their change (a kernel outside one
+    profile's list of its largest, 40 as written, counts 0 there, so a change below that list's floor is
+    missed)."""
+    def kernels(d):
+        return {k["name"]: k["ms_per_step"] for k in (d.get("trace") or {}).get("top", [])}
+
+    def cats(d):
+        return (d.get("trace") or {}).get("by_category_ms", {})
+    ka, kb = kernels(base), kernels(other)
+    changes = sorted(((kb.get(n, 0.0) - ka.get(n, 0.0), n) for n in set(ka) | set(kb)), key=lambda c: -abs(c[0]))
+    pa, pb = base["phases"]["median_ms"], other["phases"]["median_ms"]
+    ca, cb = cats(base), cats(other)
+    return dict(step_ms=[base["step"]["median_ms"], other["step"]["median_ms"]],
+                step_change_ms=other["step"]["median_ms"] - base["step"]["median_ms"],
+                phase_change_ms={k: pb[k] - pa[k] for k in pa if k in pb},
+                category_change_ms={k: cb.get(k, 0.0) - ca.get(k, 0.0) for k in sorted(set(ca) | set(cb))},
+                kernel_change_ms=[dict(name=n, change_ms=c, base_ms=ka.get(n, 0.0), other_ms=kb.get(n, 0.0))
+                                  for c, n in changes[:top]])
+
+
+def summarize_bias_profile(out: str, st: Stage) -> str:
+    """The step profiles with mlp="fold" without and with bias_fold (the switch measured 19 ms slower per step on
+    an H100 at 570862f): their difference, also written to bias_profile_diff.json."""
+    diff = profile_diff(_load(os.path.join(out, "step_profile_fold", "profile.json")),
+                        _load(os.path.join(out, "step_profile_bias_fold", "profile.json")))
+    write_json(os.path.join(out, "bias_profile_diff.json"), diff)
+    st.detail = diff
+    cats = ", ".join(f"{k} {v:+.1f}" for k, v in diff["category_change_ms"].items() if abs(v) >= 0.5)
+    kern = ", ".join(f"{k['name'][:48]} {k['change_ms']:+.2f}" for k in diff["kernel_change_ms"][:3])
+    return (f"step {diff['step_ms'][0]:.1f} -> {diff['step_ms'][1]:.1f} ms ({diff['step_change_ms']:+.1f}) with "
+            f"bias_fold; categories: {cats or 'none moved 0.5 ms'}; kernels: {kern}")
+
+
 def summarize_train(run_dir: str, out: str, skip_windows: int, st: Stage) -> str:
     """img/s of the run's metrics.jsonl (copied into `out`), then the run folder (checkpoint) is deleted."""
     src = os.path.join(run_dir, "metrics.jsonl")
@@ -613,6 +648,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         train_cfg = ["--config", "configs/digits.json", "--set", "train.max_steps=4", "--set", "train.log_every=1"]
         prof = ["--smoke"]
         skip_windows = 1
+        pair = ["--smoke"]
     else:
         test_sel = list(GPU_TEST_FILES) + (["-n", "4"] if xdist else [])  # H100: 65 s with 4 workers, 93 with 8
         tp = ["--batch", str(batch), "--warmup", "2", "--steps", "4", "--repeats", "3"]
@@ -636,6 +672,9 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
                 "--set", f"deepspeed.train_batch_size={batch}", "--set", "train.fused_optimizer_step=true",
                 "--trace-steps", "2"]  # two: the idle gaps by phase come from the second (the first starts idle)
         skip_windows = 2  # the first two windows hold the warm-up (allocator, cuDNN/Triton autotuning)
+        # the bias_fold pair: one traced step each (the kernel table needs no second), fewer timed steps
+        pair = ["--config", "configs/xl2_zero2.json", "--set", f"deepspeed.train_micro_batch_size_per_gpu={batch}",
+                "--set", f"deepspeed.train_batch_size={batch}", "--warmup", "2", "--steps", "3", "--trace-steps", "1"]
     if a.rows:
         fast_rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     # -v: a line per test as it finishes, so a stage cut by its time limit still says what passed (verbose_counts)
@@ -668,6 +707,12 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
               lambda s: summarize_attn_sweep(out, s)),
         Stage("train", [train_cmd], 120, 30,
               lambda s: summarize_train(run_dir, out, skip_windows, s)),
+        # why bias_fold cost 19 ms per step (570862f): the step profile with mlp="fold" without and with it
+        Stage("bias_profile", [[py, "benchmarks/step_profile.py", *pair, "--set", "model.mlp=fold",
+                                "--out", j("step_profile_fold")],
+                               [py, "benchmarks/step_profile.py", *pair, "--set", "model.mlp=fold",
+                                "--set", "model.bias_fold=true", "--out", j("step_profile_bias_fold")]], 110, 50,
+              lambda s: summarize_bias_profile(out, s)),
         # only with time left after train (earlier stages keep no reserve for it); the GEMM sweep stops itself
         # 10 s before the stage's cap, and its JSON keeps the tilings timed so far when the stage is cut sooner
         Stage("mlp_gemm", [[py, "benchmarks/mlp_gemm.py", *mg, "--json", j("mlp_gemm.json")]], 70, 25,

@@ -35,6 +35,8 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     assert {"fwd", "bwd", "derived_step_change_ms"} <= set(st["mlp_gemm"]["detail"]["summary"])   # GELU-epilogue GEMMs
     assert set(st["profile"]["detail"]["phases_ms"]) >= {"forward", "backward", "optimizer"}
     assert (out / "step_profile" / "profile.json").is_file()
+    assert {"step_change_ms", "category_change_ms", "kernel_change_ms"} <= set(st["bias_profile"]["detail"])
+    assert (out / "bias_profile_diff.json").is_file() and (out / "step_profile_bias_fold" / "profile.json").is_file()
     for name in ("env.json", "parity.json", "throughput.json", "throughput_compile.json", "kernels.json",
                  "kernels.png", "attention.json", "attention_sweep.json", "mlp_gemm.json", "train_metrics.jsonl", "README.md",
                  "log.txt"):
@@ -76,6 +78,9 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "benchmarks/step_profile.py --config configs/xl2_zero2.json" in by["profile"][0]
     assert "train.fused_optimizer_step=true" in by["profile"][0] and "train_batch_size=128" in by["profile"][0]
     assert "--trace-steps 2" in by["profile"][0]  # the idle gaps by phase need a step after the first
+    fold, bias = by["bias_profile"]   # the same profile without and with bias_fold, both with mlp="fold"
+    assert "configs/xl2_zero2.json" in fold and "model.mlp=fold" in fold and "bias_fold" not in fold
+    assert bias.replace(" --set model.bias_fold=true", "").replace("step_profile_bias_fold", "step_profile_fold") == fold
     assert "deepspeed+fused-step" in by["throughput"][0] and "fused+mlp-fold" in by["throughput"][0]
     tp = by["throughput"][0].split("--rows ")[1].split()[0].split(",")
     assert tp[:3] == ["fused", "deepspeed", "deepspeed/ds-step"]   # most wanted first: the loop as shipped
@@ -247,3 +252,18 @@ def test_stage_verdicts_read_both_throughput_stages(tmp_path):
     v = gc.stage_verdicts([thr, comp, other], str(pred))
     assert [(x["row"], x["measured_ms"], x["verdict"]) for x in v] == [("x", -2.0, "held"),
                                                                         ("z", 10.0, "slower than predicted")]
+
+
+def test_profile_diff_names_what_grew():
+    def prof(step, phases, cats, top):
+        return dict(step=dict(median_ms=step), phases=dict(median_ms=phases),
+                    trace=dict(by_category_ms=cats, top=[dict(name=n, ms_per_step=ms) for n, ms in top]))
+    a = prof(218.0, dict(forward=60.0, backward=150.0), dict(gemm=120.0, fastdit=19.0),
+             [("gemm_a", 26.0), ("stack", 0.5), ("reduce_bias", 9.0)])
+    b = prof(237.0, dict(forward=61.0, backward=168.0), dict(gemm=120.0, fastdit=35.0, reduce=1.0),
+             [("gemm_a", 26.1), ("stack", 16.5), ("modln_bwd", 1.0)])
+    d = gc.profile_diff(a, b, top=3)
+    assert d["step_change_ms"] == 19.0 and d["phase_change_ms"] == dict(forward=1.0, backward=18.0)
+    assert d["category_change_ms"] == dict(fastdit=16.0, gemm=0.0, reduce=1.0)
+    assert [k["name"] for k in d["kernel_change_ms"]] == ["stack", "reduce_bias", "modln_bwd"]
+    assert d["kernel_change_ms"][1] == dict(name="reduce_bias", change_ms=-9.0, base_ms=9.0, other_ms=0.0)

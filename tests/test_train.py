@@ -487,6 +487,28 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(tmp_path):
     assert la == lb and sorted(lb) == list(range(1, 9))
 
 
+def test_the_script_leaves_the_process_group_after_a_finished_run(tmp_path):
+    """fastdit/train.py's entry (run_cli): main(), then the process group destroyed, so the group's threads do
+    not die at interpreter exit; main() alone (what in-process callers run) keeps it."""
+    out = tmp_path / "run"
+    path = _write(tmp_path, tiny_config(out, stage=2, max_steps=2, ckpt_every=2))
+    code = (
+        "import importlib.util, sys, torch.distributed as d\n"
+        f"spec = importlib.util.spec_from_file_location('fastdit_train_script', {TRAIN!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"assert m.main(['--config', {path!r}, '--set', 'train.max_steps=1']) == 0\n"
+        "print('after main:', d.is_initialized())\n"
+        f"assert m.run_cli(['--config', {path!r}, '--resume', 'auto']) == 0\n"
+        "print('after run_cli:', d.is_initialized())\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "after main: True" in proc.stdout and "after run_cli: False" in proc.stdout, proc.stdout[-2000:]
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step_0000002"))
+
+
 def test_rerunning_a_finished_run_says_complete_and_does_nothing(tmp_path, capsys):
     from fastdit.training.completion import completed_message
 
