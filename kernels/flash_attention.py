@@ -342,8 +342,9 @@ def _stride_unit(*tensors: torch.Tensor) -> int:
     H = 3: 80 scalar loads, 40 scalar stores); with it the same code as DiT-XL/2's 16 heads, whose row
     (3456) is marked. The 2-byte path is also the one an H100 computed wrongly (qkv (2, 256, 3, 3, 72) bf16,
     docs/performance.md, Known issues); this unit gives such shapes the 16-byte path."""
-    ok = all(t.element_size() * 8 % 16 == 0 and t.data_ptr() % 16 == 0
-             and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 for t in tensors)
+    # a stride of 2**31 elements or more stays as it is: its eighth would pass as int32, and times 8 wrap
+    ok = all(t.element_size() * 8 % 16 == 0 and t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0
+             and t.stride(1) % 8 == 0 and max(t.stride(0), t.stride(1)) < 2 ** 31 for t in tensors)
     return 8 if ok else 1
 
 

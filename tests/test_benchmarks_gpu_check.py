@@ -80,7 +80,8 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "--trace-steps 2" in by["profile"][0]  # the idle gaps by phase need a step after the first
     fold, bias = by["bias_profile"]   # the same profile without and with bias_fold, both with mlp="fold"
     assert "configs/xl2_zero2.json" in fold and "model.mlp=fold" in fold and "bias_fold" not in fold
-    assert bias.replace(" --set model.bias_fold=true", "").replace("step_profile_bias_fold", "step_profile_fold") == fold
+    same = bias.replace(" --set model.bias_fold=true", "").replace("step_profile_bias_fold", "step_profile_fold")
+    assert same == fold
     assert "deepspeed+fused-step" in by["throughput"][0] and "fused+mlp-fold" in by["throughput"][0]
     tp = by["throughput"][0].split("--rows ")[1].split()[0].split(",")
     assert tp[:3] == ["fused", "deepspeed", "deepspeed/ds-step"]   # most wanted first: the loop as shipped

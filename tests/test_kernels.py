@@ -841,8 +841,9 @@ def test_benchmark_graph_call_differentiates_fresh_leaves():
 def test_benchmark_bwd_graph_time_is_fwd_bwd_minus_fwd():
     kb = importlib.import_module("benchmarks.kernels")
     shape = dict(op="gated_residual", N=1, T=2, D=3, dtype="bfloat16")
-    row = lambda impl, pas, ms_graph: dict(shape, impl=impl, **{"pass": pas}, ms=2.0, bytes=4e9, gbps=2000.0,  # noqa: E731
-                                           copy_share=0.5, ms_graph=ms_graph, graph_error=None)
+    def row(impl, pas, ms_graph):
+        return dict(shape, impl=impl, **{"pass": pas}, ms=2.0, bytes=4e9, gbps=2000.0, copy_share=0.5,
+                    ms_graph=ms_graph, graph_error=None)
     rows = [row("fused", "fwd", 0.1), row("fused", "bwd", None), row("fused", "fwd+bwd", 0.4),
             row("eager", "fwd", 0.5), row("eager", "bwd", None), row("eager", "fwd+bwd", 0.45),
             row("compile", "fwd", None), row("compile", "bwd", None), row("compile", "fwd+bwd", 0.3)]
