@@ -79,7 +79,7 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
-STAGES = ("env", "tests", "parity", "throughput", "kernels", "attention", "attn_sweep", "train", "bias_profile",
+STAGES = ("env", "tests", "parity", "throughput", "throughput_mb32", "kernels", "attention", "attn_sweep", "train", "bias_profile",
           "mlp_gemm", "compile", "profile", "gpu_tests")
 # deepspeed+compile first: the one row not measured before (compile and fused+compile were, at 864d10f); a
 # deadline that cuts the stage cuts the last row
@@ -98,6 +98,10 @@ THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed/ds-step", "fused+mlp-recomp
                     "deepspeed+all-switches/triton", "fused+mlp-recompute-epilogue", "deepspeed+fused-step",
                     "eager", "eager/sdpa",
                     "fused/flash_attn", "fused/xformers", "fused/sdpa_packed")
+# Rows at the shipped configs' micro-batch, 32 (stage throughput_mb32): the rows above time batch 128, where the
+# GPU's work per kernel hides the host's; at 32 the fused ops' host path (~0.25 ms a call measured on the H100's
+# host, 570862f) may set the pace.
+MB32_ROWS = ("fused", "fused+direct-dispatch", "deepspeed", "eager/sdpa")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.
 NEEDED = {"deepspeed": "deepspeed", "pydantic": "pydantic", "hjson": "hjson"}
 SITE = os.path.join(tempfile.gettempdir(), "fastdit-gpu-check-site")
@@ -640,6 +644,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
                     "tests/test_models_dit.py::test_state_dicts_load_both_ways_strictly"]
         tp = ["--smoke"]
         fast_rows = [r for r in ("eager", "fused", "deepspeed") if r in ALL_ROWS]
+        mb32 = ["--smoke", "--rows", "fused,fused+direct-dispatch"]
         compile_rows = ["compile"]
         par = ["--smoke"]
         kern = ["--smoke"]
@@ -657,6 +662,9 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         fast_rows = [r for r in THROUGHPUT_ORDER if r in ALL_ROWS]
         fast_rows += [r for r in ALL_ROWS if r not in fast_rows + list(COMPILE_ROWS) + ["fused/math", "fused/sdpa"]]
         compile_rows = list(COMPILE_ROWS)
+        # the shipped configs' micro-batch (32 per GPU): is the step still the GPU's, or the host's?
+        mb32 = ["--batch", "32", "--warmup", "3", "--steps", "8", "--repeats", "3",
+                "--rows", ",".join(MB32_ROWS)]
         par = ["--model", "DiT-XL/2", "--batch", "4"]
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "fused-direct", "fused-gemm-bwd",
                 "fused-tile-sums", "eager", "compile", "--rep", "60", "--warmup", "15"]
@@ -697,6 +705,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         Stage("throughput", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(fast_rows),
                               "--json", j("throughput.json")]], 150, 20,
               lambda s: summarize_throughput(j("throughput.json"), s)),
+        Stage("throughput_mb32", [[py, "benchmarks/throughput.py", *mb32, "--json", j("throughput_mb32.json")]],
+              75, 20, lambda s: summarize_throughput(j("throughput_mb32.json"), s)),
         Stage("kernels", [[py, "benchmarks/kernels.py", *kern, "--json", j("kernels.json"),
                            "--plot", j("kernels.png")]], 100, 15, lambda s: summarize_kernels(out, s)),
         Stage("attention", [[py, "benchmarks/attention.py", *att, "--json", j("attention.json")]], 60, 10,

@@ -10,6 +10,15 @@ timed. This script measures it without a GPU: on the CPU, with TRITON_INTERPRET=
 Triton attention (attention backend `triton`, no library op, so no fused-direct row) against SDPA.
 
   python benchmarks/host_overhead.py [--reps 300] [--json PATH]
+  python benchmarks/host_overhead.py --model-step [--reps 20] [--json PATH]
+
+--model-step: instead of single ops, one whole training forward + backward of a DiT with DiT-XL/2's depth and
+head count (28 blocks, 16 heads) at a tiny width and input (hidden 64, 4 x 4 tokens, batch 2), so every op of
+the step is issued as in training while its work is negligible: the reference model (its math attention), the
+fast model as the GPU runs it (attention sdpa_packed) through the library ops and with
+FASTDIT_KERNEL_DISPATCH=direct, and the fast model on its PyTorch ops (kernels="torch"). Milliseconds per step
+(median of --reps steps): the host's share of a step, to set against the GPU time of the same step at a given
+batch (host-bound where it is the larger). CUDA's own launch calls and Triton's launcher are not in it.
 
 Rows: op, impl (fused = through the torch.library ops, the default; fused-direct = the same launchers as
 plain autograd.Functions, FASTDIT_KERNEL_DISPATCH=direct; fused-tile-sums / fused-gemm-bwd = `fused` under
@@ -20,6 +29,7 @@ costs, never GPU times (fused-gemm-bwd's GEMMs run for real at the tiny shape, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -106,12 +116,67 @@ def _per_call_us(fn, reps: int) -> float:
     return statistics.median(batches)
 
 
+# --model-step: DiT-XL/2's depth and heads, a tiny width and input (every op issued, little work in each)
+STEP_ARCH = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=28, num_heads=16,
+                 num_classes=1000, learn_sigma=True)
+
+
+def model_step_rows(reps: int):
+    """[(model, ms per fwd+bwd step)] for the --model-step rows (see the module docstring)."""
+    import torch
+    from fastdit.kernels._common import kernel_dispatch
+    from fastdit.models import dit as fast
+    from fastdit.models import reference as ref
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t, y = torch.randint(0, 1000, (2,), generator=g), torch.randint(0, 1000, (2,), generator=g)
+
+    def ms_per_step(model):
+        def step():
+            model(x, t, y).square().mean().backward()
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.manual_seed(0)
+    cases = [("reference", ref.DiT(**STEP_ARCH), None),
+             ("fast", fast.DiT(**STEP_ARCH, attention="sdpa_packed"), "library"),
+             ("fast-direct", fast.DiT(**STEP_ARCH, attention="sdpa_packed"), "direct"),
+             ("fast-torch-ops", fast.DiT(**STEP_ARCH, attention="sdpa_packed", kernels="torch"), None)]
+    rows = []
+    for name, model, mode in cases:
+        ctx = kernel_dispatch(mode) if mode else contextlib.nullcontext()
+        with ctx:
+            rows.append(dict(model=name, ms_per_step=ms_per_step(model)))
+        print(f"{name:16s} {rows[-1]['ms_per_step']:8.1f} ms per fwd+bwd step (host)", flush=True)
+    return rows
+
+
 def run(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=300, help="calls per timed batch (5 batches)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="calls per timed batch (5 batches; default 300), or steps with --model-step (default 20)")
+    ap.add_argument("--model-step", action="store_true",
+                    help="time one whole training forward + backward of a 28-block DiT instead of single ops")
     ap.add_argument("--json", help="write the rows and run metadata here")
     args = ap.parse_args(argv)
     import torch
+    if args.model_step:
+        torch.set_num_threads(1)
+        n_stubbed = stub_kernels()
+        reps = args.reps or 20
+        rows = model_step_rows(reps)
+        meta = dict(environment(torch.device("cpu")), kernels_stubbed=n_stubbed, reps=reps, arch=STEP_ARCH,
+                    note="host time of one training forward + backward with the Triton launches made no-ops "
+                         "(the fast rows) and every PyTorch op at a tiny shape; CPU figures, not GPU times")
+        if args.json:
+            print(f"wrote {write_json(args.json, dict(meta=meta, rows=rows))}")
+        return meta, rows
+    args.reps = args.reps or 300
     from benchmarks.kernels import ENV_IMPLS, _impl_env
     from fastdit.kernels._common import kernel_dispatch
     torch.set_num_threads(1)

@@ -22,7 +22,10 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
                        the reason fastdit.models.attention.backend_status() gives)
     fused+<switches>   the fast model, and deepspeed+<switches> the real step, with speed switches on
     (and /triton)      (see row_specs: mlp folds / epilogues, bias_fold, the kernels' environment switches, the fused optimizer
-                       step); the two all-switches rows ending in /triton also run attention "triton"
+                       step); the two all-switches rows ending in /triton also run attention "triton";
+                       fused+direct-dispatch: the fused ops without the torch.library dispatch (less host work
+                       per call: what decides a step whose kernels are shorter than their launches, e.g. the
+                       configs' micro-batch 32)
     deepspeed          the real training step: fastdit.training.trainer's engine built from --config (default
                        configs/xl2_zero2.json) exactly as fastdit/train.py builds it (its DeepSpeed section:
                        ZeRO stage, optimizer, gradient clipping; the model's impl/checkpointing), on one
@@ -98,7 +101,8 @@ from fastdit.models.attention import BACKENDS  # noqa: E402
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
-             "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold", "fused+all-switches", "deepspeed", "deepspeed+compile",
+             "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold",
+             "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
              "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
              "deepspeed+all-switches/triton")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
@@ -286,6 +290,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", bias_fold=True))
         elif name == "fused+all-switches":  # the harness's step with every model and kernel speed switch on
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", bias_fold=True, env=KERNEL_SWITCHES))
+        elif name == "fused+direct-dispatch":  # the fused ops as plain autograd.Functions: less host work per call
+            specs.append(RowSpec(name, "fast", False, "auto", env=(("FASTDIT_KERNEL_DISPATCH", "direct"),)))
         elif name == "deepspeed":
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
         elif name == "deepspeed+compile":  # train.compile: the engine's model under engine.compile()

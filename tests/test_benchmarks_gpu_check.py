@@ -29,6 +29,8 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     assert st["tests"]["detail"]["passed"] >= 2 and st["tests"]["detail"]["failures"] == 0
     assert st["train"]["detail"]["img_per_s_median"] > 0
     assert all(v["img_per_s"] > 0 for v in st["throughput"]["detail"].values())
+    assert set(st["throughput_mb32"]["detail"]) == {"fused", "fused+direct-dispatch"}
+    assert all(v["img_per_s"] > 0 for v in st["throughput_mb32"]["detail"].values())
     assert st["attention"]["detail"]["fastest_packed"]
     assert set(st["attn_sweep"]["detail"]["fastest"]) == {"fwd", "dq", "dkdv", "dq+bias"}   # the Triton attention's tilings
     assert st["attn_sweep"]["detail"]["complete"] is True
@@ -78,6 +80,8 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "benchmarks/step_profile.py --config configs/xl2_zero2.json" in by["profile"][0]
     assert "train.fused_optimizer_step=true" in by["profile"][0] and "train_batch_size=128" in by["profile"][0]
     assert "--trace-steps 2" in by["profile"][0]  # the idle gaps by phase need a step after the first
+    mb32 = by["throughput_mb32"][0]   # the shipped configs' micro-batch
+    assert "--batch 32" in mb32 and "--rows fused,fused+direct-dispatch,deepspeed,eager/sdpa" in mb32
     fold, bias = by["bias_profile"]   # the same profile without and with bias_fold, both with mlp="fold"
     assert "configs/xl2_zero2.json" in fold and "model.mlp=fold" in fold and "bias_fold" not in fold
     same = bias.replace(" --set model.bias_fold=true", "").replace("step_profile_bias_fold", "step_profile_fold")

@@ -26,3 +26,18 @@ def test_host_overhead_rows(tmp_path):
     assert {r["op"] for r in rows if r["impl"] == "fused-gemm-bwd"} == {"patch_embed"}
     assert all(r["us_per_call"] > 0 for r in rows)
     assert {r["op"] for r in rows} >= {"gated_residual_modulate_layernorm", "patch_embed"}
+
+
+def test_host_overhead_model_step(tmp_path):
+    """--model-step: one training forward + backward of a 28-block DiT at a tiny width per model variant, the
+    fast ones with their launches made no-ops."""
+    out = tmp_path / "step.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--model-step",
+                           "--reps", "2", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["arch"]["depth"] == 28 and data["meta"]["kernels_stubbed"] >= 7
+    assert [r["model"] for r in data["rows"]] == ["reference", "fast", "fast-direct", "fast-torch-ops"]
+    assert all(r["ms_per_step"] > 0 for r in data["rows"])

@@ -26,7 +26,7 @@ from fastdit.models import attention as attn_backends  # noqa: E402
 
 EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+mlp-recompute", "fused+mlp-fold",
                  "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold",
-                 "fused+all-switches", "deepspeed", "deepspeed+compile",
+                 "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
                  "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
                  "deepspeed+all-switches/triton",
                  "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
@@ -131,6 +131,10 @@ def test_smoke_rows_and_statuses(smoke_run):
     alls = rows["fused+all-switches"]
     assert (alls["mlp"], alls["bias_fold"]) == ("fold", True) and alls["env"] == dict(tp.KERNEL_SWITCHES)
     assert "env" not in rows["fused"] and "env" not in folds
+    direct = rows["fused+direct-dispatch"]        # the same kernels without the library dispatch: the same training
+    assert direct["env"] == {"FASTDIT_KERNEL_DISPATCH": "direct"} and direct["mlp"] == "plain"
+    for key in ("loss_first", "loss_last"):
+        assert direct[key] == rows["fused"][key], key
     for key in ("loss_first", "loss_last"):
         assert alls[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
     assert ds["mlp"] == "plain"
