@@ -79,8 +79,8 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
-STAGES = ("env", "tests", "parity", "throughput", "throughput_mb32", "kernels", "attention", "attn_sweep", "train", "bias_profile",
-          "mlp_gemm", "compile", "profile", "gpu_tests")
+STAGES = ("env", "tests", "parity", "throughput", "throughput_mb32", "kernels", "attention", "attn_sweep", "train",
+          "bias_profile", "mlp_gemm", "compile", "profile", "gpu_tests")
 # deepspeed+compile first: the one row not measured before (compile and fused+compile were, at 864d10f); a
 # deadline that cuts the stage cuts the last row
 COMPILE_ROWS = ("deepspeed+compile", "fused+compile", "compile")
