@@ -186,6 +186,20 @@ def check_rows(x_name: str, x: torch.Tensor, others) -> None:
     check_same_device([(x_name, x)] + [(name, t) for name, t, _ in others])
 
 
+def stride_unit(tensors, dims) -> int:
+    """The unit (8 or 1) in which a launcher passes the strides `dims` of `tensors`, for kernels that multiply
+    them back by a STRIDE_UNIT constexpr: 8 when every tensor starts 16-byte aligned and each of those strides is
+    a multiple of 8 elements below 2**31, else 1.
+
+    The JIT marks an integer argument only when it is a multiple of 16; a stride that is a multiple of 8 but not
+    16 (DiT-XL's head dim 72, a 3-head qkv row of 648) is otherwise unmarked, and the compiler emits 2-byte
+    accesses without cp.async pipelining. Passed as stride / 8 and multiplied back by a constant, it shows the
+    compiler 16-byte rows. A stride of 2**31 or more stays as it is: its eighth would pass as int32 and the
+    product would wrap."""
+    return 8 if all(t.data_ptr() % 16 == 0 and all(t.stride(d) % 8 == 0 and t.stride(d) < 2 ** 31 for d in dims)
+                    for t in tensors) else 1
+
+
 def promote(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype PyTorch's type promotion gives for an elementwise op over these dtypes."""
     out = dtypes[0]

@@ -209,23 +209,30 @@ def attention_cases(tilings):
     """Cases for the Triton attention at DiT-XL/2's training shape (bf16, head dim 72 as 64 + 16 columns), one
     per (label, kernel name of _ATTENTION_KERNELS, (BLOCK_M, BLOCK_N, num_warps, num_stages)) as the launcher
     runs that tiling; their num_warps entry is (num_warps, num_stages)."""
-    n, h, t, hd = 128, 16, 256, 72
+    out = []
+    for label, name, cfg in tilings:
+        kernel, db = _ATTENTION_KERNELS[name]
+        args, consts, warps, stages = _attention_case(16, 8, cfg, db)
+        out.append((f"{label} hd=72", getattr(fa, kernel), args, consts, (warps, stages)))
+    return out
+
+
+def _attention_case(h: int, unit: int, cfg, has_db=None, t: int = 256, hd: int = 72):
+    """(argument values, constexprs, num_warps, num_stages) of a Triton attention kernel as the launcher runs a
+    contiguous bf16 qkv of `h` heads of `hd` at T = `t` with tiling `cfg` and stride unit `unit` (8: what
+    flash_attention._stride_unit gives contiguous tensors; 1: the strides as they are). has_db: the backward
+    kernels' HAS_DB (None for the forward, which has none)."""
     hd_a, hd_b = fa.head_split(hd)
-    unit = 8   # the launchers' stride unit for contiguous bf16 tensors (flash_attention._stride_unit)
     row, out_row = 3 * h * hd // unit, h * hd // unit
     args = dict(QKV="*bf16", s_qn=t * row, s_qt=row, OUT="*bf16", s_on=t * out_row, s_ot=out_row, LSE="*fp32",
                 DELTA="*fp32", DOUT="*bf16", s_dn=t * out_row, s_dt=out_row, DQKV="*bf16", s_gn=t * row, s_gt=row,
                 PART="*fp32", T=t, H=h, qk_scale=0.17, sm_scale=0.12)
-    out = []
-    for label, name, cfg in tilings:
-        kernel, db = _ATTENTION_KERNELS[name]
-        bm, bn, warps, stages = fa.tiling(cfg, torch.bfloat16, t)
-        consts = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32",
-                      STRIDE_UNIT=unit)
-        if db is not None:   # the backward kernels' column sums for the qkv bias (bias_fold)
-            consts["HAS_DB"] = db
-        out.append((f"{label} hd={hd}", getattr(fa, kernel), args, consts, (warps, stages)))
-    return out
+    bm, bn, warps, stages = fa.tiling(cfg, torch.bfloat16, t)
+    consts = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32",
+                  STRIDE_UNIT=unit)
+    if has_db is not None:   # the backward kernels' column sums for the qkv bias (bias_fold)
+        consts["HAS_DB"] = has_db
+    return args, consts, warps, stages
 
 
 def attention_sweep_cases():
@@ -251,23 +258,12 @@ def attention_path_rows(heads, reference_heads: int = 16):
     each head count in `heads`, compiled as the launcher runs a contiguous qkv (stride unit 8) and as it ran before
     the stride unit (unit 1): whether the PTX instruction mix equals DiT-XL/2's (`reference_heads`, unit 8), and
     the opcodes whose counts differ."""
-    t, hd = 256, 72
-    hd_a, hd_b = fa.head_split(hd)
     kernels = (("fwd", fa._attn_fwd_kernel, fa.FWD_CONFIG), ("dq", fa._attn_bwd_dq_kernel, fa.BWD_DQ_CONFIG),
                ("dkdv", fa._attn_bwd_dkdv_kernel, fa.BWD_DKDV_CONFIG))
 
     def mix(fn, cfg, h, unit):
-        row, out_row = 3 * h * hd // unit, h * hd // unit
-        values = dict(QKV="*bf16", s_qn=t * row, s_qt=row, OUT="*bf16", s_on=t * out_row, s_ot=out_row, LSE="*fp32",
-                      DELTA="*fp32", DOUT="*bf16", s_dn=t * out_row, s_dt=out_row, DQKV="*bf16", s_gn=t * row,
-                      s_gt=row, PART="*fp32", T=t, H=h, qk_scale=0.17, sm_scale=0.12)
-        bm, bn, warps, stages = fa.tiling(cfg, torch.bfloat16, t)
-        consts = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, DOT_PRECISION="tf32",
-                      STRIDE_UNIT=unit)
-        if "HAS_DB" in fn.arg_names:
-            consts["HAS_DB"] = False
-        values = {k: v for k, v in values.items() if k in fn.arg_names}
-        return ptx_instruction_mix(compile_sm90(fn, values, consts, warps, stages).asm["ptx"])
+        args, consts, warps, stages = _attention_case(h, unit, cfg, False if "HAS_DB" in fn.arg_names else None)
+        return ptx_instruction_mix(compile_sm90(fn, args, consts, warps, stages).asm["ptx"])
 
     rows = []
     for name, fn, cfg in kernels:

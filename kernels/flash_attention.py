@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, alloc, alloc_out, check_same_device, check_tensor, finish
+from ._common import INTERPRETED, alloc, alloc_out, check_same_device, check_tensor, finish, stride_unit
 
 LOG2E = 1.4426950408889634
 
@@ -333,19 +333,12 @@ def _flat_rows(name: str, x: torch.Tensor, n: int, t: int, width: int) -> torch.
 
 
 def _stride_unit(*tensors: torch.Tensor) -> int:
-    """8 when every tensor starts 16-byte aligned and its sample and token strides are multiples of 8 elements
-    (the launchers then pass those strides divided by 8 and the kernels multiply them back by a constant), else 1.
-
-    The JIT marks an integer argument only when it is a multiple of 16, and a packed qkv row is 3 * H * hd
-    elements: with hd = 72 that is a multiple of 16 only for an even H. Without the mark the compiler assumes
-    nothing of a row's start and emits 2-byte loads and stores without the cp.async pipeline (the sm_90 PTX of
-    H = 3: 80 scalar loads, 40 scalar stores); with it the same code as DiT-XL/2's 16 heads, whose row
-    (3456) is marked. The 2-byte path is also the one an H100 computed wrongly (qkv (2, 256, 3, 3, 72) bf16,
-    docs/performance.md, Known issues); this unit gives such shapes the 16-byte path."""
-    # a stride of 2**31 elements or more stays as it is: its eighth would pass as int32, and times 8 wrap
-    ok = all(t.element_size() * 8 % 16 == 0 and t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0
-             and t.stride(1) % 8 == 0 and max(t.stride(0), t.stride(1)) < 2 ** 31 for t in tensors)
-    return 8 if ok else 1
+    """_common.stride_unit over the sample and token strides. A packed qkv row is 3 * H * hd elements: with
+    hd = 72 a multiple of 16 only for an even H, so without the unit 3 or 5 heads compiled to 2-byte loads and
+    stores without cp.async (sm_90 PTX: `python -m fastdit.kernels._sm90_check --attention-paths 3 16`), the path
+    an H100 computed wrongly for qkv (2, 256, 3, 3, 72) bf16 (docs/performance.md, Known issues); with it, the
+    same code as DiT-XL/2's 16 heads."""
+    return stride_unit(tensors, (0, 1))
 
 
 def _strides(x: torch.Tensor, unit: int) -> Tuple[int, int]:

