@@ -1,0 +1,222 @@
+"""fastdit.training.graphed: the training forward and backward replayed from CUDA graphs.
+
+On CPU the graphs are emulated (a recorder that reruns the call and copies into the captured buffers), so
+these tests check the static-buffer logic the CUDA path shares: gradients and accumulation equal to the
+eager module's, the .grad-aliasing guard, the checks that refuse a stale backward or moved parameters, the
+calls that run without graphs. The `gpu` tests run the real graphs against eager on a CUDA device.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastdit.models import reference as ref
+from fastdit.training import graphed
+
+ARCH = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+            learn_sigma=True)
+
+
+def _model(dropout=0.1, device="cpu", **kw):
+    torch.manual_seed(0)
+    m = ref.DiT(**ARCH, class_dropout_prob=dropout, **kw).to(device)
+    # adaLN-Zero starts every block at zero: random weights make every gradient non-trivial
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    return m.train()
+
+
+def _batch(seed, n=4, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 4, 8, 8, generator=g).to(device), torch.randint(0, 1000, (n,), generator=g).to(device),
+            torch.randint(0, 10, (n,), generator=g).to(device))
+
+
+def _micro_steps(model, batches, seed=123):
+    """Accumulate the gradients of several micro-batches from .grad = None; return (losses, grads)."""
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    losses = []
+    for x, t, y in batches:
+        out = model(x, t, y)
+        loss = (out.float() ** 2).mean() + out.float()[:, :1].mean()
+        loss.backward()
+        losses.append(loss.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.stack(losses), grads
+
+
+def test_graphed_gradients_and_accumulation_equal_eager_emulated():
+    eager, graphed_model = _model(), _model()
+    g = graphed.install(graphed_model, emulate=True)
+    batches = [_batch(s) for s in range(3)]
+    for round_ in range(2):              # the second round replays; .grad starts unset in both
+        le, ge = _micro_steps(eager, batches, seed=round_)
+        lg, gg = _micro_steps(graphed_model, batches, seed=round_)
+        torch.testing.assert_close(lg, le, rtol=0, atol=0)
+        assert ge.keys() == gg.keys() and len(ge) == len([p for p in eager.parameters() if p.requires_grad])
+        for name in ge:
+            torch.testing.assert_close(gg[name], ge[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert g.captures == 1 and g.replays == 6 and g.eager_calls == 0
+
+
+def test_grad_that_is_the_output_buffer_is_cloned_before_the_next_replay():
+    """Without the guard, autograd takes the static buffer as .grad on the first micro-batch and the second
+    replay overwrites it: the accumulated gradient would be twice the second micro-batch's."""
+    m = _model(dropout=0.0)
+    g = graphed.install(m, emulate=True)
+    batches = [_batch(1), _batch(2)]
+    _micro_steps(m, batches[:1])            # capture (+ one replay)
+    for p in m.parameters():
+        p.grad = None
+    m(*batches[0]).float().square().mean().backward()
+    aliased = [p for p, ptr in zip(g.params, g._grad_ptrs) if p.grad is not None and p.grad.data_ptr() == ptr]
+    assert aliased, "autograd did not take the buffer: this test no longer exercises the guard"
+    first = {id(p): p.grad.clone() for p in g.params}
+    m(*batches[1]).float().square().mean().backward()
+    eager = _model(dropout=0.0)
+    for p in eager.parameters():
+        p.grad = None
+    eager(*batches[1]).float().square().mean().backward()
+    for p, q in zip(g.params, [p for p in eager.parameters() if p.requires_grad]):
+        torch.testing.assert_close(p.grad, first[id(p)] + q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_label_dropout_draws_match_eager_emulated():
+    """The warm-up's and capture's random draws are undone: the graphed run's class dropout is the eager one."""
+    eager, graphed_model = _model(dropout=0.5), _model(dropout=0.5)
+    graphed.install(graphed_model, emulate=True)
+    x, t, y = _batch(5, n=16)
+    torch.manual_seed(7)
+    a = [eager(x, t, y) for _ in range(3)]
+    torch.manual_seed(7)
+    b = [graphed_model(x, t, y) for _ in range(3)]
+    for u, v in zip(a, b):
+        torch.testing.assert_close(v, u, rtol=0, atol=0)
+
+
+def test_calls_that_are_not_training_calls_run_the_original_forward(capsys):
+    m = _model()
+    g = graphed.install(m, emulate=True)
+    x, t, y = _batch(0)
+    with torch.no_grad():
+        m(x, t, y)
+    m.eval()
+    m(x, t, y)
+    m.train()
+    assert g.captures == 0 and g.eager_calls == 2
+    m(x, t, y).sum().backward()
+    assert g.captures == 1 and g.replays == 1
+    x2, t2, y2 = _batch(0, n=2)                      # another batch size: eager, said once
+    m(x2, t2, y2).sum().backward()
+    m(x2, t2, y2).sum().backward()
+    assert g.eager_calls == 4 and g.replays == 1
+    assert capsys.readouterr().out.count("runs without graphs") == 1
+    m(x.requires_grad_(), t, y)                       # an input that wants a gradient
+    assert g.eager_calls == 5
+
+
+def test_the_output_is_not_the_graph_buffer():
+    m = _model(dropout=0.0)
+    graphed.install(m, emulate=True)
+    a = m(*_batch(0))
+    kept = a.detach().clone()
+    a.sum().backward()
+    m(*_batch(1)).sum().backward()
+    torch.testing.assert_close(a.detach(), kept, rtol=0, atol=0)
+
+
+def test_a_backward_after_a_later_forward_is_refused():
+    m = _model()
+    graphed.install(m, emulate=True)
+    first = m(*_batch(0))
+    m(*_batch(1))
+    with pytest.raises(RuntimeError, match="later forward"):
+        first.sum().backward()
+
+
+def test_moved_parameters_are_refused():
+    m = _model()
+    graphed.install(m, emulate=True)
+    m(*_batch(0)).sum().backward()
+    p = next(p for p in m.parameters() if p.requires_grad)
+    p.data = p.data.clone()
+    with pytest.raises(RuntimeError, match="changed storage"):
+        m(*_batch(1))
+
+
+def test_caller_inputs_are_never_written():
+    m = _model()
+    graphed.install(m, emulate=True)
+    x, t, y = _batch(0)
+    m(x, t, y).sum().backward()
+    x2, t2, y2 = _batch(1)
+    saved = x2.clone()
+    m(x2, t2, y2).sum().backward()
+    torch.testing.assert_close(x2, saved, rtol=0, atol=0)
+    assert torch.equal(x, _batch(0)[0])
+
+
+def test_install_uninstall_and_state_dict():
+    m = _model()
+    before = copy.deepcopy(m.state_dict())
+    graphed.install(m, emulate=True)
+    assert graphed.installed(m) is not None
+    with pytest.raises(ValueError, match="already replaced"):
+        graphed.install(m, emulate=True)
+    m(*_batch(0)).sum().backward()
+    assert m.state_dict().keys() == before.keys()
+    graphed.uninstall(m)
+    assert graphed.installed(m) is None and "forward" not in vars(m)
+
+
+def test_cuda_graphs_refuse_cpu_inputs_and_a_failed_capture_says_so():
+    m = _model()
+    graphed.install(m)                                 # real graphs asked for, CPU tensors given
+    with pytest.raises(ValueError, match="need CUDA inputs"):
+        m(*_batch(0))
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x), self.lin(x)
+    two = TwoOutputs()
+    graphed.install(two, emulate=True)
+    with pytest.raises(RuntimeError, match="capturing the forward and backward failed.*one tensor"):
+        two(torch.randn(2, 4))
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_cuda_graphs_match_eager_on_cuda(impl):
+    """Real graphs: losses and accumulated gradients over three micro-batches with label dropout equal the
+    eager module's (fp32; the same kernels run, so only atomics could make them differ)."""
+    from fastdit.models.build import build_dit
+    dev = torch.device("cuda")
+
+    def make():
+        torch.manual_seed(0)
+        m = build_dit(impl, **ARCH, class_dropout_prob=0.3).to(dev)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.05)
+        return m.train()
+    eager, g_model = make(), make()
+    g = graphed.install(g_model)
+    batches = [_batch(s, n=8, device=dev) for s in range(3)]
+    for round_ in range(2):
+        le, ge = _micro_steps(eager, batches, seed=round_)
+        lg, gg = _micro_steps(g_model, batches, seed=round_)
+        torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
+        for name in ge:
+            torch.testing.assert_close(gg[name], ge[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert g.captures == 1 and g.replays == 6 and g.eager_calls == 0
