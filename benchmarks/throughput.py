@@ -25,7 +25,9 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
                        step); the two all-switches rows ending in /triton also run attention "triton";
                        fused+direct-dispatch: the fused ops without the torch.library dispatch (less host work
                        per call: what decides a step whose kernels are shorter than their launches, e.g. the
-                       configs' micro-batch 32)
+                       configs' micro-batch 32); fused+graphs / deepspeed+graphs: the model's forward and
+                       backward replayed from CUDA graphs (fastdit.training.graphed; train.cuda_graph for the
+                       deepspeed row), no host work per kernel; on CPU the graphs are emulated (no speed-up)
     deepspeed          the real training step: fastdit.training.trainer's engine built from --config (default
                        configs/xl2_zero2.json) exactly as fastdit/train.py builds it (its DeepSpeed section:
                        ZeRO stage, optimizer, gradient clipping; the model's impl/checkpointing), on one
@@ -104,7 +106,7 @@ BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+
              "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold",
              "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
              "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
-             "deepspeed+all-switches/triton")
+             "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
 # for the rows that turn every switch on: the row ops' partial sums in one Triton pass, patch_embed's backward
 # from library GEMMs, the fused ops without the torch.library dispatch in eager mode.
@@ -257,6 +259,7 @@ class RowSpec:
     fused_step: Optional[bool] = None  # deepspeed rows: train.fused_optimizer_step (None: --config's)
     bias_fold: bool = False          # the fast model's bias_fold= option (fastdit.models.dit)
     env: Tuple[Tuple[str, str], ...] = ()   # environment variables set while the row runs (KERNEL_SWITCHES)
+    graphs: bool = False             # forward + backward replayed from CUDA graphs (fastdit.training.graphed)
 
 
 def row_specs(names: List[str]) -> List[RowSpec]:
@@ -292,6 +295,10 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", bias_fold=True, env=KERNEL_SWITCHES))
         elif name == "fused+direct-dispatch":  # the fused ops as plain autograd.Functions: less host work per call
             specs.append(RowSpec(name, "fast", False, "auto", env=(("FASTDIT_KERNEL_DISPATCH", "direct"),)))
+        elif name == "fused+graphs":  # the model's forward and backward replayed from CUDA graphs
+            specs.append(RowSpec(name, "fast", False, "auto", graphs=True))
+        elif name == "deepspeed+graphs":  # train.cuda_graph: the same inside the engine's step
+            specs.append(RowSpec(name, "deepspeed", False, "auto", graphs=True))
         elif name == "deepspeed":
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
         elif name == "deepspeed+compile":  # train.compile: the engine's model under engine.compile()
@@ -443,7 +450,7 @@ def deepspeed_row_config(args):
 
 def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any],
                          compile: bool = False, fused_step: Optional[bool] = None, mlp: str = "plain",
-                         bias_fold: bool = False, attention: str = "auto"):
+                         bias_fold: bool = False, attention: str = "auto", graphs: bool = False):
     """The deepspeed row: fastdit.training.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
     Trainer cycling the harness's batches. Records what it runs in `row`; returns (step, setup), where
     step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update).
@@ -451,7 +458,7 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
     fastdit/train.py does, with the harness's --compile-backend / --compile-mode. `fused_step` (rows
     deepspeed+fused-step, deepspeed/ds-step) sets train.fused_optimizer_step (None keeps --config's); `mlp` / `bias_fold` (row deepspeed+all-switches)
     set model.mlp / model.bias_fold; `attention` other than "auto" (row deepspeed+all-switches/triton) sets
-    model.attention."""
+    model.attention. `graphs` (row deepspeed+graphs) sets train.cuda_graph."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     if os.environ.get("WORLD_SIZE", "1") != "1":
@@ -474,6 +481,8 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
         cfg.model.bias_fold = True
     if attention != "auto":
         cfg.model.attention = attention
+    if graphs:
+        cfg.train.cuda_graph = True
     attention = cfg.model.attention
     if attention == "auto":  # resolved once, as for the fused row
         cfg.model.attention = resolve_backend(
@@ -490,6 +499,7 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
                compile=(dict(compile_info(args), via="engine.compile()") if cfg.train.compile else None),
                mlp=cfg.model.mlp if setup.impl == "fast" else None,
                bias_fold=cfg.model.bias_fold if setup.impl == "fast" else None,
+               cuda_graph=graphs_mode(cfg.train.cuda_graph, ds_device),
                fused_optimizer_step=("on" if getattr(setup.engine.optimizer, "fastdit_fused_step", None) else
                                      "refused (the reason is in the log)" if cfg.train.fused_optimizer_step else "off"),
                deepspeed=info)
@@ -502,6 +512,13 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
         return result.loss
 
     return step, setup
+
+
+def graphs_mode(on: bool, device: torch.device) -> Optional[str]:
+    """What a row records as `cuda_graph`: None (off), "cuda" or "emulated (no CUDA device)"."""
+    if not on:
+        return None
+    return "cuda" if device.type == "cuda" else "emulated (no CUDA device)"
 
 
 def synthetic_batches(args, arch: Dict[str, Any], device: torch.device, count: int = 2):
@@ -599,7 +616,8 @@ def _run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
         t0 = time.perf_counter()
         if spec.impl == "deepspeed":
             step, setup = build_deepspeed_step(args, device, ctx["kernels"], ctx["batches"], row, spec.compile,
-                                               spec.fused_step, spec.mlp, spec.bias_fold, spec.attention)
+                                               spec.fused_step, spec.mlp, spec.bias_fold, spec.attention,
+                                               spec.graphs)
             if device.type == "cuda":  # the peak counts the engine's resident state, not its construction
                 free_memory(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -609,6 +627,10 @@ def _run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
                 free_memory(device)
                 torch.cuda.reset_peak_memory_stats(device)
             runner = model
+            row["cuda_graph"] = graphs_mode(spec.graphs, device)
+            if spec.graphs:
+                from fastdit.training import graphed
+                graphed.install(model, emulate=device.type != "cuda")
             if spec.compile:
                 kw = dict(backend=args.compile_backend)
                 if args.compile_backend == "inductor":

@@ -81,7 +81,8 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "train.fused_optimizer_step=true" in by["profile"][0] and "train_batch_size=128" in by["profile"][0]
     assert "--trace-steps 2" in by["profile"][0]  # the idle gaps by phase need a step after the first
     mb32 = by["throughput_mb32"][0]   # the shipped configs' micro-batch
-    assert "--batch 32" in mb32 and "--rows fused,fused+direct-dispatch,deepspeed,eager/sdpa" in mb32
+    assert "--batch 32" in mb32 and \
+        "--rows fused,fused+graphs,deepspeed,deepspeed+graphs,fused+direct-dispatch,eager/sdpa" in mb32
     fold, bias = by["bias_profile"]   # the same profile without and with bias_fold, both with mlp="fold"
     assert "configs/xl2_zero2.json" in fold and "model.mlp=fold" in fold and "bias_fold" not in fold
     same = bias.replace(" --set model.bias_fold=true", "").replace("step_profile_bias_fold", "step_profile_fold")
@@ -91,7 +92,7 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert tp[:3] == ["fused", "deepspeed", "deepspeed/ds-step"]   # most wanted first: the loop as shipped
     assert "fused+bias-fold" in tp and "eager" in tp and len(tp) == len(set(tp))
     for path in gc.GPU_TEST_FILES:  # the files the GPU stages name exist
-        assert os.path.isfile(os.path.join(ROOT, path)), path
+        assert os.path.isfile(os.path.join(ROOT, path.split("::")[0])), path
     rows = gc.build_stages(gc.parse_args(["--rows", "fused,deepspeed"]), str(tmp_path), 64, sys.executable,
                            dict(os.environ))[3].commands[0]
     assert rows[rows.index("--rows") + 1] == "fused,deepspeed" and rows[rows.index("--batch") + 1] == "64"
@@ -257,6 +258,16 @@ def test_stage_verdicts_read_both_throughput_stages(tmp_path):
     v = gc.stage_verdicts([thr, comp, other], str(pred))
     assert [(x["row"], x["measured_ms"], x["verdict"]) for x in v] == [("x", -2.0, "held"),
                                                                         ("z", 10.0, "slower than predicted")]
+    # a prediction for the micro-batch-32 stage is judged on that stage's rows only (the same row names)
+    pred.write_text(json.dumps(dict(rows=[dict(row="x", baseline="y", delta_ms=[-3.0, -1.0], stage="throughput_mb32"),
+                                          dict(row="x", baseline="y", delta_ms=[-3.0, -1.0])])))
+    mb32 = gc.Stage("throughput_mb32", [], 1, 1)
+    mb32.detail = dict(y=dict(ms_per_step=60.0), x=dict(ms_per_step=50.0))
+    v = gc.stage_verdicts([thr, comp, mb32], str(pred))
+    assert [(x["measured_ms"], x["verdict"], x.get("stage")) for x in v] == [
+        (-10.0, "faster than predicted", "throughput_mb32"), (-2.0, "held", None)]
+    assert "x @mb32" in gc.format_verdicts(v)[1]
+    assert gc.stage_verdicts([thr], str(pred))[0]["verdict"] == "not measured"   # the stage did not run
 
 
 def test_profile_diff_names_what_grew():

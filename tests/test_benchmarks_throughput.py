@@ -28,7 +28,7 @@ EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fu
                  "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold",
                  "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
                  "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
-                 "deepspeed+all-switches/triton",
+                 "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs",
                  "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
                  "fused/triton"]
 
@@ -167,6 +167,14 @@ def test_smoke_rows_and_statuses(smoke_run):
     for key in ("loss_first", "loss_last"):
         assert dsa[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
     assert "ZeRO-2 fp32 AdamW (DeepSpeedZeroOptimizer)" in smoke_run["stdout"]
+    # the graphed rows (emulated on CPU: the same static buffers and checks, replayed eagerly): the same
+    # training as their eager rows, bit for bit
+    fg, dg = rows["fused+graphs"], rows["deepspeed+graphs"]
+    assert fg["cuda_graph"] == dg["cuda_graph"] == "emulated (no CUDA device)" and rows["fused"]["cuda_graph"] is None
+    assert dg["deepspeed"]["cuda_graph"] is True and ds["deepspeed"]["cuda_graph"] is False
+    for key in ("loss_first", "loss_last"):
+        assert fg[key] == rows["fused"][key] and dg[key] == ds[key], key
+    assert "train.cuda_graph: no CUDA device, so the graphs are emulated" in smoke_run["stdout"]
     assert data["config"]["deepspeed_config"] == eng["config"]
     # progress: one line per row, then the table
     for i, name in enumerate(EXPECTED_ROWS, 1):

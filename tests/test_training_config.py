@@ -186,3 +186,14 @@ def test_repository_configs_folder_is_the_packaged_one():
     from fastdit.training.config import PACKAGED_CONFIGS
 
     assert os.path.islink(CONFIGS) and os.path.samefile(CONFIGS, PACKAGED_CONFIGS)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.compile=true"], "train.cuda_graph and train.compile both take over"),
+    (["model.checkpointing=true"], "cannot capture model.checkpointing"),
+    (["deepspeed.zero_optimization.stage=3"], "ZeRO-3 gathers them for every forward"),
+])
+def test_cuda_graph_refuses_what_it_cannot_replay(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(os.path.join(CONFIGS, "xl2_zero2.json"), ["train.cuda_graph=true"] + overrides)
+    assert load_config(os.path.join(CONFIGS, "xl2_zero2.json"), ["train.cuda_graph=true"]).train.cuda_graph

@@ -106,6 +106,10 @@ class TrainConfig:
     ema_decay: float = 0.9999
     max_nonfinite_in_a_row: int = 10
     compile: bool = False                       # torch.compile through engine.compile()
+    # the model's training forward and backward replayed from two CUDA graphs captured at the first step
+    # (fastdit/training/graphed.py): no host work per kernel. ZeRO-0/1/2, not with compile or checkpointing.
+    # Off until a GPU run shows it faster; on CPU the graphs are emulated (tests)
+    cuda_graph: bool = False
     # ZeRO-1/2: DeepSpeed's per-tensor gradient checks (non-finite flag, grad norm) as multi-tensor
     # passes (fastdit/training/zero_checks.py); other optimizers keep their own checks
     fused_grad_checks: bool = False
@@ -367,12 +371,29 @@ def _check_semantics(cfg: Config, where: str) -> None:
         if last > cfg.train.max_steps:
             raise ConfigError(f"{where}: train.profile_steps {first}-{last} ends after train.max_steps="
                               f"{cfg.train.max_steps}")
+    if cfg.train.cuda_graph:
+        _check_cuda_graph(cfg, where)
     if not cfg.deepspeed:
         raise ConfigError(f"{where}: the deepspeed section is missing; it is the DeepSpeed config "
                           f"(batch sizes, optimizer, bf16, zero_optimization)")
     if "train_micro_batch_size_per_gpu" not in cfg.deepspeed and "train_batch_size" not in cfg.deepspeed:
         raise ConfigError(f"{where}: deepspeed.train_batch_size or deepspeed.train_micro_batch_size_per_gpu "
                           f"is required")
+
+
+def _check_cuda_graph(cfg: Config, where: str) -> None:
+    """train.cuda_graph replays a fixed kernel sequence over fixed memory: what changes either is refused."""
+    if cfg.train.compile:
+        raise ConfigError(f"{where}: train.cuda_graph and train.compile both take over the model's forward; "
+                          f"choose one")
+    if cfg.model.checkpointing:
+        raise ConfigError(f"{where}: train.cuda_graph cannot capture model.checkpointing's recomputation "
+                          f"(it saves and restores the random state inside the backward); turn one off")
+    zero = (cfg.deepspeed or {}).get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if stage == 3:
+        raise ConfigError(f"{where}: train.cuda_graph needs the parameters in place between steps; ZeRO-3 "
+                          f"gathers them for every forward (use ZeRO-1/2, or train.cuda_graph=false)")
 
 
 def _check_data(data: DataConfig, where: str) -> None:

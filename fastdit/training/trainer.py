@@ -386,7 +386,7 @@ class TrainingSetup:
                                    base_optimizer=_base_optimizer(engine.optimizer)),
                     gradient_clipping=engine.gradient_clipping(), micro_batch=self.micro_batch,
                     grad_accum=self.grad_accum, world_size=world_size, global_batch=self.global_batch,
-                    ema_decay=cfg.train.ema_decay, compile=cfg.train.compile,
+                    ema_decay=cfg.train.ema_decay, compile=cfg.train.compile, cuda_graph=cfg.train.cuda_graph,
                     fused_grad_checks=cfg.train.fused_grad_checks, ema_one_pass=cfg.train.ema_one_pass,
                     fused_optimizer_step=cfg.train.fused_optimizer_step)
 
@@ -448,6 +448,14 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
             ema = None                      # DeepSpeed's step: the per-piece EMA, as without the switch
     if ema is None:
         ema = ShardedEMA(engine.module, cfg.train.ema_decay, one_pass=cfg.train.ema_one_pass)
+    if cfg.train.cuda_graph:
+        from fastdit.training import graphed
+        emulate = device.type != "cuda"
+        graphed.install(engine.module, emulate=emulate)   # after the EMA: it copies nothing of the forward
+        say("train.cuda_graph: no CUDA device, so the graphs are emulated (the same buffers and checks, no "
+            "speed-up)" if emulate else
+            "train.cuda_graph: the model's training forward and backward replay from CUDA graphs captured "
+            "at the first step")
     diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
                                  noise_schedule=cfg.diffusion.noise_schedule,
                                  learn_sigma=cfg.model.learn_sigma,
