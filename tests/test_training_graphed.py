@@ -193,6 +193,54 @@ def test_cuda_graphs_refuse_cpu_inputs_and_a_failed_capture_says_so():
         two(torch.randn(2, 4))
 
 
+def test_the_cuda_branch_calls_torch_cuda_as_its_api_reads(monkeypatch):
+    """The CUDA-graph branch never runs on CPU: its calls are bound against the installed torch's own
+    signatures (torch.cuda.graph, Stream, current_stream, CUDAGraph.replay), with fakes that record them."""
+    import contextlib
+    import inspect
+    calls = []
+    real_graph_init = torch.cuda.graph.__init__
+
+    class FakeStream:
+        def __init__(self, *args, **kwargs):
+            inspect.signature(torch.cuda.Stream.__new__).bind(torch.cuda.Stream, *args, **kwargs)
+            calls.append("stream")
+
+        def wait_stream(self, other):
+            calls.append("wait")
+
+    class FakeGraph:
+        def replay(self):
+            calls.append("replay")
+
+    class FakeCapture:
+        def __init__(self, *args, **kwargs):
+            bound = inspect.signature(real_graph_init).bind(self, *args, **kwargs)
+            assert bound.arguments["capture_error_mode"] in ("global", "thread_local", "relaxed")
+            assert isinstance(bound.arguments["cuda_graph"], FakeGraph)
+            calls.append(("capture", bound.arguments["pool"]))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", FakeCapture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    g = graphed._CudaGraphs(torch.device("cpu"))
+    runs = []
+    g.warm_up(lambda: runs.append(1), 3)
+    assert runs == [1, 1, 1]
+    assert g.capture("forward", lambda: 5) == 5 and g.capture("backward", lambda: 6) == 6
+    g.replay("forward")
+    g.replay("backward")
+    assert calls.count(("capture", "pool")) == 2 and calls.count("replay") == 2 and calls.count("wait") == 2
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["reference", "fast"])
