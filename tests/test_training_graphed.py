@@ -241,6 +241,78 @@ def test_the_cuda_branch_calls_torch_cuda_as_its_api_reads(monkeypatch):
     assert calls.count(("capture", "pool")) == 2 and calls.count("replay") == 2 and calls.count("wait") == 2
 
 
+SYNC_PROBE = r"""
+import collections, json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["FASTDIT_ATTENTION_TRITON"] = "1"
+sys.path.insert(0, os.environ["FASTDIT_ROOT"])
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from benchmarks.host_overhead import stub_kernels
+stub_kernels()            # the host path only: each Triton launch a no-op, so only PyTorch's own ops dispatch
+from fastdit.models.build import build_dit
+# ops that read a device value on the host (a sync: illegal in a capture) or make a tensor from host data
+SYNC = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default", "aten.equal.default",
+        "aten.masked_select.default", "aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
+
+
+class Seen(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in SYNC or "unique" in str(func):
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+arch = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10,
+            learn_sigma=True, class_dropout_prob=0.1)
+out = {}
+for name, impl, kw in [("reference", "reference", {}), ("fast", "fast", dict(attention="sdpa_packed")),
+                       ("fast+folds", "fast", dict(attention="sdpa_packed", mlp="fold", bias_fold=True)),
+                       ("fast+recompute", "fast", dict(attention="sdpa_packed", mlp="recompute")),
+                       ("fast/triton", "fast", dict(attention="triton"))]:
+    torch.manual_seed(0)
+    m = build_dit(impl, **arch, **kw).train()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.randint(0, 1000, (2,)), torch.randint(0, 10, (2,))
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    def step():
+        o = m(x, t, y)
+        torch.autograd.grad(o, params, torch.zeros_like(o), allow_unused=True)
+    step()                # first calls may probe and cache; the capture follows warm-up calls too
+    seen = Seen()
+    with seen:
+        step()
+    out[name] = dict(seen.ops)
+sanity = Seen()
+with sanity:
+    a = torch.randn(3)
+    bool(a.sum() > 0)
+out["sanity"] = dict(sanity.ops)
+print(json.dumps(out))
+"""
+
+
+def test_the_captured_forward_and_backward_make_no_host_sync():
+    """A capture fails on any op that reads a device value on the host (.item(), bool(tensor), nonzero) or
+    copies host data in: none may run in the model's training forward + backward, for each model variant a
+    user can graph (the fused ops' host path with their launches made no-ops, on CPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", SYNC_PROBE], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, FASTDIT_ROOT=root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen.pop("sanity") == {"aten._local_scalar_dense.default": 1}     # the probe sees a sync
+    assert seen == {k: {} for k in ("reference", "fast", "fast+folds", "fast+recompute", "fast/triton")}
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["reference", "fast"])
