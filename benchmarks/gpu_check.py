@@ -12,6 +12,8 @@ that would not get its minimum time is skipped and says so. Stages, most importa
   parity      benchmarks/parity.py: DiT-XL/2 fast vs reference, forward + every gradient, fp32 and bf16
   throughput  benchmarks/throughput.py, every row but the compiled ones and fused/math, fused/sdpa (the
               attention stage times the backends), at a batch that fits the card
+  throughput_mb32  the same at the shipped configs' micro-batch 32 (MB32_ROWS: fused, the graphed rows,
+              deepspeed, the direct dispatch, eager/sdpa): is the step the GPU's or the host's?
   kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
   attention   benchmarks/attention.py: SDPA's kernels (cuDNN, flash, efficient), the optional libraries and
               fastdit's Triton attention at the DiT-XL/2 attention shape, in the model's packed qkv layout and
@@ -19,6 +21,8 @@ that would not get its minimum time is skipped and says so. Stages, most importa
   attn_sweep  benchmarks/attention.py --sweep-triton --no-rows: the Triton attention's kernels at each tiling
               of its sweep (results written after each tiling, so a deadline keeps what was timed)
   train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
+  bias_profile  two step profiles, mlp="fold" without and with bias_fold, and their difference by kernel
+              (bias_profile_diff.json: where bias_fold's measured +19 ms go)
   mlp_gemm    benchmarks/mlp_gemm.py: the MLP's GEMMs with GELU in the epilogue (mlp="epilogue") at each tiling
               of their sweep against cuBLAS + the separate GELU pass, backward first; only with time left
   compile     benchmarks/throughput.py rows deepspeed+compile (train.compile), fused+compile and compile
