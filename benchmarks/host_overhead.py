@@ -16,7 +16,10 @@ Triton attention (attention backend `triton`, no library op, so no fused-direct 
 head count (28 blocks, 16 heads) at a tiny width and input (hidden 64, 4 x 4 tokens, batch 2), so every op of
 the step is issued as in training while its work is negligible: the reference model (its math attention), the
 fast model as the GPU runs it (attention sdpa_packed) through the library ops and with
-FASTDIT_KERNEL_DISPATCH=direct, and the fast model on its PyTorch ops (kernels="torch"). Milliseconds per step
+FASTDIT_KERNEL_DISPATCH=direct, the fast model on its PyTorch ops (kernels="torch"), and the fast model behind
+train.cuda_graph's replay (fastdit.training.graphed) with each graph replay made a no-op: the host's share of a
+graphed step (input copies, the checks, autograd's node and the parameters' gradient accumulation), without
+cudaGraphLaunch's own cost, which only a GPU measures. Milliseconds per step
 (median of --reps steps): the host's share of a step, to set against the GPU time of the same step at a given
 batch (host-bound where it is the larger). CUDA's own launch calls and Triton's launcher are not in it.
 
@@ -121,6 +124,24 @@ STEP_ARCH = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, dept
                  num_classes=1000, learn_sigma=True)
 
 
+class _NoReplay:
+    """A graphs backend for fastdit.training.graphed whose capture runs the call once and whose replay does
+    nothing: what is left of a graphed step is its host path."""
+
+    def __init__(self, device):
+        pass
+
+    def warm_up(self, fn, calls):
+        for _ in range(calls):
+            fn()
+
+    def capture(self, name, fn):
+        return fn()
+
+    def replay(self, name):
+        pass
+
+
 def model_step_rows(reps: int):
     """[(model, ms per fwd+bwd step)] for the --model-step rows (see the module docstring)."""
     import torch
@@ -146,9 +167,14 @@ def model_step_rows(reps: int):
     cases = [("reference", ref.DiT(**STEP_ARCH), None),
              ("fast", fast.DiT(**STEP_ARCH, attention="sdpa_packed"), "library"),
              ("fast-direct", fast.DiT(**STEP_ARCH, attention="sdpa_packed"), "direct"),
-             ("fast-torch-ops", fast.DiT(**STEP_ARCH, attention="sdpa_packed", kernels="torch"), None)]
+             ("fast-torch-ops", fast.DiT(**STEP_ARCH, attention="sdpa_packed", kernels="torch"), None),
+             ("fast-graphed", fast.DiT(**STEP_ARCH, attention="sdpa_packed"), "graphed")]
     rows = []
     for name, model, mode in cases:
+        if mode == "graphed":
+            from fastdit.training import graphed
+            graphed.install(model, backend=_NoReplay)
+            mode = None
         ctx = kernel_dispatch(mode) if mode else contextlib.nullcontext()
         with ctx:
             rows.append(dict(model=name, ms_per_step=ms_per_step(model)))

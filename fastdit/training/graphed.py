@@ -135,8 +135,10 @@ class _Replay(torch.autograd.Function):
 class GraphedForward:
     """Stands in for `module.forward` (see the module docstring); `install` puts it there."""
 
-    def __init__(self, module: nn.Module, *, emulate: bool = False, warmup_calls: int = WARMUP_CALLS):
+    def __init__(self, module: nn.Module, *, emulate: bool = False, warmup_calls: int = WARMUP_CALLS,
+                 backend: Optional[Callable[[torch.device], Any]] = None):
         self.module = module
+        self.backend = backend    # device -> graphs object (warm_up / capture / replay); None: CUDA or emulated
         self.original = type(module).forward.__get__(module)   # the class's forward, bound
         self.signature = inspect.signature(self.original)
         self.variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in self.signature.parameters.values())
@@ -197,10 +199,11 @@ class GraphedForward:
         device = next((a.device for a in call_args if isinstance(a, torch.Tensor)), None)
         if device is None:
             raise ValueError("graphed forward: the call has no tensor input")
-        if not self.emulate and device.type != "cuda":
+        if self.backend is None and not self.emulate and device.type != "cuda":
             raise ValueError(f"graphed forward: CUDA graphs need CUDA inputs, got {device.type} "
                              f"(emulate=True runs the same logic without graphs, for tests)")
-        graphs = EmulatedGraphs(device) if self.emulate else _CudaGraphs(device)
+        graphs = (self.backend(device) if self.backend is not None else
+                  EmulatedGraphs(device) if self.emulate else _CudaGraphs(device))
         # the captured inputs: own buffers, so a caller's tensor is never written
         static_args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in call_args]
         self._static_in = [a for a in static_args if isinstance(a, torch.Tensor)]
@@ -241,7 +244,7 @@ class GraphedForward:
             raise RuntimeError(f"graphed forward: capturing the forward and backward failed "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                f"run without graphs (train.cuda_graph=false)") from e
-        if not graphs.emulated:
+        if not getattr(graphs, "emulated", False):
             self._live_out = None      # the captured autograd graph is not needed after the capture
         self._grad_ptrs = [g.data_ptr() if g is not None else None for g in self._static_grads]
         self._param_ptrs = [p.data_ptr() for p in params]
@@ -284,12 +287,15 @@ def _describe(key) -> str:
                      for k in key)
 
 
-def install(module: nn.Module, *, emulate: bool = False, warmup_calls: int = WARMUP_CALLS) -> GraphedForward:
+def install(module: nn.Module, *, emulate: bool = False, warmup_calls: int = WARMUP_CALLS,
+            backend: Optional[Callable[[torch.device], Any]] = None) -> GraphedForward:
     """Make `module(...)` run through a GraphedForward (an instance attribute `forward`; the class is
-    untouched). Returns it. Raises ValueError when the module's forward is already replaced."""
+    untouched). Returns it. Raises ValueError when the module's forward is already replaced. `backend`
+    (device -> an object with warm_up / capture / replay, as _CudaGraphs) replaces the graphs, e.g. in a
+    benchmark of the host path."""
     if "forward" in vars(module):
         raise ValueError(f"{type(module).__name__}.forward is already replaced on this instance")
-    graphed = GraphedForward(module, emulate=emulate, warmup_calls=warmup_calls)
+    graphed = GraphedForward(module, emulate=emulate, warmup_calls=warmup_calls, backend=backend)
     module.forward = graphed
     return graphed
 
