@@ -107,6 +107,7 @@ from fastdit.training.completion import completed_message  # noqa: E402
 from fastdit.training.config import ConfigError, load_config, parse_step_range, resolved_architecture  # noqa: E402
 from fastdit.training.data import LATENTS_FILE, RankBatchSampler, build_dataset, rank_batches  # noqa: E402
 from fastdit.weights.safe_load import CheckpointFileError  # noqa: E402
+from fastdit.training.graphed import GraphCaptureError  # noqa: E402
 from fastdit.training.trainer import (StepResult, Trainer, TrainingSetup, build_engine,  # noqa: E402
                                       data_geometry, device_for_rank, init_distributed)
 from fastdit.weights import layout  # noqa: E402
@@ -724,8 +725,11 @@ def main(argv=None) -> int:
     last_saved = step if tag is not None else None
     stop_signal = StopOnSignal()  # SIGTERM: checkpoint at the next step boundary, exit 0
     while trainer.step < max_steps:
-        with profiler.around(trainer.step + 1, trainer) if profiler else contextlib.nullcontext():
-            result = trainer.train_step()
+        try:
+            with profiler.around(trainer.step + 1, trainer) if profiler else contextlib.nullcontext():
+                result = trainer.train_step()
+        except GraphCaptureError as e:  # train.cuda_graph at its first step: nothing trained with graphs yet
+            fail(f"{cfg.path}: train.cuda_graph: {e}")
         step = result.step
         reason = run.account(result, bar)
         if reason is not None:

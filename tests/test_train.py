@@ -509,6 +509,33 @@ def test_the_script_leaves_the_process_group_after_a_finished_run(tmp_path):
     assert os.path.isdir(os.path.join(out, "checkpoints", "step_0000002"))
 
 
+def test_a_failed_cuda_graph_capture_stops_with_one_line(tmp_path):
+    """train.cuda_graph: a capture that fails at the first step (an op that cannot be captured) ends the run with
+    one line naming the switch, exit 2, nothing saved (on CPU the graphs are emulated; the capture is made to
+    fail the way a non-capturable op fails it)."""
+    out = tmp_path / "run"
+    path = _write(tmp_path, tiny_config(out, stage=2, max_steps=2, ckpt_every=2))
+    code = (
+        "import importlib.util, sys\n"
+        "from fastdit.training import graphed\n"
+        "def broken(self, name, fn):\n"
+        "    raise RuntimeError('CUDA error: operation not permitted when stream is capturing')\n"
+        "graphed.EmulatedGraphs.capture = broken\n"
+        f"spec = importlib.util.spec_from_file_location('fastdit_train_script', {TRAIN!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"sys.exit(m.run_cli(['--config', {path!r}, '--set', 'train.cuda_graph=true']))\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("fastdit.train: error:")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "train.cuda_graph: graphed forward: capturing the forward and backward failed (RuntimeError: CUDA " \
+           "error: operation not permitted when stream is capturing); run without graphs" in err[0], err
+    assert "Traceback" not in proc.stderr
+    assert not os.path.isdir(os.path.join(out, "checkpoints", "step_0000001"))
+
+
 def test_rerunning_a_finished_run_says_complete_and_does_nothing(tmp_path, capsys):
     from fastdit.training.completion import completed_message
 

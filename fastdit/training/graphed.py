@@ -50,6 +50,11 @@ from fastdit.dist import say
 WARMUP_CALLS = 3   # forward + backward on a side stream before the capture (Triton compiles, cuBLAS picks)
 
 
+class GraphCaptureError(RuntimeError):
+    """The forward or backward could not be captured (an op that synchronises or is not capturable): nothing
+    was trained with graphs; the run can go on without them (train.cuda_graph=false)."""
+
+
 class _CudaGraphs:
     """The forward and backward CUDA graphs of one GraphedForward, in one memory pool."""
     emulated = False
@@ -241,7 +246,7 @@ class GraphedForward:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, device)
             torch.set_rng_state(cpu_rng)
-            raise RuntimeError(f"graphed forward: capturing the forward and backward failed "
+            raise GraphCaptureError(f"graphed forward: capturing the forward and backward failed "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                f"run without graphs (train.cuda_graph=false)") from e
         if not getattr(graphs, "emulated", False):
