@@ -676,6 +676,10 @@ def _run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
                    **throughput_metrics(repeat_ms, args.steps, args.batch, ctx["flops_per_image"],
                                         ctx["peak_flops"]),
                    loss_first=loss_values[0], loss_last=loss_values[-1])
+        if spec.graphs:  # what the graphs did: one capture, every timed step replayed (no call fell back to eager)
+            from fastdit.training import graphed
+            g = graphed.installed(model if model is not None else setup.engine.module)
+            row["graphs"] = dict(captures=g.captures, replays=g.replays, eager_calls=g.eager_calls) if g else None
     except Exception as e:  # noqa: BLE001 - a failing row is recorded, the run goes on
         row.update(status="error", error=f"{type(e).__name__}: {e}"[:ERROR_CHARS],
                    oom=isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower())

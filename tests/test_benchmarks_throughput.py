@@ -174,6 +174,8 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert dg["deepspeed"]["cuda_graph"] is True and ds["deepspeed"]["cuda_graph"] is False
     for key in ("loss_first", "loss_last"):
         assert fg[key] == rows["fused"][key] and dg[key] == ds[key], key
+    steps = 1 + 1 + 2 * 1                                          # smoke: warmup, untimed, repeats x steps
+    assert fg["graphs"] == dg["graphs"] == dict(captures=1, replays=steps, eager_calls=0)
     assert "train.cuda_graph: no CUDA device, so the graphs are emulated" in smoke_run["stdout"]
     assert data["config"]["deepspeed_config"] == eng["config"]
     # progress: one line per row, then the table

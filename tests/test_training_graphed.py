@@ -116,8 +116,20 @@ def test_calls_that_are_not_training_calls_run_the_original_forward(capsys):
     m(x2, t2, y2).sum().backward()
     assert g.eager_calls == 4 and g.replays == 1
     assert capsys.readouterr().out.count("runs without graphs") == 1
-    m(x.requires_grad_(), t, y)                       # an input that wants a gradient
-    assert g.eager_calls == 5
+    m(x.requires_grad_(), t, y)                       # an input that wants a gradient: said once
+    m(x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: said once
+        m(x.detach(), t, y)
+        m(x.detach(), t, y)
+    assert g.eager_calls == 8 and g.replays == 1
+    said = capsys.readouterr().out
+    assert said.count("an input requires a gradient") == 1 and said.count("autocast is on") == 1, said
+
+    class Variadic(nn.Module):
+        def forward(self, *xs):
+            return xs[0]
+    with pytest.raises(ValueError, match="no fixed argument list"):
+        graphed.install(Variadic())
 
 
 def test_the_output_is_not_the_graph_buffer():

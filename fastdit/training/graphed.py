@@ -146,7 +146,9 @@ class GraphedForward:
         self.backend = backend    # device -> graphs object (warm_up / capture / replay); None: CUDA or emulated
         self.original = type(module).forward.__get__(module)   # the class's forward, bound
         self.signature = inspect.signature(self.original)
-        self.variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in self.signature.parameters.values())
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in self.signature.parameters.values()):
+            raise ValueError(f"{type(module).__name__}.forward takes *args or **kwargs: no fixed argument list to "
+                             f"capture")
         self.emulate = emulate
         self.warmup_calls = warmup_calls
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -156,41 +158,47 @@ class GraphedForward:
         self.captures = 0        # for reports and tests
         self.replays = 0
         self.eager_calls = 0
-        self._said_other_key = False
+        self._said = set()
 
     # --------------------------------------------------------------------------- dispatch
     def _call_key(self, args: Tuple[Any, ...]):
-        """The input signature, or None when this call must run the original forward."""
-        if not (self.module.training and torch.is_grad_enabled()) or torch.is_autocast_enabled():
-            return None
+        """(the input signature, None) for a call the graphs can take; (None, why) for a training call they
+        cannot (said once per reason); (None, None) for a call that is not a training call (eval, no grad)."""
+        if not (self.module.training and torch.is_grad_enabled()):
+            return None, None
+        if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+            return None, "autocast is on (the graphs hold a fixed kernel sequence; autocast caches casts)"
         key = []
         for a in args:
             if isinstance(a, torch.Tensor):
                 if a.requires_grad:
-                    return None
+                    return None, "an input requires a gradient (the graphs differentiate the parameters only)"
                 key.append((tuple(a.shape), a.dtype, a.device))
             elif a is None or isinstance(a, (bool, int, float, str)):
                 key.append(("value", a))
             else:
-                return None
-        return tuple(key)
+                return None, f"an argument of type {type(a).__name__} (the graphs take tensors and plain values)"
+        return tuple(key), None
+
+    def _say_once(self, why: str) -> None:
+        if why not in self._said:
+            self._said.add(why)
+            say(f"graphed forward: training calls run without graphs while {why}" if "while" not in why else why)
 
     def __call__(self, *args, **kwargs):
-        if self.variadic:       # *args / **kwargs: no fixed argument list to capture
-            return self._eager(args, kwargs)
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         call_args = tuple(bound.arguments.values())
-        key = self._call_key(call_args)
+        key, why = self._call_key(call_args)
         if key is None:
+            if why is not None:
+                self._say_once(why)
             return self._eager(args, kwargs)
         if self.graphs is None:
             self._capture(call_args, key)
         elif key != self.key:
-            if not self._said_other_key:
-                say(f"graphed forward: a call with inputs {_describe(key)} runs without graphs; the graphs "
-                    f"hold {_describe(self.key)}")
-                self._said_other_key = True
+            self._say_once(f"graphed forward: a call with inputs {_describe(key)} runs without graphs while the "
+                           f"graphs hold {_describe(self.key)}")
             return self._eager(args, kwargs)
         tensors = [a for a in call_args if isinstance(a, torch.Tensor)]
         return _Replay.apply(self, len(tensors), *tensors, *self.params)
