@@ -375,7 +375,10 @@ def run(stage, ga, graphs, fused):
     net = Net()
     cfg = {"train_batch_size": 4 * world * ga, "train_micro_batch_size_per_gpu": 4,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.05, "torch_adam": True}},
-           "bf16": {"enabled": True}, "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
+           "bf16": {"enabled": True}, "gradient_clipping": 0.0,
+           # the shipped configs' ZeRO settings, with buckets small enough to fill several times per backward
+           "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                                 "reduce_bucket_size": 100, "allgather_bucket_size": 100},
            "steps_per_print": 10**9}
     engine, opt, _, _ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=cfg)
     ema = ShardedEMA(engine.module, 0.9, one_pass=True, flat=fused)
