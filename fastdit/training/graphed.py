@@ -28,7 +28,9 @@ What the graphs cannot follow is checked instead of trusted:
   autograd may take the buffer itself as .grad instead of a copy (PyTorch issue 181723, the same hazard in
   torch.cuda.make_graphed_callables), and the next replay would then overwrite an accumulated gradient.
   Before each backward replay a .grad that still shares its buffer is cloned, so accumulation over
-  micro-batches stays exact; where a hook empties .grad each step (DeepSpeed ZeRO-1/2) this costs nothing;
+  micro-batches stays exact. Where .grad is emptied after each backward this costs nothing; where it
+  accumulates across micro-batches (DeepSpeed ZeRO-1 with gradient accumulation: without the clone a 2-rank
+  test trains differently) it is one copy of the gradients per optimizer step;
 * the random stream: the warm-up's draws are undone (the CPU and CUDA generators are restored before the
   capture), and the graph draws from the default CUDA generator at each replay, so a graphed run's label
   dropout is the eager run's.
