@@ -101,6 +101,7 @@ GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/te
 THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed/ds-step", "deepspeed+graphs", "fused+graphs",
                     "fused+mlp-recompute-fold", "fused+mlp-recompute",
                     "fused+bias-fold", "fused+all-switches", "deepspeed+all-switches", "fused/triton",
+                    "fused/triton-swept",
                     "fused+mlp-epilogue", "fused+mlp-fold", "fused+all-switches/triton",
                     "deepspeed+all-switches/triton", "fused+mlp-recompute-epilogue", "deepspeed+fused-step",
                     "eager", "eager/sdpa",

@@ -106,7 +106,7 @@ BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+
              "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold",
              "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
              "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
-             "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs")
+             "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
 # for the rows that turn every switch on: the row ops' partial sums in one Triton pass, patch_embed's backward
 # from library GEMMs, the fused ops without the torch.library dispatch in eager mode.
@@ -317,6 +317,11 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(dataclasses.replace(base, name=name, attention="triton",
                                              unavailable=None if ok else f"attention backend 'triton' cannot run "
                                                                          f"here: {reason}"))
+        elif name == "fused/triton-swept":  # fastdit's attention at the H100 sweep's fastest tilings
+            ok, reason = status["triton"]
+            specs.append(RowSpec(name, "fast", False, "triton",
+                                 None if ok else f"attention backend 'triton' cannot run here: {reason}",
+                                 env=(("FASTDIT_ATTENTION_TILING", "swept"),)))
         elif name.startswith("fused/"):
             backend = name.split("/", 1)[1]
             ok, reason = status.get(backend, (False, "unknown attention backend"))

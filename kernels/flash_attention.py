@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, alloc, alloc_out, check_same_device, check_tensor, finish, stride_unit
+from ._common import (INTERPRETED, alloc, alloc_out, check_same_device, check_tensor, env_choice, finish,
+                      stride_unit)
 
 LOG2E = 1.4426950408889634
 
@@ -288,6 +289,23 @@ SWEEP = {
 }
 
 
+# FASTDIT_ATTENTION_TILING=swept: each kernel at the fastest tiling of the H100 sweep at DiT-XL/2's shape
+# (benchmarks/results/h100-2026-11-27-570862f/attention_sweep.json, median ms, default -> swept: fwd 0.385 -> 0.257,
+# dq 0.987 -> 0.883, dkdv 0.962 -> 0.834, dq with the bias sums 1.300 -> 1.056). Off until a throughput row
+# (fused/triton-swept) shows the step faster and the wrong-output probes pass on a GPU.
+TILING_ENV = "FASTDIT_ATTENTION_TILING"
+TILING_CHOICES = ("default", "swept")
+DEFAULT_CONFIGS = {"fwd": FWD_CONFIG, "dq": BWD_DQ_CONFIG, "dkdv": BWD_DKDV_CONFIG}
+SWEPT_CONFIGS = {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)}
+
+
+def launch_config(kernel: str, dtype: torch.dtype, t: int) -> Tuple[int, int, int, int]:
+    """The tiling `kernel` ("fwd", "dq", "dkdv") runs at without an explicit config: the default, or the swept one
+    under FASTDIT_ATTENTION_TILING=swept (read at each call; any other value is a one-line ValueError)."""
+    table = SWEPT_CONFIGS if env_choice(TILING_ENV, TILING_CHOICES) == "swept" else DEFAULT_CONFIGS
+    return tiling(table[kernel], dtype, t)
+
+
 def tiling(cfg: Tuple[int, int, int, int], dtype: torch.dtype, t: int) -> Tuple[int, int, int, int]:
     """A (BLOCK_M, BLOCK_N, num_warps, num_stages) tiling as the launchers run it for `dtype` and T = t: fp32
     halves the blocks, and no block is longer than the sequence (at least 16, tl.dot's smallest)."""
@@ -356,7 +374,7 @@ def attention_fwd(qkv: torch.Tensor, *, config: Optional[Tuple[int, int, int, in
     lse = alloc((n * h, t), torch.float32, qkv.device)
     if n * t * h == 0:
         return finish(out, qkv.dtype), lse
-    bm, bn, warps, stages = config or tiling(FWD_CONFIG, qkv.dtype, t)
+    bm, bn, warps, stages = config or launch_config("fwd", qkv.dtype, t)
     hd_a, hd_b = head_split(hd)
     upcast, precision = _dot_flags(qkv.dtype)
     unit = _stride_unit(qkv, out)
@@ -395,13 +413,13 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     unit = _stride_unit(qkv, out, dout, dqkv)
     common = dict(HD=hd, HD_A=hd_a, HD_B=hd_b, UPCAST=upcast, DOT_PRECISION=precision, HAS_DB=bias_sums,
                   STRIDE_UNIT=unit)
-    bm, bn, warps, stages = dq_config or tiling(BWD_DQ_CONFIG, qkv.dtype, t)
+    bm, bn, warps, stages = dq_config or launch_config("dq", qkv.dtype, t)
     part_q = alloc((n * triton.cdiv(t, bm), h * hd) if bias_sums else (1,), torch.float32, qkv.device)
     _attn_bwd_dq_kernel[(triton.cdiv(t, bm), n * h)](
         qkv, *_strides(qkv, unit), out, *_strides(out, unit), dout, *_strides(dout, unit),
         lse, delta, dqkv, *_strides(dqkv, unit), part_q, t, h, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
-    bm, bn, warps, stages = dkdv_config or tiling(BWD_DKDV_CONFIG, qkv.dtype, t)
+    bm, bn, warps, stages = dkdv_config or launch_config("dkdv", qkv.dtype, t)
     part_kv = alloc((n * triton.cdiv(t, bn), 2 * h * hd) if bias_sums else (1,), torch.float32, qkv.device)
     _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), n * h)](
         qkv, *_strides(qkv, unit), dout, *_strides(dout, unit), lse, delta,

@@ -28,7 +28,7 @@ EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fu
                  "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold",
                  "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
                  "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
-                 "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs",
+                 "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
                  "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
                  "fused/triton"]
 
@@ -104,7 +104,7 @@ def test_smoke_rows_and_statuses(smoke_run):
         assert rows["fused/sdpa_packed"][key] == pytest.approx(rows["fused/sdpa"][key], rel=1e-5, abs=1e-6), key
     # the Triton attention (the interpreter here): the same training as sdpa, alone and with every switch on
     for name, base in (("fused/triton", "fused/sdpa"), ("fused+all-switches/triton", "fused+all-switches"),
-                       ("deepspeed+all-switches/triton", "deepspeed+all-switches")):
+                       ("deepspeed+all-switches/triton", "deepspeed+all-switches"), ("fused/triton-swept", "fused/sdpa")):
         assert rows[name]["status"] == "ok" and rows[name]["attention"] == "triton", rows[name]
         for key in ("loss_first", "loss_last"):
             assert rows[name][key] == pytest.approx(rows[base][key], rel=1e-5, abs=1e-6), (name, key)
@@ -131,6 +131,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     alls = rows["fused+all-switches"]
     assert (alls["mlp"], alls["bias_fold"]) == ("fold", True) and alls["env"] == dict(tp.KERNEL_SWITCHES)
     assert "env" not in rows["fused"] and "env" not in folds
+    assert rows["fused/triton-swept"]["env"] == {"FASTDIT_ATTENTION_TILING": "swept"}
     direct = rows["fused+direct-dispatch"]        # the same kernels without the library dispatch: the same training
     assert direct["env"] == {"FASTDIT_KERNEL_DISPATCH": "direct"} and direct["mlp"] == "plain"
     for key in ("loss_first", "loss_last"):

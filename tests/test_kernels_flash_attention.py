@@ -78,6 +78,32 @@ def test_forward_and_backward_match_float64(monkeypatch, shape, configs, dtype):
         _assert_no_worse_than_sdpa(qkv, dout, out, dqkv, ref_out, ref_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_swept_tiling_switch(monkeypatch, dtype):
+    """FASTDIT_ATTENTION_TILING=swept runs each kernel at the H100 sweep's fastest tiling: the launchers pick it
+    (the same result as passing it explicitly, and float64 agreement), "default" and unset keep the defaults, and
+    any other value is a one-line error."""
+    n, t, h, hd = 2, 80, 2, 72                                      # 80 tokens: tiles of 64 with a tail
+    qkv, dout = _inputs(n, t, h, hd, dtype)
+    assert fa.launch_config("fwd", dtype, t) == fa.tiling(fa.FWD_CONFIG, dtype, t)
+    monkeypatch.setenv(fa.TILING_ENV, "swept")
+    assert [fa.launch_config(k, torch.bfloat16, 256) for k in ("fwd", "dq", "dkdv")] == [(64, 64, 4, 2)] * 3
+    out, lse = fa.attention_fwd(qkv)
+    dqkv = fa.attention_bwd(dout, qkv, out, lse)
+    swept = {k: fa.tiling(fa.SWEPT_CONFIGS[k], dtype, t) for k in ("fwd", "dq", "dkdv")}
+    monkeypatch.setenv(fa.TILING_ENV, "default")
+    assert fa.launch_config("dq", dtype, t) == fa.tiling(fa.BWD_DQ_CONFIG, dtype, t) != swept["dq"]
+    out2, lse2 = fa.attention_fwd(qkv, config=swept["fwd"])
+    dqkv2 = fa.attention_bwd(dout, qkv, out2, lse2, dq_config=swept["dq"], dkdv_config=swept["dkdv"])
+    assert torch.equal(out, out2) and torch.equal(dqkv, dqkv2)
+    ref_out, ref_grad = _exact(qkv, dout)
+    torch.testing.assert_close(out.double(), ref_out, **TOL[dtype])
+    torch.testing.assert_close(dqkv.double(), ref_grad, **TOL[dtype])
+    monkeypatch.setenv(fa.TILING_ENV, "fastest")
+    with pytest.raises(ValueError, match="FASTDIT_ATTENTION_TILING='fastest'; choose one of"):
+        fa.attention_fwd(qkv)
+
+
 def test_autograd_function_and_large_scores():
     """flash_attention as an autograd function: the gradient reaches qkv in its own layout; scores of a few
     hundred (a peaked softmax) stay finite, and as close to float64 as PyTorch's own fp32 attention gets (at
