@@ -12,6 +12,7 @@ and forward+backward (median over --rep calls, CUDA events on a GPU):
   flash_attn      with dq, dk, dv written into dqkv by one copy; triton is fastdit's Triton attention
   xformers        (fastdit.kernels.flash_attention: reads the packed qkv, writes dqkv in its layout)
   triton
+  triton:swept    the same kernels at the H100 sweep's fastest tilings (FASTDIT_ATTENTION_TILING=swept)
 
 each in two input layouts:
 
@@ -48,6 +49,8 @@ from benchmarks.common import IntervalTimer, environment, summarize, synchronize
 
 SDPA_KERNELS = ("default", "cudnn", "flash", "efficient", "math")
 BACKENDS = ("sdpa_packed", "flash_attn", "xformers", "triton")  # fastdit.models.attention backends
+# a backend under one of the kernels' environment switches: (backend, the environment set while it is timed)
+VARIANTS = {"triton:swept": ("triton", (("FASTDIT_ATTENTION_TILING", "swept"),))}
 LAYOUTS = ("packed", "contiguous")
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -158,6 +161,16 @@ def attention_flops(a, passname: str) -> float:
 
 
 def run_row(kind: str, layout: str, a, device, dtype) -> Dict[str, Any]:
+    from benchmarks.common import env_vars
+    if kind in VARIANTS:
+        backend, env = VARIANTS[kind]
+        with env_vars(env):
+            row = _run_row(backend, layout, a, device, dtype)
+        return dict(row, name=kind, env=dict(env))
+    return _run_row(kind, layout, a, device, dtype)
+
+
+def _run_row(kind: str, layout: str, a, device, dtype) -> Dict[str, Any]:
     import torch
     from fastdit.models import attention as A
     row: Dict[str, Any] = dict(name=f"{'sdpa:' if kind in SDPA_KERNELS else ''}{kind}", layout=layout,
@@ -232,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
     device = resolve_device(a)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    kinds = [] if a.no_rows else list(SDPA_KERNELS) + list(BACKENDS)
+    kinds = [] if a.no_rows else list(SDPA_KERNELS) + list(BACKENDS) + list(VARIANTS)
     rows = []
     print(f"attention N={a.batch} H={a.heads} hd={a.head_dim} T={a.tokens} {a.dtype} on {device}"
           + (" (smoke: CPU, tiny; times say nothing about a GPU)" if a.smoke else ""), flush=True)

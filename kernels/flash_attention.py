@@ -290,8 +290,9 @@ SWEEP = {
 
 
 # FASTDIT_ATTENTION_TILING=swept: each kernel at the fastest tiling of the H100 sweep at DiT-XL/2's shape
-# (benchmarks/results/h100-2026-11-27-570862f/attention_sweep.json, median ms, default -> swept: fwd 0.385 -> 0.257,
-# dq 0.987 -> 0.883, dkdv 0.962 -> 0.834, dq with the bias sums 1.300 -> 1.056). Off until a throughput row
+# (benchmarks/results/h100-2026-11-27-570862f/attention_sweep.json, median ms, default -> swept: the forward 0.385 ->
+# 0.257; the whole backward with dq's tiling varied 0.987 -> 0.883, with dk/dv's 0.962 -> 0.834, dq's with the bias
+# sums 1.300 -> 1.056). Off until a throughput row
 # (fused/triton-swept) shows the step faster and the wrong-output probes pass on a GPU.
 TILING_ENV = "FASTDIT_ATTENTION_TILING"
 TILING_CHOICES = ("default", "swept")

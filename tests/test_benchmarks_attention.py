@@ -20,8 +20,12 @@ def test_smoke_run_records_every_kernel_and_layout(tmp_path, capsys):
     assert data["benchmark"] == "attention" and data["config"]["smoke"] is True
     names = [(r["name"], r["layout"]) for r in data["rows"]]
     expected = [(f"sdpa:{k}", lay) for k in B.SDPA_KERNELS for lay in B.LAYOUTS] + \
-               [(k, lay) for k in B.BACKENDS for lay in B.LAYOUTS]
+               [(k, lay) for k in B.BACKENDS for lay in B.LAYOUTS] + [(k, lay) for k in B.VARIANTS for lay in B.LAYOUTS]
     assert names == expected
+    by_name = {(r["name"], r["layout"]): r for r in data["rows"]}
+    assert by_name[("triton:swept", "packed")]["env"] == {"FASTDIT_ATTENTION_TILING": "swept"}
+    assert by_name[("triton:swept", "packed")]["status"] == by_name[("triton", "packed")]["status"]
+    assert os.environ.get("FASTDIT_ATTENTION_TILING") is None           # restored after the row
     rows = {(r["name"], r["layout"]): r for r in data["rows"]}
     for key in (("sdpa:default", "packed"), ("sdpa:math", "contiguous"), ("sdpa_packed", "packed")):  # any CPU
         r = rows[key]
