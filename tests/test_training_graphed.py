@@ -430,3 +430,29 @@ def test_deepspeed_zero1_zero2_train_the_same_with_the_graphed_forward(tmp_path)
             assert g["captures"] == 1 and g["replays"] == 4 * ga, case
             for key in ("losses", "bf16", "master", "ema"):
                 assert g[key] == eager[key], (case, key)
+
+
+@pytest.mark.gpu
+def test_graphed_rows_train_as_their_eager_rows_on_cuda(tmp_path):
+    """Real graphs in the harness's step and in the DeepSpeed engine's (ZeRO-2 as configs/xl2_zero2.json, one
+    rank, NCCL; its own process): fp32, the same losses as the eager rows over 7 steps (to cuDNN attention's
+    nondeterministic backward), one capture and every step replayed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "g.json"
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--model", "DiT-S/2", "--batch", "8",
+                           "--precision", "fp32", "--rows", "fused,fused+graphs,deepspeed,deepspeed+graphs",
+                           "--warmup", "2", "--steps", "2", "--repeats", "2", "--json", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    for r in rows.values():
+        assert r["status"] == "ok", (r["name"], r["error"])
+    for graphed_row, eager_row in (("fused+graphs", "fused"), ("deepspeed+graphs", "deepspeed")):
+        g, e = rows[graphed_row], rows[eager_row]
+        assert g["cuda_graph"] == "cuda" and g["graphs"] == dict(captures=1, replays=7, eager_calls=0), g
+        for key in ("loss_first", "loss_last"):
+            assert g[key] == pytest.approx(e[key], rel=1e-3), (graphed_row, key)
