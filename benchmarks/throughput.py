@@ -99,6 +99,7 @@ from fastdit.flops import peak_flops  # noqa: E402
 from fastdit.generate.vae import DOWNSAMPLE as VAE_DOWNSAMPLE  # noqa: E402
 from fastdit.generate.vae import LATENT_CHANNELS  # noqa: E402
 from fastdit.models.attention import BACKENDS  # noqa: E402
+from fastdit.training import graphed  # noqa: E402
 
 SCRIPT = "benchmarks/throughput.py"  # how the command line is recorded when run() is called in-process
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
@@ -318,10 +319,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
                                              unavailable=None if ok else f"attention backend 'triton' cannot run "
                                                                          f"here: {reason}"))
         elif name == "fused/triton-swept":  # fastdit's attention at the H100 sweep's fastest tilings
-            ok, reason = status["triton"]
-            specs.append(RowSpec(name, "fast", False, "triton",
-                                 None if ok else f"attention backend 'triton' cannot run here: {reason}",
-                                 env=(("FASTDIT_ATTENTION_TILING", "swept"),)))
+            specs.append(dataclasses.replace(row_specs(["fused/triton"])[0], name=name,
+                                             env=(("FASTDIT_ATTENTION_TILING", "swept"),)))
         elif name.startswith("fused/"):
             backend = name.split("/", 1)[1]
             ok, reason = status.get(backend, (False, "unknown attention backend"))
@@ -504,7 +503,7 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
                compile=(dict(compile_info(args), via="engine.compile()") if cfg.train.compile else None),
                mlp=cfg.model.mlp if setup.impl == "fast" else None,
                bias_fold=cfg.model.bias_fold if setup.impl == "fast" else None,
-               cuda_graph=graphs_mode(cfg.train.cuda_graph, ds_device),
+               cuda_graph=graphed.mode(graphed.installed(setup.engine.module)),
                fused_optimizer_step=("on" if getattr(setup.engine.optimizer, "fastdit_fused_step", None) else
                                      "refused (the reason is in the log)" if cfg.train.fused_optimizer_step else "off"),
                deepspeed=info)
@@ -517,13 +516,6 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
         return result.loss
 
     return step, setup
-
-
-def graphs_mode(on: bool, device: torch.device) -> Optional[str]:
-    """What a row records as `cuda_graph`: None (off), "cuda" or "emulated (no CUDA device)"."""
-    if not on:
-        return None
-    return "cuda" if device.type == "cuda" else "emulated (no CUDA device)"
 
 
 def synthetic_batches(args, arch: Dict[str, Any], device: torch.device, count: int = 2):
@@ -632,10 +624,7 @@ def _run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
                 free_memory(device)
                 torch.cuda.reset_peak_memory_stats(device)
             runner = model
-            row["cuda_graph"] = graphs_mode(spec.graphs, device)
-            if spec.graphs:
-                from fastdit.training import graphed
-                graphed.install(model, emulate=device.type != "cuda")
+            row["cuda_graph"] = graphed.mode(graphed.install_for(model, device) if spec.graphs else None)
             if spec.compile:
                 kw = dict(backend=args.compile_backend)
                 if args.compile_backend == "inductor":
@@ -682,7 +671,6 @@ def _run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
                                         ctx["peak_flops"]),
                    loss_first=loss_values[0], loss_last=loss_values[-1])
         if spec.graphs:  # what the graphs did: one capture, every timed step replayed (no call fell back to eager)
-            from fastdit.training import graphed
             g = graphed.installed(model if model is not None else setup.engine.module)
             row["graphs"] = dict(captures=g.captures, replays=g.replays, eager_calls=g.eager_calls) if g else None
     except Exception as e:  # noqa: BLE001 - a failing row is recorded, the run goes on

@@ -182,10 +182,10 @@ class GraphedForward:
                 return None, f"an argument of type {type(a).__name__} (the graphs take tensors and plain values)"
         return tuple(key), None
 
-    def _say_once(self, why: str) -> None:
-        if why not in self._said:
-            self._said.add(why)
-            say(f"graphed forward: training calls run without graphs while {why}" if "while" not in why else why)
+    def _say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            say(message)
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -194,7 +194,7 @@ class GraphedForward:
         key, why = self._call_key(call_args)
         if key is None:
             if why is not None:
-                self._say_once(why)
+                self._say_once(f"graphed forward: training calls run without graphs while {why}")
             return self._eager(args, kwargs)
         if self.graphs is None:
             self._capture(call_args, key)
@@ -313,6 +313,19 @@ def install(module: nn.Module, *, emulate: bool = False, warmup_calls: int = WAR
     graphed = GraphedForward(module, emulate=emulate, warmup_calls=warmup_calls, backend=backend)
     module.forward = graphed
     return graphed
+
+
+def install_for(module: nn.Module, device: torch.device) -> GraphedForward:
+    """install() as the training loop and the benchmark rows use it: CUDA graphs on a CUDA device, the emulation
+    anywhere else (the same buffers and checks, no speed-up); `mode(...)` says which."""
+    return install(module, emulate=device.type != "cuda")
+
+
+def mode(graphed: Optional[GraphedForward]) -> Optional[str]:
+    """What a run reports: None (no graphs installed), "cuda" or "emulated (no CUDA device)"."""
+    if graphed is None:
+        return None
+    return "emulated (no CUDA device)" if graphed.emulate else "cuda"
 
 
 def uninstall(module: nn.Module) -> None:

@@ -450,10 +450,9 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
         ema = ShardedEMA(engine.module, cfg.train.ema_decay, one_pass=cfg.train.ema_one_pass)
     if cfg.train.cuda_graph:
         from fastdit.training import graphed
-        emulate = device.type != "cuda"
-        graphed.install(engine.module, emulate=emulate)   # after the EMA: it copies nothing of the forward
+        g = graphed.install_for(engine.module, device)   # after the EMA: it copies nothing of the forward
         say("train.cuda_graph: no CUDA device, so the graphs are emulated (the same buffers and checks, no "
-            "speed-up)" if emulate else
+            "speed-up)" if g.emulate else
             "train.cuda_graph: the model's training forward and backward replay from CUDA graphs captured "
             "at the first step")
     diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
