@@ -14,6 +14,8 @@ computed from, and from the SASS (cuobjdump -sass) as the final word on what ptx
 tile is meant to move 16 bytes (128 bits) per access; per-row scalars (the fp32 MEAN / RSTD of
 the LayerNorm rows) are narrower by nature. A narrow access to anything else is reported (the
 `bulk_128bit` flag and the `narrow_bulk` list), not failed: it costs bandwidth, not correctness.
+From the same SASS it counts the barriers inside loops (`loop_barriers`): in a bandwidth-bound kernel a
+barrier every step (e.g. a column sum reduced across warps each step) keeps warps from running ahead.
 
 Run in a process where TRITON_INTERPRET is unset:
     python -m fastdit.kernels._sm90_check [--json PATH]
@@ -162,8 +164,9 @@ def cases():
     args = dict(Z="*bf16", stride_zm=c, stride_zc=1, DG="*bf16", stride_gm=c, stride_gc=1, DZ="*bf16",
                 G="*bf16", DB_PART="*fp32", M=m, C=c, rows_per_tile=rows, n_iters=n_iters)
     for write_g in (False, True):
-        out.append((f"gelu_bwd write_g={write_g}", ge._gelu_bwd_kernel, args,
-                    dict(WRITE_G=write_g, BLOCK_M=32, BLOCK_C=128), 4))
+        for tile in (False, True):
+            out.append((f"gelu_bwd write_g={write_g}" + (" tile-acc" if tile else ""), ge._gelu_bwd_kernel, args,
+                        dict(WRITE_G=write_g, BLOCK_M=32, BLOCK_C=128, TILE_ACC=tile), 4))
     # dq, dk, dv -> dqkv + the qkv bias gradient (bias_fold with sdpa_packed), DiT-XL/2 batch 128: the packed
     # strides of the qkv views, and contiguous (N, H, T, hd) gradients.
     n, h, t, hd = 128, 16, 256, 72
@@ -175,8 +178,19 @@ def cases():
                     rows_per_tile=rows, n_iters=n_iters)
         for p in "qkv":
             args.update({f"s{p}_n": st[0], f"s{p}_h": st[1], f"s{p}_t": st[2], f"s{p}_d": st[3]})
-        out.append((f"stack_qkv_grads {layout}", qg._stack_qkv_kernel, args,
-                    dict(H=h, HD=hd, BLOCK_M=bm, BLOCK_H=bh, BLOCK_HD=bhd, STRIDE_UNIT=8), 8))
+        for tile in (False, True):
+            out.append((f"stack_qkv_grads {layout}" + (" tile-acc" if tile else ""), qg._stack_qkv_kernel, args,
+                        dict(H=h, HD=hd, BLOCK_M=bm, BLOCK_H=bh, BLOCK_HD=bhd, STRIDE_UNIT=8, TILE_ACC=tile), 8))
+    # FASTDIT_COLUMN_SUMS=tile with the (h, d) columns contiguous per row (the packed views; SDPA's gradients
+    # ordered like them): the flat kernel.
+    rows, n_iters, _ = column_tiles(n * t, triton.cdiv(h * hd, qg.FLAT_BLOCK_C), qg.FLAT_BLOCK_M,
+                                    torch.device("cpu"), sms=H100_SMS)
+    args = dict(DQ="*bf16", DK="*bf16", DV="*bf16", OUT="*bf16", PART="*fp32", T=t, M=n * t,
+                rows_per_tile=rows, n_iters=n_iters)
+    for p in "qkv":
+        args.update({f"s{p}_n": t * h * hd // 8, f"s{p}_t": h * hd // 8})
+    out.append(("stack_qkv_grads flat tile-acc", qg._stack_qkv_flat_kernel, args,
+                dict(C=h * hd, BLOCK_M=qg.FLAT_BLOCK_M, BLOCK_C=qg.FLAT_BLOCK_C, STRIDE_UNIT=8), 8))
     # The row ops' per-tile partial sums added in one pass (FASTDIT_TILE_SUMS=triton): DiT-XL/2, batch 128, the
     # residual op's three (N, D) gradients from 5 tiles per sample, written in bf16.
     n, tiles, d = 128, 5, 1152
@@ -473,14 +487,35 @@ def ptx_accesses(ptx: str, arg_names) -> list:
     return out
 
 
+# A SASS instruction line: /*address*/ [predicate] OPCODE operands ;
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def sass_loop_barriers(sass: str) -> tuple:
+    """(loops, barriers inside a loop) of a kernel's SASS: a loop is the span from a backward branch's target
+    to the branch (BRA to a lower address); a barrier (BAR.SYNC) inside one runs every iteration. In a
+    bandwidth-bound kernel such a barrier stops each warp until the program's slowest one arrives, every
+    step: e.g. a sum across rows held by several warps (tl.sum over axis 0 inside the loop)."""
+    ins = [(int(addr, 16), op, rest) for addr, op, rest in _SASS_LINE.findall(sass)]
+    spans = []
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            spans.append((int(target.group(1), 16), addr))
+    inside = sum(1 for addr, op, _ in ins
+                 if op.startswith("BAR.SYNC") and any(lo <= addr <= hi for lo, hi in spans))
+    return len(spans), inside
+
+
 def sass_widths(cubin: bytes):
-    """{'ld': {bytes: count}, 'st': {...}} of the LDG / STG instructions, and 'mma': {opcode: count} of the
+    """{'ld': {bytes: count}, 'st': {...}} of the LDG / STG instructions, 'mma': {opcode: count} of the
     tensor-core instructions (HGMMA: Hopper's warpgroup wgmma; HMMA: the older per-warp mma.sync, about half
-    the rate on sm_90); None without cuobjdump."""
+    the rate on sm_90), 'loops' and 'loop_barriers' (sass_loop_barriers); None without cuobjdump."""
     sass = _cuobjdump(cubin, "-sass")
     if sass is None:
         return None
     out = {"ld": {}, "st": {}, "mma": {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA")}}
+    out["loops"], out["loop_barriers"] = sass_loop_barriers(sass)
     for op, modifiers in _SASS_ACCESS.findall(sass):
         size = next((_SASS_BYTES[m] for m in modifiers.split(".") if m in _SASS_BYTES), 4)
         hist = out["st" if op == "STG" else "ld"]
@@ -521,6 +556,7 @@ def access_report(kernel, arg_names) -> dict:
         row["sass_load_bytes"] = {str(b): sass["ld"][b] for b in sorted(sass["ld"], reverse=True)}
         row["sass_store_bytes"] = {str(b): sass["st"][b] for b in sorted(sass["st"], reverse=True)}
         row["sass_mma"] = sass["mma"]
+        row["loops"], row["loop_barriers"] = sass["loops"], sass["loop_barriers"]
         # Counts may differ (ptxas can unroll loops or drop predicated copies); widths should not.
         row["sass_widths_match_ptx"] = (set(row["sass_load_bytes"]) == set(row["load_bytes"]) and
                                         set(row["sass_store_bytes"]) == set(row["store_bytes"]))
@@ -544,6 +580,8 @@ def format_row(row: dict) -> str:
     if row.get("async_loads"):
         line += f"  cp.async {row['async_loads']}, shared {row.get('shared_bytes', '?')} B"
     line += "".join(f"  {op} {n}" for op, n in row.get("sass_mma", {}).items() if n)
+    if row.get("loop_barriers"):
+        line += f"  barriers in loops {row['loop_barriers']}"
     if row["narrow_bulk"]:
         line += "\n    narrow bulk: " + ", ".join(row["narrow_bulk"])
     scalars = sorted(k for k in row["accesses"] if set(k.split()[1].split("+")) <= ROW_SCALARS)

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (alloc, alloc_out, check_same_device, check_tensor, column_tiles, finish, promote,
-                      stride_unit)
+from ._common import (alloc, alloc_out, check_same_device, check_tensor, column_sums_tile, column_tiles, finish,
+                      promote, stride_unit)
 
 
 @triton.jit
@@ -32,6 +32,13 @@ def _stack_one(G, s_n, s_h, s_t, s_d, OUT, n, t, h, d, mask, out_base):
                 + d[None, None, :] * s_d, mask=mask, other=0.0)
     tl.store(OUT + out_base, g.to(OUT.dtype.element_ty), mask=mask)
     return tl.sum(g.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _load_one(G, s_n, s_h, s_t, s_d, n, t, h, d, mask):
+    """One of dq/dk/dv at rows (n, t) x columns (h, d) (masked lanes read 0)."""
+    return tl.load(G + n[:, None, None] * s_n + t[:, None, None] * s_t + h[None, :, None] * s_h
+                   + d[None, None, :] * s_d, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -54,6 +61,9 @@ def _stack_qkv_kernel(
                                         # multiples of 8 and the inputs 16-byte aligned: multiplying them back
                                         # by a constant shows the compiler the alignment, so it emits 16-byte
                                         # loads; the JIT marks only multiples of 16, and DiT's hd = 72 is not)
+    TILE_ACC: tl.constexpr,             # column sums: False ("step") sums each step's rows (a reduction across
+                                        # warps, barriers in the loop); True ("tile") adds the tiles up
+                                        # element-wise and reduces once after the loop (_common.column_sums_mode)
 ):
     sq_n, sq_h, sq_t = sq_n * STRIDE_UNIT, sq_h * STRIDE_UNIT, sq_t * STRIDE_UNIT
     sk_n, sk_h, sk_t = sk_n * STRIDE_UNIT, sk_h * STRIDE_UNIT, sk_t * STRIDE_UNIT
@@ -64,22 +74,110 @@ def _stack_qkv_kernel(
     d = tl.arange(0, BLOCK_HD)                                       # (BLOCK_HD,)
     col_ok = (h < H)[:, None] & (d < HD)[None, :]                    # (BLOCK_H, BLOCK_HD)
     col = h[:, None] * HD + d[None, :]                               # column inside one of q/k/v
-    acc_q = tl.zeros((BLOCK_H, BLOCK_HD), dtype=tl.float32)
-    acc_k = tl.zeros((BLOCK_H, BLOCK_HD), dtype=tl.float32)
-    acc_v = tl.zeros((BLOCK_H, BLOCK_HD), dtype=tl.float32)
-    for it in range(0, n_iters):
-        r = (row_tile * rows_per_tile + it * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        n = r // T
-        t = r - n * T
-        mask = (r < M)[:, None, None] & col_ok[None, :, :]
-        base = r[:, None, None] * (3 * H * HD) + col[None, :, :]
-        acc_q += _stack_one(DQ, sq_n, sq_h, sq_t, sq_d, OUT, n, t, h, d, mask, base)
-        acc_k += _stack_one(DK, sk_n, sk_h, sk_t, sk_d, OUT, n, t, h, d, mask, base + H * HD)
-        acc_v += _stack_one(DV, sv_n, sv_h, sv_t, sv_d, OUT, n, t, h, d, mask, base + 2 * H * HD)
+    if TILE_ACC:
+        # Loads of the three inputs first, then the three stores (the compiler may not move a load past a
+        # store that could alias it), and the sums as element-wise adds: no barrier inside the loop.
+        tile_q = tl.zeros((BLOCK_M, BLOCK_H, BLOCK_HD), dtype=tl.float32)
+        tile_k = tl.zeros((BLOCK_M, BLOCK_H, BLOCK_HD), dtype=tl.float32)
+        tile_v = tl.zeros((BLOCK_M, BLOCK_H, BLOCK_HD), dtype=tl.float32)
+        for it in range(0, n_iters):
+            r = (row_tile * rows_per_tile + it * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            n = r // T
+            t = r - n * T
+            mask = (r < M)[:, None, None] & col_ok[None, :, :]
+            base = r[:, None, None] * (3 * H * HD) + col[None, :, :]
+            gq = _load_one(DQ, sq_n, sq_h, sq_t, sq_d, n, t, h, d, mask)
+            gk = _load_one(DK, sk_n, sk_h, sk_t, sk_d, n, t, h, d, mask)
+            gv = _load_one(DV, sv_n, sv_h, sv_t, sv_d, n, t, h, d, mask)
+            tl.store(OUT + base, gq.to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + base + H * HD, gk.to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + base + 2 * H * HD, gv.to(OUT.dtype.element_ty), mask=mask)
+            tile_q += gq.to(tl.float32)
+            tile_k += gk.to(tl.float32)
+            tile_v += gv.to(tl.float32)
+        acc_q = tl.sum(tile_q, axis=0)
+        acc_k = tl.sum(tile_k, axis=0)
+        acc_v = tl.sum(tile_v, axis=0)
+    else:
+        acc_q = tl.zeros((BLOCK_H, BLOCK_HD), dtype=tl.float32)
+        acc_k = tl.zeros((BLOCK_H, BLOCK_HD), dtype=tl.float32)
+        acc_v = tl.zeros((BLOCK_H, BLOCK_HD), dtype=tl.float32)
+        for it in range(0, n_iters):
+            r = (row_tile * rows_per_tile + it * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            n = r // T
+            t = r - n * T
+            mask = (r < M)[:, None, None] & col_ok[None, :, :]
+            base = r[:, None, None] * (3 * H * HD) + col[None, :, :]
+            acc_q += _stack_one(DQ, sq_n, sq_h, sq_t, sq_d, OUT, n, t, h, d, mask, base)
+            acc_k += _stack_one(DK, sk_n, sk_h, sk_t, sk_d, OUT, n, t, h, d, mask, base + H * HD)
+            acc_v += _stack_one(DV, sv_n, sv_h, sv_t, sv_d, OUT, n, t, h, d, mask, base + 2 * H * HD)
     part = PART + row_tile * (3 * H * HD) + col
     tl.store(part, acc_q, mask=col_ok)
     tl.store(part + H * HD, acc_k, mask=col_ok)
     tl.store(part + 2 * H * HD, acc_v, mask=col_ok)
+
+
+@triton.jit
+def _stack_qkv_flat_kernel(
+    DQ, sq_n, sq_t,                     # gradient of q, its (h, d) columns one contiguous run per (n, t) row
+    DK, sk_n, sk_t,                     # the same for k
+    DV, sv_n, sv_t,                     # the same for v
+    OUT,                                # (N*T, 3, C) contiguous output: dqkv
+    PART,                               # (n_row_tiles, 3, C) fp32 output: per-tile column sums
+    T,                                  # tokens per sample
+    M,                                  # rows = N * T
+    rows_per_tile,                      # = n_iters * BLOCK_M
+    n_iters,                            # BLOCK_M-row steps per program
+    C: tl.constexpr,                    # columns per row of one of q/k/v: H * hd
+    BLOCK_M: tl.constexpr,              # rows per step
+    BLOCK_C: tl.constexpr,              # columns per program
+    STRIDE_UNIT: tl.constexpr,          # the row strides are passed divided by this (see _stack_qkv_kernel)
+):
+    """FASTDIT_COLUMN_SUMS=tile where each input's (h, d) columns form one contiguous run per row (strides
+    s_h = hd, s_d = 1: the packed qkv views, and the (N, T, H, hd)-ordered gradients SDPA allocates for them):
+    a plain 2-D tile of rows x columns, no head-dim padding, the three loads before the three stores, and the
+    column sums accumulated element-wise, reduced once after the loop (no barrier inside it)."""
+    sq_n, sq_t = sq_n * STRIDE_UNIT, sq_t * STRIDE_UNIT
+    sk_n, sk_t = sk_n * STRIDE_UNIT, sk_t * STRIDE_UNIT
+    sv_n, sv_t = sv_n * STRIDE_UNIT, sv_t * STRIDE_UNIT
+    col_tile = tl.program_id(0)
+    row_tile = tl.program_id(1)
+    c = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    tile_q = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    tile_k = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    tile_v = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for it in range(0, n_iters):
+        r = (row_tile * rows_per_tile + it * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        n = r // T
+        t = r - n * T
+        mask = (r < M)[:, None] & c_ok[None, :]
+        gq = tl.load(DQ + (n * sq_n + t * sq_t)[:, None] + c[None, :], mask=mask, other=0.0)
+        gk = tl.load(DK + (n * sk_n + t * sk_t)[:, None] + c[None, :], mask=mask, other=0.0)
+        gv = tl.load(DV + (n * sv_n + t * sv_t)[:, None] + c[None, :], mask=mask, other=0.0)
+        base = r[:, None] * (3 * C) + c[None, :]
+        tl.store(OUT + base, gq.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + base + C, gk.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + base + 2 * C, gv.to(OUT.dtype.element_ty), mask=mask)
+        tile_q += gq.to(tl.float32)
+        tile_k += gk.to(tl.float32)
+        tile_v += gv.to(tl.float32)
+    part = PART + row_tile * (3 * C) + c
+    tl.store(part, tl.sum(tile_q, axis=0), mask=c_ok)
+    tl.store(part + C, tl.sum(tile_k, axis=0), mask=c_ok)
+    tl.store(part + 2 * C, tl.sum(tile_v, axis=0), mask=c_ok)
+
+
+# The flat kernel's tile: 16 rows x 128 columns (2048 elements, 8 per thread at 8 warps: one 16-byte access per
+# input per step, and 3 x 8 fp32 accumulators per thread).
+FLAT_BLOCK_M = 16
+FLAT_BLOCK_C = 128
+
+
+def flat_columns(*grads: torch.Tensor) -> bool:
+    """Whether each gradient's (h, d) columns are one contiguous run per (n, t) row: stride(3) == 1 and
+    stride(1) == hd (or a single head)."""
+    return all(g.stride(3) == 1 and (g.shape[1] == 1 or g.stride(1) == g.shape[3]) for g in grads)
 
 
 def tile_shape(hd: int) -> Tuple[int, int, int]:
@@ -107,36 +205,49 @@ def check_qkv_grads(dq, dk, dv) -> None:
 
 
 def stack_qkv_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *,
-                    rows_per_tile: Optional[int] = None, block_m: Optional[int] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+                    rows_per_tile: Optional[int] = None, block_m: Optional[int] = None,
+                    tile_acc: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dqkv, db): dqkv (N, T, 3, H, hd) contiguous with dqkv[:, :, 0] = dq.transpose(1, 2) etc., and
     db = dqkv summed over (N, T) as (3 * H * hd,) fp32 (from the same read). `rows_per_tile` / `block_m`
-    override the tiling (tests use them for edge tiles)."""
+    override the tiling (tests use them for edge tiles); `tile_acc` the column sums' accumulation
+    (None: FASTDIT_COLUMN_SUMS, _common.column_sums_tile; with it, inputs whose (h, d) columns are contiguous
+    per row take the flat kernel)."""
     check_qkv_grads(dq, dk, dv)
     n, h, t, hd = dq.shape
     dtype = promote(dq.dtype, dk.dtype, dv.dtype)
-    bm, bh, bhd = tile_shape(hd)
-    bm = block_m or bm
+    tile = column_sums_tile() if tile_acc is None else bool(tile_acc)
+    flat = tile and flat_columns(dq, dk, dv)
+    bm = block_m or (FLAT_BLOCK_M if flat else tile_shape(hd)[0])
     if bm < 1 or bm & (bm - 1):
         raise ValueError(f"block_m must be a power of two, got {bm}")
-    m = n * t
+    m, cols = n * t, h * hd
     out = alloc_out((n, t, 3, h, hd), dtype, dq.device)
-    rows, n_iters, n_row_tiles = column_tiles(m, triton.cdiv(h, bh), bm, dq.device, rows_per_tile)
-    part = alloc((max(n_row_tiles, 1), 3 * h * hd), torch.float32, dq.device)
-    if m * h * hd > 0:
-        unit = 8 if aligned(dq, dk, dv) else 1
+    if m * cols == 0:
+        return finish(out, dtype), torch.zeros(3 * cols, dtype=torch.float32, device=dq.device)
+    if flat:
+        rows, n_iters, n_row_tiles = column_tiles(m, triton.cdiv(cols, FLAT_BLOCK_C), bm, dq.device, rows_per_tile)
+        part = alloc((n_row_tiles, 3 * cols), torch.float32, dq.device)
+        unit = stride_unit((dq, dk, dv), (0, 2))
 
-        def strides(g):
-            s_n, s_h, s_t, s_d = g.stride()
-            return s_n // unit, s_h // unit, s_t // unit, s_d
-        _stack_qkv_kernel[(triton.cdiv(h, bh), n_row_tiles)](
-            dq, *strides(dq), dk, *strides(dk), dv, *strides(dv), out, part,
-            t, m, rows, n_iters, H=h, HD=hd, BLOCK_M=bm, BLOCK_H=bh, BLOCK_HD=bhd, STRIDE_UNIT=unit,
-            num_warps=8)
-        db = part.sum(0)
-    else:
-        db = torch.zeros(3 * h * hd, dtype=torch.float32, device=dq.device)
-    return finish(out, dtype), db
+        def row_strides(g):
+            return g.stride(0) // unit, g.stride(2) // unit
+        _stack_qkv_flat_kernel[(triton.cdiv(cols, FLAT_BLOCK_C), n_row_tiles)](
+            dq, *row_strides(dq), dk, *row_strides(dk), dv, *row_strides(dv), out, part, t, m, rows, n_iters,
+            C=cols, BLOCK_M=bm, BLOCK_C=FLAT_BLOCK_C, STRIDE_UNIT=unit, num_warps=8)
+        return finish(out, dtype), part.sum(0)
+    _, bh, bhd = tile_shape(hd)
+    rows, n_iters, n_row_tiles = column_tiles(m, triton.cdiv(h, bh), bm, dq.device, rows_per_tile)
+    part = alloc((n_row_tiles, 3 * cols), torch.float32, dq.device)
+    unit = 8 if aligned(dq, dk, dv) else 1
+
+    def strides(g):
+        s_n, s_h, s_t, s_d = g.stride()
+        return s_n // unit, s_h // unit, s_t // unit, s_d
+    _stack_qkv_kernel[(triton.cdiv(h, bh), n_row_tiles)](
+        dq, *strides(dq), dk, *strides(dk), dv, *strides(dv), out, part,
+        t, m, rows, n_iters, H=h, HD=hd, BLOCK_M=bm, BLOCK_H=bh, BLOCK_HD=bhd, STRIDE_UNIT=unit,
+        TILE_ACC=tile, num_warps=8)
+    return finish(out, dtype), part.sum(0)
 
 
 def stack_qkv_grads_ref(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, **_

@@ -19,8 +19,10 @@ def _inputs(m, c, dtype, seed=0):
                                         (64, 128, dict(rows_per_tile=64, block_m=32, block_c=128)),
                                         (7, 33, {}), (0, 16, {})])
 @pytest.mark.parametrize("write_g", [False, True])
-def test_fp32_matches_pytorch(monkeypatch, m, c, tiling, write_g):
+@pytest.mark.parametrize("sums", ["step", "tile"])
+def test_fp32_matches_pytorch(monkeypatch, m, c, tiling, write_g, sums):
     monkeypatch.setenv("FASTDIT_KERNEL_POISON", "1")
+    monkeypatch.setenv("FASTDIT_COLUMN_SUMS", sums)               # both accumulations of the bias gradient
     z, dg = _inputs(m, c, torch.float32)
     dz, db, g = gelu_tanh_bwd(z, dg, write_g=write_g, **tiling)
     rdz, rdb, rg = gelu_tanh_bwd_ref(z, dg, write_g=True)
@@ -33,9 +35,10 @@ def test_fp32_matches_pytorch(monkeypatch, m, c, tiling, write_g):
         assert g is None
 
 
-def test_bf16_rounds_like_pytorch_and_sums_before_rounding():
+@pytest.mark.parametrize("tile_acc", [False, True])
+def test_bf16_rounds_like_pytorch_and_sums_before_rounding(tile_acc):
     z, dg = _inputs(257, 96, torch.bfloat16, seed=1)
-    dz, db, g = gelu_tanh_bwd(z, dg, write_g=True, rows_per_tile=32)
+    dz, db, g = gelu_tanh_bwd(z, dg, write_g=True, rows_per_tile=32, tile_acc=tile_acc)
     rdz, _, rg = gelu_tanh_bwd_ref(z, dg, write_g=True)
     assert dz.dtype == g.dtype == torch.bfloat16
     # one bf16 rounding step apart, or (in GELU's negative tail, where 1 + tanh(u) cancels in fp32 for both

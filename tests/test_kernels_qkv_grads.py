@@ -13,11 +13,15 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _grads(n, h, t, hd, dtype, layout, seed=0):
     """dq, dk, dv (N, H, T, hd) in a layout: "packed" = strided views of one (N, T, 3, H, hd) buffer (the
-    model's qkv layout), "contiguous" = three (N, H, T, hd) tensors, "transposed" = hd-major strides."""
+    model's qkv layout), "bshd" = three tensors laid out (N, T, H, hd) (what SDPA's backward allocates for the
+    packed views: torch.empty_like keeps their stride order), "contiguous" = three (N, H, T, hd) tensors,
+    "transposed" = hd-major strides."""
     g = torch.Generator().manual_seed(seed)
     if layout == "packed":
         buf = torch.randn(n, t, 3, h, hd, generator=g).to(DEV, dtype)
         return [buf[:, :, i].permute(0, 2, 1, 3) for i in range(3)]
+    if layout == "bshd":
+        return [torch.randn(n, t, h, hd, generator=g).to(DEV, dtype).transpose(1, 2) for _ in range(3)]
     out = [torch.randn(n, h, t, hd, generator=g).to(DEV, dtype) for _ in range(3)]
     if layout == "transposed":
         out = [x.transpose(2, 3).contiguous().transpose(2, 3) for x in out]
@@ -34,14 +38,16 @@ def _check(dqkv, db, dq, dk, dv, atol=1e-4):
     torch.testing.assert_close(db.double(), exact, rtol=1e-5, atol=atol)
 
 
-@pytest.mark.parametrize("layout", ["packed", "contiguous", "transposed"])
+@pytest.mark.parametrize("layout", ["packed", "bshd", "contiguous", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,tiling", [((2, 3, 9, 24), dict(rows_per_tile=4, block_m=2)),
                                           ((2, 16, 16, 72), {}),          # DiT-XL's heads and head dim
                                           ((1, 5, 7, 64), dict(rows_per_tile=3, block_m=1)),
                                           ((3, 2, 5, 9), {})])
-def test_matches_stack_and_column_sum(monkeypatch, shape, tiling, dtype, layout):
+@pytest.mark.parametrize("sums", ["step", "tile"])
+def test_matches_stack_and_column_sum(monkeypatch, shape, tiling, dtype, layout, sums):
     monkeypatch.setenv("FASTDIT_KERNEL_POISON", "1")              # an unwritten element stays NaN
+    monkeypatch.setenv("FASTDIT_COLUMN_SUMS", sums)               # both accumulations of the column sums
     dq, dk, dv = _grads(*shape, dtype, layout)
     dqkv, db = stack_qkv_grads(dq, dk, dv, **tiling)
     _check(dqkv, db, dq, dk, dv)          # bf16 too: the sums of the exact bf16 values, in fp32
@@ -93,10 +99,41 @@ def test_bad_inputs_raise():
         stack_qkv_grads(dq, dk.to("meta"), dv)
 
 
+def test_flat_kernel_takes_the_packed_and_sdpa_layouts():
+    """Under FASTDIT_COLUMN_SUMS=tile, inputs whose (h, d) columns are one contiguous run per row take the flat
+    kernel: the model's packed views and the gradients SDPA allocates for them (torch.empty_like of a packed
+    view keeps its (N, T, H, hd) stride order); (N, H, T, hd)-contiguous and hd-major inputs do not."""
+    from fastdit.kernels.qkv_grads import flat_columns
+    packed = _grads(2, 3, 9, 24, torch.float32, "packed")
+    assert flat_columns(*packed) and flat_columns(*[torch.empty_like(g) for g in packed])
+    assert flat_columns(*_grads(2, 3, 9, 24, torch.float32, "bshd"))
+    assert not flat_columns(*_grads(2, 3, 9, 24, torch.float32, "contiguous"))
+    assert not flat_columns(*_grads(2, 3, 9, 24, torch.float32, "transposed"))
+    one_head = [g[:, :1] for g in _grads(2, 3, 9, 24, torch.float32, "contiguous")]
+    assert flat_columns(*one_head)                                 # one head: its hd columns, stride 1
+    dqkv, db = stack_qkv_grads(*one_head, tile_acc=True)
+    _check(dqkv, db, *one_head)
+
+
+def test_column_sums_switch(monkeypatch):
+    """FASTDIT_COLUMN_SUMS picks the accumulation at each call (tile_acc= overrides it) and gives the same
+    sums either way up to fp32 rounding; any other value is a one-line error."""
+    dq, dk, dv = _grads(2, 3, 9, 24, torch.float32, "packed")
+    monkeypatch.setenv("FASTDIT_COLUMN_SUMS", "tile")
+    tiled = stack_qkv_grads(dq, dk, dv, rows_per_tile=8, block_m=2)[1]
+    stepped = stack_qkv_grads(dq, dk, dv, rows_per_tile=8, block_m=2, tile_acc=False)[1]
+    torch.testing.assert_close(tiled, stepped, rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("FASTDIT_COLUMN_SUMS", "rows")
+    with pytest.raises(ValueError, match=r"FASTDIT_COLUMN_SUMS='rows'; choose one of \('step', 'tile'\)"):
+        stack_qkv_grads(dq, dk, dv)
+
+
 @pytest.mark.gpu
-def test_gpu_xl_shape_bf16():
-    """DiT-XL/2's attention gradient at batch 32, bf16, in the packed layout and contiguous."""
-    for layout in ("packed", "contiguous"):
+@pytest.mark.parametrize("tile_acc", [False, True])
+def test_gpu_xl_shape_bf16(tile_acc):
+    """DiT-XL/2's attention gradient at batch 32, bf16, in the packed layout, SDPA's and contiguous, with
+    either accumulation of the column sums (FASTDIT_COLUMN_SUMS)."""
+    for layout in ("packed", "bshd", "contiguous"):
         dq, dk, dv = _grads(32, 16, 256, 72, torch.bfloat16, layout)
-        dqkv, db = stack_qkv_grads(dq, dk, dv)
+        dqkv, db = stack_qkv_grads(dq, dk, dv, tile_acc=tile_acc)
         _check(dqkv, db, dq, dk, dv, atol=1e-3)
