@@ -15,6 +15,8 @@ that would not get its minimum time is skipped and says so. Stages, most importa
   throughput_mb32  the same at the shipped configs' micro-batch 32 (MB32_ROWS: fused, the graphed rows,
               deepspeed, the direct dispatch, eager/sdpa): is the step the GPU's or the host's?
   kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
+  column_sums benchmarks/column_sums.py: the folded bias gradients (the qkv stack of bias_fold, the GELU backward
+              of mlp="fold") with FASTDIT_COLUMN_SUMS step and tile, against the unfused PyTorch ops
   attention   benchmarks/attention.py: SDPA's kernels (cuDNN, flash, efficient), the optional libraries and
               fastdit's Triton attention at the DiT-XL/2 attention shape, in the model's packed qkv layout and
               contiguous
@@ -84,8 +86,8 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
-STAGES = ("env", "tests", "parity", "throughput", "throughput_mb32", "kernels", "attention", "attn_sweep", "train",
-          "bias_profile", "mlp_gemm", "compile", "profile", "gpu_tests")
+STAGES = ("env", "tests", "parity", "throughput", "throughput_mb32", "kernels", "column_sums", "attention", "attn_sweep",
+          "train", "bias_profile", "mlp_gemm", "compile", "profile", "gpu_tests")
 # deepspeed+compile first: the one row not measured before (compile and fused+compile were, at 864d10f); a
 # deadline that cuts the stage cuts the last row
 COMPILE_ROWS = ("deepspeed+compile", "fused+compile", "compile")
@@ -101,9 +103,9 @@ GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/te
 # fused/sdpa_packed is `fused` where flash-attn is absent (auto); fused/math and fused/sdpa are left out.
 THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed/ds-step", "deepspeed+graphs", "fused+graphs",
                     "fused+mlp-recompute-fold", "fused+mlp-recompute",
-                    "fused+bias-fold", "fused+all-switches", "deepspeed+all-switches", "fused/triton",
-                    "fused/triton-swept",
-                    "fused+mlp-epilogue", "fused+mlp-fold", "fused+all-switches/triton",
+                    "fused+bias-fold", "fused+bias-fold/sums-once", "fused+all-switches", "deepspeed+all-switches",
+                    "fused/triton", "fused/triton-swept",
+                    "fused+mlp-epilogue", "fused+mlp-fold", "fused+mlp-fold/sums-once", "fused+all-switches/triton",
                     "deepspeed+all-switches/triton", "fused+mlp-recompute-epilogue", "deepspeed+fused-step",
                     "eager", "eager/sdpa",
                     "fused/flash_attn", "fused/xformers", "fused/sdpa_packed")
@@ -463,6 +465,15 @@ def summarize_kernels(out: str, st: Stage) -> str:
         f"{op} {100 * v.get('fwd', 0):.0f}/{100 * v.get('bwd', 0):.0f}" for op, v in share.items())
 
 
+def summarize_column_sums(out: str, st: Stage) -> str:
+    """Per case: unfused / step / tile median ms, from column_sums.json."""
+    d = _load(os.path.join(out, "column_sums.json"))
+    st.detail = dict(summary=d["summary"])
+    return "ms unfused/step/once: " + ", ".join(
+        f"{k} " + "/".join(f"{v['ms'][i]:.3f}" if i in v["ms"] else "-" for i in ("unfused", "step", "once"))
+        for k, v in d["summary"].items())
+
+
 def summarize_attention(out: str, st: Stage) -> str:
     d = _load(os.path.join(out, "attention.json"))
     ok = {(r["name"], r["layout"]): r["fwd+bwd"]["ms"]["median"] for r in d["rows"] if r["status"] == "ok"}
@@ -669,6 +680,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         par = ["--smoke"]
         kern = ["--smoke"]
         att = ["--smoke"]
+        cs = ["--smoke"]
         mg = ["--smoke"]
         train_cfg = ["--config", "configs/digits.json", "--set", "train.max_steps=4", "--set", "train.log_every=1"]
         prof = ["--smoke"]
@@ -689,6 +701,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "fused-direct", "fused-gemm-bwd",
                 "fused-tile-sums", "eager", "compile", "--rep", "60", "--warmup", "15"]
         att = ["--batch", str(batch)]
+        cs = ["--batch", str(batch), "--layouts", "bshd", "contiguous"]
         # the backward first: its predicted saving is the larger (a deadline cuts the forward's last tilings)
         mg = ["--batch", str(batch), "--passes", "bwd", "fwd", "--deadline-s", "60", "--rep", "50", "--warmup", "10"]
         train_cfg = ["--config", "configs/xl2_zero2.json", "--set", "data.kind=synthetic",
@@ -729,6 +742,8 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
               100, 20, lambda s: summarize_throughput(j("throughput_mb32.json"), s)),
         Stage("kernels", [[py, "benchmarks/kernels.py", *kern, "--json", j("kernels.json"),
                            "--plot", j("kernels.png")]], 100, 15, lambda s: summarize_kernels(out, s)),
+        Stage("column_sums", [[py, "benchmarks/column_sums.py", *cs, "--json", j("column_sums.json")]], 45, 10,
+              lambda s: summarize_column_sums(out, s)),
         Stage("attention", [[py, "benchmarks/attention.py", *att, "--json", j("attention.json")]], 60, 10,
               lambda s: summarize_attention(out, s)),
         # its own stage: a deadline that cuts the sweep keeps the rows above and the tilings timed so far
@@ -779,7 +794,7 @@ def write_readme(out: str, info: Dict[str, Any], stages: List[Stage], table: str
 Written by `{info['command']}` ({'smoke rehearsal on CPU: the numbers say nothing about a GPU' if info['smoke']
 else 'make gpu-check'}); budget {info['budget_s']:.0f} s, {info['wall_s']:.0f} s used. Training batch {info['batch']}.
 Files: env.json (versions, measured ceilings), tests_*.xml (pytest), parity.json, throughput.json,
-throughput_compile.json, kernels.json / kernels.png, attention.json, attention_sweep.json, train_metrics.jsonl, summary.json, log.txt (everything printed).
+throughput_compile.json, kernels.json / kernels.png, column_sums.json, attention.json, attention_sweep.json, train_metrics.jsonl, summary.json, log.txt (everything printed).
 
 ```
 {table}

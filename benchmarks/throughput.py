@@ -107,12 +107,15 @@ BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+
              "fused+mlp-recompute-fold", "fused+mlp-epilogue", "fused+mlp-recompute-epilogue", "fused+bias-fold",
              "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
              "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
-             "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept")
+             "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
+             "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
 # for the rows that turn every switch on: the row ops' partial sums in one Triton pass, patch_embed's backward
-# from library GEMMs, the fused ops without the torch.library dispatch in eager mode.
+# from library GEMMs, the fused ops without the torch.library dispatch in eager mode, and (since 2026-11-27
+# 23:00) the column-sum kernels reducing once after their loop.
+COLUMN_SUMS_ONCE = (("FASTDIT_COLUMN_SUMS", "once"),)
 KERNEL_SWITCHES = (("FASTDIT_TILE_SUMS", "triton"), ("FASTDIT_PATCH_EMBED_BWD", "gemm"),
-                   ("FASTDIT_KERNEL_DISPATCH", "direct"))
+                   ("FASTDIT_KERNEL_DISPATCH", "direct")) + COLUMN_SUMS_ONCE
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 NUM_CLASSES = 1000
@@ -318,6 +321,9 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(dataclasses.replace(base, name=name, attention="triton",
                                              unavailable=None if ok else f"attention backend 'triton' cannot run "
                                                                          f"here: {reason}"))
+        elif name in ("fused+mlp-fold/sums-once", "fused+bias-fold/sums-once"):
+            # the same rows with the column-sum kernels (the GELU backward; the qkv stack) reducing once
+            specs.append(dataclasses.replace(row_specs([name.split("/")[0]])[0], name=name, env=COLUMN_SUMS_ONCE))
         elif name == "fused/triton-swept":  # fastdit's attention at the H100 sweep's fastest tilings
             specs.append(dataclasses.replace(row_specs(["fused/triton"])[0], name=name,
                                              env=(("FASTDIT_ATTENTION_TILING", "swept"),)))

@@ -358,16 +358,17 @@ COLUMN_KERNEL_PROGRAMS_PER_SM = 24
 
 # How the column-sum kernels (kernels/gelu.py, kernels/qkv_grads.py) add up their rows: "step" (the default)
 # sums each loop step's rows into a per-column vector, a reduction across the program's warps with barriers
-# inside the loop (the sm_90 SASS: 24 of the qkv stack's 36 barriers, 8 of the GELU backward's 10); "tile" adds
+# inside the loop (the sm_90 SASS: 24 of the qkv stack's 36 barriers, 8 of the GELU backward's 10); "once" adds
 # each step's tile element-wise into a tile-shaped fp32 accumulator and reduces it once after the loop (no
 # barrier in the loop, more registers). Read at each call. Both add the same fp32 values, in another order.
 COLUMN_SUMS_ENV = "FASTDIT_COLUMN_SUMS"
-COLUMN_SUMS_CHOICES = ("step", "tile")
+COLUMN_SUMS_CHOICES = ("step", "once")
 
 
-def column_sums_tile() -> bool:
-    """Whether the column-sum kernels accumulate whole tiles (FASTDIT_COLUMN_SUMS=tile); "step" when unset."""
-    return env_choice(COLUMN_SUMS_ENV, COLUMN_SUMS_CHOICES) == "tile"
+def column_sums_once() -> bool:
+    """Whether the column-sum kernels reduce their tiles once, after the loop (FASTDIT_COLUMN_SUMS=once);
+    "step" when unset."""
+    return env_choice(COLUMN_SUMS_ENV, COLUMN_SUMS_CHOICES) == "once"
 
 
 def column_tiles(rows: int, n_col_tiles: int, block_rows: int, device: torch.device,

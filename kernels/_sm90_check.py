@@ -164,9 +164,9 @@ def cases():
     args = dict(Z="*bf16", stride_zm=c, stride_zc=1, DG="*bf16", stride_gm=c, stride_gc=1, DZ="*bf16",
                 G="*bf16", DB_PART="*fp32", M=m, C=c, rows_per_tile=rows, n_iters=n_iters)
     for write_g in (False, True):
-        for tile in (False, True):
-            out.append((f"gelu_bwd write_g={write_g}" + (" tile-acc" if tile else ""), ge._gelu_bwd_kernel, args,
-                        dict(WRITE_G=write_g, BLOCK_M=32, BLOCK_C=128, TILE_ACC=tile), 4))
+        for once in (False, True):
+            out.append((f"gelu_bwd write_g={write_g}" + (" once" if once else ""), ge._gelu_bwd_kernel, args,
+                        dict(WRITE_G=write_g, BLOCK_M=32, BLOCK_C=128, REDUCE_ONCE=once), 4))
     # dq, dk, dv -> dqkv + the qkv bias gradient (bias_fold with sdpa_packed), DiT-XL/2 batch 128: the packed
     # strides of the qkv views, and contiguous (N, H, T, hd) gradients.
     n, h, t, hd = 128, 16, 256, 72
@@ -178,10 +178,10 @@ def cases():
                     rows_per_tile=rows, n_iters=n_iters)
         for p in "qkv":
             args.update({f"s{p}_n": st[0], f"s{p}_h": st[1], f"s{p}_t": st[2], f"s{p}_d": st[3]})
-        for tile in (False, True):
-            out.append((f"stack_qkv_grads {layout}" + (" tile-acc" if tile else ""), qg._stack_qkv_kernel, args,
-                        dict(H=h, HD=hd, BLOCK_M=bm, BLOCK_H=bh, BLOCK_HD=bhd, STRIDE_UNIT=8, TILE_ACC=tile), 8))
-    # FASTDIT_COLUMN_SUMS=tile with the (h, d) columns contiguous per row (the packed views; SDPA's gradients
+        for once in (False, True):
+            out.append((f"stack_qkv_grads {layout}" + (" once" if once else ""), qg._stack_qkv_kernel, args,
+                        dict(H=h, HD=hd, BLOCK_M=bm, BLOCK_H=bh, BLOCK_HD=bhd, STRIDE_UNIT=8, REDUCE_ONCE=once), 8))
+    # FASTDIT_COLUMN_SUMS=once with the (h, d) columns contiguous per row (the packed views; SDPA's gradients
     # ordered like them): the flat kernel.
     rows, n_iters, _ = column_tiles(n * t, triton.cdiv(h * hd, qg.FLAT_BLOCK_C), qg.FLAT_BLOCK_M,
                                     torch.device("cpu"), sms=H100_SMS)
@@ -189,7 +189,7 @@ def cases():
                 rows_per_tile=rows, n_iters=n_iters)
     for p in "qkv":
         args.update({f"s{p}_n": t * h * hd // 8, f"s{p}_t": h * hd // 8})
-    out.append(("stack_qkv_grads flat tile-acc", qg._stack_qkv_flat_kernel, args,
+    out.append(("stack_qkv_grads flat once", qg._stack_qkv_flat_kernel, args,
                 dict(C=h * hd, BLOCK_M=qg.FLAT_BLOCK_M, BLOCK_C=qg.FLAT_BLOCK_C, STRIDE_UNIT=8), 8))
     # The row ops' per-tile partial sums added in one pass (FASTDIT_TILE_SUMS=triton): DiT-XL/2, batch 128, the
     # residual op's three (N, D) gradients from 5 tiles per sample, written in bf16.

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, alloc_out, check_tensor, column_sums_tile, column_tiles, device_reason, finish
+from ._common import alloc, alloc_out, check_tensor, column_sums_once, column_tiles, device_reason, finish
 
 K0 = 0.7978845608028654     # sqrt(2 / pi)
 K1 = 0.044715
@@ -63,9 +63,9 @@ def _gelu_bwd_kernel(
     WRITE_G: tl.constexpr,              # also write GELU(Z)
     BLOCK_M: tl.constexpr,              # rows per step
     BLOCK_C: tl.constexpr,              # columns per program
-    TILE_ACC: tl.constexpr,             # column sums: False ("step") sums each step's rows (a reduction across
-                                        # warps inside the loop); True ("tile") adds the steps' tiles up
-                                        # element-wise and reduces once after the loop (_common.column_sums_tile)
+    REDUCE_ONCE: tl.constexpr,          # column sums: False ("step") sums each step's rows (a reduction across
+                                        # warps inside the loop); True ("once") adds the steps' tiles up
+                                        # element-wise and reduces once after the loop (_common.column_sums_once)
 ):
     col_tile = tl.program_id(0)
     row_tile = tl.program_id(1)
@@ -85,22 +85,22 @@ def _gelu_bwd_kernel(
         tl.store(DZ + out, dz.to(DZ.dtype.element_ty), mask=mask)
         if WRITE_G:
             tl.store(G + out, (0.5 * z * (1.0 + t)).to(G.dtype.element_ty), mask=mask)
-        if TILE_ACC:
+        if REDUCE_ONCE:
             tile += dz
         else:
             acc += tl.sum(dz, axis=0)
-    if TILE_ACC:
+    if REDUCE_ONCE:
         acc = tl.sum(tile, axis=0)
     tl.store(DB_PART + row_tile * C + c, acc, mask=c_ok)
 
 
 def gelu_tanh_bwd(z: torch.Tensor, dg: torch.Tensor, *, write_g: bool = False,
                   rows_per_tile: Optional[int] = None, block_m: int = 32, block_c: int = 128,
-                  tile_acc: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                  reduce_once: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(dz, db, g): dz = GELU_tanh'(z) * dg (z's dtype), db = dz summed over rows (fp32, from the fp32
     values before rounding), g = GELU_tanh(z) when write_g else None. z, dg: (M, C) of one shape.
-    `rows_per_tile` / `block_m` / `block_c` override the tiling (tests use them for edge tiles); `tile_acc`
-    the column sums' accumulation (None: FASTDIT_COLUMN_SUMS, _common.column_sums_tile)."""
+    `rows_per_tile` / `block_m` / `block_c` override the tiling (tests use them for edge tiles); `reduce_once`
+    the column sums' accumulation (None: FASTDIT_COLUMN_SUMS, _common.column_sums_once)."""
     check_tensor("z", z, 2)
     check_tensor("dg", dg, 2)
     if dg.shape != z.shape:
@@ -122,7 +122,7 @@ def gelu_tanh_bwd(z: torch.Tensor, dg: torch.Tensor, *, write_g: bool = False,
         _gelu_bwd_kernel[(triton.cdiv(c, block_c), n_row_tiles)](
             z, *z.stride(), dg, *dg.stride(), dz, g if g is not None else dz, part,
             m, c, rows, n_iters, WRITE_G=write_g, BLOCK_M=block_m, BLOCK_C=block_c,
-            TILE_ACC=column_sums_tile() if tile_acc is None else bool(tile_acc), num_warps=4)
+            REDUCE_ONCE=column_sums_once() if reduce_once is None else bool(reduce_once), num_warps=4)
         db = part.sum(0)
     else:
         db = torch.zeros(c, dtype=torch.float32, device=z.device)

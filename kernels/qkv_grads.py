@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (alloc, alloc_out, check_same_device, check_tensor, column_sums_tile, column_tiles, finish,
+from ._common import (alloc, alloc_out, check_same_device, check_tensor, column_sums_once, column_tiles, finish,
                       promote, stride_unit)
 
 
@@ -61,8 +61,8 @@ def _stack_qkv_kernel(
                                         # multiples of 8 and the inputs 16-byte aligned: multiplying them back
                                         # by a constant shows the compiler the alignment, so it emits 16-byte
                                         # loads; the JIT marks only multiples of 16, and DiT's hd = 72 is not)
-    TILE_ACC: tl.constexpr,             # column sums: False ("step") sums each step's rows (a reduction across
-                                        # warps, barriers in the loop); True ("tile") adds the tiles up
+    REDUCE_ONCE: tl.constexpr,          # column sums: False ("step") sums each step's rows (a reduction across
+                                        # warps, barriers in the loop); True ("once") adds the tiles up
                                         # element-wise and reduces once after the loop (_common.column_sums_mode)
 ):
     sq_n, sq_h, sq_t = sq_n * STRIDE_UNIT, sq_h * STRIDE_UNIT, sq_t * STRIDE_UNIT
@@ -74,7 +74,7 @@ def _stack_qkv_kernel(
     d = tl.arange(0, BLOCK_HD)                                       # (BLOCK_HD,)
     col_ok = (h < H)[:, None] & (d < HD)[None, :]                    # (BLOCK_H, BLOCK_HD)
     col = h[:, None] * HD + d[None, :]                               # column inside one of q/k/v
-    if TILE_ACC:
+    if REDUCE_ONCE:
         # Loads of the three inputs first, then the three stores (the compiler may not move a load past a
         # store that could alias it), and the sums as element-wise adds: no barrier inside the loop.
         tile_q = tl.zeros((BLOCK_M, BLOCK_H, BLOCK_HD), dtype=tl.float32)
@@ -133,7 +133,7 @@ def _stack_qkv_flat_kernel(
     BLOCK_C: tl.constexpr,              # columns per program
     STRIDE_UNIT: tl.constexpr,          # the row strides are passed divided by this (see _stack_qkv_kernel)
 ):
-    """FASTDIT_COLUMN_SUMS=tile where each input's (h, d) columns form one contiguous run per row (strides
+    """FASTDIT_COLUMN_SUMS=once where each input's (h, d) columns form one contiguous run per row (strides
     s_h = hd, s_d = 1: the packed qkv views, and the (N, T, H, hd)-ordered gradients SDPA allocates for them):
     a plain 2-D tile of rows x columns, no head-dim padding, the three loads before the three stores, and the
     column sums accumulated element-wise, reduced once after the loop (no barrier inside it)."""
@@ -206,17 +206,17 @@ def check_qkv_grads(dq, dk, dv) -> None:
 
 def stack_qkv_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *,
                     rows_per_tile: Optional[int] = None, block_m: Optional[int] = None,
-                    tile_acc: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    reduce_once: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dqkv, db): dqkv (N, T, 3, H, hd) contiguous with dqkv[:, :, 0] = dq.transpose(1, 2) etc., and
     db = dqkv summed over (N, T) as (3 * H * hd,) fp32 (from the same read). `rows_per_tile` / `block_m`
-    override the tiling (tests use them for edge tiles); `tile_acc` the column sums' accumulation
-    (None: FASTDIT_COLUMN_SUMS, _common.column_sums_tile; with it, inputs whose (h, d) columns are contiguous
+    override the tiling (tests use them for edge tiles); `reduce_once` the column sums' accumulation
+    (None: FASTDIT_COLUMN_SUMS, _common.column_sums_once; with it, inputs whose (h, d) columns are contiguous
     per row take the flat kernel)."""
     check_qkv_grads(dq, dk, dv)
     n, h, t, hd = dq.shape
     dtype = promote(dq.dtype, dk.dtype, dv.dtype)
-    tile = column_sums_tile() if tile_acc is None else bool(tile_acc)
-    flat = tile and flat_columns(dq, dk, dv)
+    once = column_sums_once() if reduce_once is None else bool(reduce_once)
+    flat = once and flat_columns(dq, dk, dv)
     bm = block_m or (FLAT_BLOCK_M if flat else tile_shape(hd)[0])
     if bm < 1 or bm & (bm - 1):
         raise ValueError(f"block_m must be a power of two, got {bm}")
@@ -246,7 +246,7 @@ def stack_qkv_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *,
     _stack_qkv_kernel[(triton.cdiv(h, bh), n_row_tiles)](
         dq, *strides(dq), dk, *strides(dk), dv, *strides(dv), out, part,
         t, m, rows, n_iters, H=h, HD=hd, BLOCK_M=bm, BLOCK_H=bh, BLOCK_HD=bhd, STRIDE_UNIT=unit,
-        TILE_ACC=tile, num_warps=8)
+        REDUCE_ONCE=once, num_warps=8)
     return finish(out, dtype), part.sum(0)
 
 

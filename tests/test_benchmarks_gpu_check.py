@@ -32,6 +32,7 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     assert set(st["throughput_mb32"]["detail"]) == {"fused", "fused+direct-dispatch"}
     assert all(v["img_per_s"] > 0 for v in st["throughput_mb32"]["detail"].values())
     assert st["attention"]["detail"]["fastest_packed"]
+    assert {"qkv bshd", "gelu", "gelu+g"} <= set(st["column_sums"]["detail"]["summary"])   # folded bias gradients
     assert set(st["attn_sweep"]["detail"]["fastest"]) == {"fwd", "dq", "dkdv", "dq+bias"}   # the Triton attention's tilings
     assert st["attn_sweep"]["detail"]["complete"] is True
     assert {"fwd", "bwd", "derived_step_change_ms"} <= set(st["mlp_gemm"]["detail"]["summary"])   # GELU-epilogue GEMMs
@@ -40,7 +41,7 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path):
     assert {"step_change_ms", "category_change_ms", "kernel_change_ms"} <= set(st["bias_profile"]["detail"])
     assert (out / "bias_profile_diff.json").is_file() and (out / "step_profile_bias_fold" / "profile.json").is_file()
     for name in ("env.json", "parity.json", "throughput.json", "throughput_compile.json", "kernels.json",
-                 "kernels.png", "attention.json", "attention_sweep.json", "mlp_gemm.json", "train_metrics.jsonl", "README.md",
+                 "kernels.png", "column_sums.json", "attention.json", "attention_sweep.json", "mlp_gemm.json", "train_metrics.jsonl", "README.md",
                  "log.txt"):
         assert (out / name).is_file(), name
     # the summary table is the last thing printed
@@ -71,6 +72,7 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "deepspeed" in by["throughput"][0] and "--rows deepspeed+compile,fused+compile,compile" in by["compile"][0]
     assert "--dims 1152 --tokens-per-sample 256" in by["kernels"][0]
     assert "benchmarks/attention.py --batch 128" in by["attention"][0]
+    assert "benchmarks/column_sums.py --batch 128 --layouts bshd contiguous" in by["column_sums"][0]
     assert "--no-rows --sweep-triton" in by["attn_sweep"][0] and "--batch 128" in by["attn_sweep"][0]
     assert "tests/test_kernels_flash_attention.py" in by["tests"][0] and "fused/triton" in by["throughput"][0]
     assert "benchmarks/mlp_gemm.py --batch 128 --passes bwd fwd --deadline-s 60" in by["mlp_gemm"][0]

@@ -29,7 +29,7 @@ EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fu
                  "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
                  "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
                  "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
-                 "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
+                 "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
                  "fused/triton"]
 
 
@@ -132,6 +132,12 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert (alls["mlp"], alls["bias_fold"]) == ("fold", True) and alls["env"] == dict(tp.KERNEL_SWITCHES)
     assert "env" not in rows["fused"] and "env" not in folds
     assert rows["fused/triton-swept"]["env"] == {"FASTDIT_ATTENTION_TILING": "swept"}
+    for name in ("fused+mlp-fold/sums-once", "fused+bias-fold/sums-once"):   # the column sums reduced once
+        once, base = rows[name], rows[name.split("/")[0]]
+        assert once["env"] == {"FASTDIT_COLUMN_SUMS": "once"} and (once["mlp"], once["bias_fold"]) == \
+            (base["mlp"], base["bias_fold"])
+        for key in ("loss_first", "loss_last"):
+            assert once[key] == pytest.approx(base[key], rel=1e-5, abs=1e-6), (name, key)
     direct = rows["fused+direct-dispatch"]        # the same kernels without the library dispatch: the same training
     assert direct["env"] == {"FASTDIT_KERNEL_DISPATCH": "direct"} and direct["mlp"] == "plain"
     for key in ("loss_first", "loss_last"):

@@ -913,12 +913,12 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert len(xl_rows) >= 9
     assert all(r["bulk_128bit"] for r in xl_rows), [(r["kernel"], r["narrow_bulk"]) for r in xl_rows]
     # The column-sum kernels (the qkv stack, the GELU backward): summed per step, each step's rows are reduced
-    # across warps, with barriers inside the loop; accumulated per tile (FASTDIT_COLUMN_SUMS=tile), none.
+    # across warps, with barriers inside the loop; accumulated per tile (FASTDIT_COLUMN_SUMS=once), none.
     if all("loop_barriers" in r for r in rows):
         sums = [r for r in rows if r["kernel"].startswith(("stack_qkv_grads", "gelu_bwd"))]
         assert len(sums) == 9 and all(r["loops"] >= 1 for r in sums)
         for r in sums:
-            assert (r["loop_barriers"] == 0) == r["kernel"].endswith("tile-acc"), (r["kernel"], r["loop_barriers"])
+            assert (r["loop_barriers"] == 0) == r["kernel"].endswith(" once"), (r["kernel"], r["loop_barriers"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def _check(dqkv, db, dq, dk, dv, atol=1e-4):
                                           ((2, 16, 16, 72), {}),          # DiT-XL's heads and head dim
                                           ((1, 5, 7, 64), dict(rows_per_tile=3, block_m=1)),
                                           ((3, 2, 5, 9), {})])
-@pytest.mark.parametrize("sums", ["step", "tile"])
+@pytest.mark.parametrize("sums", ["step", "once"])
 def test_matches_stack_and_column_sum(monkeypatch, shape, tiling, dtype, layout, sums):
     monkeypatch.setenv("FASTDIT_KERNEL_POISON", "1")              # an unwritten element stays NaN
     monkeypatch.setenv("FASTDIT_COLUMN_SUMS", sums)               # both accumulations of the column sums
@@ -100,7 +100,7 @@ def test_bad_inputs_raise():
 
 
 def test_flat_kernel_takes_the_packed_and_sdpa_layouts():
-    """Under FASTDIT_COLUMN_SUMS=tile, inputs whose (h, d) columns are one contiguous run per row take the flat
+    """Under FASTDIT_COLUMN_SUMS=once, inputs whose (h, d) columns are one contiguous run per row take the flat
     kernel: the model's packed views and the gradients SDPA allocates for them (torch.empty_like of a packed
     view keeps its (N, T, H, hd) stride order); (N, H, T, hd)-contiguous and hd-major inputs do not."""
     from fastdit.kernels.qkv_grads import flat_columns
@@ -111,29 +111,29 @@ def test_flat_kernel_takes_the_packed_and_sdpa_layouts():
     assert not flat_columns(*_grads(2, 3, 9, 24, torch.float32, "transposed"))
     one_head = [g[:, :1] for g in _grads(2, 3, 9, 24, torch.float32, "contiguous")]
     assert flat_columns(*one_head)                                 # one head: its hd columns, stride 1
-    dqkv, db = stack_qkv_grads(*one_head, tile_acc=True)
+    dqkv, db = stack_qkv_grads(*one_head, reduce_once=True)
     _check(dqkv, db, *one_head)
 
 
 def test_column_sums_switch(monkeypatch):
-    """FASTDIT_COLUMN_SUMS picks the accumulation at each call (tile_acc= overrides it) and gives the same
+    """FASTDIT_COLUMN_SUMS picks the accumulation at each call (reduce_once= overrides it) and gives the same
     sums either way up to fp32 rounding; any other value is a one-line error."""
     dq, dk, dv = _grads(2, 3, 9, 24, torch.float32, "packed")
-    monkeypatch.setenv("FASTDIT_COLUMN_SUMS", "tile")
-    tiled = stack_qkv_grads(dq, dk, dv, rows_per_tile=8, block_m=2)[1]
-    stepped = stack_qkv_grads(dq, dk, dv, rows_per_tile=8, block_m=2, tile_acc=False)[1]
-    torch.testing.assert_close(tiled, stepped, rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("FASTDIT_COLUMN_SUMS", "once")
+    once = stack_qkv_grads(dq, dk, dv, rows_per_tile=8, block_m=2)[1]
+    stepped = stack_qkv_grads(dq, dk, dv, rows_per_tile=8, block_m=2, reduce_once=False)[1]
+    torch.testing.assert_close(once, stepped, rtol=1e-6, atol=1e-6)
     monkeypatch.setenv("FASTDIT_COLUMN_SUMS", "rows")
-    with pytest.raises(ValueError, match=r"FASTDIT_COLUMN_SUMS='rows'; choose one of \('step', 'tile'\)"):
+    with pytest.raises(ValueError, match=r"FASTDIT_COLUMN_SUMS='rows'; choose one of \('step', 'once'\)"):
         stack_qkv_grads(dq, dk, dv)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile_acc", [False, True])
-def test_gpu_xl_shape_bf16(tile_acc):
+@pytest.mark.parametrize("reduce_once", [False, True])
+def test_gpu_xl_shape_bf16(reduce_once):
     """DiT-XL/2's attention gradient at batch 32, bf16, in the packed layout, SDPA's and contiguous, with
     either accumulation of the column sums (FASTDIT_COLUMN_SUMS)."""
     for layout in ("packed", "bshd", "contiguous"):
         dq, dk, dv = _grads(32, 16, 256, 72, torch.bfloat16, layout)
-        dqkv, db = stack_qkv_grads(dq, dk, dv, tile_acc=tile_acc)
+        dqkv, db = stack_qkv_grads(dq, dk, dv, reduce_once=reduce_once)
         _check(dqkv, db, dq, dk, dv, atol=1e-3)

@@ -109,10 +109,14 @@ def test_bias_fold_forward_and_every_gradient(kernels, mlp):
                                   bias_fold=True, checkpointing=True)
 
 
-@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
-def test_bias_fold_with_packed_attention_forward_and_every_gradient(kernels):
+@pytest.mark.parametrize("kernels,sums", [pytest.param("triton", "step", marks=pytest.mark.triton),
+                                          pytest.param("triton", "once", marks=pytest.mark.triton),
+                                          ("torch", "step")])
+def test_bias_fold_with_packed_attention_forward_and_every_gradient(kernels, sums, monkeypatch):
     """bias_fold with attention sdpa_packed: the qkv projection and attention in one autograd function
-    whose backward assembles dqkv and the qkv bias gradient in one pass; fp32, the reference's values."""
+    whose backward assembles dqkv and the qkv bias gradient in one pass; fp32, the reference's values. With
+    FASTDIT_COLUMN_SUMS=once the stack and the GELU backward reduce their column sums once, after the loop."""
+    monkeypatch.setenv("FASTDIT_COLUMN_SUMS", sums)
     for cfg_name in ("S-width/p2", "odd/p2"):
         fast = assert_fp32_matches_reference(CONFIGS[cfg_name], kernels=kernels, attention="sdpa_packed",
                                              mlp="fold", bias_fold=True)

@@ -1,0 +1,51 @@
+"""benchmarks/column_sums.py --smoke: every case runs through the interpreter, the fused bias gradients agree with
+the unfused gradient's column sums, and the JSON says the timings mean nothing about speed."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.triton
+
+
+def test_smoke_run_writes_every_case(tmp_path):
+    out = tmp_path / "column_sums.json"
+    proc = subprocess.run([sys.executable, "benchmarks/column_sums.py", "--smoke", "--layouts", "bshd", "contiguous",
+                           "--json", str(out)], cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    d = json.loads(out.read_text())
+    meta, rows, summary = d["meta"], d["rows"], d["summary"]
+    assert meta["smoke"] is True and meta["speed_meaningful"] is False and "interpreter" in meta["note"].lower()
+    assert meta["command"].startswith("python benchmarks/column_sums.py --smoke")
+    cases = {(r["op"], r["layout"]) for r in rows}
+    assert cases == {("qkv", "bshd"), ("qkv", "contiguous"), ("gelu", None), ("gelu+g", None)}
+    for r in rows:
+        assert "error" not in r and r["ms"] > 0 and r["bytes"] > 0, r
+        # against the fp32 column sums of the unfused bf16 gradient: unfused's own sum is rounded to bf16, the
+        # GELU kernels sum their unrounded fp32 dz (both ~1e-3 apart), the stack sums the very values: exact-ish
+        assert r["db_rel_diff"] < 1e-2, r
+        if r["op"] == "qkv":
+            assert r["others_max_abs_diff"] == 0.0, r   # the stack is a copy
+            if r["impl"] != "unfused":
+                assert r["db_rel_diff"] < 1e-5, r
+    for key in ("qkv bshd", "qkv contiguous", "gelu", "gelu+g"):
+        ms = summary[key]["ms"]
+        assert set(ms) == {"unfused", "step", "once"}
+        assert summary[key]["step_change_ms"]["once"] == pytest.approx(28 * (ms["once"] - ms["unfused"]))
+    assert "per training step of DiT-XL/2" in proc.stdout
+
+
+def test_a_wrong_bias_gradient_is_flagged():
+    import torch
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks.column_sums import compare
+    g = torch.tensor([[1.0, 2.0], [3.0, -4.0]])
+    right = (g, g.sum(0))
+    assert compare(right, right) == (0.0, 0.0)
+    rel, other = compare((g + 1, g.sum(0) + torch.tensor([0.0, 0.2])), right)
+    assert rel == pytest.approx(0.2 / 4) and other == 1.0
