@@ -103,7 +103,8 @@ GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/te
 # fused/sdpa_packed is `fused` where flash-attn is absent (auto); fused/math and fused/sdpa are left out.
 THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed/ds-step", "deepspeed+graphs", "fused+graphs",
                     "fused+mlp-recompute-fold", "fused+mlp-recompute",
-                    "fused+bias-fold", "fused+bias-fold/sums-once", "fused+all-switches", "deepspeed+all-switches",
+                    "fused+bias-fold", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once",
+                    "fused+all-switches", "deepspeed+all-switches",
                     "fused/triton", "fused/triton-swept",
                     "fused+mlp-epilogue", "fused+mlp-fold", "fused+mlp-fold/sums-once", "fused+all-switches/triton",
                     "deepspeed+all-switches/triton", "fused+mlp-recompute-epilogue", "deepspeed+fused-step",

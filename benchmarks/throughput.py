@@ -108,7 +108,7 @@ BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+
              "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
              "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
              "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
-             "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once")
+             "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
 # for the rows that turn every switch on: the row ops' partial sums in one Triton pass, patch_embed's backward
 # from library GEMMs, the fused ops without the torch.library dispatch in eager mode, and (since 2026-11-27
@@ -324,6 +324,8 @@ def row_specs(names: List[str]) -> List[RowSpec]:
         elif name in ("fused+mlp-fold/sums-once", "fused+bias-fold/sums-once"):
             # the same rows with the column-sum kernels (the GELU backward; the qkv stack) reducing once
             specs.append(dataclasses.replace(row_specs([name.split("/")[0]])[0], name=name, env=COLUMN_SUMS_ONCE))
+        elif name == "deepspeed+bias-fold/sums-once":  # the same folds in the engine's step (the shipped loop)
+            specs.append(RowSpec(name, "deepspeed", False, "auto", mlp="fold", bias_fold=True, env=COLUMN_SUMS_ONCE))
         elif name == "fused/triton-swept":  # fastdit's attention at the H100 sweep's fastest tilings
             specs.append(dataclasses.replace(row_specs(["fused/triton"])[0], name=name,
                                              env=(("FASTDIT_ATTENTION_TILING", "swept"),)))

@@ -29,7 +29,8 @@ EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fu
                  "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
                  "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
                  "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
-                 "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
+                 "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once",
+                 "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
                  "fused/triton"]
 
 
@@ -173,6 +174,10 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert dsa["env"] == dict(tp.KERNEL_SWITCHES) and "env" not in ds
     for key in ("loss_first", "loss_last"):
         assert dsa[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
+    dsb = rows["deepspeed+bias-fold/sums-once"]   # the folds, column sums reduced once, in the engine's step
+    assert (dsb["mlp"], dsb["bias_fold"], dsb["env"]) == ("fold", True, {"FASTDIT_COLUMN_SUMS": "once"})
+    for key in ("loss_first", "loss_last"):
+        assert dsb[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
     assert "ZeRO-2 fp32 AdamW (DeepSpeedZeroOptimizer)" in smoke_run["stdout"]
     # the graphed rows (emulated on CPU: the same static buffers and checks, replayed eagerly): the same
     # training as their eager rows, bit for bit
