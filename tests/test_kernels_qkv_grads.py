@@ -137,3 +137,19 @@ def test_gpu_xl_shape_bf16(reduce_once):
         dq, dk, dv = _grads(32, 16, 256, 72, torch.bfloat16, layout)
         dqkv, db = stack_qkv_grads(dq, dk, dv, reduce_once=reduce_once)
         _check(dqkv, db, dq, dk, dv, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_sdpa_gradients_of_packed_views_take_the_flat_kernel():
+    """SDPA's backward (cuDNN or flash on an H100) returns dq, dk, dv of the model's packed qkv views with their
+    (h, d) columns contiguous per row, so FASTDIT_COLUMN_SUMS=once stacks them with the flat kernel (the
+    prediction for bias_fold's rows rests on it); and the stack of those gradients is exact."""
+    from fastdit.kernels.qkv_grads import flat_columns
+    g = torch.Generator().manual_seed(0)
+    leaf = torch.randn(8, 256, 3, 16, 72, generator=g).to(DEV, torch.bfloat16).requires_grad_(True)
+    q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)                  # (N, H, T, hd) views, as _inner_sdpa
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert flat_columns(dq, dk, dv), [x.stride() for x in (dq, dk, dv)]
+    dqkv, db = stack_qkv_grads(dq, dk, dv, reduce_once=True)
+    _check(dqkv, db, dq, dk, dv, atol=1e-3)
