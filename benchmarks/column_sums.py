@@ -25,6 +25,7 @@ from the unfused ones (`others_max_abs_diff`).
 
 Usage:
   python benchmarks/column_sums.py --json benchmarks/results/<dir>/column_sums.json [--batch 128]
+  python benchmarks/column_sums.py --sweep ...                       # also `once` at other rows per step
   python benchmarks/column_sums.py --smoke --json /tmp/cs.json     # tiny CPU run through the interpreter
 Nothing is printed that was not measured in this run; --smoke timings are the interpreter's.
 """
@@ -46,7 +47,9 @@ from benchmarks.common import environment, write_json  # noqa: E402
 
 SMOKE_NOTE = ("--smoke: tiny shapes on CPU through the Triton interpreter (TRITON_INTERPRET=1); the timings say "
               "nothing about kernel speed")
-IMPLS = ("unfused", "step", "once")
+# --sweep: `once` at these rows per step besides the launchers' defaults (the flat stack kernel's 16, the GELU
+# backward's 32), as impls "once bm=<rows>"
+SWEEP_BLOCK_M = {"qkv": (8, 32), "gelu": (8, 16)}  # gelu at 64 spills with write_g (triton 3.6)
 OPS = ("qkv", "gelu", "gelu+g")
 LAYOUTS = ("bshd", "contiguous")
 
@@ -57,6 +60,9 @@ def _parse(argv=None):
     ap.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["bshd"],
                     help="the qkv gradients' memory order (default: SDPA's for the packed views)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time `once` at other rows per step (block_m): " + ", ".join(
+                        f"{op} {SWEEP_BLOCK_M[op]}" for op in ("qkv", "gelu")))
     ap.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=int, default=50, help="do_bench repetitions, ms")
     ap.add_argument("--json", help="write the results here")
@@ -82,8 +88,8 @@ def qkv_case(n, h, t, hd, layout, dtype, device):
     return [torch.randn(n, h, t, hd, generator=g).to(device, dtype) for _ in range(3)]
 
 
-def qkv_impls(dq, dk, dv):
-    """name -> () -> (dqkv, db) for the three implementations."""
+def qkv_impls(dq, dk, dv, sweep=()):
+    """name -> () -> (dqkv, db) for the three implementations (and `once` at each block_m of `sweep`)."""
     import torch
     from fastdit.kernels.qkv_grads import stack_qkv_grads
     n, h, t, hd = dq.shape
@@ -91,8 +97,11 @@ def qkv_impls(dq, dk, dv):
     def unfused():
         dqkv = torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2)   # what _PackedSDPA returns
         return dqkv, dqkv.view(n * t, 3 * h * hd).sum(0)                      # autograd's bias reduction
-    return dict(unfused=unfused, step=lambda: stack_qkv_grads(dq, dk, dv, reduce_once=False),
-                once=lambda: stack_qkv_grads(dq, dk, dv, reduce_once=True))
+    out = dict(unfused=unfused, step=lambda: stack_qkv_grads(dq, dk, dv, reduce_once=False),
+               once=lambda: stack_qkv_grads(dq, dk, dv, reduce_once=True))
+    for bm in sweep:
+        out[f"once bm={bm}"] = lambda bm=bm: stack_qkv_grads(dq, dk, dv, reduce_once=True, block_m=bm)
+    return out
 
 
 def gelu_case(m, c, dtype, device):
@@ -101,8 +110,8 @@ def gelu_case(m, c, dtype, device):
     return [(torch.randn(m, c, generator=g) * 2).to(device, dtype) for _ in range(2)]
 
 
-def gelu_impls(z, dg, write_g: bool):
-    """name -> () -> (dz, db[, g]) for the three implementations."""
+def gelu_impls(z, dg, write_g: bool, sweep=()):
+    """name -> () -> (dz, db[, g]) for the three implementations (and `once` at each block_m of `sweep`)."""
     import torch
     import torch.nn.functional as F
     from fastdit.kernels.gelu import gelu_tanh_bwd
@@ -112,12 +121,15 @@ def gelu_impls(z, dg, write_g: bool):
         out = (dz, dz.sum(0))
         return out + ((F.gelu(z, approximate="tanh"),) if write_g else ())
 
-    def fused(once):
+    def fused(once, **tiling):
         def call():
-            dz, db, g = gelu_tanh_bwd(z, dg, write_g=write_g, reduce_once=once)
+            dz, db, g = gelu_tanh_bwd(z, dg, write_g=write_g, reduce_once=once, **tiling)
             return (dz, db) + ((g,) if write_g else ())
         return call
-    return dict(unfused=unfused, step=fused(False), once=fused(True))
+    out = dict(unfused=unfused, step=fused(False), once=fused(True))
+    for bm in sweep:
+        out[f"once bm={bm}"] = fused(True, block_m=bm)
+    return out
 
 
 def compare(out, ref):
@@ -145,29 +157,31 @@ def run(a) -> dict:
     for op in a.ops:
         for layout in (a.layouts if op == "qkv" else [None]):
             if op == "qkv":
-                impls = qkv_impls(*qkv_case(n, h, t, hd, layout, dtype, device))
+                impls = qkv_impls(*qkv_case(n, h, t, hd, layout, dtype, device),
+                                  sweep=SWEEP_BLOCK_M["qkv"] if a.sweep else ())
                 nbytes = 6 * n * t * h * hd * e
                 label = f"qkv {layout}"
             else:
                 m = n * t
-                impls = gelu_impls(*gelu_case(m, c4, dtype, device), write_g=op == "gelu+g")
+                impls = gelu_impls(*gelu_case(m, c4, dtype, device), write_g=op == "gelu+g",
+                                   sweep=SWEEP_BLOCK_M["gelu"] if a.sweep else ())
                 nbytes = (4 if op == "gelu+g" else 3) * m * c4 * e
                 label = op
             ref = impls["unfused"]()
-            for impl in IMPLS:
+            for impl in impls:
                 row = dict(op=op, layout=layout, impl=impl, bytes=nbytes)
                 try:
                     rel, other = compare(impls[impl](), ref)
                     ms = timer(impls[impl])
                 except Exception as ex:  # noqa: BLE001 - a failing case is recorded, the others still run
                     row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:300] if str(ex) else ''}"
-                    print(f"{label:16s} {impl:8s} error: {row['error']}", flush=True)
+                    print(f"{label:16s} {impl:11s} error: {row['error']}", flush=True)
                     rows.append(row)
                     continue
                 gbps = nbytes / (ms * 1e-3) / 1e9
                 row.update(ms=ms, gbps=gbps, copy_share=gbps / copy, db_rel_diff=rel, others_max_abs_diff=other)
                 rows.append(row)
-                print(f"{label:16s} {impl:8s} {ms:8.4f} ms  {gbps:7.0f} GB/s  {gbps / copy:6.1%} of copy  "
+                print(f"{label:16s} {impl:11s} {ms:8.4f} ms  {gbps:7.0f} GB/s  {gbps / copy:6.1%} of copy  "
                       f"db rel diff {rel:.1e}  other outputs max diff {other:.1e}", flush=True)
     summary = summarize(rows)
     for key, v in summary.items():
@@ -196,7 +210,7 @@ def summarize(rows) -> dict:
     for v in out.values():
         ms = v["ms"]
         if "unfused" in ms:
-            v["step_change_ms"] = {impl: DEPTH * (ms[impl] - ms["unfused"]) for impl in ("step", "once") if impl in ms}
+            v["step_change_ms"] = {impl: DEPTH * (ms[impl] - ms["unfused"]) for impl in ms if impl != "unfused"}
     return out
 
 

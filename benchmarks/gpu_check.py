@@ -702,7 +702,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "fused-direct", "fused-gemm-bwd",
                 "fused-tile-sums", "eager", "compile", "--rep", "60", "--warmup", "15"]
         att = ["--batch", str(batch)]
-        cs = ["--batch", str(batch), "--layouts", "bshd", "contiguous"]
+        cs = ["--batch", str(batch), "--layouts", "bshd", "contiguous", "--sweep"]
         # the backward first: its predicted saving is the larger (a deadline cuts the forward's last tilings)
         mg = ["--batch", str(batch), "--passes", "bwd", "fwd", "--deadline-s", "60", "--rep", "50", "--warmup", "10"]
         train_cfg = ["--config", "configs/xl2_zero2.json", "--set", "data.kind=synthetic",

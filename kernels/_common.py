@@ -358,7 +358,8 @@ COLUMN_KERNEL_PROGRAMS_PER_SM = 24
 
 # How the column-sum kernels (kernels/gelu.py, kernels/qkv_grads.py) add up their rows: "step" (the default)
 # sums each loop step's rows into a per-column vector, a reduction across the program's warps with barriers
-# inside the loop (the sm_90 SASS: 24 of the qkv stack's 36 barriers, 8 of the GELU backward's 10); "once" adds
+# inside the loop (the sm_90 SASS with triton 3.9: 24 of the qkv stack's 36 barriers, 8 of the GELU backward's 10;
+# with the GPU machine's 3.6: 9 and 3, and the stack at 159 registers, one program per SM); "once" adds
 # each step's tile element-wise into a tile-shaped fp32 accumulator and reduces it once after the loop (no
 # barrier in the loop, more registers). Read at each call. Both add the same fp32 values, in another order.
 COLUMN_SUMS_ENV = "FASTDIT_COLUMN_SUMS"

@@ -63,7 +63,7 @@ def _stack_qkv_kernel(
                                         # loads; the JIT marks only multiples of 16, and DiT's hd = 72 is not)
     REDUCE_ONCE: tl.constexpr,          # column sums: False ("step") sums each step's rows (a reduction across
                                         # warps, barriers in the loop); True ("once") adds the tiles up
-                                        # element-wise and reduces once after the loop (_common.column_sums_mode)
+                                        # element-wise and reduces once after the loop (_common.column_sums_once)
 ):
     sq_n, sq_h, sq_t = sq_n * STRIDE_UNIT, sq_h * STRIDE_UNIT, sq_t * STRIDE_UNIT
     sk_n, sk_h, sk_t = sk_n * STRIDE_UNIT, sk_h * STRIDE_UNIT, sk_t * STRIDE_UNIT

@@ -39,6 +39,20 @@ def test_smoke_run_writes_every_case(tmp_path):
     assert "per training step of DiT-XL/2" in proc.stdout
 
 
+def test_sweep_adds_once_at_other_rows_per_step(tmp_path):
+    out = tmp_path / "column_sums.json"
+    proc = subprocess.run([sys.executable, "benchmarks/column_sums.py", "--smoke", "--sweep", "--ops", "qkv", "gelu",
+                           "--json", str(out)], cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary["qkv bshd"]["ms"]) == {"unfused", "step", "once", "once bm=8", "once bm=32"}
+    assert set(summary["gelu"]["ms"]) == {"unfused", "step", "once", "once bm=8", "once bm=16"}
+    assert set(summary["gelu"]["step_change_ms"]) == {"step", "once", "once bm=8", "once bm=16"}
+    for r in json.loads(out.read_text())["rows"]:
+        assert "error" not in r and r["db_rel_diff"] < 1e-2, r
+
+
 def test_a_wrong_bias_gradient_is_flagged():
     import torch
     if ROOT not in sys.path:

@@ -72,7 +72,7 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "deepspeed" in by["throughput"][0] and "--rows deepspeed+compile,fused+compile,compile" in by["compile"][0]
     assert "--dims 1152 --tokens-per-sample 256" in by["kernels"][0]
     assert "benchmarks/attention.py --batch 128" in by["attention"][0]
-    assert "benchmarks/column_sums.py --batch 128 --layouts bshd contiguous" in by["column_sums"][0]
+    assert "benchmarks/column_sums.py --batch 128 --layouts bshd contiguous --sweep" in by["column_sums"][0]
     assert "--no-rows --sweep-triton" in by["attn_sweep"][0] and "--batch 128" in by["attn_sweep"][0]
     assert "tests/test_kernels_flash_attention.py" in by["tests"][0] and "fused/triton" in by["throughput"][0]
     assert "benchmarks/mlp_gemm.py --batch 128 --passes bwd fwd --deadline-s 60" in by["mlp_gemm"][0]
