@@ -42,6 +42,17 @@ def _load_one(G, s_n, s_h, s_t, s_d, n, t, h, d, mask):
 
 
 @triton.jit
+def _step_rows(first, BLOCK_M: tl.constexpr, T, M, col_ok, col, row_len):
+    """(n, t, mask, out offsets) of the BLOCK_M rows from row `first`, over the (head, hd) columns of a
+    (BLOCK_H, BLOCK_HD) tile: sample and token of each row, the valid elements, and each element's place in the
+    contiguous (rows, 3, H, hd) output (row_len = 3 * H * hd)."""
+    r = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
+    n = r // T
+    mask = (r < M)[:, None, None] & col_ok[None, :, :]
+    return n, r - n * T, mask, r[:, None, None] * row_len + col[None, :, :]
+
+
+@triton.jit
 def _stack_qkv_kernel(
     DQ, sq_n, sq_h, sq_t, sq_d,         # (N, H, T, hd) gradient of q and its strides, in elements
     DK, sk_n, sk_h, sk_t, sk_d,         # the same for k
@@ -81,11 +92,8 @@ def _stack_qkv_kernel(
         tile_k = tl.zeros((BLOCK_M, BLOCK_H, BLOCK_HD), dtype=tl.float32)
         tile_v = tl.zeros((BLOCK_M, BLOCK_H, BLOCK_HD), dtype=tl.float32)
         for it in range(0, n_iters):
-            r = (row_tile * rows_per_tile + it * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-            n = r // T
-            t = r - n * T
-            mask = (r < M)[:, None, None] & col_ok[None, :, :]
-            base = r[:, None, None] * (3 * H * HD) + col[None, :, :]
+            n, t, mask, base = _step_rows(row_tile * rows_per_tile + it * BLOCK_M, BLOCK_M, T, M, col_ok, col,
+                                          3 * H * HD)
             gq = _load_one(DQ, sq_n, sq_h, sq_t, sq_d, n, t, h, d, mask)
             gk = _load_one(DK, sk_n, sk_h, sk_t, sk_d, n, t, h, d, mask)
             gv = _load_one(DV, sv_n, sv_h, sv_t, sv_d, n, t, h, d, mask)
@@ -103,11 +111,8 @@ def _stack_qkv_kernel(
         acc_k = tl.zeros((BLOCK_H, BLOCK_HD), dtype=tl.float32)
         acc_v = tl.zeros((BLOCK_H, BLOCK_HD), dtype=tl.float32)
         for it in range(0, n_iters):
-            r = (row_tile * rows_per_tile + it * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-            n = r // T
-            t = r - n * T
-            mask = (r < M)[:, None, None] & col_ok[None, :, :]
-            base = r[:, None, None] * (3 * H * HD) + col[None, :, :]
+            n, t, mask, base = _step_rows(row_tile * rows_per_tile + it * BLOCK_M, BLOCK_M, T, M, col_ok, col,
+                                          3 * H * HD)
             acc_q += _stack_one(DQ, sq_n, sq_h, sq_t, sq_d, OUT, n, t, h, d, mask, base)
             acc_k += _stack_one(DK, sk_n, sk_h, sk_t, sk_d, OUT, n, t, h, d, mask, base + H * HD)
             acc_v += _stack_one(DV, sv_n, sv_h, sv_t, sv_d, OUT, n, t, h, d, mask, base + 2 * H * HD)
