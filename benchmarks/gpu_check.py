@@ -101,7 +101,7 @@ GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/te
 # real loop as shipped and the rows it is judged against, the memory-saving rows, then the switches measured
 # slower at 570862f (kept for their verdicts), then the baselines measured before.
 # fused/sdpa_packed is `fused` where flash-attn is absent (auto); fused/math and fused/sdpa are left out.
-THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed/ds-step", "deepspeed+graphs", "fused+graphs",
+THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed/ds-step", "deepspeed+graphs", "fused+graphs", "deepspeed/no-overlap",
                     "fused+mlp-recompute-fold", "fused+mlp-recompute",
                     "fused+bias-fold", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once",
                     "fused+all-switches", "deepspeed+all-switches",

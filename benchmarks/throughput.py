@@ -108,7 +108,8 @@ BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+
              "fused+all-switches", "fused+direct-dispatch", "deepspeed", "deepspeed+compile",
              "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
              "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
-             "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once")
+             "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once",
+             "deepspeed/no-overlap")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
 # for the rows that turn every switch on: the row ops' partial sums in one Triton pass, patch_embed's backward
 # from library GEMMs, the fused ops without the torch.library dispatch in eager mode, and (since 2026-11-27
@@ -264,6 +265,7 @@ class RowSpec:
     bias_fold: bool = False          # the fast model's bias_fold= option (fastdit.models.dit)
     env: Tuple[Tuple[str, str], ...] = ()   # environment variables set while the row runs (KERNEL_SWITCHES)
     graphs: bool = False             # forward + backward replayed from CUDA graphs (fastdit.training.graphed)
+    sets: Tuple[str, ...] = ()       # deepspeed rows: config overrides after --set's (SECTION.KEY=VALUE)
 
 
 def row_specs(names: List[str]) -> List[RowSpec]:
@@ -307,6 +309,10 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(RowSpec(name, "deepspeed", False, "auto"))
         elif name == "deepspeed+compile":  # train.compile: the engine's model under engine.compile()
             specs.append(RowSpec(name, "deepspeed", True, "auto"))
+        elif name == "deepspeed/no-overlap":  # ZeRO's overlap_comm off: on one GPU nothing to overlap, and
+            # with it DeepSpeed synchronises the device at the end of every backward (its ipg epilogue)
+            specs.append(RowSpec(name, "deepspeed", False, "auto",
+                                 sets=("deepspeed.zero_optimization.overlap_comm=false",)))
         elif name == "deepspeed/ds-step":  # DeepSpeed's own optimizer step and the separate EMA update
             specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=False))
         elif name == "deepspeed+fused-step":  # train.fused_optimizer_step: AdamW + bf16 copy + EMA in one pass
@@ -436,11 +442,12 @@ def make_train_step(model: torch.nn.Module, runner: Callable, args, device: torc
     return step, opt
 
 
-def deepspeed_row_config(args):
+def deepspeed_row_config(args, row_sets=()):
     """The deepspeed row's training config: --config with the model set to --model at --image-size
     (registry architecture, as the other rows; smoke: SMOKE_ARCH), synthetic latents, seed --seed, and
     its DeepSpeed section set to one rank: micro-batch = global batch = --batch, no accumulation,
-    precision from --precision. Raises fastdit.training.config.ConfigError for a bad config."""
+    precision from --precision; `row_sets`: the row's own overrides, after --set's. Raises
+    fastdit.training.config.ConfigError for a bad config."""
     from fastdit.training.config import load_config
     arch = architecture(args)
     sets = ["data.kind=synthetic", f"data.image_size={arch['input_size'] * VAE_DOWNSAMPLE}",
@@ -450,7 +457,7 @@ def deepspeed_row_config(args):
         sets.append(f"model.{key}={arch[key] if args.smoke else 'null'}")
     if not args.smoke:
         sets.append(f"model.name={args.model}")
-    cfg = load_config(args.config, sets + list(args.overrides))
+    cfg = load_config(args.config, sets + list(args.overrides) + list(row_sets))
     ds = cfg.deepspeed
     ds["train_micro_batch_size_per_gpu"] = ds["train_batch_size"] = args.batch
     ds.pop("gradient_accumulation_steps", None)
@@ -462,7 +469,8 @@ def deepspeed_row_config(args):
 
 def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row: Dict[str, Any],
                          compile: bool = False, fused_step: Optional[bool] = None, mlp: str = "plain",
-                         bias_fold: bool = False, attention: str = "auto", graphs: bool = False):
+                         bias_fold: bool = False, attention: str = "auto", graphs: bool = False,
+                         sets: Tuple[str, ...] = ()):
     """The deepspeed row: fastdit.training.trainer's engine (build_engine, as fastdit/train.py) on one rank and a
     Trainer cycling the harness's batches. Records what it runs in `row`; returns (step, setup), where
     step() runs Trainer.train_step() and returns its loss (raises if DeepSpeed skipped the update).
@@ -470,7 +478,8 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
     fastdit/train.py does, with the harness's --compile-backend / --compile-mode. `fused_step` (rows
     deepspeed+fused-step, deepspeed/ds-step) sets train.fused_optimizer_step (None keeps --config's); `mlp` / `bias_fold` (row deepspeed+all-switches)
     set model.mlp / model.bias_fold; `attention` other than "auto" (row deepspeed+all-switches/triton) sets
-    model.attention. `graphs` (row deepspeed+graphs) sets train.cuda_graph."""
+    model.attention. `graphs` (row deepspeed+graphs) sets train.cuda_graph. `sets`: the row's config overrides
+    (row deepspeed/no-overlap)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     if os.environ.get("WORLD_SIZE", "1") != "1":
@@ -481,7 +490,7 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
     ds_device = device_for_rank()
     if ds_device.type != device.type:
         raise RuntimeError(f"DeepSpeed's accelerator is {ds_device.type!r} but this run is on {device.type!r}")
-    cfg = deepspeed_row_config(args)
+    cfg = deepspeed_row_config(args, sets)
     cfg.model.kernels = kernels
     if compile:
         cfg.train.compile = True
@@ -579,6 +588,8 @@ def run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
         row = _run_row(spec, args, ctx)
     if spec.env:
         row["env"] = dict(spec.env)
+    if spec.sets:
+        row["config_sets"] = list(spec.sets)
     return row
 
 
@@ -622,7 +633,7 @@ def _run_row(spec: RowSpec, args, ctx: Dict[str, Any]) -> Dict[str, Any]:
         if spec.impl == "deepspeed":
             step, setup = build_deepspeed_step(args, device, ctx["kernels"], ctx["batches"], row, spec.compile,
                                                spec.fused_step, spec.mlp, spec.bias_fold, spec.attention,
-                                               spec.graphs)
+                                               spec.graphs, spec.sets)
             if device.type == "cuda":  # the peak counts the engine's resident state, not its construction
                 free_memory(device)
                 torch.cuda.reset_peak_memory_stats(device)

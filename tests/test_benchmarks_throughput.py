@@ -30,7 +30,7 @@ EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fu
                  "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
                  "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
                  "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once",
-                 "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
+                 "deepspeed/no-overlap", "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
                  "fused/triton"]
 
 
@@ -174,6 +174,11 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert dsa["env"] == dict(tp.KERNEL_SWITCHES) and "env" not in ds
     for key in ("loss_first", "loss_last"):
         assert dsa[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
+    dno = rows["deepspeed/no-overlap"]            # overlap_comm off: the same training, the row's override recorded
+    assert dno["config_sets"] == ["deepspeed.zero_optimization.overlap_comm=false"] and "config_sets" not in ds
+    assert dno["deepspeed"]["overlap_comm"] is False and ds["deepspeed"]["overlap_comm"] is True
+    for key in ("loss_first", "loss_last"):
+        assert dno[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
     dsb = rows["deepspeed+bias-fold/sums-once"]   # the folds, column sums reduced once, in the engine's step
     assert (dsb["mlp"], dsb["bias_fold"], dsb["env"]) == ("fold", True, {"FASTDIT_COLUMN_SUMS": "once"})
     for key in ("loss_first", "loss_last"):

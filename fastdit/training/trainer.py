@@ -384,7 +384,9 @@ class TrainingSetup:
                     optimizer=dict(type=opt.get("type"), params=opt.get("params"),
                                    engine_optimizer=type(engine.optimizer).__name__,
                                    base_optimizer=_base_optimizer(engine.optimizer)),
-                    gradient_clipping=engine.gradient_clipping(), micro_batch=self.micro_batch,
+                    gradient_clipping=engine.gradient_clipping(),
+                    overlap_comm=getattr(engine.optimizer, "overlap_comm", None),   # ZeRO's; None without ZeRO
+                    micro_batch=self.micro_batch,
                     grad_accum=self.grad_accum, world_size=world_size, global_batch=self.global_batch,
                     ema_decay=cfg.train.ema_decay, compile=cfg.train.compile, cuda_graph=cfg.train.cuda_graph,
                     fused_grad_checks=cfg.train.fused_grad_checks, ema_one_pass=cfg.train.ema_one_pass,
