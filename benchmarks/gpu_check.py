@@ -700,7 +700,7 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
                 "--rows", ",".join(MB32_ROWS)]
         par = ["--model", "DiT-XL/2", "--batch", "4"]
         kern = ["--dims", "1152", "--tokens-per-sample", "256", "--impls", "fused", "fused-direct", "fused-gemm-bwd",
-                "fused-tile-sums", "eager", "compile", "--rep", "60", "--warmup", "15"]
+                "fused-tile-sums", "fused-paired-sums", "eager", "compile", "--rep", "60", "--warmup", "15"]
         att = ["--batch", str(batch)]
         cs = ["--batch", str(batch), "--layouts", "bshd", "contiguous", "--sweep"]
         # the backward first: its predicted saving is the larger (a deadline cuts the forward's last tilings)

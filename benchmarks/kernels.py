@@ -9,6 +9,7 @@ chosen so N*T = --tokens, 65536 by default), it times
              same kernels, less host work per call; benchmarks/host_overhead.py)
     fused-gemm-bwd  patch_embed only: the same forward, the backward from library GEMMs
              (FASTDIT_PATCH_EMBED_BWD=gemm: dweight and dbias in one GEMM, dx as a GEMM folded back)
+    fused-paired-sums  the two LN ops: the backward's two row sums in one reduction (FASTDIT_LN_ROW_SUMS=paired)
     fused-tile-sums  the three row ops: the backward's per-tile partial sums added and cast in one Triton
              pass (FASTDIT_TILE_SUMS=triton) instead of a reduction and a cast per gradient
     eager    fastdit.kernels.<op>_ref (plain PyTorch)
@@ -78,7 +79,8 @@ def _parse(argv=None):
     p.add_argument("--tokens", type=int, default=65536, help="N*T per call (N = tokens // T)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--impls", nargs="+", default=["fused", "fused-direct", "fused-gemm-bwd", "fused-tile-sums",
-                                                  "eager", "compile", "apex", "flash_attn_triton"])
+                                                  "fused-paired-sums", "eager", "compile", "apex",
+                                                  "flash_attn_triton"])
     p.add_argument("--warmup", type=int, default=25, help="ms of warm-up (do_bench) per timing")
     p.add_argument("--rep", type=int, default=100, help="ms of repetitions (do_bench) per timing")
     p.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy baseline")
@@ -209,6 +211,7 @@ def _direct(fn):
 # Impls that are `fused` run under a switch of the kernels (environment variable, value, the ops it changes).
 ENV_IMPLS = {
     "fused-gemm-bwd": ("FASTDIT_PATCH_EMBED_BWD", "gemm", ("patch_embed",)),
+    "fused-paired-sums": ("FASTDIT_LN_ROW_SUMS", "paired", ("modulate_layernorm", "gated_residual_modulate_layernorm")),
     "fused-tile-sums": ("FASTDIT_TILE_SUMS", "triton", ("modulate_layernorm", "gated_residual",
                                                         "gated_residual_modulate_layernorm")),
 }

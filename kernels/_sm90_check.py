@@ -96,12 +96,15 @@ def _pe_args(n: int, c: int, h: int, d: int, p: int) -> dict:
 
 
 def _modln_cases(d: int, args: dict, res: bool, bias: bool = False, suffix: str = "", passes=("fwd", "bwd"),
-                 stages: int = 1):
+                 stages: int = 1, paired: bool = False):
     """The modulate+LN kernels' cases at row_tile(d): forward and backward (HAS_DRES with the residual;
-    `stages`: the backward's token loop pipeline depth, named in the label when not 1)."""
+    `stages`: the backward's token loop pipeline depth, named in the label when not 1; `paired`: the backward's
+    two row sums as one reduction, FASTDIT_LN_ROW_SUMS=paired, named in the label)."""
     bt, bd, nw = row_tile(d)
-    tag = f"D={d} residual={res}" + (" bias" if bias else "") + suffix + (f" stages={stages}" if stages != 1 else "")
-    kernels = dict(fwd=(ml._modln_fwd_kernel, {}), bwd=(ml._modln_bwd_kernel, dict(HAS_DRES=res, NUM_STAGES=stages)))
+    tag = (f"D={d} residual={res}" + (" bias" if bias else "") + suffix + (f" stages={stages}" if stages != 1 else "")
+           + (" paired" if paired else ""))
+    kernels = dict(fwd=(ml._modln_fwd_kernel, {}),
+                   bwd=(ml._modln_bwd_kernel, dict(HAS_DRES=res, NUM_STAGES=stages, PAIRED_SUMS=paired)))
     return [(f"modln_{p} {tag}", kernels[p][0], args,
              dict(HAS_RESIDUAL=res, HAS_BIAS=bias, BLOCK_T=bt, BLOCK_D=bd, **kernels[p][1]), nw) for p in passes]
 
@@ -133,6 +136,9 @@ def cases():
     for stages in (2, 3):
         out += _modln_cases(d, args, True, suffix=" N=256", passes=("bwd",), stages=stages)
     out += _modln_cases(d, args, False, suffix=" N=256", passes=("bwd",), stages=3)
+    # FASTDIT_LN_ROW_SUMS=paired: the backward's two row sums in one reduction (plain loop, and the measured default)
+    out += _modln_cases(d, args, True, suffix=" N=256", passes=("bwd",), paired=True)
+    out += _modln_cases(d, args, True, suffix=" N=256", passes=("bwd",), stages=3, paired=True)
     for p in (2, 4, 8):
         d, c = 1152, 4
         k = c * p * p

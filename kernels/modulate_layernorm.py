@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (alloc, alloc_out, backward_op, check_rows, direct_dispatch, direct_function, finish,
-                      launch_tile, loop_stages, promote, shared_memory_per_block, token_tiles)
+from ._common import (alloc, alloc_out, backward_op, check_rows, direct_dispatch, direct_function, env_choice,
+                      finish, launch_tile, loop_stages, promote, shared_memory_per_block, token_tiles)
 from .gated_residual import gated_residual_ref
 from .tile_sums import tile_sums
 
@@ -110,6 +110,12 @@ def _modln_fwd_kernel(
 
 
 @triton.jit
+def _add_pair(a0, a1, b0, b1):
+    # combine of a reduction over (x, y) pairs: both sums in one pass
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _modln_bwd_kernel(
     DOUT,                               # (N, T, D) gradient of the modulated output
     stride_on, stride_ot, stride_od,    # strides of DOUT
@@ -144,6 +150,7 @@ def _modln_bwd_kernel(
     BLOCK_T: tl.constexpr,              # tokens per step
     BLOCK_D: tl.constexpr,              # next power of two >= D
     NUM_STAGES: tl.constexpr,           # token loop pipeline depth (1: plain loop; _common.loop_stages)
+    PAIRED_SUMS: tl.constexpr,          # the two row sums of the LN gradient in one reduction (row_sums_paired)
 ):
     tile = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -175,8 +182,13 @@ def _modln_bwd_kernel(
         if HAS_BIAS:
             scale1 = 1.0 + tl.load(SCALE + n * stride_cn + d * stride_cd, mask=d_ok, other=0.0).to(tl.float32)
         g = dout * scale1[None, :]                                   # gradient of xhat
-        c1 = tl.sum(g * xhat, axis=1) / D
-        c2 = tl.sum(g, axis=1) / D
+        if PAIRED_SUMS:
+            s1, s2 = tl.reduce((g * xhat, g), 1, _add_pair)
+            c1 = s1 / D
+            c2 = s2 / D
+        else:
+            c1 = tl.sum(g * xhat, axis=1) / D
+            c2 = tl.sum(g, axis=1) / D
         dxn = tl.where(mask, (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
         acc_shift += tl.sum(dout, axis=0)
         acc_scale += tl.sum(dout * xhat, axis=0)
@@ -258,6 +270,19 @@ def _launch_fwd(x, y, gate, shift, scale, eps: float, res_dtype, out_dtype, bloc
     return res, out, mean.view(n, t), rstd.view(n, t)
 
 
+# How the backward reduces each row's two sums (sum of g * xhat and of g): "separate" (the default) as two
+# reductions, each a round through shared memory with barriers when a row spans several warps (at D = 1152, every
+# loop step: 4 barriers with triton 3.9, 6 with 3.6, the sm_90 report's loop_barriers); "paired" as one reduction
+# of the pair (tl.reduce over a tuple): 3 with either. The same fp32 sums. Read at each call. Unmeasured.
+ROW_SUMS_ENV = "FASTDIT_LN_ROW_SUMS"
+ROW_SUMS_CHOICES = ("separate", "paired")
+
+
+def row_sums_paired() -> bool:
+    """Whether the LN backward reduces its two row sums as one pair (FASTDIT_LN_ROW_SUMS=paired)."""
+    return env_choice(ROW_SUMS_ENV, ROW_SUMS_CHOICES) == "paired"
+
+
 # The fused residual+LN backward's tiling where a GPU run measured one better than row_tile's: (BLOCK_T,
 # num_warps, num_stages) by BLOCK_D, for 2-byte row tensors on sm_90 or newer with the shared memory its
 # pipelined loop takes (3 stages of 4-row tiles: ~131 KB per program at BLOCK_D 2048, twice the 65.6 KB the
@@ -312,7 +337,7 @@ def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, 
             parts[0], parts[1], parts[min(2, n_parts - 1)], parts[n_parts - 1],
             t, d, n_tiles, tok, n_iters,
             HAS_RESIDUAL=y is not None, HAS_DRES=dres is not None, HAS_BIAS=bias is not None,
-            BLOCK_T=bt, BLOCK_D=block_d, NUM_STAGES=stages, num_warps=num_warps,
+            BLOCK_T=bt, BLOCK_D=block_d, NUM_STAGES=stages, PAIRED_SUMS=row_sums_paired(), num_warps=num_warps,
         )
         # (N, D) each, reduced once over the tiles; d(bias) over samples and tiles
         sums = tile_sums(parts, dtypes)

@@ -335,6 +335,35 @@ def test_residual_tilings_and_mixed():
     _check_fp32("mixed out", out, K.gated_residual_ref(x.double(), yb.double(), gb.double()))
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 37), (1, 7, 1152)], ids=str)
+def test_paired_row_sums_switch(monkeypatch, shape):
+    """FASTDIT_LN_ROW_SUMS=paired (the LN backward's two row sums in one reduction) against float64, with and without
+    the residual and the bias, at a multi-step token loop; the same sums as `separate` up to fp32 rounding; a bad
+    value is one line."""
+    n, t, d = shape
+    x, y, dh, dxn = randn(n, t, d), randn(n, t, d), randn(n, t, d), randn(n, t, d)
+    gate, shift, scale = rand_mod(n, d, 3, torch.float32).chunk(3, 1)
+    bias = randn(d)
+    r_outs, r_grads = _run(_grml_bias_ref, [x, y, gate, shift, scale, bias], lambda l: l, [dxn, dh],
+                           to=torch.float64)
+    got = {}
+    for mode in ("separate", "paired"):
+        monkeypatch.setenv("FASTDIT_LN_ROW_SUMS", mode)
+        xnew, h, mean, rstd = ML.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, bias=bias)
+        grads = ML.gated_residual_modulate_layernorm_bwd(dh, dxn, xnew, y, gate, scale, mean, rstd, torch.float32,
+                                                         torch.float32, bias=bias, tokens_per_tile=4, block_t=2)
+        for name, g, r in zip(["dx", "dy", "dgate", "dshift", "dscale", "dbias"], grads, r_grads):
+            _check_fp32(f"{mode} {name}", g, r)
+        dx1, dshift1, dscale1 = ML.modulate_layernorm_bwd(dh, xnew, scale, mean, rstd, torch.float32,
+                                                          tokens_per_tile=4, block_t=2)   # no residual
+        got[mode] = (grads[0], dx1, dshift1, dscale1)
+    for a, b in zip(got["separate"], got["paired"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("FASTDIT_LN_ROW_SUMS", "pairs")
+    with pytest.raises(ValueError, match=r"FASTDIT_LN_ROW_SUMS='pairs'; choose one of \('separate', 'paired'\)"):
+        ML.modulate_layernorm_bwd(dh, x, scale, mean, rstd, torch.float32)
+
+
 def test_residual_bwd_tiling_applies_where_measured(monkeypatch):
     """RESIDUAL_BWD_TILING: bf16/fp16 rows of its widths on sm_90+ only; elsewhere row_tile and a plain loop."""
     cuda = torch.device("cuda")
@@ -794,7 +823,9 @@ def test_benchmark_smoke(tmp_path):
     else:
         assert "interpreter" not in proc.stdout and data["meta"]["note"] is None
     assert {r["impl"] for r in data["rows"]} == ({"fused", "fused-direct", "fused-gemm-bwd", "fused-tile-sums",
-                                                  "eager"} if DEV == "cpu" else {"fused", "eager"})
+                                                  "fused-paired-sums", "eager"} if DEV == "cpu" else {"fused", "eager"})
+    assert {r["op"] for r in data["rows"] if r["impl"] == "fused-paired-sums"} <= {"modulate_layernorm",
+                                                                                  "gated_residual_modulate_layernorm"}
     assert {r["op"] for r in data["rows"] if r["impl"] == "fused-gemm-bwd"} <= {"patch_embed"}
     assert "patch_embed" not in {r["op"] for r in data["rows"] if r["impl"] == "fused-tile-sums"}
     if DEV == "cpu":   # the same kernels either way: the same values
