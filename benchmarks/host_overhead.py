@@ -24,7 +24,7 @@ cudaGraphLaunch's own cost, which only a GPU measures. Milliseconds per step
 batch (host-bound where it is the larger). CUDA's own launch calls and Triton's launcher are not in it.
 
 Rows: op, impl (fused = through the torch.library ops, the default; fused-direct = the same launchers as
-plain autograd.Functions, FASTDIT_KERNEL_DISPATCH=direct; fused-tile-sums / fused-gemm-bwd = `fused` under
+plain autograd.Functions, FASTDIT_KERNEL_DISPATCH=direct; fused-tile-sums / fused-paired-sums / fused-gemm-bwd = `fused` under
 the kernel switches of benchmarks/kernels.py's ENV_IMPLS, for the ops they change; ref), pass (fwd / fwd+bwd),
 microseconds per call (median of 5 batches of --reps calls). The figures depend on the CPU; they are host
 costs, never GPU times (fused-gemm-bwd's GEMMs run for real at the tiny shape, as ref's ops do).

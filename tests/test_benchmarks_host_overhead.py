@@ -19,11 +19,15 @@ def test_host_overhead_rows(tmp_path):
     rows = data["rows"]
     keys = {(r["op"], r["impl"], r["pass"]) for r in rows}
     # 5 ops x (fused, fused-direct, ref) + the switched impls where they apply: tile sums for the 4 row-op cases,
-    # the GEMM backward for patch_embed; the attention (fused, ref); two passes each
-    assert len(keys) == len(rows) == (5 * 3 + 4 + 1 + 2) * 2
+    # the paired LN row sums for the 3 LN cases, the GEMM backward for patch_embed; the attention (fused, ref); two
+    # passes each
+    assert len(keys) == len(rows) == (5 * 3 + 4 + 3 + 1 + 2) * 2
     assert {r["impl"] for r in rows if r["op"] == "attention"} == {"fused", "ref"}
-    assert {r["impl"] for r in rows} == {"fused", "fused-direct", "fused-tile-sums", "fused-gemm-bwd", "ref"}
+    assert {r["impl"] for r in rows} == {"fused", "fused-direct", "fused-tile-sums", "fused-paired-sums",
+                                         "fused-gemm-bwd", "ref"}
     assert {r["op"] for r in rows if r["impl"] == "fused-gemm-bwd"} == {"patch_embed"}
+    assert {r["op"].split("+")[0] for r in rows if r["impl"] == "fused-paired-sums"} == {
+        "modulate_layernorm", "gated_residual_modulate_layernorm"}
     assert all(r["us_per_call"] > 0 for r in rows)
     assert {r["op"] for r in rows} >= {"gated_residual_modulate_layernorm", "patch_embed"}
 
