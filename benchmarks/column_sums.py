@@ -134,11 +134,12 @@ def gelu_impls(z, dg, write_g: bool, sweep=()):
 
 def compare(out, ref):
     """(db_rel_diff, others_max_abs_diff): the bias gradient's max |difference| from the fp32 column sums of the
-    unfused gradient (ref[0]), over their max |value|; and the largest |difference| of the other outputs from the
-    unfused ones (0 for the stack, a copy; GELU's may differ by an ulp)."""
+    unfused gradient (ref[0]) over their max |value| (mlp_gemm.max_rel_diff: inf where the bias gradient is not
+    finite); and the largest |difference| of the other outputs from the unfused ones (0 for the stack, a copy;
+    GELU's may differ by an ulp)."""
+    from benchmarks.mlp_gemm import max_rel_diff
     rdb = ref[0].float().reshape(-1, out[1].numel()).sum(0)
-    db = out[1].float()
-    rel = float((db - rdb).abs().max() / rdb.abs().max().clamp_min(1e-30)) if rdb.numel() else 0.0
+    rel = max_rel_diff(out[1], rdb) if rdb.numel() else 0.0
     others = [float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
               for i, (a, b) in enumerate(zip(out, ref)) if i != 1]
     return rel, max(others, default=0.0)

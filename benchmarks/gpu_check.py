@@ -16,7 +16,7 @@ that would not get its minimum time is skipped and says so. Stages, most importa
               deepspeed, the direct dispatch, eager/sdpa): is the step the GPU's or the host's?
   kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
   column_sums benchmarks/column_sums.py: the folded bias gradients (the qkv stack of bias_fold, the GELU backward
-              of mlp="fold") with FASTDIT_COLUMN_SUMS step and tile, against the unfused PyTorch ops
+              of mlp="fold") with FASTDIT_COLUMN_SUMS step and once, against the unfused PyTorch ops
   attention   benchmarks/attention.py: SDPA's kernels (cuDNN, flash, efficient), the optional libraries and
               fastdit's Triton attention at the DiT-XL/2 attention shape, in the model's packed qkv layout and
               contiguous
@@ -467,7 +467,7 @@ def summarize_kernels(out: str, st: Stage) -> str:
 
 
 def summarize_column_sums(out: str, st: Stage) -> str:
-    """Per case: unfused / step / tile median ms, from column_sums.json."""
+    """Per case: unfused / step / once median ms, from column_sums.json."""
     d = _load(os.path.join(out, "column_sums.json"))
     st.detail = dict(summary=d["summary"])
     return "ms unfused/step/once: " + ", ".join(

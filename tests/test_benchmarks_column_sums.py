@@ -63,3 +63,4 @@ def test_a_wrong_bias_gradient_is_flagged():
     assert compare(right, right) == (0.0, 0.0)
     rel, other = compare((g + 1, g.sum(0) + torch.tensor([0.0, 0.2])), right)
     assert rel == pytest.approx(0.2 / 4) and other == 1.0
+    assert compare((g, torch.tensor([float("nan"), 0.0])), right)[0] == float("inf")   # a NaN bias gradient
