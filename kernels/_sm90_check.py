@@ -96,13 +96,15 @@ def _pe_args(n: int, c: int, h: int, d: int, p: int) -> dict:
 
 
 def _modln_cases(d: int, args: dict, res: bool, bias: bool = False, suffix: str = "", passes=("fwd", "bwd"),
-                 stages: int = 1, paired: bool = False):
+                 stages: int = 1, paired: bool = False, block_t: Optional[int] = None):
     """The modulate+LN kernels' cases at row_tile(d): forward and backward (HAS_DRES with the residual;
     `stages`: the backward's token loop pipeline depth, named in the label when not 1; `paired`: the backward's
-    two row sums as one reduction, FASTDIT_LN_ROW_SUMS=paired, named in the label)."""
+    two row sums as one reduction, FASTDIT_LN_ROW_SUMS=paired, named in the label; `block_t`: rows per loop
+    step instead of row_tile's, named in the label)."""
     bt, bd, nw = row_tile(d)
-    tag = (f"D={d} residual={res}" + (" bias" if bias else "") + suffix + (f" stages={stages}" if stages != 1 else "")
-           + (" paired" if paired else ""))
+    tag = (f"D={d} residual={res}" + (" bias" if bias else "") + suffix + (f" bt={block_t}" if block_t else "")
+           + (f" stages={stages}" if stages != 1 else "") + (" paired" if paired else ""))
+    bt = block_t or bt
     kernels = dict(fwd=(ml._modln_fwd_kernel, {}),
                    bwd=(ml._modln_bwd_kernel, dict(HAS_DRES=res, NUM_STAGES=stages, PAIRED_SUMS=paired)))
     return [(f"modln_{p} {tag}", kernels[p][0], args,
@@ -139,6 +141,13 @@ def cases():
     # FASTDIT_LN_ROW_SUMS=paired: the backward's two row sums in one reduction (plain loop, and the measured default)
     out += _modln_cases(d, args, True, suffix=" N=256", passes=("bwd",), paired=True)
     out += _modln_cases(d, args, True, suffix=" N=256", passes=("bwd",), stages=3, paired=True)
+    # The residual+LN backward's measured default tiling (RESIDUAL_BWD_TILING: 4 rows, 8 warps, 3 stages), and the
+    # same tiling with the branch's bias (bias_fold), which ran row_tile's plain loop until 2026-11-28
+    bt_m, nw_m, st_m = ml.RESIDUAL_BWD_TILING[bd]
+    for with_bias in (False, True):
+        out += [(label, fn, a, c, nw_m) for label, fn, a, c, _ in
+                _modln_cases(d, args, True, bias=with_bias, suffix=" N=256", passes=("bwd",), stages=st_m,
+                             block_t=bt_m)]
     for p in (2, 4, 8):
         d, c = 1152, 4
         k = c * p * p

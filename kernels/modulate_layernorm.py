@@ -290,29 +290,37 @@ def row_sums_paired() -> bool:
 # T=256, D=1152, bf16): 0.197 ms against row_tile's bt2/w8 plain loop 0.2515 ms, 1.28x, best of 91 tilings
 # (benchmarks/kernel_sweep.py; benchmarks/results/h100-2026-11-27-570862f/second_call/kernel_sweep.json).
 # Other widths, dtypes and devices keep row_tile's tiling and a plain loop.
+# With the branch's bias (model bias_fold, off by default) the same tiling since 2026-11-28 (before: row_tile's
+# plain loop, 0.055 ms a call slower without the bias): the same four row tensors, one more per-tile sum; its
+# sm_90 compile (triton 3.6) takes 147.6 KB of shared memory against 131.3 KB, 240 registers, no spills, one
+# program per SM as without the bias (python -m fastdit.kernels._sm90_check). Unmeasured with the bias.
 RESIDUAL_BWD_TILING = {2048: (4, 8, 3)}
 RESIDUAL_BWD_SHARED_MEMORY = 140 * 1024     # bytes per program a device must allow for that tiling
+RESIDUAL_BWD_SHARED_MEMORY_BIAS = 156 * 1024    # the same with the bias
 
 
-def residual_bwd_tiling(d: int, itemsize: int, device: torch.device) -> Optional[Tuple[int, int, int]]:
+def residual_bwd_tiling(d: int, itemsize: int, device: torch.device,
+                        bias: bool = False) -> Optional[Tuple[int, int, int]]:
     """(BLOCK_T, num_warps, num_stages) of the fused residual+LN backward's measured default for rows of
-    width `d` and `itemsize`-byte row tensors on `device`, or None: row_tile's tiling, a plain loop."""
+    width `d` and `itemsize`-byte row tensors on `device` (`bias`: the op adds the branch's bias, whose
+    tiling needs more shared memory), or None: row_tile's tiling, a plain loop."""
     tiling = RESIDUAL_BWD_TILING.get(triton.next_power_of_2(d))
     if tiling is None or itemsize != 2 or device.type != "cuda":
         return None
     if torch.cuda.get_device_capability(device)[0] < 9:
         return None
     smem = shared_memory_per_block(device)
-    return tiling if smem is not None and smem >= RESIDUAL_BWD_SHARED_MEMORY else None
+    need = RESIDUAL_BWD_SHARED_MEMORY_BIAS if bias else RESIDUAL_BWD_SHARED_MEMORY
+    return tiling if smem is not None and smem >= need else None
 
 
 def _launch_bwd(dout, xn, scale, mean, rstd, dres, y, gate, dx_dtype, dy_dtype, mod_dtype,
                 gate_dtype, tokens_per_tile=None, block_t=None, num_warps=None, bias=None, num_stages=None):
     n, t, d = xn.shape
     device = xn.device
-    if y is not None and bias is None and block_t is None and num_warps is None and num_stages is None:
+    if y is not None and block_t is None and num_warps is None and num_stages is None:
         rows = [dout, xn, y] + ([dres] if dres is not None else [])
-        tiling = residual_bwd_tiling(d, max(r.element_size() for r in rows), device)
+        tiling = residual_bwd_tiling(d, max(r.element_size() for r in rows), device, bias=bias is not None)
         if tiling is not None:
             block_t, num_warps, num_stages = tiling
     bt, block_d, num_warps = launch_tile(d, block_t, num_warps)
@@ -423,8 +431,8 @@ def gated_residual_modulate_layernorm_bwd(dh, dxnew, xnew, y, gate, scale, mean,
     (fp32 per-tile partials, reduced once).
     `tokens_per_tile` / `block_t` / `num_warps` override the tiling (None: the heuristics), `num_stages`
     the token loop's pipeline depth (None: 1, a plain loop). With all of block_t, num_warps and num_stages
-    None and no bias, 2-byte rows on sm_90+ take the measured tiling of RESIDUAL_BWD_TILING where it has
-    one for their width.
+    None, 2-byte rows on sm_90+ take the measured tiling of RESIDUAL_BWD_TILING where it has one for their
+    width (with `bias` too, where the device has the shared memory it takes).
     """
     check_rows("x_new", xnew, [("dh", dh, "NTD"), ("y", y, "NTD"), ("gate", gate, "ND"),
                                ("scale", scale, "ND")]

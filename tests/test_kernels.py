@@ -375,6 +375,10 @@ def test_residual_bwd_tiling_applies_where_measured(monkeypatch):
     assert ML.residual_bwd_tiling(1152, 4, cuda) is None            # fp32: 3 stages of 4-byte rows overflow
     assert ML.residual_bwd_tiling(768, 2, cuda) is None             # a width not measured
     assert ML.residual_bwd_tiling(1152, 2, torch.device("cpu")) is None
+    assert ML.residual_bwd_tiling(1152, 2, cuda, bias=True) == (4, 8, 3)   # bias_fold: the same tiling
+    monkeypatch.setattr(ML, "shared_memory_per_block", lambda device: 150 * 1024)   # enough without the bias only
+    assert ML.residual_bwd_tiling(1152, 2, cuda) == (4, 8, 3)
+    assert ML.residual_bwd_tiling(1152, 2, cuda, bias=True) is None       # 147.6 KB does not leave room
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
     monkeypatch.setattr(ML, "shared_memory_per_block", lambda device: 101376)      # a consumer Blackwell part
     assert ML.residual_bwd_tiling(1152, 2, cuda) is None            # the 3 stages would not fit
@@ -387,10 +391,11 @@ def test_residual_bwd_tiling_applies_where_measured(monkeypatch):
 
 
 def test_residual_bwd_launch_takes_the_measured_tiling(monkeypatch):
-    """The launcher asks residual_bwd_tiling only when no tiling is given and the op has no bias, and what
-    it returns is launched (here a small tiling on the interpreter, still matching the reference)."""
+    """The launcher asks residual_bwd_tiling only when no tiling is given (saying whether the op has a bias), and
+    what it returns is launched (here a small tiling on the interpreter, still matching the reference)."""
     asked, launched = [], []
-    monkeypatch.setattr(ML, "residual_bwd_tiling", lambda d, itemsize, device: asked.append((d, itemsize)) or (1, 2, 2))
+    monkeypatch.setattr(ML, "residual_bwd_tiling",
+                        lambda d, itemsize, device, bias=False: asked.append((d, itemsize, bias)) or (1, 2, 2))
     real_launch_tile, real_stages = ML.launch_tile, ML.loop_stages
     monkeypatch.setattr(ML, "launch_tile", lambda d, bt, nw: launched.append((bt, nw)) or real_launch_tile(d, bt, nw))
     monkeypatch.setattr(ML, "loop_stages", lambda k: launched.append(k) or real_stages(k))
@@ -401,18 +406,27 @@ def test_residual_bwd_launch_takes_the_measured_tiling(monkeypatch):
     launched.clear()
     grads = ML.gated_residual_modulate_layernorm_bwd(dh, dxn, xnew, y, gate, scale, mean, rstd,
                                                      torch.float32, torch.float32)
-    assert asked == [(d, 4)] and launched == [(1, 2), 2]
+    assert asked == [(d, 4, False)] and launched == [(1, 2), 2]
     r_outs, r_grads = _run(K.gated_residual_modulate_layernorm_ref, [x, y, gate, shift, scale],
                            lambda l: l, [dxn, dh], to=torch.float64)
     for name, g, r in zip(["dx", "dy", "dgate", "dshift", "dscale"], grads, r_grads):
         _check_fp32(name, g, r)
+    # with the bias (bias_fold): asked with bias=True, and its tiling launched; the sums against the reference
+    bias = randn(d)
+    xnew_b, _, mean_b, rstd_b = ML.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, bias=bias)
+    asked.clear(), launched.clear()
+    grads_b = ML.gated_residual_modulate_layernorm_bwd(dh, dxn, xnew_b, y, gate, scale, mean_b, rstd_b,
+                                                       torch.float32, torch.float32, bias=bias)
+    assert asked == [(d, 4, True)] and launched == [(1, 2), 2]
+    r_outs, r_grads = _run(lambda *a: K.gated_residual_modulate_layernorm_ref(*a[:5], bias=a[5]),
+                           [x, y, gate, shift, scale, bias], lambda l: l, [dxn, dh], to=torch.float64)
+    for name, g, r in zip(["dx", "dy", "dgate", "dshift", "dscale", "dbias"], grads_b, r_grads):
+        _check_fp32(name, g, r)
     asked.clear(), launched.clear()
     ML.gated_residual_modulate_layernorm_bwd(dh, dxn, xnew, y, gate, scale, mean, rstd, torch.float32,
                                              torch.float32, num_stages=1)
-    ML.gated_residual_modulate_layernorm_bwd(dh, dxn, xnew, y, gate, scale, mean, rstd, torch.float32,
-                                             torch.float32, bias=randn(d))
     ML.modulate_layernorm_bwd(dh, x, scale, mean, rstd, torch.float32)
-    assert asked == [] and launched == [(None, None), 1, (None, None), None, (None, None), None]
+    assert asked == [] and launched == [(None, None), 1, (None, None), None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1027,25 +1041,31 @@ def test_gpu_pipelined_token_loop_equals_plain_xl(num_stages):
 def test_gpu_residual_bwd_default_tiling_xl():
     """The fused residual+LN backward's measured default tiling (RESIDUAL_BWD_TILING, bf16 at DiT-XL/2's width
     on sm_90+) gives the plain loop's dx and dy exactly and its per-sample sums up to their summation order,
-    with and without the gradient from x's other uses."""
+    with and without the gradient from x's other uses, and with the branch's bias (bias_fold; its dbias too)."""
     ml = ML
     n, t, d = XL
     bf = torch.bfloat16
     x, y, dh, dxnew = (randn(n, t, d, dtype=bf) for _ in range(4))
     c = rand_mod(n, d, 6, bf)
     gate, shift, scale = c[:, 2 * d:3 * d], c[:, 3 * d:4 * d], c[:, 4 * d:5 * d]
+    bias_vec = 0.1 * randn(d, dtype=bf)
     measured = ml.residual_bwd_tiling(d, 2, x.device)
     if measured is None:
         pytest.skip(f"no measured tiling for this device ({torch.cuda.get_device_name()})")
     with torch.no_grad():
-        xnew, _, m2, r2 = ml.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale)
-        for dx_other in (dxnew, None):
-            got = ml.gated_residual_modulate_layernorm_bwd(dh, dx_other, xnew, y, gate, scale, m2, r2, bf, bf)
-            plain = ml.gated_residual_modulate_layernorm_bwd(dh, dx_other, xnew, y, gate, scale, m2, r2, bf, bf,
-                                                             num_stages=1)
-            assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
-            for a, b in zip(got[2:], plain[2:]):      # dgate, dshift, dscale: fp32 sums rounded to bf16
-                torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-3 * b.abs().max().item())
+        for bias in (None, bias_vec):
+            if bias is not None and ml.residual_bwd_tiling(d, 2, x.device, bias=True) is None:
+                continue                                  # the bias case's tiling needs more shared memory
+            xnew, _, m2, r2 = ml.gated_residual_modulate_layernorm_fwd(x, y, gate, shift, scale, bias=bias)
+            for dx_other in (dxnew, None):
+                got = ml.gated_residual_modulate_layernorm_bwd(dh, dx_other, xnew, y, gate, scale, m2, r2, bf, bf,
+                                                               bias=bias)
+                plain = ml.gated_residual_modulate_layernorm_bwd(dh, dx_other, xnew, y, gate, scale, m2, r2, bf,
+                                                                 bf, bias=bias, num_stages=1)
+                assert len(got) == (5 if bias is None else 6)
+                assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+                for a, b in zip(got[2:], plain[2:]):      # dgate, dshift, dscale (, dbias): fp32 sums rounded to bf16
+                    torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-3 * b.abs().max().item())
 
 
 @pytest.mark.gpu
