@@ -109,11 +109,12 @@ THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed/ds-step", "deepspeed+graphs
                     "fused+mlp-epilogue", "fused+mlp-fold", "fused+mlp-fold/sums-once", "fused+all-switches/triton",
                     "deepspeed+all-switches/triton", "fused+mlp-recompute-epilogue", "deepspeed+fused-step",
                     "eager", "eager/sdpa",
-                    "fused/flash_attn", "fused/xformers", "fused/sdpa_packed")
+                    "fused/flash_attn", "fused/xformers", "fused/sdpa_packed", "fused+candidates", "deepspeed+candidates")
 # Rows at the shipped configs' micro-batch, 32 (stage throughput_mb32): the rows above time batch 128, where the
 # GPU's work per kernel hides the host's; at 32 the fused ops' host path (~0.25 ms a call measured on the H100's
 # host, 570862f) may set the pace.
-MB32_ROWS = ("fused", "fused+graphs", "deepspeed", "deepspeed+graphs", "fused+direct-dispatch", "eager/sdpa")
+MB32_ROWS = ("fused", "fused+graphs", "deepspeed", "deepspeed+graphs", "fused+direct-dispatch", "eager/sdpa",
+             "deepspeed+candidates")
 # Modules the stages import beyond torch/triton, and the wheel that brings each.
 NEEDED = {"deepspeed": "deepspeed", "pydantic": "pydantic", "hjson": "hjson"}
 SITE = os.path.join(tempfile.gettempdir(), "fastdit-gpu-check-site")

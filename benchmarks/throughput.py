@@ -27,7 +27,10 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
                        per call: what decides a step whose kernels are shorter than their launches, e.g. the
                        configs' micro-batch 32); fused+graphs / deepspeed+graphs: the model's forward and
                        backward replayed from CUDA graphs (fastdit.training.graphed; train.cuda_graph for the
-                       deepspeed row), no host work per kernel; on CPU the graphs are emulated (no speed-up)
+                       deepspeed row), no host work per kernel; on CPU the graphs are emulated (no speed-up);
+                       fused+candidates / deepspeed+candidates: every unmeasured switch predicted to win,
+                       together (CANDIDATE_ENV: graphs, mlp fold with the column sums once, the LN row sums
+                       paired; the engine's row also with ZeRO's overlap_comm off)
     deepspeed          the real training step: fastdit.training.trainer's engine built from --config (default
                        configs/xl2_zero2.json) exactly as fastdit/train.py builds it (its DeepSpeed section:
                        ZeRO stage, optimizer, gradient clipping; the model's impl/checkpointing), on one
@@ -109,7 +112,7 @@ BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+
              "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
              "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
              "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once",
-             "deepspeed/no-overlap")
+             "deepspeed/no-overlap", "fused+candidates", "deepspeed+candidates")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
 # for the rows that turn every switch on: the row ops' partial sums in one Triton pass, patch_embed's backward
 # from library GEMMs, the fused ops without the torch.library dispatch in eager mode, and (since 2026-11-27
@@ -117,6 +120,14 @@ BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+
 COLUMN_SUMS_ONCE = (("FASTDIT_COLUMN_SUMS", "once"),)
 KERNEL_SWITCHES = (("FASTDIT_TILE_SUMS", "triton"), ("FASTDIT_PATCH_EMBED_BWD", "gemm"),
                    ("FASTDIT_KERNEL_DISPATCH", "direct")) + COLUMN_SUMS_ONCE
+# The rows `fused+candidates` / `deepspeed+candidates` (since 2026-11-28): every unmeasured switch whose written
+# prediction (benchmarks/predictions.json) is a gain at its central value, together, so that one GPU run shows
+# where the defaults would land if each of them holds: the model's forward and backward from CUDA graphs,
+# mlp="fold" with the column sums reduced once, the LN backward's row sums paired, and (engine only) ZeRO's
+# overlap_comm off. Left out: bias_fold (central +2 ms), the Triton attention (a wrong output on one shape is
+# not yet explained), and the switches measured slower.
+CANDIDATE_ENV = COLUMN_SUMS_ONCE + (("FASTDIT_LN_ROW_SUMS", "paired"),)
+CANDIDATE_SETS = ("deepspeed.zero_optimization.overlap_comm=false",)
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 NUM_CLASSES = 1000
@@ -332,6 +343,11 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             specs.append(dataclasses.replace(row_specs([name.split("/")[0]])[0], name=name, env=COLUMN_SUMS_ONCE))
         elif name == "deepspeed+bias-fold/sums-once":  # the same folds in the engine's step (the shipped loop)
             specs.append(RowSpec(name, "deepspeed", False, "auto", mlp="fold", bias_fold=True, env=COLUMN_SUMS_ONCE))
+        elif name == "fused+candidates":   # every switch predicted to win (CANDIDATE_ENV), together
+            specs.append(RowSpec(name, "fast", False, "auto", mlp="fold", env=CANDIDATE_ENV, graphs=True))
+        elif name == "deepspeed+candidates":   # the same in the engine's step, with overlap_comm off
+            specs.append(RowSpec(name, "deepspeed", False, "auto", mlp="fold", env=CANDIDATE_ENV, graphs=True,
+                                 sets=CANDIDATE_SETS))
         elif name == "fused/triton-swept":  # fastdit's attention at the H100 sweep's fastest tilings
             specs.append(dataclasses.replace(row_specs(["fused/triton"])[0], name=name,
                                              env=(("FASTDIT_ATTENTION_TILING", "swept"),)))

@@ -84,7 +84,7 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "--trace-steps 2" in by["profile"][0]  # the idle gaps by phase need a step after the first
     mb32 = by["throughput_mb32"][0]   # the shipped configs' micro-batch
     assert "--batch 32" in mb32 and \
-        "--rows fused,fused+graphs,deepspeed,deepspeed+graphs,fused+direct-dispatch,eager/sdpa" in mb32
+        "--rows fused,fused+graphs,deepspeed,deepspeed+graphs,fused+direct-dispatch,eager/sdpa,deepspeed+candidates" in mb32
     fold, bias = by["bias_profile"]   # the same profile without and with bias_fold, both with mlp="fold"
     assert "configs/xl2_zero2.json" in fold and "model.mlp=fold" in fold and "bias_fold" not in fold
     same = bias.replace(" --set model.bias_fold=true", "").replace("step_profile_bias_fold", "step_profile_fold")

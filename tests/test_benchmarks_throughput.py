@@ -30,7 +30,7 @@ EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fu
                  "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
                  "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
                  "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once",
-                 "deepspeed/no-overlap", "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
+                 "deepspeed/no-overlap", "fused+candidates", "deepspeed+candidates", "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
                  "fused/triton"]
 
 
@@ -183,6 +183,16 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert (dsb["mlp"], dsb["bias_fold"], dsb["env"]) == ("fold", True, {"FASTDIT_COLUMN_SUMS": "once"})
     for key in ("loss_first", "loss_last"):
         assert dsb[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
+    # the candidate rows: every switch predicted to win, together (graphed, so emulated on CPU): the same training
+    fc, dc = rows["fused+candidates"], rows["deepspeed+candidates"]
+    assert fc["env"] == dc["env"] == dict(tp.CANDIDATE_ENV) == {"FASTDIT_COLUMN_SUMS": "once",
+                                                                "FASTDIT_LN_ROW_SUMS": "paired"}
+    assert (fc["mlp"], fc["bias_fold"], dc["mlp"], dc["bias_fold"]) == ("fold", False, "fold", False)
+    assert fc["cuda_graph"] == dc["cuda_graph"] == "emulated (no CUDA device)" and dc["deepspeed"]["cuda_graph"] is True
+    assert dc["config_sets"] == list(tp.CANDIDATE_SETS) and dc["deepspeed"]["overlap_comm"] is False
+    for key in ("loss_first", "loss_last"):
+        assert fc[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
+        assert dc[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
     assert "ZeRO-2 fp32 AdamW (DeepSpeedZeroOptimizer)" in smoke_run["stdout"]
     # the graphed rows (emulated on CPU: the same static buffers and checks, replayed eagerly): the same
     # training as their eager rows, bit for bit
