@@ -8,7 +8,8 @@ that would not get its minimum time is skipped and says so. Stages, most importa
   env         versions, GPU, the attention backends that can run, measured copy GB/s and bf16 GEMM TFLOP/s
   tests       pytest on the GPU of the files in GPU_TEST_FILES: tests/test_kernels*.py (every kernel,
               compiled), tests/test_models_dit.py (model parity), tests/test_models_attention.py (backends),
-              the CUDA-graph replay against eager (tests/test_training_graphed.py)
+              the CUDA-graph replay against eager (tests/test_training_graphed.py), the fused step's deferred
+              check against the fused step (tests/test_training_zero_step.py)
   parity      benchmarks/parity.py: DiT-XL/2 fast vs reference, forward + every gradient, fp32 and bf16
   throughput  benchmarks/throughput.py, every row but the compiled ones and fused/math, fused/sdpa (the
               attention stage times the backends), at a batch that fits the card
@@ -96,12 +97,14 @@ GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/te
                   "tests/test_kernels_tile_sums.py", "tests/test_kernels_flash_attention.py",
                   "tests/test_kernels_gemm_gelu.py",
                   "tests/test_training_graphed.py::test_cuda_graphs_match_eager_on_cuda",
-                  "tests/test_training_graphed.py::test_graphed_rows_train_as_their_eager_rows_on_cuda")
+                  "tests/test_training_graphed.py::test_graphed_rows_train_as_their_eager_rows_on_cuda",
+                  "tests/test_training_zero_step.py::test_deferred_check_on_cuda_equals_the_fused_step")
 # The throughput stage's rows, most wanted first (a deadline that cuts the stage cuts the last rows): the
 # real loop as shipped and the rows it is judged against, the memory-saving rows, then the switches measured
 # slower at 570862f (kept for their verdicts), then the baselines measured before.
 # fused/sdpa_packed is `fused` where flash-attn is absent (auto); fused/math and fused/sdpa are left out.
 THROUGHPUT_ORDER = ("fused", "deepspeed", "deepspeed/ds-step", "deepspeed+graphs", "fused+graphs", "deepspeed/no-overlap",
+                    "deepspeed+deferred-check",
                     "fused+mlp-recompute-fold", "fused+mlp-recompute",
                     "fused+bias-fold", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once",
                     "fused+all-switches", "deepspeed+all-switches",

@@ -30,7 +30,9 @@ Rows (each in a fresh model built from the same seed; the previous row is freed 
                        deepspeed row), no host work per kernel; on CPU the graphs are emulated (no speed-up);
                        fused+candidates / deepspeed+candidates: every unmeasured switch predicted to win,
                        together (CANDIDATE_ENV: graphs, mlp fold with the column sums once, the LN row sums
-                       paired; the engine's row also with ZeRO's overlap_comm off)
+                       paired; the engine's row also with ZeRO's overlap_comm off and the deferred check);
+                       deepspeed+deferred-check: train.fused_step_deferred_check (the update queued before
+                       the host reads the non-finite check)
     deepspeed          the real training step: fastdit.training.trainer's engine built from --config (default
                        configs/xl2_zero2.json) exactly as fastdit/train.py builds it (its DeepSpeed section:
                        ZeRO stage, optimizer, gradient clipping; the model's impl/checkpointing), on one
@@ -112,7 +114,7 @@ BASE_ROWS = ("eager", "eager/sdpa", "compile", "fused", "fused+compile", "fused+
              "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
              "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
              "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once",
-             "deepspeed/no-overlap", "fused+candidates", "deepspeed+candidates")
+             "deepspeed/no-overlap", "deepspeed+deferred-check", "fused+candidates", "deepspeed+candidates")
 # The kernels' own switches (environment variables read at each call, defaults unchanged until measured), set
 # for the rows that turn every switch on: the row ops' partial sums in one Triton pass, patch_embed's backward
 # from library GEMMs, the fused ops without the torch.library dispatch in eager mode, and (since 2026-11-27
@@ -124,10 +126,10 @@ KERNEL_SWITCHES = (("FASTDIT_TILE_SUMS", "triton"), ("FASTDIT_PATCH_EMBED_BWD", 
 # prediction (benchmarks/predictions.json) is a gain at its central value, together, so that one GPU run shows
 # where the defaults would land if each of them holds: the model's forward and backward from CUDA graphs,
 # mlp="fold" with the column sums reduced once, the LN backward's row sums paired, and (engine only) ZeRO's
-# overlap_comm off. Left out: bias_fold (central +2 ms), the Triton attention (a wrong output on one shape is
+# overlap_comm off and the fused step's deferred non-finite check. Left out: bias_fold (central +2 ms), the Triton attention (a wrong output on one shape is
 # not yet explained), and the switches measured slower.
 CANDIDATE_ENV = COLUMN_SUMS_ONCE + (("FASTDIT_LN_ROW_SUMS", "paired"),)
-CANDIDATE_SETS = ("deepspeed.zero_optimization.overlap_comm=false",)
+CANDIDATE_SETS = ("deepspeed.zero_optimization.overlap_comm=false", "train.fused_step_deferred_check=true")
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)
 PRECISIONS = ("bf16", "autocast", "fp32")
 NUM_CLASSES = 1000
@@ -324,6 +326,9 @@ def row_specs(names: List[str]) -> List[RowSpec]:
             # with it DeepSpeed synchronises the device at the end of every backward (its ipg epilogue)
             specs.append(RowSpec(name, "deepspeed", False, "auto",
                                  sets=("deepspeed.zero_optimization.overlap_comm=false",)))
+        elif name == "deepspeed+deferred-check":  # the fused step queues its update before the host reads the
+            # gradients' non-finite check (the kernel applies it on the device): no idle GPU between the two
+            specs.append(RowSpec(name, "deepspeed", False, "auto", sets=("train.fused_step_deferred_check=true",)))
         elif name == "deepspeed/ds-step":  # DeepSpeed's own optimizer step and the separate EMA update
             specs.append(RowSpec(name, "deepspeed", False, "auto", fused_step=False))
         elif name == "deepspeed+fused-step":  # train.fused_optimizer_step: AdamW + bf16 copy + EMA in one pass

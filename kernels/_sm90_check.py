@@ -168,11 +168,12 @@ def cases():
     n = 675_129_632
     args = dict(P="*fp32", G="*bf16", M="*fp32", V="*fp32", LP="*bf16", E="*fp32", n=n, ema_lo=0, ema_hi=n,
                 decay_keep=1.0, beta1_c=0.1, beta2=0.999, beta2_c=0.001, step_size=1e-4, bc2_sqrt=0.5,
-                eps=1e-8, ema_w=1e-4, SEG_M="*i64", SEG_G="*i64", n_seg=290)
+                eps=1e-8, ema_w=1e-4, SEG_M="*i64", SEG_G="*i64", n_seg=290, GATE="*fp32")
     for segmented in (False, True):
-        out.append((f"adamw segmented={segmented}", aw._adamw_kernel, args,
-                    dict(HAS_LP=True, HAS_EMA=True, SEGMENTED=segmented, LOG_SEG=9, ALIGNED=segmented,
-                         BLOCK=aw.BLOCK), 4))
+        for gate in (False, True):    # gate: train.fused_step_deferred_check (the update read on the device)
+            out.append((f"adamw segmented={segmented}" + (" gate" if gate else ""), aw._adamw_kernel, args,
+                        dict(HAS_LP=True, HAS_EMA=True, SEGMENTED=segmented, LOG_SEG=9, ALIGNED=segmented,
+                             HAS_GATE=gate, BLOCK=aw.BLOCK), 4))
     # GELU backward + fc1 bias gradient (mlp="fold"), DiT-XL/2 batch 128: (32768, 4608) bf16.
     m, c = 128 * 256, 4 * 1152
     rows, n_iters, _ = column_tiles(m, triton.cdiv(c, 128), 32, torch.device("cpu"), sms=H100_SMS)
@@ -438,6 +439,8 @@ def resource_usage(cubin: bytes):
 # ----------------------------------------------------------------------------------------------
 # Pointers whose accesses are one fp32 per token row: narrow by nature, never a row tile.
 ROW_SCALARS = frozenset({"MEAN", "RSTD"})
+# Narrow by nature too: one scalar per program (the AdamW kernel's GATE, train.fused_step_deferred_check).
+SCALAR_POINTERS = ROW_SCALARS | {"GATE"}
 
 _PTX_PARAM = re.compile(r"\.param\s+\.\w+(\s+\.ptr)?[^,)\n]*?_param_(\d+)")
 _PTX_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)\s+([^;]*);")
@@ -551,7 +554,7 @@ def access_report(kernel, arg_names) -> dict:
     """The access-width fields of a row: PTX and SASS histograms, per-pointer widths, 128-bit flag.
 
     `accesses` maps 'ld X' / 'st OUT' to {bytes: count}; `narrow_bulk` lists the accesses under
-    16 bytes to pointers other than ROW_SCALARS; `bulk_128bit` is True when there are none;
+    16 bytes to pointers other than SCALAR_POINTERS; `bulk_128bit` is True when there are none;
     `vector_loads` counts the 16-byte loads; `async_loads` the cp.async (global -> shared) among them, which a
     software-pipelined loop (tl.range num_stages > 1) issues.
     """
@@ -561,7 +564,7 @@ def access_report(kernel, arg_names) -> dict:
         hist = per_ptr.setdefault(f"{kind} {ptr}", {})
         hist[str(size)] = hist.get(str(size), 0) + 1
     narrow = sorted({f"{kind} {ptr} {size}B" for kind, size, ptr in acc
-                     if size < 16 and not set(ptr.split("+")) <= ROW_SCALARS})
+                     if size < 16 and not set(ptr.split("+")) <= SCALAR_POINTERS})
     sass = sass_widths(kernel.asm["cubin"])
     row = dict(load_bytes=_histogram(acc, "ld"), store_bytes=_histogram(acc, "st"), accesses=per_ptr,
                narrow_bulk=narrow, bulk_128bit=not narrow,
@@ -599,9 +602,9 @@ def format_row(row: dict) -> str:
         line += f"  barriers in loops {row['loop_barriers']}"
     if row["narrow_bulk"]:
         line += "\n    narrow bulk: " + ", ".join(row["narrow_bulk"])
-    scalars = sorted(k for k in row["accesses"] if set(k.split()[1].split("+")) <= ROW_SCALARS)
+    scalars = sorted(k for k in row["accesses"] if set(k.split()[1].split("+")) <= SCALAR_POINTERS)
     if scalars:
-        line += "\n    row scalars: " + ", ".join(
+        line += "\n    scalars: " + ", ".join(
             f"{k} {_widths(row['accesses'][k])}" for k in scalars)
     if row.get("sass_widths_match_ptx") is False:
         line += (f"\n    SASS widths differ: ld {_widths(row['sass_load_bytes'])}  "

@@ -19,6 +19,11 @@ The update is torch.optim.AdamW's (decoupled weight decay, no amsgrad, no maximi
 The bias corrections are computed by the caller in float64 from the step count (as torch does on
 the host for its non-capturable optimizers) and passed as two fp32 scalars.
 
+`gate` (optional): a 1-element tensor on the device, e.g. the gradients' all-reduced sum of squares. When
+it is not finite the kernel loads and writes nothing (p, m, v, lp and the EMA keep their values), so an
+optimizer step can queue the update before the host has read its non-finite check
+(train.fused_step_deferred_check, fastdit/training/zero_step.py).
+
 `adamw_step_(...)` launches the kernel (CUDA, or CPU under TRITON_INTERPRET=1); `adamw_step_ref_(...)`
 is the same update in PyTorch ops with the same signature (used on CPU and by the tests).
 """
@@ -58,16 +63,21 @@ def _adamw_kernel(
     SEG_M,        # *int64 (n_seg + 1,): first element of each gradient segment in p, then n (SEGMENTED)
     SEG_G,        # *int64 (n_seg,): offset of each segment's first gradient element from G (SEGMENTED)
     n_seg,        # number of segments (SEGMENTED)
+    GATE,         # *fp32 (1,): the update happens only where this value is finite (HAS_GATE)
     HAS_LP: tl.constexpr,
     HAS_EMA: tl.constexpr,
     SEGMENTED: tl.constexpr,  # G is read through the segment tables instead of element for element
     LOG_SEG: tl.constexpr,    # binary-search steps: 2**LOG_SEG >= n_seg
     ALIGNED: tl.constexpr,    # every segment's G offset - p offset is a multiple of 8 (128-bit loads)
+    HAS_GATE: tl.constexpr,   # GATE given: no load or store at all when it is inf or NaN
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    if HAS_GATE:   # the gate as a block (the interpreter cannot AND a block mask with a scalar)
+        gate = tl.zeros((BLOCK,), dtype=tl.float32) + tl.load(GATE).to(tl.float32)
+        mask = mask & (gate >= -3.4028234663852886e38) & (gate <= 3.4028234663852886e38)   # NaN: both false
     p = tl.load(P + offs, mask=mask, other=0.0)
     if SEGMENTED:
         # The segment holding the block's first element: the last s with SEG_M[s] <= start.
@@ -154,7 +164,10 @@ class GradSegments:
         return torch.cat([g[o: o + (m[i + 1] - m[i])] for i, o in enumerate(off)])
 
 
-def _check(p, g, m, v, lp, ema, ema_range, segments=None):
+def _check(p, g, m, v, lp, ema, ema_range, segments=None, gate=None):
+    if gate is not None and (not isinstance(gate, torch.Tensor) or gate.numel() != 1
+                             or gate.dtype != torch.float32 or gate.device != p.device):
+        raise ValueError(f"gate must be a 1-element float32 tensor on p's device ({p.device})")
     for name, t in (("p", p), ("m", m), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
             raise TypeError(f"{name} must be a float32 tensor")
@@ -193,10 +206,14 @@ def _check(p, g, m, v, lp, ema, ema_range, segments=None):
 @torch.no_grad()
 def adamw_step_ref_(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                     step: int, lp: Optional[torch.Tensor] = None, ema: Optional[torch.Tensor] = None,
-                    ema_weight: float = 0.0, ema_range=None, segments: Optional[GradSegments] = None) -> None:
-    """The update of the module docstring in PyTorch ops (in place on p, m, v, lp, ema)."""
-    lo, hi = _check(p, g, m, v, lp, ema, ema_range, segments)
+                    ema_weight: float = 0.0, ema_range=None, segments: Optional[GradSegments] = None,
+                    gate: Optional[torch.Tensor] = None) -> None:
+    """The update of the module docstring in PyTorch ops (in place on p, m, v, lp, ema); nothing when `gate`
+    is given and not finite (it reads the gate on the host: for CPU runs and the tests)."""
+    lo, hi = _check(p, g, m, v, lp, ema, ema_range, segments, gate)
     decay_keep, step_size, bc2_sqrt = _scalars(lr, beta1, beta2, weight_decay, step)
+    if gate is not None and not bool(torch.isfinite(gate).all()):
+        return
     g = (segments.gather(g) if segments is not None else g).float()
     p.mul_(decay_keep)
     m.lerp_(g, 1.0 - beta1)
@@ -212,16 +229,19 @@ def adamw_step_ref_(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: f
 @torch.no_grad()
 def adamw_step_(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                 step: int, lp: Optional[torch.Tensor] = None, ema: Optional[torch.Tensor] = None,
-                ema_weight: float = 0.0, ema_range=None, segments: Optional[GradSegments] = None) -> None:
+                ema_weight: float = 0.0, ema_range=None, segments: Optional[GradSegments] = None,
+                gate: Optional[torch.Tensor] = None) -> None:
     """The update of the module docstring as one Triton kernel (CUDA, or CPU under the interpreter).
 
     p, m, v: contiguous 1-D fp32; g: the same length in fp32/bf16/fp16; lp: optional low-precision
     copy of p to write; ema: optional fp32 EMA of p[ema_range[0]:ema_range[1]] (the whole p when
     ema_range is None), updated with weight ema_weight (= 1 - decay). step: the step count after
     this update (1 on the first). segments: g is a gradient buffer read through these tables (GradSegments)
-    instead of p's gradient element for element. Raises TypeError/ValueError on bad inputs, before any write.
+    instead of p's gradient element for element. gate: a 1-element float tensor on p's device; when it is not
+    finite the kernel writes nothing (read on the device: no host sync). Raises TypeError/ValueError on bad
+    inputs, before any write.
     """
-    lo, hi = _check(p, g, m, v, lp, ema, ema_range, segments)
+    lo, hi = _check(p, g, m, v, lp, ema, ema_range, segments, gate)
     reason = device_reason(p.device)
     if reason:
         raise ValueError(reason)
@@ -234,15 +254,16 @@ def adamw_step_(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float
     # Under the interpreter fp32 -> bf16 casts round wrongly: write fp32 and round with torch.
     lp_buf = lp
     if lp is not None and INTERPRETED and lp.dtype != torch.float32:
-        lp_buf = torch.empty(n, dtype=torch.float32, device=p.device)
+        lp_buf = lp.float()         # its own values where the kernel writes nothing (a gate that is not finite)
     has_ema = ema is not None and hi > lo
     _adamw_kernel[(triton.cdiv(n, BLOCK),)](
         p, g, m, v, lp_buf if lp is not None else p, ema if has_ema else p, n, lo, hi,
         decay_keep, 1.0 - beta1, beta2, 1.0 - beta2, step_size, bc2_sqrt, eps, float(ema_weight),
         segments.seg_m if segments is not None else p, segments.seg_g if segments is not None else p,
-        segments.count if segments is not None else 0,
+        segments.count if segments is not None else 0, gate if gate is not None else p,
         HAS_LP=lp is not None, HAS_EMA=has_ema, SEGMENTED=segments is not None,
         LOG_SEG=max(1, (segments.count - 1).bit_length()) if segments is not None else 1,
-        ALIGNED=bool(segments is not None and segments.aligned), BLOCK=BLOCK, num_warps=4)
+        ALIGNED=bool(segments is not None and segments.aligned), HAS_GATE=gate is not None, BLOCK=BLOCK,
+        num_warps=4)
     if lp_buf is not None and lp_buf is not lp:
         lp.copy_(lp_buf)

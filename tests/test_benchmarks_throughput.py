@@ -30,7 +30,8 @@ EXPECTED_ROWS = ["eager", "eager/sdpa", "compile", "fused", "fused+compile", "fu
                  "deepspeed/ds-step", "deepspeed+fused-step", "deepspeed+all-switches", "fused+all-switches/triton",
                  "deepspeed+all-switches/triton", "fused+graphs", "deepspeed+graphs", "fused/triton-swept",
                  "fused+mlp-fold/sums-once", "fused+bias-fold/sums-once", "deepspeed+bias-fold/sums-once",
-                 "deepspeed/no-overlap", "fused+candidates", "deepspeed+candidates", "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
+                 "deepspeed/no-overlap", "deepspeed+deferred-check", "fused+candidates", "deepspeed+candidates",
+                 "fused/math", "fused/sdpa", "fused/sdpa_packed", "fused/flash_attn", "fused/xformers",
                  "fused/triton"]
 
 
@@ -179,6 +180,11 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert dno["deepspeed"]["overlap_comm"] is False and ds["deepspeed"]["overlap_comm"] is True
     for key in ("loss_first", "loss_last"):
         assert dno[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
+    dde = rows["deepspeed+deferred-check"]        # the fused step's deferred check (refused in fp32): recorded
+    assert dde["config_sets"] == ["train.fused_step_deferred_check=true"]
+    assert dde["deepspeed"]["fused_step_deferred_check"] is True and ds["deepspeed"]["fused_step_deferred_check"] is False
+    for key in ("loss_first", "loss_last"):
+        assert dde[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key
     dsb = rows["deepspeed+bias-fold/sums-once"]   # the folds, column sums reduced once, in the engine's step
     assert (dsb["mlp"], dsb["bias_fold"], dsb["env"]) == ("fold", True, {"FASTDIT_COLUMN_SUMS": "once"})
     for key in ("loss_first", "loss_last"):
@@ -190,6 +196,7 @@ def test_smoke_rows_and_statuses(smoke_run):
     assert (fc["mlp"], fc["bias_fold"], dc["mlp"], dc["bias_fold"]) == ("fold", False, "fold", False)
     assert fc["cuda_graph"] == dc["cuda_graph"] == "emulated (no CUDA device)" and dc["deepspeed"]["cuda_graph"] is True
     assert dc["config_sets"] == list(tp.CANDIDATE_SETS) and dc["deepspeed"]["overlap_comm"] is False
+    assert dc["deepspeed"]["fused_step_deferred_check"] is True
     for key in ("loss_first", "loss_last"):
         assert fc[key] == pytest.approx(rows["fused"][key], rel=1e-5, abs=1e-6), key
         assert dc[key] == pytest.approx(ds[key], rel=1e-5, abs=1e-6), key

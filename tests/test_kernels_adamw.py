@@ -144,3 +144,40 @@ def test_segment_tables_are_checked():
     with pytest.raises(ValueError, match="cover 8 elements, p has 9"):
         adamw_step_(torch.zeros(9, device=DEV), torch.zeros(8, device=DEV), torch.zeros(9, device=DEV),
                     torch.zeros(9, device=DEV), step=1, segments=seg, **HP)
+
+
+@pytest.mark.parametrize("fn", [adamw_step_, adamw_step_ref_])
+@pytest.mark.parametrize("segmented", [False, True])
+def test_gate_finite_updates_as_without_it_and_not_finite_writes_nothing(fn, segmented):
+    """gate (train.fused_step_deferred_check): a finite gate gives the ungated update bit for bit; an inf or NaN
+    gate leaves p, m, v, the low-precision copy and the EMA as they were (the kernel reads it on the device)."""
+    if segmented:
+        g, seg, _, n = _segmented([BLOCK + 40, 3, 2 * BLOCK - 8], [2, 0, 1], gap=8)
+    else:
+        n, seg = 2 * BLOCK + 37, None
+        g = torch.randn(n, device=DEV).bfloat16()
+    torch.manual_seed(5)
+    p0, m0, v0 = torch.randn(n, device=DEV), torch.randn(n, device=DEV), torch.rand(n, device=DEV)
+
+    def state():
+        return (p0.clone(), m0.clone(), v0.clone(), torch.full((n,), 3.0, dtype=torch.bfloat16, device=DEV),
+                torch.full((n - 7,), 5.0, device=DEV))
+
+    def step(st, gate):
+        p, m, v, lp, ema = st
+        fn(p, g, m, v, step=3, lp=lp, ema=ema, ema_weight=0.1, ema_range=(7, n), segments=seg, gate=gate, **HP)
+        return st
+
+    plain = step(state(), None)
+    finite = step(state(), torch.tensor([123.5], device=DEV))
+    for a, b in zip(finite, plain):
+        assert torch.equal(a, b)
+    assert not torch.equal(plain[0], p0)                     # the update did change the masters
+    for bad in (float("inf"), float("nan"), float("-inf")):
+        kept = step(state(), torch.tensor([bad], device=DEV))
+        for a, b in zip(kept, state()):
+            assert torch.equal(a, b), bad
+    with pytest.raises(ValueError, match="gate must be a 1-element float32 tensor"):
+        step(state(), torch.tensor([1.0, 2.0], device=DEV))
+    with pytest.raises(ValueError, match="gate must be a 1-element float32 tensor"):
+        step(state(), torch.tensor([1.0], dtype=torch.float64, device=DEV))

@@ -278,8 +278,17 @@ def fused_step(cfg):
     return cfg
 
 
+def fused_deferred_step(cfg):
+    """fused_step with the update queued before the host reads the non-finite check
+    (train.fused_step_deferred_check)."""
+    cfg = fused_step(cfg)
+    cfg["train"]["fused_step_deferred_check"] = True
+    return cfg
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fast", [None, fast_step, fused_step], ids=["deepspeed-checks", "fast-step", "fused-step"])
+@pytest.mark.parametrize("fast", [None, fast_step, fused_step, fused_deferred_step],
+                         ids=["deepspeed-checks", "fast-step", "fused-step", "fused-deferred-check"])
 def test_zero2_exact_resume_after_sigkill_during_save(tmp_path, fast):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     cfg = tiny_config(full_dir, stage=2, ckpt_every=1, keep_last=3)
@@ -287,9 +296,11 @@ def test_zero2_exact_resume_after_sigkill_during_save(tmp_path, fast):
         cfg = fast(cfg)
     proc = launch(cfg, tmp_path, "full")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    if fast is fused_step:
+    if fast in (fused_step, fused_deferred_step):
         assert "train.fused_optimizer_step: AdamW, the bf16 parameter copy and the EMA in one pass" in \
             proc.stdout + proc.stderr
+        assert ("the update queued before the host reads the non-finite check" in proc.stdout + proc.stderr) \
+            == (fast is fused_deferred_step)
     first, last = falling(metrics(full_dir))
     assert last < first - 0.02, (first, last)
     check_ema_recurrence(full_dir, 16, 0.9)           # under bf16: against the fp32 masters

@@ -197,3 +197,12 @@ def test_cuda_graph_refuses_what_it_cannot_replay(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(os.path.join(CONFIGS, "xl2_zero2.json"), ["train.cuda_graph=true"] + overrides)
     assert load_config(os.path.join(CONFIGS, "xl2_zero2.json"), ["train.cuda_graph=true"]).train.cuda_graph
+
+
+def test_fused_step_deferred_check_needs_the_fused_step():
+    """train.fused_step_deferred_check changes the fused optimizer step: without it, a one-line error."""
+    xl2 = os.path.join(CONFIGS, "xl2_zero2.json")
+    assert load_config(xl2, []).train.fused_step_deferred_check is False          # off by default
+    assert load_config(xl2, ["train.fused_step_deferred_check=true"]).train.fused_step_deferred_check
+    with pytest.raises(ConfigError, match="train.fused_step_deferred_check .* needs train.fused_optimizer_step=true"):
+        load_config(xl2, ["train.fused_step_deferred_check=true", "train.fused_optimizer_step=false"])

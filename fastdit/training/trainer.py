@@ -390,7 +390,8 @@ class TrainingSetup:
                     grad_accum=self.grad_accum, world_size=world_size, global_batch=self.global_batch,
                     ema_decay=cfg.train.ema_decay, compile=cfg.train.compile, cuda_graph=cfg.train.cuda_graph,
                     fused_grad_checks=cfg.train.fused_grad_checks, ema_one_pass=cfg.train.ema_one_pass,
-                    fused_optimizer_step=cfg.train.fused_optimizer_step)
+                    fused_optimizer_step=cfg.train.fused_optimizer_step,
+                    fused_step_deferred_check=cfg.train.fused_step_deferred_check)
 
     def destroy(self) -> None:
         """Release the engine (DeepSpeed's own teardown) and drop every reference this setup holds."""
@@ -443,9 +444,11 @@ def build_engine(cfg: Config, in_channels: int, input_size: int, num_classes: in
         from fastdit.training import zero_step
         # the fused step updates the EMA through flat buffers over DeepSpeed's fp32 partition
         ema = ShardedEMA(engine.module, cfg.train.ema_decay, one_pass=cfg.train.ema_one_pass, flat=True)
-        why = zero_step.install(engine.optimizer, ema)
+        why = zero_step.install(engine.optimizer, ema, deferred_check=cfg.train.fused_step_deferred_check)
         say(f"train.fused_optimizer_step: DeepSpeed's own optimizer step kept: {why}" if why else
-            "train.fused_optimizer_step: AdamW, the bf16 parameter copy and the EMA in one pass from step 2")
+            "train.fused_optimizer_step: AdamW, the bf16 parameter copy and the EMA in one pass from step 2"
+            + ("; the update queued before the host reads the non-finite check (train.fused_step_deferred_check)"
+               if cfg.train.fused_step_deferred_check else ""))
         if why:
             ema = None                      # DeepSpeed's step: the per-piece EMA, as without the switch
     if ema is None:

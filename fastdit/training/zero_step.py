@@ -34,6 +34,16 @@ the Triton kernel; elsewhere (CPU runs, tests) the same update in PyTorch ops.
 Switch: `train.fused_optimizer_step` (default off; on in the bf16 ZeRO-1/2 configs since an H100 run measured
 it: the real step 234.7 -> 227.8 ms for DiT-XL/2 at batch 128, the optimizer phase 10.4 ms with the EMA inside;
 benchmarks/results/h100-2026-11-27-570862f).
+
+`train.fused_step_deferred_check` (default off, unmeasured; `install(..., deferred_check=True)`): the step above
+waits for the gradients' sum of squares (`.item()`, the one host sync) before it queues the update, so the GPU
+idles while the host works from that sync to the kernel's launch (DeepSpeed's and this module's Python per
+step). Deferred, the sum is copied to pinned host memory behind an event, the update is queued at once with the
+sum as the kernel's gate (`adamw_step_(gate=...)`: the kernel loads and writes nothing when it is not finite),
+and the host then waits for that copy only. A finite sum: the rest of the step as above (the loss-scale update,
+the gradient norm, freeing the gradients, the step count, the all-gather, the EMA's other pieces). Not finite:
+nothing was written, the gradients are still there, and DeepSpeed's own step runs its skip path, as without the
+switch. The same updates bit for bit (tests/test_training_zero_step.py).
 """
 from __future__ import annotations
 
@@ -118,9 +128,13 @@ def _tiled_view(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
 class FusedZeroStep:
     """State of the fused step on one optimizer (host copy of each group's step count, the EMA)."""
 
-    def __init__(self, optimizer, ema=None):
+    def __init__(self, optimizer, ema=None, deferred_check: bool = False):
         self.optimizer = optimizer
         self.ema = ema
+        self.deferred_check = bool(deferred_check)
+        self.deferred_steps = 0         # fused steps whose update was queued before the host read the check
+        self.deferred_skips = 0         # steps the gate skipped on the device (then DeepSpeed's skip path ran)
+        self._host_sum = None           # (1,) fp32 host copy of the sum of squares (pinned on CUDA)
         self.orig_step = optimizer.step
         self.fused_steps = 0            # steps taken by the fused path (tests, logs)
         self.ema_updated = False        # whether the last step() also updated the EMA (all of it)
@@ -141,11 +155,18 @@ class FusedZeroStep:
 
     def _next_step(self, i: int, state_step: torch.Tensor) -> int:
         """The step count after this update for group i; increments torch's counter in place."""
+        count = self._step_count(i, state_step)
+        self._commit_step(i, state_step, count)
+        return count + 1
+
+    def _step_count(self, i: int, state_step: torch.Tensor) -> int:
+        """Group i's step count before this update (read from the device only when its tensor is new)."""
         held = self._steps.get(i)
-        count = held[1] if held is not None and held[0] is state_step else int(state_step.item())
+        return held[1] if held is not None and held[0] is state_step else int(state_step.item())
+
+    def _commit_step(self, i: int, state_step: torch.Tensor, count: int) -> None:
         state_step.add_(1)
         self._steps[i] = (state_step, count + 1)
-        return count + 1
 
     def _segments(self, i: int, grads, size: int, device):
         """(buffer, GradSegments) when the group's gradient tensors (in partition order) fill one buffer
@@ -194,6 +215,16 @@ class FusedZeroStep:
         overflow flag (any non-finite element on any rank) and the global L2 norm. None (DeepSpeed's, or
         zero_checks', two passes run) unless both are wanted and the run is data-parallel only: model- or
         pipeline-parallel runs count some gradients once per group, which the one sum does not."""
+        total = self._global_sum_of_squares(opt)
+        if total is None:
+            return None
+        if not math.isfinite(float(total.item())):  # the one host sync (DeepSpeed's overflow check has it)
+            return True, None
+        return False, total.sqrt().reshape(())
+
+    def _global_sum_of_squares(self, opt) -> Optional[torch.Tensor]:
+        """The one-pass checks' sum of squares over every rank's gradients, all-reduced, as a (1,) fp32 tensor
+        on the device (no host sync), or None where the one-pass checks do not apply (_one_pass_checks)."""
         from deepspeed import comm as dist
         from deepspeed.comm import pg_utils
 
@@ -219,9 +250,7 @@ class FusedZeroStep:
             total = _sum_of_squares(grads, device)
         total = total.reshape(1)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
-        if not math.isfinite(float(total.item())):  # the one host sync (DeepSpeed's overflow check has it)
-            return True, None
-        return False, total.sqrt().reshape(())
+        return total
 
     def step(self, closure=None):
         self.ema_updated = False
@@ -230,13 +259,16 @@ class FusedZeroStep:
         return self._fused(self.optimizer)
 
     def _fused(self, opt):
-        from deepspeed import comm as dist
         import deepspeed.runtime.zero.stage_1_and_2 as s12
 
         opt.micro_step_id = s12.INITIAL_MICRO_STEP_ID
         if not opt.compute_grad_norm:
             opt._global_grad_norm = None
         opt.overflow = False
+        if self.deferred_check:
+            total = self._global_sum_of_squares(opt)
+            if total is not None:
+                return self._fused_deferred(opt, total)
         checked = self._one_pass_checks(opt)
         if checked is not None:
             bad, norm = checked
@@ -259,50 +291,127 @@ class FusedZeroStep:
         if norm is not None:
             opt._global_grad_norm = norm / prev_scale
 
-        base = opt.optimizer
         done = []
         for i in range(len(opt.bit16_groups)):
-            partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
-            master = opt.single_partition_of_fp32_groups[i]
             opt.free_grad_in_param_list(opt.params_not_in_partition[i])
-            size = int(opt.partition_size[i])
-            grad = opt._get_preflattened_grad_partition(i) if hasattr(opt, "_get_preflattened_grad_partition") \
-                else None
-            segments = None
-            if grad is None:
-                grad = _flat_view(opt.averaged_gradients[i], size)
-                self.flat_views += grad is not None
-            if grad is None:
-                grad, segments = self._segments(i, opt.averaged_gradients[i], size, master.device)
-                self.flat_segments += grad is not None
-            if grad is None:                        # DeepSpeed's own flatten (a copy)
-                self.flat_copies += 1
-                if partition_id == dist.get_world_size(group=opt.real_dp_process_group[i]) - 1:
-                    grad = opt.flatten_dense_tensors_aligned(opt.averaged_gradients[i], size)
-                else:
-                    grad = opt.flatten(opt.averaged_gradients[i])
-            opt.free_grad_in_param_list(opt.params_in_partition[i])
-            if hasattr(opt, "_release_preflattened_grad_buffers"):
-                opt._release_preflattened_grad_buffers(i)
-            opt.averaged_gradients[i] = None
-            if hasattr(opt, "all_grad_tensors"):
-                opt.all_grad_tensors[i] = None
-
-            group = base.param_groups[i]
-            state = base.state[group["params"][0]]
+            grad, segments = self._group_grad(opt, i)
+            self._free_group_grads(opt, i, not_in_partition=False)
+            state = opt.optimizer.state[opt.optimizer.param_groups[i]["params"][0]]
             step = self._next_step(i, state["step"])
-            seg = self.ema.flat_segment(master) if self.ema is not None else None
+            seg = self._launch(opt, i, grad, segments, step)
             if seg is not None:
-                done.append(seg[0])
-            beta1, beta2 = group["betas"]
-            kwargs = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                          weight_decay=float(group.get("weight_decay", 0.0)), step=step,
-                          lp=opt.parallel_partitioned_bit16_groups[i][partition_id],
-                          ema=seg[1] if seg else None,
-                          ema_weight=1.0 - self.ema.decay if seg else 0.0,
-                          ema_range=seg[2:] if seg else None, segments=segments)
-            _update(master, grad, state["exp_avg"], state["exp_avg_sq"], **kwargs)
+                done.append(seg)
             del grad
+        self._finish(opt, done)
+
+    def _fused_deferred(self, opt, total: torch.Tensor):
+        """train.fused_step_deferred_check: the update queued with `total` (the all-reduced sum of squares) as
+        the kernel's gate before the host reads it; see the module docstring."""
+        event = self._copy_to_host(total)
+        done, counts = [], []
+        for i in range(len(opt.bit16_groups)):
+            grad, segments = self._group_grad(opt, i)
+            state_step = opt.optimizer.state[opt.optimizer.param_groups[i]["params"][0]]["step"]
+            count = self._step_count(i, state_step)
+            counts.append((state_step, count))
+            seg = self._launch(opt, i, grad, segments, count + 1, gate=total)
+            if seg is not None:
+                done.append(seg)
+            del grad
+        if event is not None:
+            event.synchronize()                     # the sum's copy only: the update keeps the GPU busy
+        if not math.isfinite(float(self._host_sum[0])):
+            self.deferred_skips += 1
+            return self.orig_step()                 # nothing was written: DeepSpeed's skip path (it checks again)
+        prev_scale = opt.loss_scale
+        opt._update_scale(False)
+        if hasattr(opt, "_commit_muon_momentum"):
+            opt._commit_muon_momentum()
+        opt._global_grad_norm = total.sqrt().reshape(()) / prev_scale
+        for i, (state_step, count) in enumerate(counts):
+            self._free_group_grads(opt, i, not_in_partition=True)
+            self._commit_step(i, state_step, count)
+        self.deferred_steps += 1
+        self._finish(opt, done)
+
+    def _copy_to_host(self, total: torch.Tensor):
+        """Start copying the (1,) sum to host memory; the CUDA event to wait on (None on CPU: copied)."""
+        if not total.is_cuda:
+            self._host_sum = total.detach().reshape(1).to(torch.float32).clone()
+            return None
+        if self._host_sum is None:
+            self._host_sum = torch.empty(1, dtype=torch.float32, pin_memory=True)
+        self._host_sum.copy_(total.detach().reshape(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _group_grad(self, opt, i: int):
+        """Group i's bf16 gradient partition as (tensor, GradSegments or None): DeepSpeed's preflattened
+        partition, a view of its tensors (ZeRO-1), the buffer they fill read through segment tables (ZeRO-2), or
+        DeepSpeed's flatten (a copy). Frees nothing."""
+        from deepspeed import comm as dist
+
+        master = opt.single_partition_of_fp32_groups[i]
+        size = int(opt.partition_size[i])
+        grad = opt._get_preflattened_grad_partition(i) if hasattr(opt, "_get_preflattened_grad_partition") \
+            else None
+        segments = None
+        if grad is None:
+            grad = _flat_view(opt.averaged_gradients[i], size)
+            self.flat_views += grad is not None
+        if grad is None:
+            grad, segments = self._segments(i, opt.averaged_gradients[i], size, master.device)
+            self.flat_segments += grad is not None
+        if grad is None:                            # DeepSpeed's own flatten (a copy)
+            self.flat_copies += 1
+            partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
+            if partition_id == dist.get_world_size(group=opt.real_dp_process_group[i]) - 1:
+                grad = opt.flatten_dense_tensors_aligned(opt.averaged_gradients[i], size)
+            else:
+                grad = opt.flatten(opt.averaged_gradients[i])
+        return grad, segments
+
+    @staticmethod
+    def _free_group_grads(opt, i: int, not_in_partition: bool) -> None:
+        """Release group i's gradients as DeepSpeed's step does (those outside the rank's partition too when
+        `not_in_partition`)."""
+        if not_in_partition:
+            opt.free_grad_in_param_list(opt.params_not_in_partition[i])
+        opt.free_grad_in_param_list(opt.params_in_partition[i])
+        if hasattr(opt, "_release_preflattened_grad_buffers"):
+            opt._release_preflattened_grad_buffers(i)
+        opt.averaged_gradients[i] = None
+        if hasattr(opt, "all_grad_tensors"):
+            opt.all_grad_tensors[i] = None
+
+    def _launch(self, opt, i: int, grad, segments, step: int, gate: Optional[torch.Tensor] = None):
+        """Queue group i's update (AdamW, the bf16 copy, its EMA groups) with step count `step`; the EMA's flat
+        group index it updated, or None."""
+        from deepspeed import comm as dist
+
+        base = opt.optimizer
+        group = base.param_groups[i]
+        state = base.state[group["params"][0]]
+        master = opt.single_partition_of_fp32_groups[i]
+        partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
+        seg = self.ema.flat_segment(master) if self.ema is not None else None
+        beta1, beta2 = group["betas"]
+        kwargs = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                      weight_decay=float(group.get("weight_decay", 0.0)), step=step,
+                      lp=opt.parallel_partitioned_bit16_groups[i][partition_id],
+                      ema=seg[1] if seg else None,
+                      ema_weight=1.0 - self.ema.decay if seg else 0.0,
+                      ema_range=seg[2:] if seg else None, segments=segments)
+        if gate is not None:
+            kwargs["gate"] = gate
+        _update(master, grad, state["exp_avg"], state["exp_avg_sq"], **kwargs)
+        return seg[0] if seg is not None else None
+
+    def _finish(self, opt, done: List[int]) -> None:
+        """After the updates: the all-gather of the partitions, the model's bf16 parameters, the EMA's other
+        pieces."""
+        import deepspeed.runtime.zero.stage_1_and_2 as s12
 
         s12.all_gather_dp_groups(groups_flat=opt.bit16_groups_flat,
                                  partitioned_param_groups=opt.parallel_partitioned_bit16_groups,
@@ -326,11 +435,12 @@ def _update(master, grad, exp_avg, exp_avg_sq, **kwargs) -> None:
         adamw.adamw_step_ref_(master, grad, exp_avg, exp_avg_sq, **kwargs)
 
 
-def install(optimizer, ema=None) -> Optional[str]:
+def install(optimizer, ema=None, deferred_check: bool = False) -> Optional[str]:
     """Put the fused step on a DeepSpeedZeroOptimizer (ZeRO-1/2). `ema`: a ShardedEMA built with
     flat=True whose groups the step updates with the parameters (the Trainer then skips its own update
-    when `optimizer.fastdit_fused_step.ema_updated`). Returns None when installed, else why not (the
-    optimizer keeps DeepSpeed's step)."""
+    when `optimizer.fastdit_fused_step.ema_updated`). `deferred_check`: queue the update before the host
+    reads the non-finite check (train.fused_step_deferred_check; module docstring). Returns None when
+    installed, else why not (the optimizer keeps DeepSpeed's step)."""
     name = type(optimizer).__name__
     if name != "DeepSpeedZeroOptimizer":
         return f"{name} is not DeepSpeed's ZeRO-1/2 optimizer"
@@ -354,7 +464,7 @@ def install(optimizer, ema=None) -> Optional[str]:
     why = _eligible(optimizer)
     if why:
         return why
-    fused = FusedZeroStep(optimizer, ema)
+    fused = FusedZeroStep(optimizer, ema, deferred_check)
     optimizer.fastdit_fused_step = fused
     optimizer.step = types.MethodType(lambda self, closure=None: fused.step(closure), optimizer)
     return None
