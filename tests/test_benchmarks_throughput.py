@@ -416,6 +416,28 @@ def test_precisions_run(precision):
     assert res["config"]["optimizer"].startswith("AdamW on fp32 master" if precision == "bf16" else "AdamW,")
 
 
+@pytest.mark.slow
+@pytest.mark.triton
+def test_bf16_smoke_engine_rows_run_the_fused_step(tmp_path):
+    """In bf16 (the smoke run is fp32, where the fused optimizer step is refused) the engine rows run the fused
+    step: plain, with the deferred non-finite check, and the candidate row (graphs emulated, mlp fold, column sums
+    once, paired row sums, overlap_comm off, the deferred check) all train alike."""
+    out = tmp_path / "bf16.json"
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--smoke", "--precision", "bf16", "--rows",
+                           "deepspeed,deepspeed+deferred-check,deepspeed+candidates", "--json", str(out)],
+                          cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(r["status"] == "ok" and r["fused_optimizer_step"] == "on" for r in rows.values()), rows
+    assert [rows[n]["deepspeed"]["fused_step_deferred_check"] for n in rows] == [False, True, True]
+    assert rows["deepspeed+candidates"]["graphs"]["captures"] == 1
+    assert "the update queued before the host reads the non-finite check" in proc.stdout
+    for name in ("deepspeed+deferred-check", "deepspeed+candidates"):
+        for key in ("loss_first", "loss_last"):
+            assert rows[name][key] == pytest.approx(rows["deepspeed"][key], rel=1e-3), (name, key)
+
+
 # ----------------------------------------------------------------------------------------------
 # Failures are recorded, not fatal; bad arguments are refused
 # ----------------------------------------------------------------------------------------------
