@@ -11,6 +11,13 @@ Triton attention (attention backend `triton`, no library op, so no fused-direct 
 
   python benchmarks/host_overhead.py [--reps 300] [--json PATH]
   python benchmarks/host_overhead.py --model-step [--reps 20] [--json PATH]
+  python benchmarks/host_overhead.py --ema [--reps 50] [--json PATH]
+
+--ema: the EMA update as the fused optimizer step calls it (train.fused_optimizer_step; the flat group over
+DeepSpeed's fp32 partition already updated by the kernel, so what is left is the walk over the pieces, the checks
+and the frozen parameters' lerp), in the engine train.py builds from configs/xl2_zero2.json (ZeRO-2 bf16, one CPU
+rank, gloo) for DiT-XL/2's depth and heads at a tiny width (292 parameters): milliseconds per update, median of
+5 batches of --reps updates. It runs after the AdamW kernel's launch, so on a GPU it overlaps that kernel.
 
 --model-step: instead of single ops, one whole training forward + backward of a DiT with DiT-XL/2's depth and
 head count (28 blocks, 16 heads) at a tiny width and input (hidden 64, 4 x 4 tokens, batch 2), so every op of
@@ -182,15 +189,61 @@ def model_step_rows(reps: int):
     return rows
 
 
+def ema_rows(reps: int):
+    """[(what, ms per EMA update)] for --ema (see the module docstring)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    from benchmarks import step_profile as sp
+    from fastdit.training.trainer import Trainer, build_engine, device_for_rank, init_distributed
+    sets = ["model.hidden_size=64", "model.num_heads=16", "data.image_size=64", "deepspeed.train_batch_size=2",
+            "deepspeed.train_micro_batch_size_per_gpu=2"]
+    cfg = sp.parse_args(["--config", os.path.join(ROOT, "configs", "xl2_zero2.json"), "--data", "synthetic"]
+                        + [a for kv in sets for a in ("--set", kv)]).cfg
+    init_distributed(cfg.train.shm_comm)
+    geometry = (4, cfg.data.image_size // 8, cfg.model.num_classes or cfg.data.num_classes)
+    setup = build_engine(cfg, *geometry, device_for_rank())
+    trainer = Trainer(setup, sp.synthetic_source(setup.micro_batch, *geometry, device_for_rank(), 0))
+    for _ in range(3):                           # the fused step runs from the second step
+        trainer.train_step()
+    ema, opt = setup.ema, setup.engine.optimizer
+    done = [seg[0] for seg in (ema.flat_segment(m) for m in opt.single_partition_of_fp32_groups) if seg]
+    batches = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            ema.update(done=done)
+        batches.append((time.perf_counter() - t0) / reps * 1e3)
+    row = dict(what="ema.update(done=flat groups)", ms_per_update=statistics.median(batches),
+               params=len(ema.pieces), flat_groups=len(ema.flat), done=done,
+               fused_step=getattr(opt, "fastdit_fused_step", None) is not None)
+    print(f"{row['what']:32s} {row['ms_per_update']:8.3f} ms per update (host; {row['params']} parameters, "
+          f"{row['flat_groups']} flat group(s), done {done})", flush=True)
+    setup.destroy()
+    torch.distributed.destroy_process_group()
+    return [row]
+
+
 def run(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=None,
                     help="calls per timed batch (5 batches; default 300), or steps with --model-step (default 20)")
     ap.add_argument("--model-step", action="store_true",
                     help="time one whole training forward + backward of a 28-block DiT instead of single ops")
+    ap.add_argument("--ema", action="store_true",
+                    help="time the EMA update as the fused optimizer step calls it instead (DiT-XL/2's depth)")
     ap.add_argument("--json", help="write the rows and run metadata here")
     args = ap.parse_args(argv)
     import torch
+    if args.ema:
+        torch.set_num_threads(1)
+        reps = args.reps or 50
+        rows = ema_rows(reps)
+        meta = dict(environment(torch.device("cpu")), reps=reps,
+                    note="host time of the EMA update in the fused optimizer step's path (its flat group done by "
+                         "the kernel); CPU figures, not GPU times")
+        if args.json:
+            print(f"wrote {write_json(args.json, dict(meta=meta, rows=rows))}")
+        return meta, rows
     if args.model_step:
         torch.set_num_threads(1)
         n_stubbed = stub_kernels()

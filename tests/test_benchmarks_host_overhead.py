@@ -48,3 +48,19 @@ def test_host_overhead_model_step(tmp_path):
     ms = {r["model"]: r["ms_per_step"] for r in data["rows"]}
     # the graphed step issues no kernel from Python: far less host work than issuing the model's ops (28 blocks)
     assert ms["fast-graphed"] < ms["fast-torch-ops"] / 3, ms
+
+
+def test_host_overhead_ema(tmp_path):
+    """--ema: the EMA update as the fused optimizer step calls it, in the engine train.py builds (ZeRO-2 bf16, one
+    CPU rank) for DiT-XL/2's depth at a tiny width: the kernel's flat group done, the other pieces walked."""
+    out = tmp_path / "ema.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--ema",
+                           "--reps", "3", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["fused_step"] and row["params"] == 292 and row["flat_groups"] == 1 and row["done"] == [0]
+    assert row["ms_per_update"] > 0

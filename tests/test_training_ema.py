@@ -103,3 +103,23 @@ def test_flat_ema_refuses_a_moved_master():
     first.data = first.detach().clone()           # the master now lives elsewhere
     with pytest.raises(RuntimeError, match="moved"):
         ema.update()
+
+
+def test_ema_follows_moved_data_and_refuses_replaced_parameters():
+    """The EMA walks the model's parameters once: values moved in place (DeepSpeed re-points .data) are followed
+    at every update; a Parameter object replaced after the EMA was built is found at the next full check (the
+    first update, then every FULL_CHECK_EVERY) and is an error, not a silent average of a stale tensor."""
+    from fastdit.training import ema as ema_mod
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    w0 = net.weight.detach().clone()
+    ema = ShardedEMA(net, decay=0.5)
+    with torch.no_grad():
+        net.weight.data = torch.ones(2, 3)          # new storage, the same Parameter object
+    ema.update()
+    torch.testing.assert_close(ema.full_state_dict()["weight"], 0.5 * w0 + 0.5 * torch.ones(2, 3))
+    net.weight = torch.nn.Parameter(torch.zeros(2, 3))
+    for _ in range(ema_mod.FULL_CHECK_EVERY - 1):   # between full checks the cached objects are used
+        ema.update()
+    with pytest.raises(RuntimeError, match="parameters were replaced since the EMA was built"):
+        ema.update()
