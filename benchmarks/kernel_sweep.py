@@ -39,6 +39,15 @@ NaN) are compared with the default config's: `max_abs_diff`, and `tol_ratio` = m
 a non-finite value where the default has a finite one, marks the config `wrong`; a wrong config is
 never reported as the best.
 
+--timing graph: each config's call captured once in a CUDA graph and replayed
+(triton.testing.do_bench_cudagraph, as benchmarks/kernels.py's `ms_graph`), so the host's launch path is not
+timed. The default, `bench`, times the launcher call with do_bench, which is right where the kernel outlasts its
+launch (the residual+LN backward) and wrong where it does not: on the H100 machine of 570862f the fused ops' host
+path took 0.22-0.36 ms per forward call against 0.13-0.21 ms of kernel (benchmarks/kernels.py `host_ms` vs
+`ms_graph`), so a forward sweep under `bench` would rank the host. The replays do not flush L2 between calls
+(the sweep's shapes move 150 MB or more per call, three times an H100's L2). A capture that fails is the
+config's error. On CPU (--smoke) there are no graphs: wall clock, said in the JSON.
+
 Stops cleanly at --deadline-s (checked before each config; compiles included) and writes what was
 measured. The JSON (written after each (op, pass, D) group too) holds the environment (GPU, versions,
 git commit, date, exact command; benchmarks.common.environment), the copy baseline, a summary per
@@ -47,6 +56,8 @@ git commit, date, exact command; benchmarks.common.environment), the copy baseli
 Usage:
   python benchmarks/kernel_sweep.py --json benchmarks/results/kernel_sweep_h100.json
   python benchmarks/kernel_sweep.py --ops gated_residual_modulate_layernorm --passes bwd --deadline-s 120
+  python benchmarks/kernel_sweep.py --ops modulate_layernorm gated_residual_modulate_layernorm --passes fwd \
+      --timing graph --deadline-s 60                                    # the forward kernels, not the host
   python benchmarks/kernel_sweep.py --smoke --json /tmp/sweep.json   # tiny CPU run, interpreter
 Nothing is printed that was not measured in this run; --smoke timings are the interpreter's.
 """
@@ -99,6 +110,9 @@ def _parse(argv=None):
     p.add_argument("--warmup", type=int, default=10, help="ms of warm-up (do_bench) per timing")
     p.add_argument("--rep", type=int, default=50, help="ms of repetitions (do_bench) per timing")
     p.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy baseline")
+    p.add_argument("--timing", default="bench", choices=["bench", "graph"],
+                   help="bench: do_bench of the launcher call (host launch path included where it is the longer); "
+                        "graph: replays of the call captured in a CUDA graph (the kernels only)")
     p.add_argument("--deadline-s", type=float, default=240.0,
                    help="stop starting new configs after this many seconds (whole run) and write the results")
     p.add_argument("--json", help="write the run metadata, summary and every config's result here")
@@ -311,6 +325,25 @@ def _err(e):
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
+def _call_timer(timing: str, device, timer, rep: int):
+    """fn -> (ms, None) or (None, why): `timer` (do_bench; wall clock on CPU), or with timing "graph" on CUDA the
+    replays of fn captured in a CUDA graph (benchmarks/kernels.py _graph_ms)."""
+    if timing == "graph" and device.type == "cuda":
+        from benchmarks.kernels import _graph_ms
+        return lambda fn: _graph_ms(fn, device, rep)
+    return lambda fn: (timer(fn), None)
+
+
+def _timer_text(args, device) -> str:
+    if device.type != "cuda":
+        return ("wall clock median of 3 (benchmarks/kernels.py _timer; no CUDA graphs on CPU)" if args.timing == "graph"
+                else "wall clock median of 3 (benchmarks/kernels.py _timer)")
+    if args.timing == "graph":
+        return (f"triton.testing.do_bench_cudagraph median (rep {args.rep} ms) of the call captured in a CUDA graph: "
+                f"no host work timed, L2 not flushed between replays")
+    return f"triton.testing.do_bench median (warmup {args.warmup} ms, rep {args.rep} ms), L2 flushed"
+
+
 def run(args, argv=None):
     """Run the sweep; `argv` (None: sys.argv) is what the JSON records as the command."""
     t_start = time.monotonic()
@@ -326,6 +359,7 @@ def run(args, argv=None):
         device = torch.device("cuda")
         dims, tps, batch, copy_mib = args.dims, args.tokens_per_sample, args.batch, args.copy_mib
     timer = _timer(device, args.warmup, args.rep)
+    time_call = _call_timer(args.timing, device, timer, args.rep)
     copy_gbps = _copy_gbps(device, copy_mib, timer)
     print(f"device-to-device copy: {copy_gbps:.1f} GB/s", flush=True)
     rtol = rtol_for(dtype)
@@ -340,8 +374,7 @@ def run(args, argv=None):
                           max_tile_elems=args.max_tile_elems, max_elems_per_thread=args.max_elems_per_thread),
                 numerics=dict(reference="the default config's outputs", rtol=rtol, atol_frac=ATOL_FRAC,
                               poisoned=True),
-                timer=(f"triton.testing.do_bench median (warmup {args.warmup} ms, rep {args.rep} ms), L2 flushed"
-                       if device.type == "cuda" else "wall clock median of 3 (benchmarks/kernels.py _timer)"),
+                timer=_timer_text(args, device), timing=args.timing,
                 timed="one launcher call (kernel + fp32 partial-sum reduction in bwd + output allocation)",
                 deadline_s=args.deadline_s, stopped_early=False, stopped_at=None)
     results, summary = [], []
@@ -400,9 +433,12 @@ def run(args, argv=None):
                             del outs
                             try:
                                 with torch.no_grad():
-                                    ms = timer(lambda: call(**o))
-                                gbps = nbytes / (ms * 1e-3) / 1e9
-                                row.update(ms=ms, gbps=gbps, copy_share=gbps / copy_gbps)
+                                    ms, why = time_call(lambda: call(**o))
+                                if ms is None:
+                                    row.update(status="error", error=why)
+                                else:
+                                    gbps = nbytes / (ms * 1e-3) / 1e9
+                                    row.update(ms=ms, gbps=gbps, copy_share=gbps / copy_gbps)
                             except Exception as e:  # noqa: BLE001
                                 row.update(status="error", error=_err(e))
                         rows.append(row)

@@ -275,3 +275,24 @@ def test_num_warps_override_rejects_bad_values(bad):
             call()
     assert COMMON.launch_tile(1152) == COMMON.row_tile(1152)
     assert COMMON.launch_tile(1152, 4, 16) == (4, 2048, 16)
+
+
+def test_graph_timing_uses_the_cuda_graph_replays(monkeypatch):
+    """--timing graph: on CUDA each call is timed by benchmarks/kernels.py's CUDA-graph replays (no host work), and a
+    capture that fails is that config's error; on CPU (smoke) it is the wall clock, and the JSON says which."""
+    import types
+
+    from benchmarks import kernels as KB
+    seen = []
+    monkeypatch.setattr(KB, "_graph_ms", lambda fn, device, rep: seen.append((device.type, rep)) or (0.25, None))
+    cuda = types.SimpleNamespace(type="cuda")
+    bench = S._call_timer("bench", cuda, lambda fn: 9.0, 50)
+    graph = S._call_timer("graph", cuda, lambda fn: 9.0, 50)
+    assert bench(lambda: None) == (9.0, None) and graph(lambda: None) == (0.25, None) and seen == [("cuda", 50)]
+    monkeypatch.setattr(KB, "_graph_ms", lambda fn, device, rep: (None, "capture failed"))
+    assert S._call_timer("graph", cuda, lambda fn: 9.0, 50)(lambda: None) == (None, "capture failed")
+    cpu = types.SimpleNamespace(type="cpu")
+    assert S._call_timer("graph", cpu, lambda fn: 3.0, 50)(lambda: None) == (3.0, None)
+    args = S._parse(["--timing", "graph"])
+    assert "do_bench_cudagraph" in S._timer_text(args, cuda) and "no CUDA graphs" in S._timer_text(args, cpu)
+    assert "L2 flushed" in S._timer_text(S._parse([]), cuda)
