@@ -126,8 +126,8 @@ KERNEL_SWITCHES = (("FASTDIT_TILE_SUMS", "triton"), ("FASTDIT_PATCH_EMBED_BWD", 
 # prediction (benchmarks/predictions.json) is a gain at its central value, together, so that one GPU run shows
 # where the defaults would land if each of them holds: the model's forward and backward from CUDA graphs,
 # mlp="fold" with the column sums reduced once, the LN backward's row sums paired, and (engine only) ZeRO's
-# overlap_comm off and the fused step's deferred non-finite check. Left out: bias_fold (central +2 ms), the Triton attention (a wrong output on one shape is
-# not yet explained), and the switches measured slower.
+# overlap_comm off and the fused step's deferred non-finite check. Left out: bias_fold (central +2 ms), the
+# Triton attention (a wrong output on one shape is not yet explained), and the switches measured slower.
 CANDIDATE_ENV = COLUMN_SUMS_ONCE + (("FASTDIT_LN_ROW_SUMS", "paired"),)
 CANDIDATE_SETS = ("deepspeed.zero_optimization.overlap_comm=false", "train.fused_step_deferred_check=true")
 ALL_ROWS = BASE_ROWS + tuple(f"fused/{b}" for b in ATTENTION_BACKENDS)

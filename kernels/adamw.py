@@ -237,7 +237,7 @@ def adamw_step_(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float
     copy of p to write; ema: optional fp32 EMA of p[ema_range[0]:ema_range[1]] (the whole p when
     ema_range is None), updated with weight ema_weight (= 1 - decay). step: the step count after
     this update (1 on the first). segments: g is a gradient buffer read through these tables (GradSegments)
-    instead of p's gradient element for element. gate: a 1-element float tensor on p's device; when it is not
+    instead of p's gradient element for element. gate: a 1-element float32 tensor on p's device; when it is not
     finite the kernel writes nothing (read on the device: no host sync). Raises TypeError/ValueError on bad
     inputs, before any write.
     """
