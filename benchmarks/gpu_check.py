@@ -459,6 +459,44 @@ def format_verdicts(verdicts: List[Dict]) -> List[str]:
     return lines
 
 
+# The issues' whole-step targets, for one H100 at batch 128 (issue 10: the loop users run; issue 11: the fused
+# model): row, (comparison row or None), the target, what it reads. Judged on the throughput and compile stages.
+ISSUE_TARGETS = (
+    ("issue 10", "deepspeed", None, 600.0, "img/s"),
+    ("issue 10", "deepspeed", "fused", 0.95, "x"),
+    ("issue 11", "fused", None, 700.0, "img/s"),
+    ("issue 11", "fused", "compile", 1.3, "x"),
+    ("issue 11", "fused+compile", "fused", 1.0, "x"),
+)
+# Rows that show where the targets would stand with every switch predicted to win on (throughput.CANDIDATE_ENV):
+# each target is read again with a row's `+candidates` twin in its place, where both were measured.
+CANDIDATE_TWINS = {"deepspeed": "deepspeed+candidates", "fused": "fused+candidates"}
+
+
+def issue_target_lines(stages: List["Stage"]) -> List[str]:
+    """One line per target of ISSUE_TARGETS that the batch-128 rows of this run can judge (img/s of the row, or
+    its img/s over the comparison row's): measured, target, met or not; then the same with the candidate rows."""
+    fig: Dict[str, float] = {}
+    for st in stages:
+        if st.name in ("throughput", "compile"):
+            fig.update({k: v["img_per_s"] for k, v in st.detail.items() if isinstance(v, dict) and "img_per_s" in v})
+    lines = []
+    for twins in (False, True):
+        for issue, row, other, target, unit in ISSUE_TARGETS:
+            if twins and row not in CANDIDATE_TWINS:
+                continue                        # no candidate twin of the row judged: read once
+            r = CANDIDATE_TWINS[row] if twins else row
+            o = CANDIDATE_TWINS.get(other, other) if twins and other else other
+            if r not in fig or (o is not None and o not in fig):
+                continue
+            value = fig[r] / fig[o] if o else fig[r]
+            what = f"{r} / {o}" if o else r
+            shown = f"{value:.3f}x" if o else f"{value:.1f} img/s"
+            lines.append(f"{issue}: {what:<38} {shown:>12}  target >= {target:g}{'x' if o else ' img/s'}  "
+                         f"{'met' if value >= target else 'not met'}" + ("  (candidate rows)" if twins else ""))
+    return lines
+
+
 def summarize_kernels(out: str, st: Stage) -> str:
     d = _load(os.path.join(out, "kernels.json"))
     share = {}
@@ -787,11 +825,14 @@ def summary_table(stages: List[Stage]) -> str:
 
 
 def write_readme(out: str, info: Dict[str, Any], stages: List[Stage], table: str,
-                 verdicts: Optional[List[Dict]] = None) -> None:
+                 verdicts: Optional[List[Dict]] = None, targets: Optional[List[str]] = None) -> None:
     cmds = "\n".join("$ " + " ".join(shlex.quote(c) for c in cmd) for s in stages for cmd in s.commands)
     predictions = ""
+    if targets:
+        predictions += ("\nThe issues' targets (issues 10 and 11: one H100 at batch 128; this run: batch "
+                        f"{info['batch']}):\n```\n" + "\n".join(targets) + "\n```\n")
     if verdicts is not None:
-        predictions = ("\nPredictions written before this run (benchmarks/predictions.json) against it: the change of "
+        predictions += ("\nPredictions written before this run (benchmarks/predictions.json) against it: the change of "
                        "each row's median ms per step against its baseline row (held: within the range +- "
                        f"{NOISE_MS} ms):\n```\n" + "\n".join(format_verdicts(verdicts)) + "\n```\n")
     text = f"""# GPU check: {info['gpu'] or 'CPU (smoke)'}, {info['date']}, commit {info['commit']}
@@ -872,11 +913,17 @@ def main(argv=None) -> int:
         stages=[dict(name=s.name, status=s.status, wall_s=s.wall, returncodes=s.returncodes, result=s.result,
                      detail=s.detail, commands=[" ".join(shlex.quote(c) for c in cmd) for cmd in s.commands])
                 for s in stages]))
-    write_readme(out, info, stages, table, verdicts)
+    targets = [] if a.smoke else issue_target_lines(stages)   # the targets are an H100's at batch 128
+    write_readme(out, info, stages, table, verdicts, targets)
     if verdicts is not None:
         log("")
         log("predictions (benchmarks/predictions.json; change of ms per step against the baseline row, same run):")
         for line in format_verdicts(verdicts):
+            log(line)
+    if targets:
+        log("")
+        log(f"the issues' targets (one H100 at batch 128; this run: batch {batch} on {info_gpu['name']}):")
+        for line in targets:
             log(line)
     log("")
     log(f"gpu-check summary ({time.time() - t_start:.0f} s of {a.budget:.0f}; results in {out})")

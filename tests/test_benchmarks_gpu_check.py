@@ -272,6 +272,38 @@ def test_stage_verdicts_read_both_throughput_stages(tmp_path):
     assert gc.stage_verdicts([thr], str(pred))[0]["verdict"] == "not measured"   # the stage did not run
 
 
+def test_issue_target_lines():
+    """The issues' whole-step targets read off the batch-128 throughput and compile rows, and again with the
+    candidate rows in place of `deepspeed` / `fused`; a target whose rows did not both run is left out."""
+    thr = gc.Stage("throughput", [], 1, 1)
+    thr.detail = {"fused": dict(img_per_s=590.0), "deepspeed": dict(img_per_s=570.0),
+                  "deepspeed+candidates": dict(img_per_s=604.0), "fused+candidates": dict(img_per_s=612.0),
+                  "fused+graphs": dict(status="error", error="capture")}
+    comp = gc.Stage("compile", [], 1, 1)
+    comp.detail = {"compile": dict(img_per_s=520.0)}
+    lines = gc.issue_target_lines([thr, comp])
+    got = [(ln.split(":")[0], " ".join(ln.split(":", 1)[1].split()[:3]).split(" target")[0], ln.rstrip().split("  ")[-1])
+           for ln in lines]
+    assert [(issue, what.split()[0], verdict) for issue, what, verdict in got] == [
+        ("issue 10", "deepspeed", "not met"),                       # 570 img/s < 600
+        ("issue 10", "deepspeed", "met"),                           # 570 / 590 = 0.966 >= 0.95
+        ("issue 11", "fused", "not met"),                           # 590 < 700
+        ("issue 11", "fused", "not met"),                           # 590 / 520 = 1.135 < 1.3
+        ("issue 10", "deepspeed+candidates", "(candidate rows)"),
+        ("issue 10", "deepspeed+candidates", "(candidate rows)"),
+        ("issue 11", "fused+candidates", "(candidate rows)"),
+        ("issue 11", "fused+candidates", "(candidate rows)"),
+    ]
+    assert "570.0 img/s" in lines[0] and "0.966x" in lines[1] and "/ fused " in lines[1]
+    assert "1.135x" in lines[3] and "/ compile" in lines[3]
+    assert "604.0 img/s" in lines[4] and lines[4].endswith("met  (candidate rows)") and "not met" not in lines[4]
+    assert "0.987x" in lines[5] and "/ fused+candidates" in lines[5] and "not met" not in lines[5]
+    assert "612.0 img/s" in lines[6] and "not met" in lines[6]
+    assert "1.177x" in lines[7] and "not met" in lines[7]
+    assert not any("fused+compile" in ln for ln in lines)            # its row did not run
+    assert gc.issue_target_lines([gc.Stage("kernels", [], 1, 1)]) == []
+
+
 def test_profile_diff_names_what_grew():
     def prof(step, phases, cats, top):
         return dict(step=dict(median_ms=step), phases=dict(median_ms=phases),
