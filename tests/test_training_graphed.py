@@ -456,3 +456,29 @@ def test_graphed_rows_train_as_their_eager_rows_on_cuda(tmp_path):
         assert g["cuda_graph"] == "cuda" and g["graphs"] == dict(captures=1, replays=7, eager_calls=0), g
         for key in ("loss_first", "loss_last"):
             assert g[key] == pytest.approx(e[key], rel=1e-3), (graphed_row, key)
+
+
+def test_a_failed_capture_raises_its_cause_and_puts_the_stream_back():
+    """On CUDA, an op that cannot be captured invalidates the capture, and ending it then raises too (before
+    torch.cuda.graph's exit restores the stream): the cause is what must reach the user, on the caller's stream."""
+    events = []
+
+    class Ctx:   # what torch.cuda.graph does at a failed capture: its exit raises
+        def __enter__(self):
+            events.append("begin")
+
+        def __exit__(self, *exc):
+            events.append("end")
+            if "fail" in events:
+                raise RuntimeError("operation not permitted when stream is capturing (invalidated)")
+
+    def failing():
+        events.append("fail")
+        raise ValueError("a host sync inside the captured forward")
+
+    with pytest.raises(ValueError, match="host sync"):
+        graphed.capture_in(Ctx(), failing, lambda: events.append("stream restored"))
+    assert events == ["begin", "fail", "end", "stream restored"]
+    events.clear()
+    assert graphed.capture_in(Ctx(), lambda: 7, lambda: events.append("stream restored")) == 7
+    assert events == ["begin", "end"]

@@ -26,9 +26,12 @@ What the graphs cannot follow is checked instead of trusted:
   backward of a replaced forward is an error;
 * the parameter gradients are the backward graph's output buffers. When a parameter's .grad is unset,
   autograd may take the buffer itself as .grad instead of a copy (PyTorch issue 181723, the same hazard in
-  torch.cuda.make_graphed_callables), and the next replay would then overwrite an accumulated gradient.
-  Before each backward replay a .grad that still shares its buffer is cloned, so accumulation over
-  micro-batches stays exact. Where .grad is emptied after each backward this costs nothing; where it
+  torch.cuda.make_graphed_callables), and the next replay would then overwrite an accumulated gradient:
+  the backward's replay rewrites those buffers, and so may the forward's (the two graphs share one pool,
+  and the backward's capture can place its gradients in blocks the forward's freed activations left).
+  Before each replay, forward or backward, a .grad that still shares its buffer is cloned, so accumulation
+  over micro-batches stays exact (the CPU emulation fills the backward's outputs with NaN at each forward
+  replay, the worst case, so the tests see it). Where .grad is emptied after each backward this costs nothing; where it
   accumulates across micro-batches (DeepSpeed ZeRO-1 with gradient accumulation: without the clone a 2-rank
   test trains differently) it is one copy of the gradients per optimizer step;
 * the random stream: the warm-up's draws are undone (the CPU and CUDA generators are restored before the
@@ -57,6 +60,25 @@ class GraphCaptureError(RuntimeError):
     was trained with graphs; the run can go on without them (train.cuda_graph=false)."""
 
 
+def capture_in(ctx, fn: Callable[[], Any], restore_stream: Callable[[], None]) -> Any:
+    """fn() inside the capture context `ctx` (a torch.cuda.graph). Where fn raises (an op that synchronises or
+    cannot be captured), the capture is ended anyway and its own error (an invalidated capture, the symptom)
+    dropped, the stream the caller was on is put back (torch.cuda.graph's exit restores it only after a capture
+    that ends cleanly), and fn's error, the cause, goes on."""
+    ctx.__enter__()
+    try:
+        out = fn()
+    except BaseException:
+        try:
+            ctx.__exit__(None, None, None)
+        except Exception:  # noqa: BLE001 - the symptom of fn's error, which is the one raised
+            pass
+        restore_stream()
+        raise
+    ctx.__exit__(None, None, None)
+    return out
+
+
 class _CudaGraphs:
     """The forward and backward CUDA graphs of one GraphedForward, in one memory pool."""
     emulated = False
@@ -76,8 +98,9 @@ class _CudaGraphs:
 
     def capture(self, name: str, fn: Callable[[], Any]) -> Any:
         # thread_local: a DataLoader's pin-memory thread may call CUDA during the capture
-        with torch.cuda.graph(self.graphs[name], pool=self.pool, capture_error_mode="thread_local"):
-            return fn()
+        stream = torch.cuda.current_stream(self.device)
+        ctx = torch.cuda.graph(self.graphs[name], pool=self.pool, capture_error_mode="thread_local")
+        return capture_in(ctx, fn, lambda: torch.cuda.set_stream(stream))
 
     def replay(self, name: str) -> None:
         self.graphs[name].replay()
@@ -110,6 +133,12 @@ class EmulatedGraphs:
         return out
 
     def replay(self, name: str) -> None:
+        if name == "forward" and "backward" in self.outputs:
+            # the CUDA graphs share one pool: the forward's replay may overwrite the backward's output buffers
+            # (the worst case, made visible)
+            for kept in _as_list(self.outputs["backward"]):
+                if kept is not None and kept.is_floating_point():
+                    kept.detach().fill_(float("nan"))
         with torch.enable_grad():
             new = self.fns[name]()
         old = self.outputs[name]
@@ -273,6 +302,7 @@ class GraphedForward:
             raise RuntimeError(f"graphed forward: {moved} parameter(s) changed storage since the capture; the "
                                f"graphs would read the old memory (update parameters in place, or run "
                                f"without graphs: train.cuda_graph=false)")
+        self._keep_aliased_grads()   # the forward's activations may sit where the backward's outputs were
         for buf, x in zip(self._static_in, inputs):
             if buf.data_ptr() != x.data_ptr():
                 buf.copy_(x)
@@ -281,14 +311,20 @@ class GraphedForward:
         self.replays += 1
         return self.generation
 
+    def _keep_aliased_grads(self) -> None:
+        """Clone each .grad that is the backward graph's output buffer itself, before a replay writes that memory:
+        the backward's replay rewrites its outputs, and the forward's replay may too (the two graphs share one
+        pool, and the backward's capture can take its gradients' blocks from activations freed during it)."""
+        for p, ptr in zip(self.params, self._grad_ptrs):
+            g = p.grad
+            if g is not None and ptr is not None and g.data_ptr() == ptr:
+                p.grad = g.clone()
+
     def _replay_backward(self, grad_out: Optional[torch.Tensor], generation: int):
         if generation != self.generation:
             raise RuntimeError("graphed forward: this backward belongs to a forward whose activations a later "
                                "forward call replaced; run each forward's backward before the next forward")
-        for p, ptr in zip(self.params, self._grad_ptrs):
-            g = p.grad
-            if g is not None and ptr is not None and g.data_ptr() == ptr:
-                p.grad = g.clone()     # .grad is the output buffer itself: keep its value out of the replay
+        self._keep_aliased_grads()
         if grad_out is None:
             self._static_grad_out.zero_()
         else:
