@@ -123,13 +123,14 @@ from fastdit.training.ema import ShardedEMA
 
 deepspeed.init_distributed(dist_backend="nccl")
 out = {}
-for mode in ("fused", "deferred"):
+for stage, mode in ((s, m) for s in (1, 2) for m in ("fused", "deferred")):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).cuda()
     cfg = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.05, "torch_adam": True}},
            "bf16": {"enabled": True}, "gradient_clipping": 0.0,
-           "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+           "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True},
+           "steps_per_print": 10**9}    # as the shipped configs: the reduction stream, the contiguous buffer
     engine, opt, _, _ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=cfg)
     zero_checks.install(opt)
     ema = ShardedEMA(engine.module, 0.9, one_pass=True, flat=True)
@@ -147,7 +148,7 @@ for mode in ("fused", "deferred"):
     torch.cuda.synchronize()
     f = opt.fastdit_fused_step
     st = opt.optimizer.state[opt.optimizer.param_groups[0]["params"][0]]
-    out[mode] = dict(applied=applied, fused=f.fused_steps, deferred=f.deferred_steps, skips=f.deferred_skips,
+    out[f"{mode} {stage}"] = dict(applied=applied, fused=f.fused_steps, deferred=f.deferred_steps, skips=f.deferred_skips,
                      step=float(st["step"]), master=opt.single_partition_of_fp32_groups[0].tolist(),
                      exp_avg=st["exp_avg"].tolist(), exp_avg_sq=st["exp_avg_sq"].tolist(),
                      bf16=[p.detach().float().reshape(-1).tolist() for p in engine.module.parameters()],
@@ -162,8 +163,9 @@ torch.distributed.destroy_process_group()
 
 @pytest.mark.gpu
 def test_deferred_check_on_cuda_equals_the_fused_step(tmp_path):
-    """On CUDA (the Triton kernel, the pinned copy of the sum behind an event): the deferred step gives the fused
-    step's state bit for bit over 6 steps, and its NaN step is gated out on the device and skipped."""
+    """On CUDA (the Triton kernel, the pinned copy of the sum behind an event), ZeRO-1 and ZeRO-2 with the shipped
+    configs' overlap_comm and contiguous_gradients: the deferred step gives the fused step's state bit for bit over
+    6 steps, and its NaN step is gated out on the device and skipped."""
     import os
     import subprocess
     import sys
@@ -182,8 +184,26 @@ def test_deferred_check_on_cuda_equals_the_fused_step(tmp_path):
                           cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "result_cuda.json").read_text())
-    fu, de = res["fused"], res["deferred"]
-    assert fu["applied"] == de["applied"] == [True, True, True, False, True, True]
-    assert (fu["fused"], fu["deferred"], de["fused"], de["deferred"], de["skips"]) == (4, 0, 4, 4, 1)
-    for key in ("step", "master", "exp_avg", "exp_avg_sq", "bf16", "ema"):
-        assert fu[key] == de[key], key
+    for stage in (1, 2):   # ZeRO-1 and -2 with overlap_comm and contiguous_gradients, as the shipped configs
+        fu, de = res[f"fused {stage}"], res[f"deferred {stage}"]
+        assert fu["applied"] == de["applied"] == [True, True, True, False, True, True], stage
+        assert (fu["fused"], fu["deferred"], de["fused"], de["deferred"], de["skips"]) == (4, 0, 4, 4, 1), stage
+        for key in ("step", "master", "exp_avg", "exp_avg_sq", "bf16", "ema"):
+            assert fu[key] == de[key], (stage, key)
+
+
+def test_a_deepspeed_step_drops_the_cached_step_counts():
+    """The fused step caches torch's per-group step count on the host. DeepSpeed's own step (its skip path, a
+    closure, the first step) may step torch's counter in place, so the cache must not outlive it: the next fused
+    step reads the count from the device again."""
+    import torch
+
+    from fastdit.training import zero_step
+    fs = zero_step.FusedZeroStep.__new__(zero_step.FusedZeroStep)
+    counter = torch.tensor(3.0)
+    fs._steps = {}
+    assert fs._next_step(0, counter) == 4 and counter.item() == 4.0
+    fs.orig_step = lambda *closure: counter.add_(1)      # a DeepSpeed step that applied an update
+    fs._deepspeed_step()
+    assert counter.item() == 5.0
+    assert fs._step_count(0, counter) == 5 and fs._next_step(0, counter) == 6

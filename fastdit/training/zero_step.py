@@ -153,6 +153,12 @@ class FusedZeroStep:
         # tensor keeps its identity from being reused
         self._steps = {}
 
+    def _deepspeed_step(self, closure=None):
+        """DeepSpeed's own step (its skip path, or a step the fused one does not take). It may step torch's
+        counters in place, so the cached counts are dropped: the next fused step reads them from the device."""
+        self._steps.clear()
+        return self.orig_step(closure) if closure is not None else self.orig_step()
+
     def _next_step(self, i: int, state_step: torch.Tensor) -> int:
         """The step count after this update for group i; increments torch's counter in place."""
         count = self._step_count(i, state_step)
@@ -255,7 +261,7 @@ class FusedZeroStep:
     def step(self, closure=None):
         self.ema_updated = False
         if closure is not None or not self._ready():
-            return self.orig_step(closure)
+            return self._deepspeed_step(closure)
         return self._fused(self.optimizer)
 
     def _fused(self, opt):
@@ -273,17 +279,17 @@ class FusedZeroStep:
         if checked is not None:
             bad, norm = checked
             if bad:
-                return self.orig_step()             # DeepSpeed's skip path (it checks again: same verdict)
+                return self._deepspeed_step()             # DeepSpeed's skip path (it checks again: same verdict)
         else:
             if opt.check_grad_overflow:
                 opt.check_overflow(partition_gradients=opt.partition_gradients)
             if opt.overflow:
-                return self.orig_step()
+                return self._deepspeed_step()
             norm = None
             if opt.compute_grad_norm:
                 norm = opt.scaled_global_norm()
                 if s12.is_invalid_grad_norm(norm):
-                    return self.orig_step()         # its norm check turns this into a skipped step
+                    return self._deepspeed_step()         # its norm check turns this into a skipped step
         prev_scale = opt.loss_scale
         opt._update_scale(False)
         if hasattr(opt, "_commit_muon_momentum"):
@@ -322,7 +328,7 @@ class FusedZeroStep:
             event.synchronize()                     # the sum's copy only: the update keeps the GPU busy
         if not math.isfinite(float(self._host_sum[0])):
             self.deferred_skips += 1
-            return self.orig_step()                 # nothing was written: DeepSpeed's skip path (it checks again)
+            return self._deepspeed_step()                 # nothing was written: DeepSpeed's skip path (it checks again)
         prev_scale = opt.loss_scale
         opt._update_scale(False)
         if hasattr(opt, "_commit_muon_momentum"):
@@ -343,7 +349,7 @@ class FusedZeroStep:
             self._host_sum = torch.empty(1, dtype=torch.float32, pin_memory=True)
         self._host_sum.copy_(total.detach().reshape(1), non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(total.device))   # the stream the copy was queued on
         return event
 
     def _group_grad(self, opt, i: int):
