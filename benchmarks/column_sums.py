@@ -182,6 +182,9 @@ def run(a) -> dict:
                 gbps = nbytes / (ms * 1e-3) / 1e9
                 row.update(ms=ms, gbps=gbps, copy_share=gbps / copy, db_rel_diff=rel, others_max_abs_diff=other)
                 rows.append(row)
+                if a.json:   # the cases so far: a deadline that kills the run keeps them (complete=False)
+                    write_json(a.json, dict(meta=dict(smoke=a.smoke, complete=False), copy_gbps=copy, rows=rows,
+                                            summary=summarize(rows)))
                 print(f"{label:16s} {impl:11s} {ms:8.4f} ms  {gbps:7.0f} GB/s  {gbps / copy:6.1%} of copy  "
                       f"db rel diff {rel:.1e}  other outputs max diff {other:.1e}", flush=True)
     summary = summarize(rows)
@@ -190,7 +193,7 @@ def run(a) -> dict:
             print(f"{key}: per training step of DiT-XL/2 (28 blocks x this call), against unfused: "
                   + ", ".join(f"{impl} {ms:+.2f} ms" for impl, ms in v["step_change_ms"].items()), flush=True)
     meta = dict(smoke=a.smoke, speed_meaningful=not a.smoke and device.type == "cuda",
-                note=SMOKE_NOTE if a.smoke else "", command=environment(device)["command"])
+                note=SMOKE_NOTE if a.smoke else "", command=environment(device)["command"], complete=True)
     return dict(meta=meta, environment=environment(device), copy_gbps=copy, dtype="bf16",
                 shape=dict(batch=n, heads=h, tokens=t, head_dim=hd, fc1=c4), rows=rows, summary=summary)
 

@@ -411,6 +411,9 @@ def run(args):
                                        copy_share_graph=(gbps_graph / copy_gbps) if gbps_graph else None,
                                        graph_error=graph_error)
                             rows.append(row)
+                            if args.json:   # rows so far: a deadline that kills the run keeps them
+                                write_json(args.json, dict(meta=dict(copy_gbps=copy_gbps, complete=False,
+                                                                     smoke=bool(args.smoke)), rows=rows))
                             graph = (f"graph {ms_graph:8.4f} ms {100 * gbps_graph / copy_gbps:5.1f}%" if ms_graph
                                      else "graph -")
                             print(f"{op:34s} {pas:8s} {impl:18s} N={shape[0]:<4d} T={shape[1]:<5d} "
@@ -425,6 +428,7 @@ def run(args):
 
     meta = dict(environment(device), interpreter=os.environ.get("TRITON_INTERPRET") == "1",
                 smoke=bool(args.smoke), note=SMOKE_NOTE if args.smoke else None, copy_gbps=copy_gbps, copy_mib=copy_mib, tokens=tokens,
+                complete=True,
                 timer="triton.testing.do_bench median, L2 flushed" if device.type == "cuda"
                 else "wall clock median of 3")
     if args.json:

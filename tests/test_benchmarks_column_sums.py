@@ -20,6 +20,7 @@ def test_smoke_run_writes_every_case(tmp_path):
     d = json.loads(out.read_text())
     meta, rows, summary = d["meta"], d["rows"], d["summary"]
     assert meta["smoke"] is True and meta["speed_meaningful"] is False and "interpreter" in meta["note"].lower()
+    assert meta["complete"] is True
     assert meta["command"].startswith("python benchmarks/column_sums.py --smoke")
     cases = {(r["op"], r["layout"]) for r in rows}
     assert cases == {("qkv", "bshd"), ("qkv", "contiguous"), ("gelu", None), ("gelu+g", None)}
@@ -64,3 +65,33 @@ def test_a_wrong_bias_gradient_is_flagged():
     rel, other = compare((g + 1, g.sum(0) + torch.tensor([0.0, 0.2])), right)
     assert rel == pytest.approx(0.2 / 4) and other == 1.0
     assert compare((g, torch.tensor([float("nan"), 0.0])), right)[0] == float("inf")   # a NaN bias gradient
+
+
+def test_a_run_cut_short_keeps_the_cases_timed(tmp_path, monkeypatch):
+    """A deadline that kills the run (gpu-check's column_sums stage) leaves the cases timed so far in the JSON,
+    marked incomplete: here the fourth timing (the copy's is the first) raises instead."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks import column_sums as cs
+    from benchmarks import kernels as kb
+    real, calls = kb._timer, []
+
+    def timer(*args):
+        time_one = real(*args)
+
+        def timed(fn):
+            calls.append(1)
+            if len(calls) == 4:    # the copy's, unfused's and step's timings done
+                raise KeyboardInterrupt("the stage's deadline")
+            return time_one(fn)
+        return timed
+
+    monkeypatch.setattr(kb, "_timer", timer)
+    out = tmp_path / "column_sums.json"
+    with pytest.raises(KeyboardInterrupt):
+        cs.main(["--smoke", "--ops", "gelu", "--json", str(out)])
+    d = json.loads(out.read_text())
+    assert d["meta"]["complete"] is False
+    assert [(r["op"], r["impl"]) for r in d["rows"]] == [("gelu", "unfused"), ("gelu", "step")]
+    assert set(d["summary"]["gelu"]["ms"]) == {"unfused", "step"}

@@ -829,6 +829,7 @@ def test_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["meta"]["smoke"] is (DEV == "cpu") and data["meta"]["command"]
+    assert data["meta"]["complete"] is True
     assert data["meta"]["device"].startswith(DEV) and data["meta"]["interpreter"] is (DEV == "cpu")
     if DEV == "cpu":  # the first line and the JSON say where the timings come from
         assert proc.stdout.splitlines()[0].startswith("--smoke: every timing below comes from the Triton "
@@ -860,6 +861,30 @@ def test_benchmark_smoke(tmp_path):
             assert (r["ms_graph"] and r["graph_basis"] == "fwd+bwd minus fwd") or r["graph_error"], r
         else:
             assert (r["ms_graph"] or 0) > 0 or r["graph_error"], r
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the --smoke path (interpreter)")
+def test_benchmark_cut_short_keeps_the_rows_timed(tmp_path, monkeypatch):
+    """A deadline that kills benchmarks/kernels.py mid-run (gpu-check's kernels stage) leaves the rows timed so far
+    in its JSON, marked incomplete: here the third timing of the run raises instead."""
+    kb = importlib.import_module("benchmarks.kernels")
+    out = tmp_path / "rows.json"
+    calls = []
+    real = kb._host_ms
+
+    def host_ms(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("the stage's deadline")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kb, "_host_ms", host_ms)
+    with pytest.raises(KeyboardInterrupt):
+        kb.run(kb._parse(["--smoke", "--ops", "gated_residual", "--impls", "fused", "--json", str(out)]))
+    data = json.loads(out.read_text())
+    assert data["meta"]["complete"] is False and data["meta"]["copy_gbps"] > 0
+    assert [(r["op"], r["impl"], r["pass"]) for r in data["rows"]] == [("gated_residual", "fused", "fwd"),
+                                                                       ("gated_residual", "fused", "bwd")]
 
 
 def test_benchmark_graph_call_differentiates_fresh_leaves():
