@@ -3,27 +3,30 @@
 Run it first whenever a GPU is at hand. Each stage is a subprocess time-boxed inside one overall
 deadline (--budget seconds, default 480, setup and the final summary included: the last FINISH_S seconds
 are kept for stopping a stage and writing the results), so a slow stage cannot eat the others; a stage
-that would not get its minimum time is skipped and says so. Stages, most important first:
+that would not get its minimum time is skipped and says so. Stages, most important first (the measurements that
+decide defaults, then the correctness a flip also needs, then the rest):
 
   env         versions, GPU, the attention backends that can run, measured copy GB/s and bf16 GEMM TFLOP/s
+  throughput  benchmarks/throughput.py, every row but the compiled ones and fused/math, fused/sdpa (the
+              attention stage times the backends), at a batch that fits the card
+  train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
+  throughput_mb32  the same at the shipped configs' micro-batch 32 (MB32_ROWS: fused, the graphed rows,
+              deepspeed, the direct dispatch, eager/sdpa; --rows does not change them): is the step the GPU's
+              or the host's?
+  parity      benchmarks/parity.py: DiT-XL/2 fast vs reference, forward + every gradient, fp32 and bf16
   tests       pytest on the GPU of the files in GPU_TEST_FILES: tests/test_kernels*.py (every kernel,
               compiled), tests/test_models_dit.py (model parity), tests/test_models_attention.py (backends),
               the CUDA-graph replay against eager (tests/test_training_graphed.py), the fused step's deferred
-              check against the fused step (tests/test_training_zero_step.py)
-  parity      benchmarks/parity.py: DiT-XL/2 fast vs reference, forward + every gradient, fp32 and bf16
-  throughput  benchmarks/throughput.py, every row but the compiled ones and fused/math, fused/sdpa (the
-              attention stage times the backends), at a batch that fits the card
-  throughput_mb32  the same at the shipped configs' micro-batch 32 (MB32_ROWS: fused, the graphed rows,
-              deepspeed, the direct dispatch, eager/sdpa): is the step the GPU's or the host's?
-  kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16)
+              check against the fused step (tests/test_training_zero_step.py); pytest -v, so a stage cut by
+              the deadline still reports every test that finished
+  kernels     benchmarks/kernels.py at the DiT-XL/2 shape (D 1152, T 256, bf16; rows written as they are timed)
   column_sums benchmarks/column_sums.py: the folded bias gradients (the qkv stack of bias_fold, the GELU backward
-              of mlp="fold") with FASTDIT_COLUMN_SUMS step and once, against the unfused PyTorch ops
+              of mlp="fold") with FASTDIT_COLUMN_SUMS step and once, against the unfused PyTorch ops (written as timed)
   attention   benchmarks/attention.py: SDPA's kernels (cuDNN, flash, efficient), the optional libraries and
               fastdit's Triton attention at the DiT-XL/2 attention shape, in the model's packed qkv layout and
               contiguous
   attn_sweep  benchmarks/attention.py --sweep-triton --no-rows: the Triton attention's kernels at each tiling
               of its sweep (results written after each tiling, so a deadline keeps what was timed)
-  train       deepspeed fastdit/train.py --config configs/xl2_zero2.json on synthetic latents, 16 steps
   bias_profile  two step profiles, mlp="fold" without and with bias_fold, and their difference by kernel
               (bias_profile_diff.json: where bias_fold's measured +19 ms go)
   mlp_gemm    benchmarks/mlp_gemm.py: the MLP's GEMMs with GELU in the epilogue (mlp="epilogue") at each tiling
@@ -87,18 +90,23 @@ if ROOT not in sys.path:
 
 from benchmarks.common import environment, git_commit, write_json  # noqa: E402
 
-STAGES = ("env", "tests", "parity", "throughput", "throughput_mb32", "kernels", "column_sums", "attention", "attn_sweep",
-          "train", "bias_profile", "mlp_gemm", "compile", "profile", "gpu_tests")
+# The measurements that decide defaults first (the rows, train.py against row `deepspeed`, micro-batch 32), then
+# the correctness a flip also needs (full-size parity, the CUDA tests): a budget that runs short then cuts the
+# tests, which report every test finished before the cut, instead of train.py's run or the last rows.
+STAGES = ("env", "throughput", "train", "throughput_mb32", "parity", "tests", "kernels", "column_sums", "attention",
+          "attn_sweep", "bias_profile", "mlp_gemm", "compile", "profile", "gpu_tests")
 # deepspeed+compile first: the one row not measured before (compile and fused+compile were, at 864d10f); a
 # deadline that cuts the stage cuts the last row
 COMPILE_ROWS = ("deepspeed+compile", "fused+compile", "compile")
-GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_models_dit.py", "tests/test_models_attention.py",
-                  "tests/test_kernels_gelu.py", "tests/test_kernels_qkv_grads.py", "tests/test_kernels_adamw.py",
-                  "tests/test_kernels_tile_sums.py", "tests/test_kernels_flash_attention.py",
-                  "tests/test_kernels_gemm_gelu.py",
-                  "tests/test_training_graphed.py::test_cuda_graphs_match_eager_on_cuda",
+# Never run on a GPU first (the CUDA graphs, the deferred check, the attention's two row paths), then the files that
+# passed on CUDA at 570862f: a stage cut by the deadline loses the re-checks, not the first checks.
+GPU_TEST_FILES = ("tests/test_training_graphed.py::test_cuda_graphs_match_eager_on_cuda",
                   "tests/test_training_graphed.py::test_graphed_rows_train_as_their_eager_rows_on_cuda",
-                  "tests/test_training_zero_step.py::test_deferred_check_on_cuda_equals_the_fused_step")
+                  "tests/test_training_zero_step.py::test_deferred_check_on_cuda_equals_the_fused_step",
+                  "tests/test_kernels_flash_attention.py",
+                  "tests/test_kernels.py", "tests/test_models_dit.py", "tests/test_models_attention.py",
+                  "tests/test_kernels_gelu.py", "tests/test_kernels_qkv_grads.py", "tests/test_kernels_adamw.py",
+                  "tests/test_kernels_tile_sums.py", "tests/test_kernels_gemm_gelu.py")
 # The throughput stage's rows, most wanted first (a deadline that cuts the stage cuts the last rows): the
 # real loop as shipped and the rows it is judged against, the memory-saving rows, then the switches measured
 # slower at 570862f (kept for their verdicts), then the baselines measured before.
@@ -505,7 +513,12 @@ def summarize_kernels(out: str, st: Stage) -> str:
             share.setdefault(r["op"], {})[r["pass"]] = r["copy_share"]
     st.detail = dict(copy_gbps=d["meta"].get("copy_gbps"), fused_copy_share=share)
     return "fused fwd/bwd % of copy: " + ", ".join(
-        f"{op} {100 * v.get('fwd', 0):.0f}/{100 * v.get('bwd', 0):.0f}" for op, v in share.items())
+        f"{op} {100 * v.get('fwd', 0):.0f}/{100 * v.get('bwd', 0):.0f}" for op, v in share.items()) + _cut(d["meta"])
+
+
+def _cut(meta: Dict[str, Any]) -> str:
+    """' (cut: ...)' where a benchmark's JSON says its run was cut short (it writes its rows as it goes)."""
+    return "" if meta.get("complete", True) else " (cut: the rows timed before the deadline)"
 
 
 def summarize_column_sums(out: str, st: Stage) -> str:
@@ -514,7 +527,7 @@ def summarize_column_sums(out: str, st: Stage) -> str:
     st.detail = dict(summary=d["summary"])
     return "ms unfused/step/once: " + ", ".join(
         f"{k} " + "/".join(f"{v['ms'][i]:.3f}" if i in v["ms"] else "-" for i in ("unfused", "step", "once"))
-        for k, v in d["summary"].items())
+        for k, v in d["summary"].items()) + _cut(d["meta"])
 
 
 def summarize_attention(out: str, st: Stage) -> str:
@@ -774,15 +787,17 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
     return [
         Stage("env", [[py, os.path.join("benchmarks", "gpu_check.py"), "--report-env", j("env.json")]
                       + (["--smoke"] if smoke else [])], 60, 10, lambda s: summarize_env(out, s)),
-        Stage("tests", [pytest + test_sel + ["--junitxml", kp_xml]], 200, 30,
-              lambda s: summarize_tests([kp_xml], s)),
-        Stage("parity", [[py, "benchmarks/parity.py", *par, "--json", j("parity.json")]], 120, 20,
-              lambda s: summarize_parity(out, s)),
         Stage("throughput", [[py, "benchmarks/throughput.py", *tp, "--rows", ",".join(fast_rows),
-                              "--json", j("throughput.json")]], 150, 20,
+                              "--json", j("throughput.json")]], 200, 20,
               lambda s: summarize_throughput(j("throughput.json"), s)),
+        Stage("train", [train_cmd], 120, 30,
+              lambda s: summarize_train(run_dir, out, skip_windows, s)),
         Stage("throughput_mb32", [[py, "benchmarks/throughput.py", *mb32, "--json", j("throughput_mb32.json")]],
               100, 20, lambda s: summarize_throughput(j("throughput_mb32.json"), s)),
+        Stage("parity", [[py, "benchmarks/parity.py", *par, "--json", j("parity.json")]], 120, 20,
+              lambda s: summarize_parity(out, s)),
+        Stage("tests", [pytest + test_sel + ["--junitxml", kp_xml]], 200, 30,
+              lambda s: summarize_tests([kp_xml], s)),
         Stage("kernels", [[py, "benchmarks/kernels.py", *kern, "--json", j("kernels.json"),
                            "--plot", j("kernels.png")]], 100, 15, lambda s: summarize_kernels(out, s)),
         Stage("column_sums", [[py, "benchmarks/column_sums.py", *cs, "--json", j("column_sums.json")]], 45, 10,
@@ -793,8 +808,6 @@ def build_stages(a, out: str, batch: int, py: str, env: Dict[str, str]) -> List[
         Stage("attn_sweep", [[py, "benchmarks/attention.py", *att, "--no-rows", "--sweep-triton",
                               "--json", j("attention_sweep.json")]], 75, 20,
               lambda s: summarize_attn_sweep(out, s)),
-        Stage("train", [train_cmd], 120, 30,
-              lambda s: summarize_train(run_dir, out, skip_windows, s)),
         # why bias_fold cost 19 ms per step (570862f): the step profile with mlp="fold" without and with it
         Stage("bias_profile", [[py, "benchmarks/step_profile.py", *pair, "--set", "model.mlp=fold",
                                 "--out", j("step_profile_fold")],

@@ -42,10 +42,11 @@ import torch  # noqa: E402
 from benchmarks.common import environment, write_json  # noqa: E402
 
 FP32_TOL, FP32_WORST_TOL, BF16_ATOL = 1e-4, 1e-3, 1e-3
-# throughput rows whose models carry speed switches -> whether an fp32 case runs too (the two with fp32
-# cover every new path: GELU-epilogue GEMMs; fold, bias folds, fastdit's attention, the kernels' switches)
+# throughput rows whose models carry speed switches -> whether an fp32 case runs too (those with fp32
+# cover every new path: GELU-epilogue GEMMs; fold, bias folds, fastdit's attention, the kernels' switches;
+# fused+candidates: the LN backward's paired row sums, which no other row turns on, with the column sums once)
 SWITCH_ROWS = {"fused+mlp-epilogue": True, "fused+mlp-recompute-epilogue": False, "fused+all-switches": False,
-               "fused+all-switches/triton": True, "fused/triton-swept": False}
+               "fused+all-switches/triton": True, "fused/triton-swept": False, "fused+candidates": True}
 # --smoke: a tiny custom DiT (constructor kwargs of fastdit.models.reference.DiT)
 SMOKE_ARCH = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4)
 

@@ -506,7 +506,7 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise RuntimeError(f"the deepspeed row runs on one rank; WORLD_SIZE={os.environ['WORLD_SIZE']}")
     from fastdit.models.attention import resolve_backend
-    from fastdit.training.trainer import Trainer, build_engine, device_for_rank, init_distributed, no_phase
+    from fastdit.training.trainer import build_engine, device_for_rank, init_distributed
     init_distributed()
     ds_device = device_for_rank()
     if ds_device.type != device.type:
@@ -534,6 +534,16 @@ def build_deepspeed_step(args, device: torch.device, kernels: str, batches, row:
                           compile_kwargs=({"mode": args.compile_mode} if args.compile_backend == "inductor" else {}))
     setup = build_engine(cfg, arch["in_channels"], arch["input_size"], NUM_CLASSES, ds_device,
                          compile_kwargs=compile_kwargs)
+    try:
+        return _deepspeed_row_step(setup, cfg, attention, args, row, batches)
+    except BaseException:
+        setup.destroy()   # the caller never got it: free the engine here, before the next row builds its own
+        raise
+
+
+def _deepspeed_row_step(setup, cfg, attention: str, args, row: Dict[str, Any], batches):
+    """build_deepspeed_step's (step, setup) from the engine it built."""
+    from fastdit.training.trainer import Trainer, no_phase
     info = setup.describe()
     row.update(model_class=("fastdit.models.DiT" if setup.impl == "fast" else "fastdit.models.reference.DiT"),
                kernels=info["kernels"],

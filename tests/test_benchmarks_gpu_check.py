@@ -64,6 +64,9 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     stages = gc.build_stages(gc.parse_args([]), str(tmp_path), 128, sys.executable, dict(os.environ))
     by = {s.name: [" ".join(c) for c in s.commands] for s in stages}
     assert list(by) == list(gc.STAGES)
+    # what decides a default first (the rows, train.py against row deepspeed, micro-batch 32), then the
+    # correctness a flip also needs: a short budget cuts the tests, which report what finished
+    assert list(by)[:6] == ["env", "throughput", "train", "throughput_mb32", "parity", "tests"]
     assert "tests/test_kernels.py tests/test_models_dit.py tests/test_models_attention.py" in by["tests"][0]
     assert "tests/test_kernels_qkv_grads.py" in by["tests"][0]
     assert "--model DiT-XL/2" in by["parity"][0]
@@ -95,8 +98,8 @@ def test_real_stages_are_built_without_a_gpu(tmp_path):
     assert "fused+bias-fold" in tp and "eager" in tp and len(tp) == len(set(tp))
     for path in gc.GPU_TEST_FILES:  # the files the GPU stages name exist
         assert os.path.isfile(os.path.join(ROOT, path.split("::")[0])), path
-    rows = gc.build_stages(gc.parse_args(["--rows", "fused,deepspeed"]), str(tmp_path), 64, sys.executable,
-                           dict(os.environ))[3].commands[0]
+    rows = next(s for s in gc.build_stages(gc.parse_args(["--rows", "fused,deepspeed"]), str(tmp_path), 64,
+                                           sys.executable, dict(os.environ)) if s.name == "throughput").commands[0]
     assert rows[rows.index("--rows") + 1] == "fused,deepspeed" and rows[rows.index("--batch") + 1] == "64"
 
 
@@ -317,3 +320,20 @@ def test_profile_diff_names_what_grew():
     assert d["category_change_ms"] == dict(fastdit=16.0, gemm=0.0, reduce=1.0)
     assert [k["name"] for k in d["kernel_change_ms"]] == ["stack", "reduce_bias", "modln_bwd"]
     assert d["kernel_change_ms"][1] == dict(name="reduce_bias", change_ms=-9.0, base_ms=9.0, other_ms=0.0)
+
+
+def test_summaries_of_a_cut_benchmark_say_so(tmp_path):
+    """kernels.py and column_sums.py write their rows as they go; a stage cut by its deadline then summarises the
+    rows it has and says it was cut."""
+    rows = [dict(op="gated_residual", impl="fused", **{"pass": p}, copy_share=s) for p, s in (("fwd", 0.9), ("bwd", 0.7))]
+    for complete in (True, False):
+        (tmp_path / "kernels.json").write_text(json.dumps(dict(meta=dict(copy_gbps=3000.0, complete=complete),
+                                                               rows=rows)))
+        (tmp_path / "column_sums.json").write_text(json.dumps(dict(
+            meta=dict(complete=complete), summary={"gelu": dict(ms=dict(unfused=0.5, step=0.4))})))
+        st = gc.Stage("kernels", [], 1, 1, None)
+        k = gc.summarize_kernels(str(tmp_path), st)
+        c = gc.summarize_column_sums(str(tmp_path), gc.Stage("column_sums", [], 1, 1, None))
+        assert k.startswith("fused fwd/bwd % of copy: gated_residual 90/70") and c.startswith("ms unfused/step/once: "
+                                                                                             "gelu 0.500/0.400/-")
+        assert ("(cut:" in k) is (not complete) and ("(cut:" in c) is (not complete)

@@ -23,13 +23,16 @@ def test_smoke_runs_every_switch_case_through_the_kernels(tmp_path):
     by = {r["case"]: r for r in d["results"]}
     want = [f"fast bf16 triton {row}" for row in parity.SWITCH_ROWS]
     want += [f"fast fp32 triton {row}" for row, fp32 in parity.SWITCH_ROWS.items() if fp32]
-    assert len(want) == 7
+    assert len(want) == 9
     for name in want:
         assert by[name]["pass"] is True and not by[name]["missing_grads"], by.get(name)
     assert by["fast bf16 triton fused+all-switches"]["env"]["FASTDIT_TILE_SUMS"] == "triton"   # the row's env
     assert "env" not in by["fast bf16 triton fused+mlp-epilogue"]
     assert by["fast bf16 triton fused/triton-swept"]["env"] == {"FASTDIT_ATTENTION_TILING": "swept"}
     assert by["fast fp32 triton fused+all-switches/triton"]["grad_rel"] < parity.FP32_TOL
+    # the LN backward's paired row sums: a full-size case of their own only through this row
+    assert by["fast fp32 triton fused+candidates"]["env"]["FASTDIT_LN_ROW_SUMS"] == "paired"
+    assert by["fast fp32 triton fused+candidates"]["grad_rel"] < parity.FP32_TOL
     assert os.environ.get("FASTDIT_TILE_SUMS") is None  # the switches' environment is restored
 
 

@@ -453,6 +453,27 @@ def test_failing_row_is_recorded_and_run_goes_on(monkeypatch, capsys):
     assert "1 row(s) failed: fused" in capsys.readouterr().out
 
 
+def test_deepspeed_row_frees_its_engine_when_it_fails_after_building_it(monkeypatch):
+    """An error between build_engine and the row's step (the caller never gets the engine) destroys the engine
+    there, so its memory is not left for the next row to run out of."""
+    import fastdit.training.trainer as trainer_mod
+    destroyed = []
+
+    class Setup:
+        def describe(self):
+            raise RuntimeError("describe failed")
+
+        def destroy(self):
+            destroyed.append(True)
+
+    monkeypatch.setattr(trainer_mod, "init_distributed", lambda *a, **k: None)
+    monkeypatch.setattr(trainer_mod, "build_engine", lambda *a, **k: Setup())
+    args = tp.parse_args(["--smoke", "--rows", "deepspeed"])
+    with pytest.raises(RuntimeError, match="describe failed"):
+        tp.build_deepspeed_step(args, torch.device("cpu"), "torch", [], {})
+    assert destroyed == [True]
+
+
 def test_non_finite_loss_is_an_error():
     res = tp.run(["--smoke", "--rows", "eager", "--lr", "1e30", "--repeats", "3"])
     (row,) = res["rows"]
