@@ -37,7 +37,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -305,6 +305,66 @@ def attention_path_rows(heads, reference_heads: int = 16):
                 diff = {op: [got.get(op, 0), ref.get(op, 0)] for op in sorted(set(got) | set(ref))
                         if got.get(op, 0) != ref.get(op, 0) and not op.startswith("ld.param")}
                 rows.append(dict(kernel=name, heads=h, stride_unit=unit, same_as_reference=not diff, differs=diff))
+    return rows
+
+
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def _uniform_regs(operand: str, width: int) -> List[int]:
+    """The uniform registers an operand names (URZ excluded), each `width` registers wide."""
+    return [int(n) + i for n in re.findall(r"\bUR(\d+)\b", operand) for i in range(width)]
+
+
+def _width(op: str, dst: bool = False) -> int:
+    """Registers per operand of `op`: .128 four, .64 two; a .WIDE op writes a pair from 32-bit sources."""
+    return 4 if ".128" in op else 2 if ".64" in op or (dst and ".WIDE" in op) else 1
+
+
+def uniform_reads_before_write(sass: str) -> List[Tuple[str, int, str]]:
+    """(address, UR number, instruction) for each uniform-ALU instruction (opcode U*) that reads a uniform register no
+    earlier instruction (in address order) wrote: a value the assembler never defined. A read at a loop head of a
+    register written later in the loop would show too, so a hit is a place to look, not yet a verdict. Writes:
+    the first operand of any instruction that names a uniform register there (U* ops, S2UR, R2UR, LDCU, ...)."""
+    written, hits = set(), []
+    for line in sass.splitlines():
+        m = _SASS_INSTRUCTION.match(line)
+        if not m:
+            continue
+        addr, ins = m.groups()
+        ins = re.sub(r"^@!?U?P[T\d]+\s+", "", ins)        # a predicate guard
+        parts = ins.split(None, 1)
+        if len(parts) < 2:
+            continue
+        op, operands = parts[0], [o.strip() for o in parts[1].split(",")]
+        dst = operands[0] if re.match(r"^UR\d+$", operands[0]) else None
+        if op.startswith("U") and dst is not None:
+            for o in operands[1:]:
+                for n in _uniform_regs(o, _width(op)):
+                    if n not in written:
+                        hits.append((addr, n, ins))
+        if dst is not None:
+            written.update(_uniform_regs(dst, _width(op, dst=True)))
+    return hits
+
+
+def attention_uniform_scan_rows(heads_units=((3, 1), (3, 8), (16, 8)), tilings: str = "sweep"):
+    """For the Triton attention's kernels (fwd, dq, dkdv, dq with the bias sums) at each (heads, stride unit) and
+    each tiling (`sweep`: every tiling of flash_attention.SWEEP, each kernel's default first; `default`: the
+    defaults only), bf16, 256 tokens, hd 72: the uniform registers the sm_90 SASS reads before writing
+    (uniform_reads_before_write). One such read built the wrong P.V descriptors of the 3-head forward with the
+    bundled ptxas of triton 3.6 (docs/performance.md, known issues)."""
+    kernels = {"fwd": (fa._attn_fwd_kernel, None), "dq": (fa._attn_bwd_dq_kernel, False),
+               "dkdv": (fa._attn_bwd_dkdv_kernel, False), "dq+bias": (fa._attn_bwd_dq_kernel, True)}
+    defaults = {"fwd": fa.FWD_CONFIG, "dq": fa.BWD_DQ_CONFIG, "dkdv": fa.BWD_DKDV_CONFIG, "dq+bias": fa.BWD_DQ_CONFIG}
+    rows = []
+    for name, (fn, has_db) in kernels.items():
+        for cfg in (fa.SWEEP[name] if tilings == "sweep" else [defaults[name]]):
+            for h, unit in heads_units:
+                args, consts, warps, stages = _attention_case(h, unit, cfg, has_db)
+                sass = _cuobjdump(compile_sm90(fn, args, consts, warps, stages).asm["cubin"], "-sass")
+                hits = None if sass is None else [f"{a}: UR{n}: {i}" for a, n, i in uniform_reads_before_write(sass)]
+                rows.append(dict(kernel=name, tiling=list(cfg), heads=h, stride_unit=unit, reads_before_write=hits))
     return rows
 
 
@@ -628,6 +688,9 @@ def main(argv=None) -> int:
     p.add_argument("--attention-paths", type=int, nargs="+", metavar="HEADS",
                    help="instead: whether the Triton attention's kernels at these head counts (hd 72) compile to "
                         "DiT-XL/2's code path (its PTX instruction mix), with and without the stride unit")
+    p.add_argument("--uniform-scan", choices=("default", "sweep"),
+                   help="instead: the Triton attention's kernels at 3 heads (stride unit 1 and 8) and 16 heads, at the "
+                        "default tilings or every sweep tiling: uniform registers the SASS reads before writing")
     a = p.parse_args(argv)
     if INTERPRETED:
         print("TRITON_INTERPRET is set: run this check in a process without it", file=sys.stderr)
@@ -637,6 +700,18 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - no NVIDIA backend / ptxas in this triton install
         print(f"NVIDIA toolchain unavailable: {e!r}", file=sys.stderr)
         return 3
+    if a.uniform_scan:
+        rows = attention_uniform_scan_rows(tilings=a.uniform_scan)
+        for r in rows:
+            hits = r["reads_before_write"]
+            print(f"{r['kernel']:7s} {'/'.join(map(str, r['tiling'])):12s} H={r['heads']:<3d} stride unit "
+                  f"{r['stride_unit']}: " + ("no SASS (cuobjdump absent)" if hits is None else
+                                             f"{len(hits)} read(s) before write" + "".join(f"\n    {h}" for h in hits)),
+                  flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(dict(arch=f"sm_{TARGET_ARCH}", triton=triton.__version__, rows=rows), f, indent=1)
+        return 0
     if a.attention_paths:
         rows = attention_path_rows(a.attention_paths)
         for r in rows:
