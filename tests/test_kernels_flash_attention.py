@@ -350,10 +350,9 @@ def test_the_sm90_check_compiles_every_tiling_of_the_gpu_sweep():
         fa.FWD_CONFIG, fa.BWD_DQ_CONFIG, fa.BWD_DKDV_CONFIG, fa.BWD_DQ_CONFIG]
 
 
-def test_the_stride_unit_gives_three_heads_the_code_path_of_sixteen(tmp_path):
-    """`_sm90_check --attention-paths 3`: with the stride unit, the forward, dq and dk/dv kernels at 3 heads
-    (token strides not multiples of 16) compile to the PTX instruction mix of DiT-XL/2's 16 heads, the shape
-    that computed right on an H100. Compiled for sm_90 in a process without the interpreter."""
+def _sm90_check_rows(tmp_path, *args):
+    """The rows of `python -m fastdit.kernels._sm90_check *args --json` run in a process without the interpreter
+    (compiled for sm_90 offline); skips where this triton has no NVIDIA toolchain."""
     import json
     import os
     import subprocess
@@ -361,13 +360,20 @@ def test_the_stride_unit_gives_three_heads_the_code_path_of_sixteen(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
     env.pop("TRITON_INTERPRET", None)
-    out = tmp_path / "paths.json"
-    proc = subprocess.run([sys.executable, "-m", "fastdit.kernels._sm90_check", "--attention-paths", "3",
-                           "--json", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "fastdit.kernels._sm90_check", *args, "--json", str(out)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode == 3:
         pytest.skip(f"no NVIDIA toolchain in this triton install: {proc.stderr.strip()[-200:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    return json.loads(out.read_text())["rows"]
+
+
+def test_the_stride_unit_gives_three_heads_the_code_path_of_sixteen(tmp_path):
+    """`_sm90_check --attention-paths 3`: with the stride unit, the forward, dq and dk/dv kernels at 3 heads
+    (token strides not multiples of 16) compile to the PTX instruction mix of DiT-XL/2's 16 heads, the shape
+    that computed right on an H100. Compiled for sm_90 in a process without the interpreter."""
+    rows = _sm90_check_rows(tmp_path, "--attention-paths", "3")
     assert {(r["kernel"], r["heads"], r["stride_unit"]) for r in rows} == {
         (k, 3, u) for k in ("fwd", "dq", "dkdv") for u in (8, 1)}
     for r in (r for r in rows if r["stride_unit"] == 8):
@@ -402,20 +408,7 @@ def test_the_attention_kernels_contiguous_path_reads_no_undefined_uniform_regist
     (stride unit 8; DiT-XL/2's 16 heads and 3) read no uniform register before writing it, with this install's
     triton and its ptxas. (Stride unit 1 is reported, not asserted: with triton 3.6's ptxas 12.8 its 3-head forward
     reads two, the wrong P.V descriptors of the H100 failure's likely cause.)"""
-    import json
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root)
-    env.pop("TRITON_INTERPRET", None)
-    out = tmp_path / "scan.json"
-    proc = subprocess.run([sys.executable, "-m", "fastdit.kernels._sm90_check", "--uniform-scan", "default",
-                           "--json", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode == 3:
-        pytest.skip(f"no NVIDIA toolchain in this triton install: {proc.stderr.strip()[-200:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = _sm90_check_rows(tmp_path, "--uniform-scan", "default")
     assert {(r["kernel"], r["heads"], r["stride_unit"]) for r in rows} == {
         (k, h, u) for k in ("fwd", "dq", "dkdv", "dq+bias") for h, u in ((3, 1), (3, 8), (16, 8))}
     if any(r["reads_before_write"] is None for r in rows):
