@@ -290,12 +290,7 @@ class FusedZeroStep:
                 norm = opt.scaled_global_norm()
                 if s12.is_invalid_grad_norm(norm):
                     return self._deepspeed_step()         # its norm check turns this into a skipped step
-        prev_scale = opt.loss_scale
-        opt._update_scale(False)
-        if hasattr(opt, "_commit_muon_momentum"):
-            opt._commit_muon_momentum()
-        if norm is not None:
-            opt._global_grad_norm = norm / prev_scale
+        self._commit_scale(opt, norm)
 
         done = []
         for i in range(len(opt.bit16_groups)):
@@ -329,16 +324,24 @@ class FusedZeroStep:
         if not math.isfinite(float(self._host_sum[0])):
             self.deferred_skips += 1
             return self._deepspeed_step()                 # nothing was written: DeepSpeed's skip path (it checks again)
-        prev_scale = opt.loss_scale
-        opt._update_scale(False)
-        if hasattr(opt, "_commit_muon_momentum"):
-            opt._commit_muon_momentum()
-        opt._global_grad_norm = total.sqrt().reshape(()) / prev_scale
+        self._commit_scale(opt, total.sqrt().reshape(()))
         for i, (state_step, count) in enumerate(counts):
             self._free_group_grads(opt, i, not_in_partition=True)
             self._commit_step(i, state_step, count)
         self.deferred_steps += 1
         self._finish(opt, done)
+
+    @staticmethod
+    def _commit_scale(opt, norm: Optional[torch.Tensor]) -> None:
+        """An applied step's bookkeeping before the update, as DeepSpeed's step does it: the loss scale's
+        update (no overflow), the Muon momentum's commit where the optimizer has one, and the gradient norm
+        (unscaled; left as it is when `norm` is None)."""
+        prev_scale = opt.loss_scale
+        opt._update_scale(False)
+        if hasattr(opt, "_commit_muon_momentum"):
+            opt._commit_muon_momentum()
+        if norm is not None:
+            opt._global_grad_norm = norm / prev_scale
 
     def _copy_to_host(self, total: torch.Tensor):
         """Start copying the (1,) sum to host memory; the CUDA event to wait on (None on CPU: copied)."""
